@@ -1,0 +1,6 @@
+#include "bindings.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dinov3_fast native kernels: CPU (OpenMP) and CUDA launchers over raw pointers";
+  dinov3_fast::bind_build_info(m);
+}

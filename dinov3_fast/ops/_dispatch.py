@@ -1,0 +1,156 @@
+"""Backend selection and the input checks shared by every op.
+
+Backends, in the order an op prefers them by default:
+  cuda       our CUDA C++ kernels (dinov3_fast._C built with nvcc), CUDA tensors only
+  triton     Triton kernels: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
+  cpu        C++ (OpenMP) kernels or the best PyTorch formulation, CPU tensors
+  reference  the plain-PyTorch DINOv3 formula; always available
+
+Each op declares which backends it implements and, per device, the order to try them (the
+fastest measured first). `backend=` on the op forces one and fails loudly if it cannot run. The
+environment variable DINOV3_FAST_BACKEND forces one for every op that implements it; ops that do
+not implement it keep their default, so one variable can steer a whole training run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from dinov3_fast._ext import native, native_error, native_has_cuda
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "DINOV3_FAST_BACKEND"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError as exc:
+        return f"triton not importable ({exc})"
+    return ""
+
+
+def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether backend `name` can run on `device` (default: the best device present), and why not."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    dev = torch.device(device) if device is not None else _default_device()
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        return (True, "") if dev.type == "cpu" else (False, f"cpu backend needs CPU tensors, got {dev.type}")
+    if name == "triton":
+        if err := _triton_import_error():
+            return False, err
+        if dev.type == "cuda":
+            return True, ""
+        if dev.type == "cpu" and triton_interpreting():
+            return True, ""
+        return False, f"triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors (got {dev.type})"
+    # cuda
+    if dev.type != "cuda":
+        return False, f"cuda backend needs CUDA tensors, got {dev.type}"
+    if native() is None:
+        return False, native_error()
+    if not native_has_cuda():
+        return False, "dinov3_fast._C was built without nvcc; rebuild with nvcc on PATH"
+    return True, ""
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def select_backend(
+    op: str,
+    device: torch.device,
+    requested: str | None,
+    preference: dict[str, Sequence[str]],
+) -> str:
+    """Choose the backend for one call of `op` on tensors living on `device`.
+
+    Args:
+        op: op name, for error messages.
+        device: where the inputs live.
+        requested: the op's `backend=` argument (strict), or None.
+        preference: device type ("cuda" / "cpu") -> backends this op implements there, fastest first.
+            "reference" is always implemented and always last.
+    """
+    implemented = preference.get(device.type, ("reference",))
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
+        if requested not in implemented and requested != "reference":
+            raise ValueError(
+                f"{op}: backend {requested!r} is not implemented for {device.type} tensors; "
+                f"choose from {tuple(implemented)}")
+        ok, why = backend_status(requested, device)
+        if not ok:
+            raise RuntimeError(f"{op}: backend {requested!r} unavailable: {why}")
+        return requested
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {forced!r}")
+        if forced in implemented or forced == "reference":
+            ok, why = backend_status(forced, device)
+            if not ok:
+                raise RuntimeError(f"{op}: {ENV_VAR}={forced} unavailable: {why}")
+            return forced
+    for name in implemented:
+        if backend_status(name, device)[0]:
+            return name
+    return "reference"
+
+
+# ----------------------------------------------------------------------------- input checks
+# Each raises before any kernel runs, naming the argument and what was expected versus given.
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {t.dtype}")
+
+
+def check_rank(name: str, t: torch.Tensor, ranks: int | Sequence[int], layout: str = "") -> None:
+    allowed = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if t.dim() not in allowed:
+        want = " or ".join(f"{r}-D" for r in allowed)
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must be {want}{hint}, got shape {tuple(t.shape)}")
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_nonempty(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.device.type != "meta" and not bool(value > 0):
+            raise ValueError(f"{name} must be > 0, got {value.item()}")
+        return
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
