@@ -1,0 +1,1 @@
+"""Microbenchmarks behind `dinov3-fast bench`: cases (shape presets), timing, memory, roofline."""

@@ -1,0 +1,51 @@
+"""What one benchmark case is: an op at one DINOv3 shape, with the implementations to compare.
+
+Each op contributes a module in `dinov3_fast/bench/cases/` exposing `cases() -> list[BenchCase]`.
+The runner (`dinov3_fast.bench.runner`) times every implementation of a case in the same process,
+so ratios to the first implementation (the baseline) are measured side by side.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+Inputs = tuple[tuple, dict]
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One (op, preset) pair.
+
+    Attributes:
+        op: public op name, e.g. "gram_loss".
+        preset: shape preset name, e.g. "vitl_256px"; DINOv3's real shapes, or "cpu_*" for the small
+            presets meant for the CPU.
+        device: "cpu" or "cuda": where this preset is meant to run. `dinov3-fast bench` runs the
+            presets of the device it has.
+        make_inputs: (device) -> (args, kwargs). Tensors that need gradients in training already have
+            requires_grad=True; inputs are freshly drawn on every call.
+        impls: name -> callable(*args, **kwargs) returning a tensor (or tuple whose first element is
+            used for backward). The first entry is the baseline every ratio is measured against.
+            Conventional names: "reference" (eager DINOv3 formula), "reference+compile",
+            "fused" (our op with its default backend), or "fused:<backend>".
+        flops: useful forward FLOPs (for TFLOP/s and the compute roofline), or None.
+        bytes: minimal forward memory traffic in bytes (for the bandwidth roofline), or None.
+        bwd_flops / bwd_bytes: the same for the backward alone (None: not reported).
+        backward: whether to also time forward+backward.
+        note: one line shown with the case (e.g. which formulation the shapes select).
+    """
+
+    op: str
+    preset: str
+    device: str
+    make_inputs: Callable[[torch.device], Inputs]
+    impls: dict[str, Callable]
+    flops: float | None = None
+    bytes: float | None = None
+    bwd_flops: float | None = None
+    bwd_bytes: float | None = None
+    backward: bool = True
+    note: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
