@@ -1,0 +1,138 @@
+"""Gram-anchoring loss: checks, backend dispatch, custom ops, autograd, and `gram_loss`.
+
+The loss compares the patch-to-patch cosine-similarity structure of the student with that of
+the Gram teacher (DINOv3 section 4): mean over all entries of (Ys Ys^T - Yt Yt^T)^2, where Y are
+the L2-normalised features. No backend other than `reference` ever forms a P x P matrix per image:
+  * identity formulation, O(P D^2), when nothing is clamped and D < P (fewer FLOPs);
+  * tiled formulation, O(P^2 D) on chip / in bounded row chunks, otherwise.
+Both forms are exact in real arithmetic; see cpu.py and triton.py for how each is evaluated.
+"""
+from __future__ import annotations
+
+import torch
+
+from dinov3_fast.ops._dispatch import (
+    check_floating, check_nonempty, check_rank, check_same_device, check_same_shape, select_backend,
+)
+from dinov3_fast.ops.gram.cpu import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, gram_bwd_cpu, gram_fwd_cpu
+from dinov3_fast.ops.gram.reference import gram_loss_ref
+
+__all__ = ["gram_loss", "gram_loss_ref", "uses_identity"]
+
+# Fastest first, per device type (see docs/architecture.md). `reference` is always the fallback.
+PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
+
+
+def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
+    """Identity form iff it is valid (no clamping) and cheaper: 5 P D^2 vs 5 P^2 D FLOPs, fwd+bwd."""
+    return clamp == CLAMP_NONE and dim < num_rows
+
+
+def _triton():
+    from dinov3_fast.ops.gram import triton as gram_triton  # imported lazily: triton is optional
+    return gram_triton
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("dinov3_fast::gram_loss_fwd", mutates_args=())
+def _gram_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    identity = uses_identity(clamp, student.shape[1], student.shape[2])
+    if backend == "triton":
+        return _triton().gram_fwd_triton(student, teacher, normalize, clamp, identity)
+    return gram_fwd_cpu(student, teacher, normalize, clamp, identity)
+
+
+@_gram_loss_fwd.register_fake
+def _(student, teacher, normalize, clamp, backend):
+    G, P, D = student.shape
+    dtype = torch.float64 if student.dtype == torch.float64 and backend == "cpu" else torch.float32
+    state_shape = (G, 2, D, D) if uses_identity(clamp, P, D) else (0,)
+    return student.new_empty((), dtype=dtype), student.new_empty(state_shape, dtype=dtype)
+
+
+@torch.library.custom_op("dinov3_fast::gram_loss_bwd", mutates_args=())
+def _gram_loss_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, state: torch.Tensor,
+                   normalize: bool, clamp: int, backend: str, need_student: bool,
+                   need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    identity = uses_identity(clamp, student.shape[1], student.shape[2])
+    impl = _triton().gram_bwd_triton if backend == "triton" else gram_bwd_cpu
+    return impl(grad, student, teacher, state, normalize, clamp, identity, need_student, need_teacher)
+
+
+@_gram_loss_bwd.register_fake
+def _(grad, student, teacher, state, normalize, clamp, backend, need_student, need_teacher):
+    d_student = torch.empty_like(student, memory_format=torch.contiguous_format) if need_student else student.new_empty((0,))
+    d_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_teacher else teacher.new_empty((0,))
+    return d_student, d_teacher
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, normalize, clamp, backend = inputs
+    ctx.save_for_backward(student, teacher, output[1])
+    ctx.options = (normalize, clamp, backend)
+
+
+def _backward(ctx, grad_loss, _grad_state):
+    student, teacher, state = ctx.saved_tensors
+    normalize, clamp, backend = ctx.options
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_s, d_t = _gram_loss_bwd(grad_loss, student, teacher, state, normalize, clamp, backend, need_s, need_t)
+    return (d_s if need_s else None), (d_t if need_t else None), None, None, None
+
+
+_gram_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def gram_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    normalize: bool = True,
+    img_level: bool = True,
+    remove_neg: bool = False,
+    remove_only_teacher_neg: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Gram-anchoring loss, the same function as DINOv3's `GramLoss` (see `gram_loss_ref`).
+
+    Args:
+        student: (B, P, D) student patch features (bf16, fp16, fp32 or fp64); with img_level=False
+            also (N, D). Gradients flow to it (and to `teacher` if that requires grad).
+        teacher: same shape as `student`: the Gram teacher's patch features.
+        normalize: L2-normalise each feature row first (DINOv3's `apply_norm`).
+        img_level: one P x P Gram per image; otherwise one Gram over all B*P rows.
+        remove_neg: clamp negative similarities of both Grams to 0.
+        remove_only_teacher_neg: clamp the teacher's negative similarities to 0 (the student's are
+            kept: DINOv3's student mask is evaluated after the teacher clamp and never fires).
+        backend: force "triton", "cpu" or "reference"; default: fastest available for the device.
+
+    Returns:
+        0-dim fp32 loss (fp64 for fp64 inputs on the cpu/reference backends).
+    """
+    check_floating("student", student)
+    check_floating("teacher", teacher)
+    if img_level:
+        check_rank("student", student, 3, "(B, P, D) with img_level=True")
+    else:
+        check_rank("student", student, (2, 3), "(N, D) or (B, P, D)")
+    check_same_shape("student", student, "teacher", teacher)
+    check_same_device("student", student, "teacher", teacher)
+    check_nonempty("student", student)
+    if remove_neg and remove_only_teacher_neg:
+        raise ValueError("remove_neg and remove_only_teacher_neg are mutually exclusive; set at most one")
+
+    chosen = select_backend("gram_loss", student.device, backend, PREFERENCE)
+    if chosen == "reference":
+        return gram_loss_ref(student, teacher, normalize, img_level, remove_neg, remove_only_teacher_neg)
+    clamp = CLAMP_BOTH if remove_neg else CLAMP_TEACHER if remove_only_teacher_neg else CLAMP_NONE
+    dim = student.shape[-1]
+    if img_level:
+        groups = (student, teacher)
+    else:
+        groups = (student.reshape(1, -1, dim), teacher.reshape(1, -1, dim))
+    loss, _ = _gram_loss_fwd(*groups, normalize, clamp, chosen)
+    return loss

@@ -1,0 +1,112 @@
+"""CPU path of the Gram loss: the best PyTorch formulation, never a P x P matrix per image.
+
+Two formulations, both over features grouped as (G, P, D) (G = B images, or G = 1 flattened):
+  identity  ||Ys Ys^T - Yt Yt^T||_F^2 = ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2,
+            O(P D^2) work and D x D state; only valid without clamping.
+  tiled     row blocks of both P x P Grams, formed, clamped, differenced and reduced chunk by chunk,
+            O(P^2 D) work, chunk memory bounded by _CHUNK_ELEMS.
+Both run on BLAS (torch.matmul), which beats a hand-written OpenMP loop here; the choice between
+them is made by the caller (`dinov3_fast.ops.gram`) from the FLOP counts.
+Math in fp32 (fp64 for fp64 inputs); the final reductions accumulate in fp64.
+"""
+from __future__ import annotations
+
+import torch
+
+CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
+_CHUNK_ELEMS = 1 << 20  # elements of one (G, rows, P) chunk of a Gram: 4 MiB in fp32
+_EPS = 1e-12  # F.normalize's default
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(G, P, D) -> (Y, norms) with Y = x / max(||x||, eps) in the compute dtype; norms (G, P, 1)."""
+    x = x.to(_compute_dtype(x))
+    if not normalize:
+        return x, None
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norms.clamp_min(_EPS), norms
+
+
+def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """Gradient through y = x / max(||x||, eps): (g - y (y.g)) / ||x||, or g / eps where clamped."""
+    if norms is None:
+        return grad_y
+    clamped = norms <= _EPS
+    radial = torch.where(clamped, 0.0, (y * grad_y).sum(-1, keepdim=True))
+    return (grad_y - y * radial) / norms.clamp_min(_EPS)
+
+
+def _clamped_diff(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
+    if clamp != CLAMP_NONE:
+        t = t.clamp_min(0)
+    if clamp == CLAMP_BOTH:
+        s = torch.where(s < 0, 0.0, s)
+    return s - t
+
+
+def _row_chunks(G: int, P: int):
+    rows = max(1, _CHUNK_ELEMS // max(1, G * P))
+    for r0 in range(0, P, rows):
+        yield slice(r0, min(P, r0 + rows))
+
+
+def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
+    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim, state): state is (G, 2, D, D) holding
+    [Ys^T Ys, Yt^T Ys] for the identity formulation, and an empty tensor for the tiled one."""
+    G, P, _ = xs.shape
+    ys, _ = normalize_rows(xs, normalize)
+    yt, _ = normalize_rows(xt, normalize)
+    n_entries = G * P * P
+    if identity:
+        g_ss = ys.mT @ ys
+        g_ts = yt.mT @ ys
+        g_tt = yt.mT @ yt
+        total = g_ss.double().square().sum() - 2 * g_ts.double().square().sum() + g_tt.double().square().sum()
+        return (total / n_entries).to(ys.dtype), torch.stack((g_ss, g_ts), dim=1)
+    total = torch.zeros((), dtype=torch.float64)
+    for rows in _row_chunks(G, P):
+        diff = _clamped_diff(ys[:, rows] @ ys.mT, yt[:, rows] @ yt.mT, clamp)
+        total += diff.square().sum(dtype=torch.float64)
+    return (total / n_entries).to(ys.dtype), ys.new_empty((0,))
+
+
+def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
+                 normalize: bool, clamp: int, identity: bool, need_student: bool, need_teacher: bool):
+    """Backward. grad: 0-dim upstream gradient. Returns (d student, d teacher) as (G, P, D) in the
+    inputs' dtypes; an empty tensor for a gradient that is not needed.
+
+    With E = 2/M (f(S) - g(T)) the loss gradient w.r.t. the Gram entries, dL/dYs = 2 (E * f'(S)) Ys
+    and dL/dYt = -2 (E * g'(T)) Yt, since E is symmetric. The identity form of the same products
+    is dL/dYs = 4/M (Ys Gss - Yt Gts) and dL/dYt = 4/M (Yt Gtt - Ys Gst).
+    """
+    G, P, _ = xs.shape
+    ys, ns = normalize_rows(xs, normalize)
+    yt, nt = normalize_rows(xt, normalize)
+    scale = grad.to(ys.dtype) * (2.0 / (G * P * P))
+    dys = torch.zeros_like(ys) if need_student else None
+    dyt = torch.zeros_like(yt) if need_teacher else None
+    if identity:
+        g_ss, g_ts = state.unbind(1)
+        if need_student:
+            dys = 2 * scale * (ys @ g_ss - yt @ g_ts)
+        if need_teacher:
+            dyt = 2 * scale * (yt @ (yt.mT @ yt) - ys @ g_ts.mT)
+    else:
+        for rows in _row_chunks(G, P):
+            s = ys[:, rows] @ ys.mT
+            t = yt[:, rows] @ yt.mT
+            diff = _clamped_diff(s, t, clamp)
+            if need_student:
+                ds = diff if clamp != CLAMP_BOTH else torch.where(s < 0, 0.0, diff)
+                dys[:, rows] = 2 * scale * (ds @ ys)
+            if need_teacher:
+                dt = diff if clamp == CLAMP_NONE else torch.where(t < 0, 0.0, diff)
+                dyt[:, rows] = -2 * scale * (dt @ yt)
+    empty = xs.new_empty((0,))
+    d_student = normalize_rows_backward(dys, ys, ns).to(xs.dtype) if need_student else empty
+    d_teacher = normalize_rows_backward(dyt, yt, nt).to(xt.dtype) if need_teacher else empty
+    return d_student, d_teacher

@@ -1,0 +1,356 @@
+"""Triton kernels and launchers for the Gram loss. No autograd and no input checks here.
+
+Features arrive grouped as (G, P, D) (G = B images, or G = 1 when flattened) with any strides.
+Row normalisation is never materialised: a first kernel writes one inverse norm per row
+(r = 1 / max(||x||, eps)), and every later kernel applies it as a scale. Notation: Y = diag(r) X,
+S = Ys Ys^T and T = Yt Yt^T (P x P per group, never stored), M = G * P * P.
+
+Tiled formulation (any clamping), after the flash-attention pattern:
+  _gram_tiled_fwd_kernel  one program per (row block, col block >= row block, group): forms both
+                          Gram tiles on chip, clamps, and writes the tile's sum of squared
+                          differences (off-diagonal tiles count twice, by symmetry).
+  _gram_tiled_bwd_kernel  one program per (row block, feature block, group): re-forms the Gram
+                          tiles of its rows, forms E = dL/dGram on chip and accumulates E @ Y for
+                          its feature block. The normalisation backward is fused in: its radial
+                          term y_i . g_i equals 2 sum_j E_ij Own_ij, available from the tiles.
+Identity formulation (no clamping, wins when D < P):
+  _gram_xtx_kernel           C = Ya^T Yb (D x D per group) and the tile's sum of C^2.
+  _gram_identity_bwd_kernel  g = 4/M (Ya Caa - Yb Cba) per row block, then the normalisation
+                             backward over the same rows in a second sweep.
+Products of two input tiles run on tensor cores in the input dtype with fp32 accumulation (the
+products of bf16 values are exact); everything elementwise is fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
+NORM_EPS = 1e-12  # F.normalize's default
+NORM_EPS_C = tl.constexpr(NORM_EPS)
+
+
+@triton.jit
+def _gram_rownorm_kernel(
+    x_ptr,  # (G, P, D) any float dtype, strides (sxg, sxp, sxd)
+    r_ptr,  # (G * P,) fp32 out: 1 / max(||x_row||, eps)
+    P, D, sxg, sxp, sxd, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    base = x_ptr + g * sxg + rows[:, None] * sxp
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(base + cols[None, :] * sxd, mask=(rows[:, None] < P) & (cols[None, :] < D), other=0.0)
+        x = x.to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    r = 1.0 / tl.maximum(tl.sqrt(acc), eps)
+    tl.store(r_ptr + g * P + rows, r, mask=rows < P)
+
+
+@triton.jit
+def _gram_tile(x_ptr, r_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) tile of Y Y^T for rows rows_m x rows_n of group g, fp32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    base = x_ptr + g * sxg
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(base + rows_m[:, None] * sxp + ks[None, :] * sxd,
+                    mask=(rows_m[:, None] < P) & (ks[None, :] < D), other=0.0)
+        b = tl.load(base + rows_n[:, None] * sxp + ks[None, :] * sxd,
+                    mask=(rows_n[:, None] < P) & (ks[None, :] < D), other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    r_m = tl.load(r_ptr + g * P + rows_m, mask=rows_m < P, other=0.0)
+    r_n = tl.load(r_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
+    return acc * r_m[:, None] * r_n[None, :]
+
+
+@triton.jit
+def _gram_tiled_fwd_kernel(
+    xs_ptr, xt_ptr,  # (G, P, D) student / teacher features, same strides
+    rs_ptr, rt_ptr,  # (G * P,) fp32 inverse row norms
+    partial_ptr,     # (G, n_blocks, n_blocks) fp32 out: per-tile sum of squared differences
+    P, D, sxg, sxp, sxd,
+    CLAMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    n_blocks = tl.num_programs(0)
+    out = partial_ptr + (g * n_blocks + pid_m) * n_blocks + pid_n
+    if pid_n < pid_m:  # lower triangle: mirrored by the upper one
+        tl.store(out, 0.0)
+    else:
+        rows_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rows_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        s = _gram_tile(xs_ptr, rs_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
+        t = _gram_tile(xt_ptr, rt_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
+        if CLAMP != 0:
+            t = tl.maximum(t, 0.0)
+        if CLAMP == 1:
+            s = tl.maximum(s, 0.0)
+        d = s - t
+        total = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        tl.store(out, tl.where(pid_n == pid_m, total, 2.0 * total))
+
+
+@triton.jit
+def _gram_tiled_bwd_kernel(
+    xa_ptr, xb_ptr,  # (G, P, D) features of the side being differentiated (a) and the other (b)
+    ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
+    dx_ptr,          # (G, P, D) out, contiguous, dtype of xa: dL/dXa
+    grad_ptr,        # () upstream gradient of the loss
+    P, D, sxg, sxp, sxd, two_over_m,
+    IS_STUDENT: tl.constexpr, CLAMP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g = tl.program_id(2)
+    scale = tl.load(grad_ptr).to(tl.float32) * two_over_m
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # sum_j E_ij Ya_j[cols], E without 2/M
+    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)       # sum_j E_ij Own_ij
+    for n0 in range(0, P, BLOCK_N):
+        rows_n = n0 + tl.arange(0, BLOCK_N)
+        own = _gram_tile(xa_ptr, ra_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        other = _gram_tile(xb_ptr, rb_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if IS_STUDENT:
+            s, t = own, other
+        else:
+            s, t = other, own
+        s_c = s
+        t_c = t
+        if CLAMP != 0:
+            t_c = tl.maximum(t, 0.0)
+        if CLAMP == 1:
+            s_c = tl.maximum(s, 0.0)
+        diff = s_c - t_c
+        if IS_STUDENT:
+            e = diff
+            if CLAMP == 1:
+                e = tl.where(s < 0, 0.0, diff)
+        else:
+            e = -diff
+            if CLAMP != 0:
+                e = tl.where(t < 0, 0.0, e)
+        radial += tl.sum(e * own, axis=1)
+        r_n = tl.load(ra_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
+        xa_n = tl.load(xa_ptr + g * sxg + rows_n[:, None] * sxp + cols[None, :] * sxd,
+                       mask=(rows_n[:, None] < P) & (cols[None, :] < D), other=0.0)
+        p = (e * r_n[None, :]).to(xa_n.dtype)
+        acc = tl.dot(p, xa_n, acc, input_precision=DOT_PRECISION)
+    # g_i = 2 * scale * acc (gradient w.r.t. the normalised rows); then through the normalisation.
+    grad_y = 2.0 * scale * acc
+    mask = (rows_m[:, None] < P) & (cols[None, :] < D)
+    x = tl.load(xa_ptr + g * sxg + rows_m[:, None] * sxp + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    r_m = tl.load(ra_ptr + g * P + rows_m, mask=rows_m < P, other=0.0)
+    if NORMALIZE:
+        projected = tl.where(r_m * NORM_EPS_C < 1.0, 2.0 * scale * radial, 0.0)  # 0 where ||x|| <= eps
+        dx = r_m[:, None] * (grad_y - x * r_m[:, None] * projected[:, None])
+    else:
+        dx = grad_y
+    tl.store(dx_ptr + (g * P + rows_m[:, None]) * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+
+@triton.jit
+def _gram_xtx_kernel(
+    xa_ptr, xb_ptr,  # (G, P, D) features, strides (sxg, sxp, sxd)
+    ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
+    c_ptr,           # (G, D, D) fp32 out (written when STORE): Ya^T Yb, strides (scg, scr, scc)
+    partial_ptr,     # (G, n_blocks_m, n_blocks_n) fp32 out: per-tile sum of C^2
+    P, D, sxg, sxp, sxd, scg, scr, scc,
+    STORE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_K):
+        rows = p0 + tl.arange(0, BLOCK_K)
+        ra = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
+        rb = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
+        a = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols_m[None, :] * sxd,
+                    mask=(rows[:, None] < P) & (cols_m[None, :] < D), other=0.0)
+        b = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + cols_n[None, :] * sxd,
+                    mask=(rows[:, None] < P) & (cols_n[None, :] < D), other=0.0)
+        a = (a.to(tl.float32) * ra[:, None]).to(a.dtype)
+        b = (b.to(tl.float32) * rb[:, None]).to(b.dtype)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+    if STORE:
+        tl.store(c_ptr + g * scg + cols_m[:, None] * scr + cols_n[None, :] * scc, acc,
+                 mask=(cols_m[:, None] < D) & (cols_n[None, :] < D))
+    n_m = tl.num_programs(0)
+    n_n = tl.num_programs(1)
+    tl.store(partial_ptr + (g * n_m + pid_m) * n_n + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _gram_identity_bwd_kernel(
+    xa_ptr, xb_ptr,    # (G, P, D) features of the differentiated side (a) and the other (b)
+    ra_ptr, rb_ptr,    # (G * P,) fp32 inverse row norms
+    caa_ptr, cba_ptr,  # (G, D, D) fp32: Ya^T Ya and Yb^T Ya, strides (scg, scr, scc)
+    dx_ptr,            # (G, P, D) out, contiguous, dtype of xa
+    gy_ptr,            # (G, P, D) fp32 scratch: the gradient w.r.t. Ya before the normalisation
+    grad_ptr,          # () upstream gradient of the loss
+    P, D, sxg, sxp, sxd, scg, scr, scc, two_over_m,
+    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1)
+    scale = tl.load(grad_ptr).to(tl.float32) * two_over_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_a = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
+    r_b = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
+    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_D):
+        cols = n0 + tl.arange(0, BLOCK_D)
+        acc_a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xmask = (rows[:, None] < P) & (ks[None, :] < D)
+            cmask = (ks[:, None] < D) & (cols[None, :] < D)
+            xa = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
+            xb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
+            caa = tl.load(caa_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            cba = tl.load(cba_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            acc_a = tl.dot(xa.to(tl.float32), caa, acc_a, input_precision=DOT_PRECISION)
+            acc_b = tl.dot(xb.to(tl.float32), cba, acc_b, input_precision=DOT_PRECISION)
+        grad_y = 2.0 * scale * (acc_a * r_a[:, None] - acc_b * r_b[:, None])
+        omask = (rows[:, None] < P) & (cols[None, :] < D)
+        xa_c = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
+        radial += tl.sum(grad_y * xa_c.to(tl.float32), axis=1) * r_a
+        tl.store(gy_ptr + (g * P + rows[:, None]) * D + cols[None, :], grad_y, mask=omask)
+    projected = tl.where(r_a * NORM_EPS_C < 1.0, radial, 0.0)
+    tl.debug_barrier()  # the scratch rows below were written by other threads of this program
+    for n0 in range(0, D, BLOCK_D):
+        cols = n0 + tl.arange(0, BLOCK_D)
+        omask = (rows[:, None] < P) & (cols[None, :] < D)
+        grad_y = tl.load(gy_ptr + (g * P + rows[:, None]) * D + cols[None, :], mask=omask, other=0.0)
+        if NORMALIZE:
+            x = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
+            dx = r_a[:, None] * (grad_y - x.to(tl.float32) * r_a[:, None] * projected[:, None])
+        else:
+            dx = grad_y
+        tl.store(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _dot_precision(x: torch.Tensor) -> str:
+    if x.is_cuda and (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32):
+        return "tf32"
+    return "ieee"
+
+
+def _block(n: int, cap: int) -> int:
+    """Power-of-two tile edge for an extent n: at least 16 (tl.dot's minimum), at most cap."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def _as_pair(xs: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs in one kernel-supported dtype and with identical strides (the kernels take one set)."""
+    dtype = xs.dtype if xs.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    xs, xt = xs.to(dtype), xt.to(dtype)
+    if xs.stride() != xt.stride():
+        xs, xt = xs.contiguous(), xt.contiguous()
+    return xs, xt
+
+
+def inverse_row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """(G, P, D) -> (G * P,) fp32 1 / max(||x_row||, eps); all ones without normalisation."""
+    G, P, D = x.shape
+    if not normalize:
+        return torch.ones(G * P, device=x.device, dtype=torch.float32)
+    r = torch.empty(G * P, device=x.device, dtype=torch.float32)
+    block_r = 16
+    _gram_rownorm_kernel[(triton.cdiv(P, block_r), G)](
+        x, r, P, D, *x.stride(), NORM_EPS, BLOCK_R=block_r, BLOCK_D=_block(D, 128))
+    return r
+
+
+def gram_fwd_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
+    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim fp32, state), state as in the cpu path:
+    (G, 2, D, D) fp32 [Ys^T Ys, Yt^T Ys] for the identity formulation, else empty."""
+    xs, xt = _as_pair(xs, xt)
+    G, P, D = xs.shape
+    rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
+    prec = _dot_precision(xs)
+    n_entries = G * P * P
+    if identity:
+        bm, bk = _block(D, 64), _block(P, 32)
+        nb = triton.cdiv(D, bm)
+        state = torch.empty((G, 2, D, D), device=xs.device, dtype=torch.float32)
+        partial = torch.empty((3, G, nb, nb), device=xs.device, dtype=torch.float32)
+        for i, (xa, ra, xb, rb, out) in enumerate(
+                ((xs, rs, xs, rs, state[:, 0]), (xt, rt, xs, rs, state[:, 1]), (xt, rt, xt, rt, state[:, 0]))):
+            # The (t, t) product only feeds the loss: it is not stored (out is a dummy pointer).
+            _gram_xtx_kernel[(nb, nb, G)](
+                xa, xb, ra, rb, out, partial[i], P, D, *xs.stride(), *out.stride(),
+                STORE=i < 2, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk)
+        sums = partial.double().sum(dim=(1, 2, 3))
+        loss = (sums[0] - 2 * sums[1] + sums[2]) / n_entries
+        return loss.float(), state
+    block, bk = _block(P, 64), _block(D, 32)
+    nb = triton.cdiv(P, block)
+    partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
+    _gram_tiled_fwd_kernel[(nb, nb, G)](
+        xs, xt, rs, rt, partial, P, D, *xs.stride(),
+        CLAMP=clamp, DOT_PRECISION=prec, BLOCK=block, BLOCK_K=bk)
+    return (partial.double().sum() / n_entries).float(), xs.new_empty((0,))
+
+
+def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
+                    normalize: bool, clamp: int, identity: bool, need_student: bool, need_teacher: bool):
+    """Backward. Returns (d student, d teacher), (G, P, D) in the inputs' dtypes, or empty tensors
+    for gradients that are not needed."""
+    out_dtypes = (xs.dtype, xt.dtype)
+    xs, xt = _as_pair(xs, xt)
+    G, P, D = xs.shape
+    rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
+    prec = _dot_precision(xs)
+    two_over_m = 2.0 / (G * P * P)
+    grad = grad.reshape(())
+    grads = []
+    for is_student, need in ((True, need_student), (False, need_teacher)):
+        if not need:
+            grads.append(xs.new_empty((0,)))
+            continue
+        xa, ra, xb, rb = (xs, rs, xt, rt) if is_student else (xt, rt, xs, rs)
+        dx = torch.empty((G, P, D), device=xs.device, dtype=out_dtypes[0 if is_student else 1])
+        if identity:
+            if is_student:
+                c_aa, c_ba = state[:, 0], state[:, 1]        # Ys^T Ys, Yt^T Ys
+            else:
+                c_aa = torch.empty((G, D, D), device=xs.device, dtype=torch.float32)
+                nb = triton.cdiv(D, _block(D, 64))
+                _gram_xtx_kernel[(nb, nb, G)](
+                    xt, xt, rt, rt, c_aa, torch.empty((G, nb, nb), device=xs.device), P, D, *xs.stride(), *c_aa.stride(),
+                    STORE=True, DOT_PRECISION=prec, BLOCK_M=_block(D, 64), BLOCK_N=_block(D, 64),
+                    BLOCK_K=_block(P, 32))
+                c_ba = state[:, 1].mT.contiguous()             # Ys^T Yt
+            scratch = torch.empty((G, P, D), device=xs.device, dtype=torch.float32)
+            bm = _block(P, 64)
+            _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
+                xa, xb, ra, rb, c_aa, c_ba, dx, scratch, grad, P, D, *xs.stride(), *c_aa.stride(), two_over_m,
+                NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32))
+        else:
+            bm, bd = _block(P, 64), _block(D, 128)
+            _gram_tiled_bwd_kernel[(triton.cdiv(P, bm), triton.cdiv(D, bd), G)](
+                xa, xb, ra, rb, dx, grad, P, D, *xs.stride(), two_over_m,
+                IS_STUDENT=is_student, CLAMP=clamp, NORMALIZE=normalize, DOT_PRECISION=prec,
+                BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=_block(D, 32), BLOCK_D=bd)
+        grads.append(dx)
+    return grads[0], grads[1]
