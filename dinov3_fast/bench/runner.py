@@ -1,0 +1,120 @@
+"""Run benchmark cases: time, peak memory and roofline fraction of every implementation of a case,
+all measured in the same process so ratios to the baseline (the case's first impl) are fair."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from dinov3_fast.bench.case import BenchCase
+from dinov3_fast.bench.memory import peak_extra_bytes
+from dinov3_fast.bench.roofline import Roofline
+from dinov3_fast.bench.timing import median_seconds
+
+
+@dataclass
+class BenchRow:
+    op: str
+    preset: str
+    impl: str
+    fwd_ms: float
+    fwd_bwd_ms: float | None
+    peak_mb: float            # peak extra memory of forward+backward (forward alone if no backward)
+    speedup: float | None     # baseline time / this time (forward+backward when measured)
+    mem_ratio: float | None   # baseline peak / this peak
+    tflops: float | None      # useful forward FLOPs / forward time
+    flops_frac: float | None  # tflops / measured peak of the input dtype's matmul
+    gbps: float | None        # minimal forward bytes / forward time
+    bw_frac: float | None     # gbps / measured copy bandwidth
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    vals = list(args) + list(kwargs.values())
+    flat = []
+    for v in vals:
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _fwd_bwd(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None]:
+    leaves = _leaves(args, kwargs)
+    grad_out = None
+
+    def step():
+        nonlocal grad_out
+        for t in leaves:
+            t.grad = None
+        out = _first(impl(*args, **kwargs))
+        if grad_out is None:
+            grad_out = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+        out.backward(grad_out)
+
+    return step
+
+
+def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
+             min_run_time: float = 0.5) -> list[BenchRow]:
+    args, kwargs = case.make_inputs(device)
+    has_grad = bool(_leaves(args, kwargs)) and case.backward
+    rows: list[BenchRow] = []
+    for name, impl in case.impls.items():
+        fwd = (lambda impl=impl: impl(*args, **kwargs))
+        with torch.no_grad():
+            fwd_s = median_seconds(fwd, device, min_run_time)
+        fwd_bwd_s = median_seconds(_fwd_bwd(impl, args, kwargs), device, min_run_time) if has_grad else None
+        peak = peak_extra_bytes(_fwd_bwd(impl, args, kwargs) if has_grad else fwd, device)
+        tflops = case.flops / fwd_s / 1e12 if case.flops else None
+        gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
+        flops_frac = bw_frac = None
+        if roofline is not None:
+            half = any(t.dtype in (torch.bfloat16, torch.float16) for t in args if isinstance(t, torch.Tensor))
+            peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
+            flops_frac = tflops * 1e12 / peak_flops if tflops else None
+            bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None
+        rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, fwd_bwd_s * 1e3 if fwd_bwd_s else None,
+                             peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, case.note))
+    base = rows[0]
+    base_t = base.fwd_bwd_ms or base.fwd_ms
+    for row in rows:
+        row.speedup = base_t / (row.fwd_bwd_ms or row.fwd_ms)
+        row.mem_ratio = base.peak_mb / row.peak_mb if row.peak_mb > 0 else None
+    del args, kwargs
+    return rows
+
+
+def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofline | None,
+              min_run_time: float = 0.5) -> list[BenchRow]:
+    cases = list(cases)
+    rows: list[BenchRow] = []
+    for case in tqdm(cases, desc="bench", unit="case", leave=False):
+        rows.extend(run_case(case, device, roofline, min_run_time))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """Fixed-width text table, one line per (op, preset, impl)."""
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    header = f"{'op':<16}{'preset':<22}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
+             f"{'speedup':>9}{'mem x':>8}{'TFLOP/s':>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.op:<16}{r.preset:<22}{r.impl:<22}{f(r.fwd_ms, '.3f'):>10}{f(r.fwd_bwd_ms, '.3f'):>12}"
+            f"{f(r.peak_mb, '.1f'):>10}{f(r.speedup, '.2f'):>9}{f(r.mem_ratio, '.1f'):>8}"
+            f"{f(r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
+            f"{f(r.gbps, '.0f'):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Gram loss: every backend against the float64 oracle, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinov3_fast
+from dinov3_fast.ops import gram_loss
+from dinov3_fast.ops.gram import gram_loss_ref, uses_identity
+
+BACKENDS = ["cpu", "triton"]
+OPTIONS = [  # (remove_neg, remove_only_teacher_neg)
+    (False, False), (True, False), (False, True)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def dinov3_gram_loss(output_feats, target_feats, img_level, apply_norm, remove_neg, remove_only_teacher_neg):
+    """DINOv3's GramLoss.forward transcribed statement by statement (in-place masks included)."""
+    output_feats = output_feats.to(torch.float64)
+    target_feats = target_feats.to(torch.float64)
+    if apply_norm:
+        target_feats = F.normalize(target_feats, dim=-1)
+    if not img_level and len(target_feats.shape) == 3:
+        target_feats = target_feats.flatten(0, 1)
+    target_sim = torch.matmul(target_feats, target_feats.transpose(-1, -2))
+    if apply_norm:
+        output_feats = F.normalize(output_feats, dim=-1)
+    if not img_level and len(output_feats.shape) == 3:
+        output_feats = output_feats.flatten(0, 1)
+    student_sim = torch.matmul(output_feats, output_feats.transpose(-1, -2))
+    if remove_neg:
+        target_sim[target_sim < 0] = 0.0
+        student_sim[student_sim < 0] = 0.0
+    elif remove_only_teacher_neg:
+        target_sim[target_sim < 0] = 0.0
+        student_sim[(student_sim < 0) & (target_sim < 0)] = 0.0
+    return torch.nn.MSELoss()(student_sim, target_sim)
+
+
+def check_against_oracle(student, teacher, backend, tol, **opts):
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_()
+    ref = gram_loss_ref(s64, t64, opts.get("normalize", True), opts.get("img_level", True),
+                        opts.get("remove_neg", False), opts.get("remove_only_teacher_neg", False))
+    ref_gs, ref_gt = torch.autograd.grad(ref, (s64, t64))
+    student = student.detach().requires_grad_()
+    teacher = teacher.detach().requires_grad_()
+    out = gram_loss(student, teacher, backend=backend, **opts)
+    gs, gt = torch.autograd.grad(out, (student, teacher))
+    assert torch.isfinite(out) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert gs.dtype == student.dtype and gs.shape == student.shape
+    assert rel_err(out, ref) < tol, (out.item(), ref.item())
+    assert rel_err(gs, ref_gs) < tol
+    assert rel_err(gt, ref_gt) < tol
+
+
+@pytest.mark.parametrize("remove_neg,remove_only_teacher_neg", OPTIONS)
+@pytest.mark.parametrize("img_level", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_is_dinov3(remove_neg, remove_only_teacher_neg, img_level, normalize):
+    s, t = torch.randn(2, 9, 6, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
+    want = dinov3_gram_loss(s, t, img_level, normalize, remove_neg, remove_only_teacher_neg)
+    got = gram_loss_ref(s, t, normalize, img_level, remove_neg, remove_only_teacher_neg)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("remove_neg,remove_only_teacher_neg", OPTIONS)
+@pytest.mark.parametrize("img_level", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape", [(2, 37, 20), (3, 19, 40)], ids=["identity_D<P", "tiled_D>P"])
+def test_matches_oracle_fp32(backend, remove_neg, remove_only_teacher_neg, img_level, normalize, shape):
+    student, teacher = torch.randn(shape), torch.randn(shape)
+    check_against_oracle(student, teacher, backend, 1e-5, normalize=normalize, img_level=img_level,
+                         remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 70, 33), (2, 130, 17)])
+def test_multi_block_shapes(backend, shape):
+    """Several row/column tiles per group, with ragged last tiles, in both formulations."""
+    for remove_neg in (False, True):
+        check_against_oracle(torch.randn(shape), torch.randn(shape), backend, 1e-5, remove_neg=remove_neg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_close_to_teacher(backend):
+    """Training regime: the student's Gram is close to the teacher's, so the loss is tiny relative
+    to the Gram norms. The tiled form is exact here; the identity form must stay within tolerance."""
+    teacher = torch.randn(2, 64, 24)
+    student = teacher + 0.05 * torch.randn_like(teacher)
+    check_against_oracle(student, teacher, backend, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_inputs(backend):
+    shape = (2, 33, 48)
+    for remove_neg in (False, True):
+        check_against_oracle(torch.randn(shape).half(), torch.randn(shape).half(), backend, 1e-2, remove_neg=remove_neg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_patch(backend):
+    """P = 1: normalised 1x1 Grams are both exactly 1 and the loss is 0 (up to rounding)."""
+    s, t = torch.randn(3, 1, 5, requires_grad=True), torch.randn(3, 1, 5)
+    out = gram_loss(s, t, backend=backend)
+    out.backward()
+    assert abs(out.item()) < 1e-6 and s.grad.abs().max() < 1e-6
+    check_against_oracle(torch.randn(3, 1, 5), torch.randn(3, 1, 5), backend, 1e-5, normalize=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base_s, base_t = torch.randn(2, 24, 50), torch.randn(2, 50, 24)
+    student = base_s[:, :, ::2]            # strided last dim
+    teacher = base_t.transpose(1, 2)[:, :, :25]  # transposed
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    for remove_neg in (False, True):
+        check_against_oracle(student, teacher, backend, 1e-5, remove_neg=remove_neg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_without_grad_gets_no_work(backend):
+    student = torch.randn(2, 20, 12, requires_grad=True)
+    teacher = torch.randn(2, 20, 12)
+    gram_loss(student, teacher, backend=backend).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_nan_propagates():
+    student = torch.randn(1, 8, 4)
+    student[0, 3, 1] = float("nan")
+    for backend in BACKENDS:
+        assert torch.isnan(gram_loss(student, torch.randn(1, 8, 4), backend=backend))
+
+
+@pytest.mark.parametrize("shape,remove_neg", [((1, 6, 4), False), ((1, 4, 6), True), ((2, 5, 3), False)])
+def test_gradcheck_cpu_float64(shape, remove_neg):
+    s = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: gram_loss(a, b, remove_neg=remove_neg, backend="cpu"), (s, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 9)])
+def test_opcheck(backend, shape):
+    from dinov3_fast.ops.gram import _gram_loss_bwd, _gram_loss_fwd
+    s, t = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    for clamp in (0, 1):
+        torch.library.opcheck(_gram_loss_fwd, (s, t, True, clamp, backend))
+        _, state = _gram_loss_fwd(s.detach(), t.detach(), True, clamp, backend)
+        torch.library.opcheck(_gram_loss_bwd, (torch.tensor(1.0), s.detach(), t.detach(), state, True, clamp,
+                                               backend, True, True))
+
+
+def test_torch_compile_fullgraph():
+    def step(s, t):
+        return gram_loss(s, t, remove_neg=True) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    s = torch.randn(2, 12, 8, requires_grad=True)
+    t = torch.randn(2, 12, 8)
+    out = compiled(s, t)
+    out.backward()
+    s_ref = s.detach().clone().requires_grad_()
+    step(s_ref, t).backward()
+    torch.testing.assert_close(out, step(s_ref, t))
+    torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+def test_module_matches_reference_and_defaults():
+    module = dinov3_fast.GramLoss()  # DINOv3 default: remove_neg=True
+    s, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    torch.testing.assert_close(module(s, t), gram_loss_ref(s, t, True, True, True, False))
+    torch.testing.assert_close(module(s, t, img_level=False), gram_loss_ref(s, t, True, False, True, False))
+
+
+def test_dispatch_rule_and_forcing(monkeypatch):
+    assert uses_identity(0, 1024, 384) and not uses_identity(0, 256, 1024) and not uses_identity(1, 1024, 16)
+    s, t = torch.randn(1, 4, 3), torch.randn(1, 4, 3)
+    monkeypatch.setenv("DINOV3_FAST_BACKEND", "reference")
+    torch.testing.assert_close(gram_loss(s, t), gram_loss_ref(s, t))
+    with pytest.raises(ValueError, match="backend"):
+        gram_loss(s, t, backend="tpu")
+    with pytest.raises(ValueError, match="not implemented"):
+        gram_loss(s, t, backend="cuda")
+
+
+@pytest.mark.parametrize("student,teacher,kwargs,error,match", [
+    (torch.randn(2, 3, 4), torch.randn(2, 3, 5), {}, ValueError, r"same shape.*\(2, 3, 4\).*\(2, 3, 5\)"),
+    (torch.randn(3, 4), torch.randn(3, 4), {}, ValueError, r"student must be 3-D.*\(3, 4\)"),
+    (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), {"img_level": False}, ValueError, "student must be 2-D or 3-D"),
+    (torch.randn(0, 3, 4), torch.randn(0, 3, 4), {}, ValueError, "non-empty"),
+    (torch.ones(2, 3, 4, dtype=torch.int64), torch.ones(2, 3, 4, dtype=torch.int64), {}, TypeError,
+     "student must be a floating-point tensor.*int64"),
+    (torch.randn(2, 3, 4), torch.randn(2, 3, 4), {"remove_neg": True, "remove_only_teacher_neg": True},
+     ValueError, "mutually exclusive"),
+])
+def test_bad_input_errors(student, teacher, kwargs, error, match):
+    for backend in BACKENDS:
+        with pytest.raises(error, match=match):
+            gram_loss(student, teacher, backend=backend, **kwargs)
+
