@@ -1,4 +1,5 @@
 """Functional forms of every fused op. Each sub-package holds one op: reference, kernels, dispatch."""
+from dinov3_fast.ops.attention import apply_rope, rope_attention, rope_attention_list
 from dinov3_fast.ops.gram import gram_loss
 
-__all__ = ["gram_loss"]
+__all__ = ["apply_rope", "gram_loss", "rope_attention", "rope_attention_list"]
