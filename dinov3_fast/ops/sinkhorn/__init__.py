@@ -1,0 +1,115 @@
+"""Sinkhorn-Knopp teacher centering: checks, backend dispatch, custom op, and `sinkhorn_knopp`.
+
+DINOv3 centres the teacher's (B, K) prototype logits with three Sinkhorn-Knopp rounds (no grad).
+Its reference makes about 20 full fp32 passes and overflows once logits / temp > ~88. The fused
+backends work on log-domain potentials, one K-vector and one B-vector, recomputing exp on every
+pass (see triton.py): two read-only passes of the input per round, then one read + one write. The
+result is exact in real arithmetic and finite wherever the true assignment is.
+
+Backends: triton (GPU default; CPU under TRITON_INTERPRET=1), cuda (one persistent launch with a
+grid-wide barrier, kernels/sinkhorn.cu: opt-in with backend="cuda" until a GPU measurement shows
+it beats triton), cpu (PyTorch log-domain), reference (DINOv3's code).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dinov3_fast.ops._dispatch import check_floating, check_nonempty, check_positive, check_rank, select_backend
+from dinov3_fast.ops.sinkhorn.cpu import sinkhorn_cpu
+from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
+
+__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref"]
+
+# Fastest first, per device type. "cuda" stays behind "triton" until a measured GPU run says
+# otherwise (docs/architecture.md, "Sinkhorn-Knopp"): it is chosen only when forced.
+PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from dinov3_fast.ops.sinkhorn.triton import sinkhorn_triton  # lazily: triton is optional
+        return sinkhorn_triton
+    if backend == "cuda":
+        from dinov3_fast.ops.sinkhorn.cuda import sinkhorn_cuda
+        return sinkhorn_cuda
+    return sinkhorn_cpu
+
+
+def _out_dtype(logits: torch.Tensor, backend: str) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 and backend == "cpu" else torch.float32
+
+
+# ----------------------------------------------------------------------------- custom op
+
+@torch.library.custom_op("dinov3_fast::sinkhorn_knopp_fwd", mutates_args=())
+def _sinkhorn_knopp_fwd(logits: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
+    return _impl(backend)(logits, teacher_temp, n_iterations, None)
+
+
+@_sinkhorn_knopp_fwd.register_fake
+def _(logits, teacher_temp, n_iterations, backend):
+    return logits.new_empty(logits.shape, dtype=_out_dtype(logits, backend))
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_n_samples(n_samples) -> None:
+    if n_samples is None:
+        return
+    if isinstance(n_samples, torch.Tensor):
+        if n_samples.numel() != 1:
+            raise ValueError(f"n_samples must be an int or a 1-element tensor, got shape {tuple(n_samples.shape)}")
+        return
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        raise TypeError(f"n_samples must be an int or a 1-element tensor, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+
+
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    *,
+    n_iterations: int = 3,
+    n_samples: int | torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher assignment, the same function as DINOv3's `sinkhorn_knopp_teacher`.
+
+    Args:
+        teacher_logits: (B, K) teacher logits of this rank (fp32, bf16, fp16; fp64 on cpu).
+        teacher_temp: teacher temperature, > 0.
+        n_iterations: normalisation rounds, >= 1.
+        n_samples: global sample count B_total (DINO: B * world; iBOT: the all-reduced masked-token
+            count, an int or 1-element tensor, all-reduced by the caller). Accepted for parity with
+            DINOv3 and used by the reference backend; the fused backends do not need it, because
+            B_total only enters as a global scale that the next normalisation cancels exactly.
+        group: process group whose ranks hold the rest of the batch; the per-prototype sums are
+            all-reduced over it between passes (eagerly: under torch.compile this is a graph
+            break). None: this process only.
+        backend: force "triton", "cuda", "cpu" or "reference"; default: fastest for the device.
+
+    Returns:
+        (B, K) fp32 assignment (each row sums to 1), no grad. fp64 for fp64 input on the cpu and
+        reference backends.
+    """
+    check_floating("teacher_logits", teacher_logits)
+    check_rank("teacher_logits", teacher_logits, 2, "(B, K)")
+    check_nonempty("teacher_logits", teacher_logits)
+    check_positive("teacher_temp", teacher_temp)
+    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int):
+        raise TypeError(f"n_iterations must be an int, got {type(n_iterations).__name__}")
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    _check_n_samples(n_samples)
+
+    chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, PREFERENCE)
+    temp = float(teacher_temp)
+    with torch.no_grad():
+        if chosen == "reference":
+            return sinkhorn_knopp_ref(teacher_logits, temp, n_iterations, n_samples, group)
+        if group is not None:
+            return _impl(chosen)(teacher_logits, temp, n_iterations, group)
+        return _sinkhorn_knopp_fwd(teacher_logits, temp, n_iterations, chosen)

@@ -1,0 +1,156 @@
+"""Soft-target cross-entropy (the DINO and iBOT losses): checks, dispatch, custom ops, autograd,
+and `soft_cross_entropy`.
+
+The reference forms an fp32 log_softmax copy of every student crop ((S, B, K), K up to 262,144)
+and keeps it for backward. The fused forward streams each student row once (online logsumexp and
+the dot products with all teacher crops) and keeps three (S, B) vectors; the fused backward
+rewrites the student gradient in the logits' dtype in one pass (see triton.py).
+
+The custom op returns per-row losses row_loss[s, b] = sum over counted teacher crops of
+CE(s, t, b); the (tiny) weighting and averaging run in PyTorch, so per-sample weights get their
+gradient from autograd and the op itself stays weight-free.
+"""
+from __future__ import annotations
+
+import torch
+
+from dinov3_fast.ops._dispatch import (
+    check_floating, check_nonempty, check_positive, check_rank, check_same_device, select_backend,
+)
+from dinov3_fast.ops.soft_ce.cpu import soft_ce_bwd_student_cpu, soft_ce_bwd_teacher, soft_ce_fwd_cpu
+from dinov3_fast.ops.soft_ce.reference import soft_cross_entropy_ref
+
+__all__ = ["soft_cross_entropy", "soft_cross_entropy_ref"]
+
+PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
+
+
+def _triton():
+    from dinov3_fast.ops.soft_ce import triton as soft_ce_triton  # lazily: triton is optional
+    return soft_ce_triton
+
+
+def _compute_dtype(student: torch.Tensor, backend: str) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 and backend == "cpu" else torch.float32
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("dinov3_fast::soft_ce_fwd", mutates_args=())
+def _soft_ce_fwd(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton().soft_ce_fwd_triton(student, teacher, student_temp, ignore_diagonal)
+    return soft_ce_fwd_cpu(student, teacher, student_temp, ignore_diagonal)
+
+
+@_soft_ce_fwd.register_fake
+def _(student, teacher, student_temp, ignore_diagonal, backend):
+    shape, dtype = student.shape[:2], _compute_dtype(student, backend)
+    return tuple(student.new_empty(shape, dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("dinov3_fast::soft_ce_bwd", mutates_args=())
+def _soft_ce_bwd(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor,
+                 a: torch.Tensor, student_temp: float, ignore_diagonal: bool, backend: str,
+                 need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    d_student = student.new_empty((0,))
+    d_teacher = teacher.new_empty((0,))
+    if need_student:
+        impl = _triton().soft_ce_bwd_student_triton if backend == "triton" else soft_ce_bwd_student_cpu
+        d_student = impl(grad_row, student, teacher, lse, a, student_temp, ignore_diagonal)
+    if need_teacher:
+        d_teacher = soft_ce_bwd_teacher(grad_row, student, teacher, lse, student_temp, ignore_diagonal)
+    return d_student, d_teacher
+
+
+@_soft_ce_bwd.register_fake
+def _(grad_row, student, teacher, lse, a, student_temp, ignore_diagonal, backend, need_student, need_teacher):
+    d_student = student.new_empty(student.shape) if need_student else student.new_empty((0,))
+    d_teacher = teacher.new_empty(teacher.shape) if need_teacher else teacher.new_empty((0,))
+    return d_student, d_teacher
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, student_temp, ignore_diagonal, backend = inputs
+    _, lse, a = output
+    ctx.save_for_backward(student, teacher, lse, a)
+    ctx.options = (student_temp, ignore_diagonal, backend)
+
+
+def _backward(ctx, grad_row, _grad_lse, _grad_a):
+    student, teacher, lse, a = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_s, d_t = _soft_ce_bwd(grad_row, student, teacher, lse, a, *ctx.options, need_s, need_t)
+    return (d_s if need_s else None), (d_t if need_t else None), None, None, None
+
+
+_soft_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    *,
+    student_temp: float = 0.1,
+    ignore_diagonal: bool = False,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Soft-target cross-entropy of DINOv3's DINO and iBOT losses (see `soft_cross_entropy_ref`).
+
+        loss = 1/P sum_{(s, t) counted} sum_b w_b * CE(teacher[t, b], softmax(student[s, b] / temp))
+
+    P: counted crop pairs (S*T, minus min(S, T) with ignore_diagonal); w_b = 1/B by default.
+
+    Args:
+        student_logits: (S, B, K) student crops (DINO), or (M, K) tokens (iBOT); fp32/bf16/fp16
+            (fp64 on the cpu/reference backends). Gradients flow to it.
+        teacher_probs: (T, B, K), or (M, K) with 2-D student; same B and K. Usually without grad
+            (a gradient is computed, unfused, if it requires one).
+        student_temp: student temperature, > 0.
+        ignore_diagonal: skip the pairs s == t (DINO with the global crops among the students).
+        weights: (B,) (or (M,)) per-row weights replacing 1/B, e.g. iBOT's 1 / (masked tokens of
+            the image) / (images). Differentiable.
+        backend: force "triton", "cpu" or "reference"; default: fastest for the device.
+
+    Returns:
+        0-dim fp32 loss (fp64 for fp64 input on the cpu/reference backends).
+    """
+    check_floating("student_logits", student_logits)
+    check_floating("teacher_probs", teacher_probs)
+    check_rank("student_logits", student_logits, (2, 3), "(S, B, K) or (M, K)")
+    check_rank("teacher_probs", teacher_probs, student_logits.dim(),
+               "(T, B, K)" if student_logits.dim() == 3 else "(M, K), like student_logits")
+    check_same_device("student_logits", student_logits, "teacher_probs", teacher_probs)
+    check_nonempty("student_logits", student_logits)
+    check_nonempty("teacher_probs", teacher_probs)
+    if student_logits.shape[-2:] != teacher_probs.shape[-2:]:
+        raise ValueError(
+            f"student_logits and teacher_probs must agree on (B, K), got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_probs.shape)}")
+    check_positive("student_temp", student_temp)
+    batch = student_logits.shape[-2]
+    if weights is not None:
+        check_floating("weights", weights)
+        check_same_device("weights", weights, "student_logits", student_logits)
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+    n_s = student_logits.shape[0] if student_logits.dim() == 3 else 1
+    n_t = teacher_probs.shape[0] if teacher_probs.dim() == 3 else 1
+    n_pairs = n_s * n_t - (min(n_s, n_t) if ignore_diagonal else 0)
+    if n_pairs == 0:
+        raise ValueError(f"ignore_diagonal=True with {n_s} student and {n_t} teacher crops leaves no pair to average")
+
+    chosen = select_backend("soft_cross_entropy", student_logits.device, backend, PREFERENCE)
+    temp = float(student_temp)
+    if chosen == "reference":
+        return soft_cross_entropy_ref(student_logits, teacher_probs, temp, ignore_diagonal, weights)
+    if student_logits.dim() == 2:
+        student_logits, teacher_probs = student_logits[None], teacher_probs[None]
+    row_loss, _, _ = _soft_ce_fwd(student_logits, teacher_probs, temp, ignore_diagonal, chosen)
+    if weights is None:
+        return row_loss.sum() / (batch * n_pairs)
+    return (row_loss.sum(0) * weights.to(row_loss.dtype)).sum() / n_pairs

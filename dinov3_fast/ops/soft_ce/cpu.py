@@ -1,0 +1,67 @@
+"""CPU path of the soft-target cross-entropy, plus the rarely needed teacher gradient.
+
+Shapes: student (S, B, K) logits, teacher (T, B, K) probabilities, pairs (S, T) 0/1 mask of the counted crop pairs. With x = student / temp shifted by its row max,
+    CE(s, t, b) = lse[s, b] * tsum[t, b] - sum_k teacher[t, b, k] x[s, b, k]
+so the S x T dot products run as one batched matmul over b; no log_softmax tensor is kept.
+fp32 math (fp64 for fp64 inputs, for gradcheck).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pair_mask(n_s: int, n_t: int, ignore_diagonal: bool, like: torch.Tensor) -> torch.Tensor:
+    """(S, T) mask of the counted (student crop, teacher crop) pairs, in like's dtype/device."""
+    pairs = torch.ones((n_s, n_t), dtype=like.dtype, device=like.device)
+    if ignore_diagonal:
+        pairs.fill_diagonal_(0)
+    return pairs
+
+
+def _shifted_scaled(student: torch.Tensor, student_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - rowmax, rowmax) with x = student / temp."""
+    x = student.to(_dtype(student)) / student_temp
+    row_max = x.amax(-1, keepdim=True)
+    return x.sub_(row_max), row_max.squeeze(-1)
+
+
+def soft_ce_fwd_cpu(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool):
+    """Returns (row_loss, lse, a), each (S, B): row_loss[s, b] = sum over counted t of CE(s, t, b),
+    lse = logsumexp(student / temp), a[s, b] = sum over counted t of sum_k teacher[t, b, k]."""
+    x, row_max = _shifted_scaled(student, student_temp)
+    t = teacher.to(x.dtype)
+    lse_shifted = torch.logsumexp(x, dim=-1)                        # (S, B)
+    dots = torch.bmm(x.transpose(0, 1), t.permute(1, 2, 0))         # (B, S, T)
+    tsum = t.sum(-1)                                                # (T, B)
+    ce = lse_shifted.t()[:, :, None] * tsum.t()[:, None, :] - dots  # (B, S, T)
+    pairs = pair_mask(x.shape[0], t.shape[0], ignore_diagonal, x)
+    row_loss = torch.where(pairs.bool(), ce, 0.0).sum(-1).t()       # (S, B)
+    return row_loss, lse_shifted + row_max, pairs @ tsum
+
+
+def soft_ce_bwd_student_cpu(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                            lse: torch.Tensor, a: torch.Tensor, student_temp: float,
+                            ignore_diagonal: bool) -> torch.Tensor:
+    """d loss / d student = G[s, b] / temp (softmax(x) * a - sum_{t ~ s} teacher[t]), (S, B, K);
+    grad_row: (S, B) gradient G of row_loss."""
+    dtype = _dtype(student)
+    x = student.to(dtype) / student_temp
+    t = teacher.to(dtype)
+    pairs = pair_mask(x.shape[0], t.shape[0], ignore_diagonal, x)
+    grad = x.sub_(lse.to(dtype)[..., None]).exp_().mul_(a.to(dtype)[..., None])
+    grad -= torch.einsum("st,tbk->sbk", pairs, t)
+    return grad.mul_((grad_row.to(dtype) / student_temp)[..., None]).to(student.dtype)
+
+
+def soft_ce_bwd_teacher(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                        lse: torch.Tensor, student_temp: float, ignore_diagonal: bool) -> torch.Tensor:
+    """d loss / d teacher[t, b, k] = -sum_{s ~ t} G[s, b] log_softmax(student[s, b] / temp)_k.
+    DINOv3's teacher targets carry no gradient; this exists for completeness (and gradcheck)."""
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    log_q = student.to(dtype) / student_temp - lse.to(dtype)[..., None]
+    pairs = pair_mask(student.shape[0], teacher.shape[0], ignore_diagonal, log_q)
+    return -torch.einsum("st,sb,sbk->tbk", pairs, grad_row.to(dtype), log_q).to(teacher.dtype)

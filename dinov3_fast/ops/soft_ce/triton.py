@@ -1,0 +1,199 @@
+"""Triton kernels and launchers for the soft-target cross-entropy. No autograd, no input checks.
+
+Shapes: student (S, B, K) logits, teacher (T, B, K) probabilities, unit stride along K. For one
+student row (s, b), with x = student * log2(e) / temp (log2 units, never stored):
+    lse2 = log2 sum_k exp2(x_k),   CE(s, t, b) = -ln2 * (sum_k t_k x_k - lse2 * sum_k t_k)
+The forward streams the student row once, with an online max m, and accumulates for every
+teacher crop d_t = sum_k t_k (x_k - m) (rescaled when m grows, so nothing cancels badly) and
+tsum_t = sum_k t_k; no log_softmax copy is made. Rows are split along K so that small batches
+still fill the GPU; programs of the same (split, b) are adjacent, so the T teacher chunks they
+share are read from L2. A combine kernel merges the splits per row.
+Backward, one pass per student row, written in the student dtype: with G = dL/drow_loss (S, B),
+    dL/dstudent[s, b, k] = G[s, b] / temp * (softmax_k * A[s, b] - sum_{t ~ s} teacher[t, b, k])
+and A[s, b] = sum_{t ~ s} tsum[t, b] (t ~ s: the pair is counted) from the forward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _soft_ce_fwd_kernel(
+    s_ptr,   # (S, B, K) student logits, strides (sss, ssb, 1)
+    t_ptr,   # (T, B, K) teacher probs, strides (sts, stb, 1)
+    m_ptr,   # (S, B, NSPLIT) fp32 out: max of x over the split
+    l_ptr,   # (S, B, NSPLIT) fp32 out: sum exp2(x - m)
+    d_ptr,   # (S, B, NSPLIT, T_PAD) fp32 out: sum_k t_k (x_k - m)
+    ts_ptr,  # (T, B, NSPLIT) fp32 out: sum_k t_k (written by the s == 0 programs)
+    B, K, T, sss, ssb, sts, stb, scale, cols_per_split,
+    T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    s_idx = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    nsplit = tl.num_programs(1)
+    c0 = split * cols_per_split
+    c1 = tl.minimum(c0 + cols_per_split, K)
+    trow = tl.arange(0, T_PAD)
+    tvalid = trow < T
+    s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
+    t_rows = t_ptr + b.to(tl.int64) * stb + trow.to(tl.int64)[:, None] * sts  # (T_PAD, 1)
+    m = float("-inf")
+    l = 0.0
+    d = tl.zeros((T_PAD,), tl.float32)
+    tsum = tl.zeros((T_PAD,), tl.float32)
+    for k0 in range(c0, c1, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < c1
+        x = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * scale
+        t = tl.load(t_rows + cols[None, :], mask=tvalid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(tl.where(cmask, x, float("-inf")), axis=0))
+        grow = tl.where(m == float("-inf"), 0.0, m - m_new)  # nothing accumulated before the first tile
+        xc = tl.where(cmask, x - m_new, float("-inf"))
+        l = l * tl.exp2(grow) + tl.sum(tl.exp2(xc), axis=0)
+        d = d + tsum * grow + tl.sum(t * tl.where(cmask, xc, 0.0)[None, :], axis=1)
+        tsum += tl.sum(t, axis=1)
+        m = m_new
+    row = s_idx * B + b
+    tl.store(m_ptr + row * nsplit + split, m)
+    tl.store(l_ptr + row * nsplit + split, l)
+    tl.store(d_ptr + (row * nsplit + split) * T_PAD + trow, d)
+    if s_idx == 0:
+        tl.store(ts_ptr + (trow * B + b) * nsplit + split, tsum, mask=tvalid)
+
+
+@triton.jit
+def _soft_ce_combine_kernel(
+    m_ptr, l_ptr, d_ptr, ts_ptr,  # partials of _soft_ce_fwd_kernel
+    loss_ptr,  # (S, B) fp32 out: sum over counted t of CE(s, t, b), nats
+    lse_ptr,   # (S, B) fp32 out: logsumexp(student[s, b] / temp), nats
+    a_ptr,     # (S, B) fp32 out: sum over counted t of tsum[t, b]
+    B, T, nsplit,
+    IGNORE_DIAGONAL: tl.constexpr, T_PAD: tl.constexpr, NS_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    s_idx = row // B
+    b = row % B
+    sp = tl.arange(0, NS_PAD)
+    spm = sp < nsplit
+    trow = tl.arange(0, T_PAD)
+    tvalid = trow < T
+    m = tl.load(m_ptr + row * nsplit + sp, mask=spm, other=float("-inf"))
+    l = tl.load(l_ptr + row * nsplit + sp, mask=spm, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    shift = tl.where(spm, m - m_ref, 0.0)
+    log2_l = tl.log2(tl.sum(l * tl.exp2(shift), axis=0))
+    d = tl.load(d_ptr + (row * nsplit + sp[None, :]) * T_PAD + trow[:, None], mask=spm[None, :], other=0.0)
+    ts = tl.load(ts_ptr + (trow[:, None] * B + b) * nsplit + sp[None, :], mask=tvalid[:, None] & spm[None, :], other=0.0)
+    dot = tl.sum(d + ts * shift[None, :], axis=1)   # (T_PAD,) sum_k t_k (x_k - m_max)
+    tsum = tl.sum(ts, axis=1)
+    ce = -LN2 * (dot - tsum * log2_l)
+    counted = tvalid
+    if IGNORE_DIAGONAL:
+        counted = counted & (trow != s_idx)
+    tl.store(loss_ptr + row, tl.sum(tl.where(counted, ce, 0.0), axis=0))
+    tl.store(lse_ptr + row, (m_max + log2_l) * LN2)
+    tl.store(a_ptr + row, tl.sum(tl.where(counted, tsum, 0.0), axis=0))
+
+
+@triton.jit
+def _soft_ce_bwd_kernel(
+    s_ptr,   # (S, B, K) student logits, strides (sss, ssb, 1)
+    t_ptr,   # (T, B, K) teacher probs, strides (sts, stb, 1)
+    lse_ptr, a_ptr,  # (S, B) fp32 from the forward
+    g_ptr,   # (S, B) fp32 upstream gradient of row_loss
+    ds_ptr,  # (S, B, K) out, contiguous, student dtype
+    B, K, T, sss, ssb, sts, stb, scale, inv_temp, cols_per_split,
+    IGNORE_DIAGONAL: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    s_idx = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    row = s_idx * B + b
+    c0 = split * cols_per_split
+    c1 = tl.minimum(c0 + cols_per_split, K)
+    trow = tl.arange(0, T_PAD)
+    counted = trow < T
+    if IGNORE_DIAGONAL:
+        counted = counted & (trow != s_idx)
+    lse2 = tl.load(lse_ptr + row) * LOG2E
+    a = tl.load(a_ptr + row)
+    c = tl.load(g_ptr + row) * inv_temp
+    s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
+    t_rows = t_ptr + b.to(tl.int64) * stb + trow.to(tl.int64)[:, None] * sts
+    out_row = ds_ptr + row.to(tl.int64) * K
+    for k0 in range(c0, c1, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < c1
+        x = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * scale
+        t = tl.load(t_rows + cols[None, :], mask=counted[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        grad = c * (tl.exp2(x - lse2) * a - tl.sum(t, axis=0))
+        tl.store(out_row + cols, grad.to(ds_ptr.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _config(device: torch.device, rows: int, K: int) -> tuple[int, int, int, int]:
+    """(BLOCK_K, num_warps, nsplit, cols_per_split): split rows along K until ~4 waves of programs
+    (small under the interpreter, so CPU tests exercise the splits)."""
+    if device.type == "cuda":
+        block, warps, target = 2048, 8, 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        block, warps, target = 128, 4, 4
+    n_blocks = triton.cdiv(K, block)
+    nsplit = min(n_blocks, max(1, triton.cdiv(target, rows)))
+    cols = triton.cdiv(n_blocks, nsplit) * block
+    return block, warps, triton.cdiv(K, cols), cols
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool):
+    """student (S, B, K), teacher (T, B, K). Returns (row_loss, lse, a), each (S, B) fp32:
+    row_loss[s, b] = sum over counted t of CE(s, t, b) in nats, lse = logsumexp(student / temp),
+    a[s, b] = sum over counted t of sum_k teacher[t, b, k]."""
+    student, teacher = _unit_stride(student), _unit_stride(teacher)
+    S, B, K = student.shape
+    T = teacher.shape[0]
+    dev = student.device
+    block, warps, nsplit, cols = _config(dev, S * B, K)
+    t_pad = triton.next_power_of_2(T)
+    f32 = dict(device=dev, dtype=torch.float32)
+    m, l = torch.empty((S, B, nsplit), **f32), torch.empty((S, B, nsplit), **f32)
+    d, ts = torch.empty((S, B, nsplit, t_pad), **f32), torch.empty((T, B, nsplit), **f32)
+    _soft_ce_fwd_kernel[(S, nsplit, B)](
+        student, teacher, m, l, d, ts, B, K, T, student.stride(0), student.stride(1),
+        teacher.stride(0), teacher.stride(1), LOG2E / student_temp, cols,
+        T_PAD=t_pad, BLOCK_K=block, num_warps=warps)
+    row_loss, lse, a = (torch.empty((S, B), **f32) for _ in range(3))
+    _soft_ce_combine_kernel[(S * B,)](
+        m, l, d, ts, row_loss, lse, a, B, T, nsplit,
+        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=t_pad, NS_PAD=triton.next_power_of_2(nsplit))
+    return row_loss, lse, a
+
+
+def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                               lse: torch.Tensor, a: torch.Tensor, student_temp: float,
+                               ignore_diagonal: bool) -> torch.Tensor:
+    """d loss / d student, (S, B, K) contiguous in the student dtype. grad_row: (S, B) gradient
+    of row_loss."""
+    out_dtype = student.dtype
+    student, teacher = _unit_stride(student), _unit_stride(teacher)
+    S, B, K = student.shape
+    T = teacher.shape[0]
+    block, warps, nsplit, cols = _config(student.device, S * B, K)
+    ds = torch.empty((S, B, K), device=student.device, dtype=out_dtype)
+    _soft_ce_bwd_kernel[(S, nsplit, B)](
+        student, teacher, lse, a, grad_row.to(torch.float32).contiguous(), ds,
+        B, K, T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        LOG2E / student_temp, 1.0 / student_temp, cols,
+        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=triton.next_power_of_2(T), BLOCK_K=block, num_warps=warps)
+    return ds
