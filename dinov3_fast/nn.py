@@ -5,10 +5,16 @@ numbers are the op's. `backend=` (default: fastest available) is forwarded to th
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from dinov3_fast.ops import gram_loss
+from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
+from dinov3_fast.ops.soft_ce import soft_cross_entropy
 from dinov3_fast.ops.attention import apply_rope, rope_attention, rope_attention_packed
 
 
@@ -116,3 +122,168 @@ class SelfAttention(nn.Module):
                                      backend=self.backend)
         out = self.proj(attn)
         return [o.view(b, n, -1) for o, (b, n) in zip(out.split([b * n for b, n in crops]), crops)]
+
+
+# ----------------------------------------------------------------------------- DINO / iBOT losses
+# DINOv3's dinov3/loss/dino_clstoken_loss.py and ibot_patch_loss.py, on sinkhorn_knopp and
+# soft_cross_entropy. Centre EMA and softmax centring stay in PyTorch (one softmax pass each).
+# Distributed: DINOv3 reduces over its process subgroup whenever torch.distributed is initialised;
+# these modules use `group` (default: the world group when initialised).
+
+
+def _loss_group(group):
+    if group is not None:
+        return group
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+class _CenterEMA(nn.Module):
+    """The asynchronous centre EMA shared by DINOLoss and iBOTPatchLoss (state names as DINOv3's)."""
+
+    def _init_center(self, shape, center_momentum, group, backend):
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.full(shape, math.nan))
+        self.updated = True
+        self.reduce_handle = None
+        self.async_batch_center = None
+        self.group = group
+        self.backend = backend
+
+    def init_weights(self) -> None:
+        self.center.zero_()
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output, teacher_temp, update_centers=True):
+        if update_centers:
+            self.apply_center_update()
+        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def _start_center_reduce(self, batch_center: torch.Tensor, count: int) -> None:
+        self.updated = False
+        self._center_count = count
+        self.async_batch_center = batch_center
+        group = _loss_group(self.group)
+        if group is not None:
+            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True, group=group)
+
+    @torch.no_grad()
+    def apply_center_update(self):
+        if self.updated is False:
+            group = _loss_group(self.group)
+            world_size = dist.get_world_size(group) if group is not None else 1
+            if self.reduce_handle is not None:
+                self.reduce_handle.wait()
+            _t = self.async_batch_center / (self._center_count * world_size)
+            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+            self.updated = True
+
+
+class SinkhornKnoppTeacher(nn.Module):
+    """DINOv3's SinkhornKnoppTeacher (ibot_patch_loss.py) on the fused op.
+
+    forward(teacher_output (B, K), teacher_temp, n_masked_patches_tensor, n_iterations=3) -> (B, K)
+    fp32. As in DINOv3, `n_masked_patches_tensor` is all-reduced in place when a process group is
+    active; the assignment itself does not depend on it (see `sinkhorn_knopp`).
+    """
+
+    def __init__(self, backend: str | None = None, group=None):
+        super().__init__()
+        self.backend = backend
+        self.group = group
+
+    @torch.no_grad()
+    def forward(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
+        group = _loss_group(self.group)
+        if group is not None and isinstance(n_masked_patches_tensor, torch.Tensor):
+            dist.all_reduce(n_masked_patches_tensor, group=group)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations,
+                              n_samples=n_masked_patches_tensor, group=group, backend=self.backend)
+
+
+class DINOLoss(_CenterEMA):
+    """DINOv3's DINOLoss (dino_clstoken_loss.py) on the fused ops.
+
+    forward(student_logits (S, B, K), teacher_probs (T, B, K), ignore_diagonal=False) -> 0-dim fp32.
+    Lists of (B, K) crops are stacked. sinkhorn_knopp_teacher(teacher_output (B, K), teacher_temp,
+    n_iterations=3) -> (B, K); softmax_center_teacher / update_center as in DINOv3.
+    """
+
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, backend: str | None = None, group=None):
+        super().__init__()
+        self.student_temp = student_temp
+        self._init_center((1, out_dim), center_momentum, group, backend)
+        self.len_teacher_output = None
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations,
+                              group=_loss_group(self.group), backend=self.backend)
+
+    def forward(self, student_logits, teacher_probs, ignore_diagonal=False):
+        if isinstance(student_logits, (list, tuple)):
+            student_logits = torch.stack(list(student_logits))
+        if isinstance(teacher_probs, (list, tuple)):
+            teacher_probs = torch.stack(list(teacher_probs))
+        return soft_cross_entropy(student_logits, teacher_probs, student_temp=self.student_temp,
+                                  ignore_diagonal=ignore_diagonal, backend=self.backend)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        self.reduce_center_update(teacher_output)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_output):
+        self.len_teacher_output = len(teacher_output)
+        self._start_center_reduce(torch.sum(teacher_output, dim=0, keepdim=True), self.len_teacher_output)
+
+
+class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
+    """DINOv3's iBOTPatchLoss (ibot_patch_loss.py) on the fused ops.
+
+    forward(student_patch_tokens (B, N, K), teacher_patch_tokens (B, N, K), student_masks_flat (B, N))
+    forward_masked(student (M, K), teacher (M, K), student_masks_flat (B, N), n_masked_patches=None,
+                   masks_weight=None (M,)) -> 0-dim fp32.
+    `sinkhorn_knopp_teacher` is a SinkhornKnoppTeacher module, as in DINOv3 (which compiles it;
+    the fused op needs no compilation).
+    """
+
+    def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9, backend: str | None = None, group=None):
+        super().__init__()
+        self.student_temp = student_temp
+        self._init_center((1, 1, patch_out_dim), center_momentum, group, backend)
+        self.len_teacher_patch_tokens = None
+        self.sinkhorn_knopp_teacher = SinkhornKnoppTeacher(backend=backend, group=group)
+
+    def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
+        batch, n_tokens, k = student_patch_tokens.shape
+        masks = student_masks_flat.float()
+        weights = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0)).flatten() / batch
+        return soft_cross_entropy(student_patch_tokens.reshape(batch * n_tokens, k),
+                                  teacher_patch_tokens.reshape(batch * n_tokens, k),
+                                  student_temp=self.student_temp, weights=weights, backend=self.backend)
+
+    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
+                       n_masked_patches=None, masks_weight=None):
+        s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+        if masks_weight is None:
+            masks_weight = (
+                (1 / student_masks_flat.sum(-1).clamp(min=1.0))
+                .unsqueeze(-1)
+                .expand_as(student_masks_flat)[student_masks_flat]
+            )
+        if n_masked_patches is not None:  # DINOv3 slices the per-token losses; slicing first is equal
+            n = int(n_masked_patches)
+            s, t = s[:n], t[:n]
+        weights = masks_weight / student_masks_flat.shape[0]
+        return soft_cross_entropy(s, t, student_temp=self.student_temp, weights=weights, backend=self.backend)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_tokens):
+        self.reduce_center_update(teacher_patch_tokens)
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_patch_tokens):
+        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
+        self._start_center_reduce(torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True),
+                                  self.len_teacher_patch_tokens)

@@ -14,6 +14,8 @@ and A[s, b] = sum_{t ~ s} tsum[t, b] (t ~ s: the pair is counted) from the forwa
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -142,10 +144,11 @@ def _soft_ce_bwd_kernel(
 def _config(device: torch.device, rows: int, K: int) -> tuple[int, int, int, int]:
     """(BLOCK_K, num_warps, nsplit, cols_per_split): split rows along K until ~4 waves of programs
     (small under the interpreter, so CPU tests exercise the splits)."""
-    if device.type == "cuda":
-        block, warps, target = 2048, 8, 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
         block, warps, target = 128, 4, 4
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        block, warps, target = 2048, 8, 4 * sms
     n_blocks = triton.cdiv(K, block)
     nsplit = min(n_blocks, max(1, triton.cdiv(target, rows)))
     cols = triton.cdiv(n_blocks, nsplit) * block
