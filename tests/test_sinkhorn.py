@@ -1,0 +1,219 @@
+"""Sinkhorn-Knopp: every backend against the float64 oracle, overflow range, errors, compile."""
+import pytest
+import torch
+
+import dinov3_fast
+from dinov3_fast._ext import native_has_cuda
+from dinov3_fast.ops import sinkhorn_knopp
+from dinov3_fast.ops.sinkhorn import _sinkhorn_knopp_fwd, sinkhorn_knopp_ref
+
+BACKENDS = ["cpu", "triton"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def dinov3_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
+    """DINOv3's DINOLoss.sinkhorn_knopp_teacher, single process, statement by statement (float64)."""
+    teacher_output = teacher_output.double()
+    Q = torch.exp(teacher_output / teacher_temp).t()
+    B = Q.shape[1] * 1
+    K = Q.shape[0]
+    sum_Q = torch.sum(Q)
+    Q /= sum_Q
+    for _ in range(n_iterations):
+        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
+        Q /= sum_of_rows
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def log_domain_oracle(logits, temp, n_iterations=3):
+    """float64 log-domain Sinkhorn: finite wherever the true assignment is (checked equal to the
+    reference below where the reference is finite)."""
+    y = logits.double() / temp
+    beta = torch.zeros(y.shape[0], 1, dtype=torch.float64)
+    for _ in range(n_iterations):
+        a = -torch.logsumexp(y + beta, dim=0)
+        beta = -torch.logsumexp(y + a, dim=1, keepdim=True)
+    return torch.exp(y + a + beta)
+
+
+def test_reference_is_dinov3():
+    x = torch.randn(6, 50, dtype=torch.float64)
+    for n in (1, 3):
+        torch.testing.assert_close(sinkhorn_knopp_ref(x, 0.07, n), dinov3_sinkhorn(x, 0.07, n), rtol=1e-12, atol=0)
+        torch.testing.assert_close(log_domain_oracle(x, 0.07, n), dinov3_sinkhorn(x, 0.07, n), rtol=1e-10, atol=0)
+
+
+def test_constants_cancel():
+    """B_total, K, sum Q and a per-prototype shift of the logits do not change the result: every
+    normalisation is scale-invariant. This is why the fused backends skip them."""
+    x = torch.randn(5, 40, dtype=torch.float64)
+    want = sinkhorn_knopp_ref(x, 0.05)
+    for n_samples in (1, 7, torch.tensor([123.0], dtype=torch.float64)):
+        torch.testing.assert_close(sinkhorn_knopp_ref(x, 0.05, n_samples=n_samples), want, rtol=1e-12, atol=0)
+    shifted = x - x.amax(0, keepdim=True) + torch.randn(1, 40, dtype=torch.float64)
+    torch.testing.assert_close(sinkhorn_knopp_ref(shifted, 0.05), want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 77), (3, 300), (37, 100), (2, 1000), (16, 257)],
+                         ids=["B=1", "ragged", "batch_split", "k_split", "B16"])
+@pytest.mark.parametrize("n_iterations", [1, 3])
+def test_matches_oracle_fp32(backend, shape, n_iterations):
+    logits = torch.randn(shape) * 1.5
+    temp = 0.07
+    want = sinkhorn_knopp_ref(logits.double(), temp, n_iterations)
+    out = sinkhorn_knopp(logits, temp, n_iterations=n_iterations, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == shape and torch.isfinite(out).all()
+    assert rel_err(out, want) < 1e-5
+    torch.testing.assert_close(out.sum(1), torch.ones(shape[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_input(backend):
+    logits = torch.randn(4, 333).half()
+    want = sinkhorn_knopp_ref(logits.double(), 0.04)
+    assert rel_err(sinkhorn_knopp(logits, 0.04, backend=backend), want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    base = torch.randn(200, 6)
+    for logits in (base.t(), base.t()[:, ::3]):
+        assert not logits.is_contiguous()
+        want = sinkhorn_knopp_ref(logits.double(), 0.1)
+        assert rel_err(sinkhorn_knopp(logits, 0.1, backend=backend), want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_where_fp32_reference_overflows(backend):
+    """logits / temp up to ~350: exp overflows fp32 (the DINOv3 code returns NaN) but not float64,
+    so the plain float64 reference is the oracle."""
+    logits = torch.randn(8, 500) * 3.0 + 4.0
+    temp = 0.04
+    assert (logits / temp).max() > 100
+    assert torch.isnan(sinkhorn_knopp_ref(logits, temp)).any()  # fp32 DINOv3 code fails here
+    want = sinkhorn_knopp_ref(logits.double(), temp)
+    assert torch.isfinite(want).all()
+    out = sinkhorn_knopp(logits, temp, backend=backend)
+    assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_beyond_float64_range(backend):
+    """logits / temp ~ 2000: float64 overflows too. The oracle is the float64 reference on
+    per-prototype-shifted logits (the shift cancels exactly, test_constants_cancel) and the
+    log-domain oracle, which agree. At |logits / temp| ~ 2000 any fp32 evaluation errs by about
+    |y| * 2^-24 relative (the rounding of y itself), so the tolerance scales with it."""
+    logits = torch.randn(6, 300) * 30.0
+    temp = 0.04
+    assert torch.isnan(sinkhorn_knopp_ref(logits.double(), temp)).any()
+    want = sinkhorn_knopp_ref((logits - logits.amax(0, keepdim=True)).double(), temp)
+    torch.testing.assert_close(log_domain_oracle(logits, temp), want, rtol=1e-8, atol=1e-12)
+    out = sinkhorn_knopp(logits, temp, backend=backend)
+    tol = 2 * (logits / temp).abs().max().item() * 2.0**-24
+    assert 1e-5 < tol < 1e-3
+    assert torch.isfinite(out).all() and rel_err(out, want) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dominated_sample_stays_finite(backend):
+    """A sample beaten by > 100 / temp nats in every prototype: exp underflows for it even after
+    a per-prototype shift, and any linear-domain scheme divides 0 by 0. Log-domain potentials keep
+    its row a proper distribution."""
+    logits = torch.randn(5, 256)
+    logits[2] = logits[[0, 1, 3, 4]].amax(0) - 5.0 - torch.rand(256)
+    temp = 0.04
+    want = log_domain_oracle(logits, temp)
+    assert torch.isnan(sinkhorn_knopp_ref(logits - logits.amax(0, keepdim=True), temp)).any()  # shift alone
+    out = sinkhorn_knopp(logits, temp, backend=backend)
+    assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
+    assert rel_err(out[2], want[2]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    logits = torch.randn(4, 100)
+    logits[1, 7] = float("nan")
+    assert torch.isnan(sinkhorn_knopp(logits, 0.07, backend=backend)).any()
+
+
+def test_n_samples_accepted_by_every_backend():
+    logits = torch.randn(3, 64)
+    want = sinkhorn_knopp_ref(logits.double(), 0.07)
+    for backend in BACKENDS + ["reference"]:
+        for n in (None, 3, torch.tensor([3])):
+            assert rel_err(sinkhorn_knopp(logits, 0.07, n_samples=n, backend=backend), want) < 1e-5
+
+
+def test_no_grad():
+    logits = torch.randn(3, 64, requires_grad=True)
+    assert not sinkhorn_knopp(logits, 0.07).requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    torch.library.opcheck(_sinkhorn_knopp_fwd, (torch.randn(3, 50), 0.07, 3, backend))
+
+
+def test_torch_compile_fullgraph():
+    def step(x):
+        return sinkhorn_knopp(x, 0.05) * 2.0
+
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+def test_module_drop_in():
+    logits = torch.randn(5, 70)
+    mod = dinov3_fast.SinkhornKnoppTeacher()
+    n_masked = torch.tensor([5])
+    out = mod(logits, 0.07, n_masked, n_iterations=3)
+    assert rel_err(out, sinkhorn_knopp_ref(logits.double(), 0.07)) < 1e-5
+    assert n_masked.item() == 5  # no process group: left alone
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"logits": torch.randn(3, 4), "teacher_temp": 0.0}, ValueError, "teacher_temp must be > 0, got 0.0"),
+    ({"logits": torch.randn(3, 4), "teacher_temp": -0.1}, ValueError, "teacher_temp must be > 0"),
+    ({"logits": torch.randn(2, 3, 4)}, ValueError, r"teacher_logits must be 2-D \(B, K\), got shape \(2, 3, 4\)"),
+    ({"logits": torch.randn(4)}, ValueError, "teacher_logits must be 2-D"),
+    ({"logits": torch.randn(0, 4)}, ValueError, "non-empty"),
+    ({"logits": torch.ones(3, 4, dtype=torch.int32)}, TypeError, "floating-point.*int32"),
+    ({"n_iterations": 0}, ValueError, "n_iterations must be >= 1, got 0"),
+    ({"n_iterations": 2.0}, TypeError, "n_iterations must be an int"),
+    ({"n_samples": torch.ones(2)}, ValueError, "n_samples must be an int or a 1-element tensor"),
+    ({"n_samples": 0}, ValueError, "n_samples must be >= 1"),
+    ({"backend": "tpu"}, ValueError, "backend must be one of"),
+])
+def test_bad_input(kwargs, error, match):
+    logits = kwargs.pop("logits", torch.randn(3, 4))
+    temp = kwargs.pop("teacher_temp", 0.07)
+    with pytest.raises(error, match=match):
+        sinkhorn_knopp(logits, temp, **kwargs)
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="not implemented for cpu"):
+        sinkhorn_knopp(torch.randn(3, 4), 0.07, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(32, 262144), (1, 1000), (37, 4099), (1274, 98304)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backend_matches_reference_and_triton(shape, dtype):
+    if not native_has_cuda():
+        pytest.skip("dinov3_fast._C was built without the CUDA kernels")
+    logits = (torch.randn(shape, device="cuda") * 2.0).to(dtype)
+    want = sinkhorn_knopp_ref(logits.double(), 0.04)
+    out_cuda = sinkhorn_knopp(logits, 0.04, backend="cuda")
+    out_triton = sinkhorn_knopp(logits, 0.04, backend="triton")
+    assert torch.isfinite(out_cuda).all()
+    assert rel_err(out_cuda, want) < 1e-5 and rel_err(out_triton, want) < 1e-5
+    assert rel_err(out_cuda, out_triton.double()) < 1e-5
