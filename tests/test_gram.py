@@ -204,3 +204,26 @@ def test_bad_input_errors(student, teacher, kwargs, error, match):
         with pytest.raises(error, match=match):
             gram_loss(student, teacher, backend=backend, **kwargs)
 
+
+
+@pytest.mark.parametrize("remove_neg", [False, True])
+def test_cpu_backend_never_allocates_p_by_p(remove_neg):
+    """The cpu backend stays O(B*P*D + B*D*D) in memory (tiled chunks have a fixed budget); the
+    reference allocates several B*P*P Grams."""
+    from dinov3_fast.bench.memory import peak_extra_bytes
+
+    B, P, D = 2, 2048, 32
+    student = torch.randn(B, P, D, requires_grad=True)
+    teacher = torch.randn(B, P, D)
+    gram_bytes = B * P * P * 4
+
+    def fused():
+        gram_loss(student, teacher, remove_neg=remove_neg, backend="cpu").backward()
+
+    def reference():
+        gram_loss_ref(student, teacher, remove_neg=remove_neg).backward()
+
+    reference_peak = peak_extra_bytes(reference, student.device)
+    fused_peak = peak_extra_bytes(fused, student.device)
+    assert reference_peak >= gram_bytes
+    assert fused_peak < gram_bytes / 4 and fused_peak * 8 < reference_peak, (fused_peak, reference_peak)

@@ -1,10 +1,8 @@
 """Peak extra memory of a callable: bytes allocated above what was live when it started.
 
-CUDA: the caching allocator's peak counter. CPU: torch has no peak counter, so the profiler's
-allocation events are replayed in time order (allocations are attributed to the op that made them,
-frees to `[memory]` events) and the running total's maximum is taken. An allocation and free inside
-one aten kernel are invisible to that replay; custom ops implemented in Python are not affected,
-since their inner aten calls are recorded individually.
+CUDA: the caching allocator's peak counter. CPU: torch has no peak counter, so the profiler's raw
+allocation events (one per malloc and per free, with exact timestamps, from every op including
+those inside custom ops) are replayed in time order and the running total's maximum is taken.
 """
 from __future__ import annotations
 
@@ -37,14 +35,20 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - start)
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    deltas = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    deltas = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:  # one per malloc (+size) and free (-size)
+            deltas.append((node.start_time_ns, node.extra_fields.alloc_size))
     live = peak = 0
-    for _, delta in deltas:
+    for _, delta in sorted(deltas):
         live += delta
         peak = max(peak, live)
     return peak

@@ -13,9 +13,10 @@ not implement it keep their default, so one variable can steer a whole training 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -23,6 +24,22 @@ from dinov3_fast._ext import native, native_error, native_has_cuda
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "DINOV3_FAST_BACKEND"
+_simulating_cuda = False
+
+
+@contextlib.contextmanager
+def simulate_cuda_dispatch() -> Iterator[None]:
+    """Dispatch CPU tensors as if they lived on a GPU (triton first).
+
+    Only for the ahead-of-time compile check (tests/aot_compile.py), which records every Triton
+    launch the ops make at real shapes, without running them, and compiles each for sm_90/sm_80.
+    """
+    global _simulating_cuda
+    _simulating_cuda = True
+    try:
+        yield
+    finally:
+        _simulating_cuda = False
 
 
 def triton_interpreting() -> bool:
@@ -51,7 +68,7 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
     if name == "triton":
         if err := _triton_import_error():
             return False, err
-        if dev.type == "cuda":
+        if dev.type == "cuda" or _simulating_cuda:
             return True, ""
         if dev.type == "cpu" and triton_interpreting():
             return True, ""
@@ -85,7 +102,7 @@ def select_backend(
         preference: device type ("cuda" / "cpu") -> backends this op implements there, fastest first.
             "reference" is always implemented and always last.
     """
-    implemented = preference.get(device.type, ("reference",))
+    implemented = preference.get("cuda" if _simulating_cuda else device.type, ("reference",))
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")

@@ -16,6 +16,7 @@ PRESETS = (
     ("vit7b_256px", "cuda", 32, 256, 4096, torch.bfloat16, False),
     ("crop512_b16_d1024", "cuda", 16, 1024, 1024, torch.bfloat16, False),
     ("crop512_b16_d1024_neg", "cuda", 16, 1024, 1024, torch.bfloat16, True),
+    ("crop1024_b4_d1024", "cuda", 4, 4096, 1024, torch.bfloat16, False),
 )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
-_CHUNK_ELEMS = 1 << 20  # elements of one (G, rows, P) chunk of a Gram: 4 MiB in fp32
+_CHUNK_ELEMS = 1 << 18  # elements of one (G, rows, P) chunk of a Gram: 1 MiB in fp32
 _EPS = 1e-12  # F.normalize's default
 
 
@@ -40,12 +40,13 @@ def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.
     return (grad_y - y * radial) / norms.clamp_min(_EPS)
 
 
-def _clamped_diff(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
+def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
+    """f(S) - g(T), computed in place in `s` (t is clamped in place too): chunk memory stays low."""
     if clamp != CLAMP_NONE:
-        t = t.clamp_min(0)
+        t.clamp_min_(0)
     if clamp == CLAMP_BOTH:
-        s = torch.where(s < 0, 0.0, s)
-    return s - t
+        s.clamp_min_(0)
+    return s.sub_(t)
 
 
 def _row_chunks(G: int, P: int):
@@ -69,8 +70,8 @@ def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int
         return (total / n_entries).to(ys.dtype), torch.stack((g_ss, g_ts), dim=1)
     total = torch.zeros((), dtype=torch.float64)
     for rows in _row_chunks(G, P):
-        diff = _clamped_diff(ys[:, rows] @ ys.mT, yt[:, rows] @ yt.mT, clamp)
-        total += diff.square().sum(dtype=torch.float64)
+        diff = _clamped_diff_(ys[:, rows] @ ys.mT, yt[:, rows] @ yt.mT, clamp)
+        total += diff.pow_(2).sum(dtype=torch.float64)
     return (total / n_entries).to(ys.dtype), ys.new_empty((0,))
 
 
@@ -87,8 +88,8 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
     ys, ns = normalize_rows(xs, normalize)
     yt, nt = normalize_rows(xt, normalize)
     scale = grad.to(ys.dtype) * (2.0 / (G * P * P))
-    dys = torch.zeros_like(ys) if need_student else None
-    dyt = torch.zeros_like(yt) if need_teacher else None
+    dys = torch.empty_like(ys) if need_student else None
+    dyt = torch.empty_like(yt) if need_teacher else None
     if identity:
         g_ss, g_ts = state.unbind(1)
         if need_student:
@@ -99,13 +100,20 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
         for rows in _row_chunks(G, P):
             s = ys[:, rows] @ ys.mT
             t = yt[:, rows] @ yt.mT
-            diff = _clamped_diff(s, t, clamp)
+            # Clamped entries pass no gradient to their own side: f'(S) = [S >= 0], g'(T) = [T >= 0].
+            s_dead = s < 0 if need_student and clamp == CLAMP_BOTH else None
+            t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
+            diff = _clamped_diff_(s, t, clamp)
             if need_student:
-                ds = diff if clamp != CLAMP_BOTH else torch.where(s < 0, 0.0, diff)
-                dys[:, rows] = 2 * scale * (ds @ ys)
+                ds = diff if s_dead is None else diff.masked_fill(s_dead, 0)
+                torch.matmul(ds, ys, out=dys[:, rows])
             if need_teacher:
-                dt = diff if clamp == CLAMP_NONE else torch.where(t < 0, 0.0, diff)
-                dyt[:, rows] = -2 * scale * (dt @ yt)
+                dt = diff if t_dead is None else diff.masked_fill_(t_dead, 0)
+                torch.matmul(dt, yt, out=dyt[:, rows])
+        if need_student:
+            dys.mul_(2 * scale)
+        if need_teacher:
+            dyt.mul_(-2 * scale)
     empty = xs.new_empty((0,))
     d_student = normalize_rows_backward(dys, ys, ns).to(xs.dtype) if need_student else empty
     d_teacher = normalize_rows_backward(dyt, yt, nt).to(xt.dtype) if need_teacher else empty

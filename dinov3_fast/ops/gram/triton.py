@@ -216,19 +216,18 @@ def _gram_identity_bwd_kernel(
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_D):
         cols = n0 + tl.arange(0, BLOCK_D)
-        acc_a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # Ya Caa - Yb Cba, one accumulator
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             xmask = (rows[:, None] < P) & (ks[None, :] < D)
             cmask = (ks[:, None] < D) & (cols[None, :] < D)
             xa = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
-            xb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
             caa = tl.load(caa_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            acc = tl.dot(xa.to(tl.float32) * r_a[:, None], caa, acc, input_precision=DOT_PRECISION)
+            xb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
             cba = tl.load(cba_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
-            acc_a = tl.dot(xa.to(tl.float32), caa, acc_a, input_precision=DOT_PRECISION)
-            acc_b = tl.dot(xb.to(tl.float32), cba, acc_b, input_precision=DOT_PRECISION)
-        grad_y = 2.0 * scale * (acc_a * r_a[:, None] - acc_b * r_b[:, None])
+            acc = tl.dot(xb.to(tl.float32) * -r_b[:, None], cba, acc, input_precision=DOT_PRECISION)
+        grad_y = 2.0 * scale * acc
         omask = (rows[:, None] < P) & (cols[None, :] < D)
         xa_c = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
         radial += tl.sum(grad_y * xa_c.to(tl.float32), axis=1) * r_a
@@ -250,7 +249,9 @@ def _gram_identity_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 def _dot_precision(x: torch.Tensor) -> str:
-    if x.is_cuda and (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32):
+    """Precision of dots whose operands are fp32: TF32 for half-precision inputs (their own error
+    dominates) or when torch allows TF32 matmuls; exact fp32 (ieee) otherwise."""
+    if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -308,7 +309,7 @@ def gram_fwd_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: 
     partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
     _gram_tiled_fwd_kernel[(nb, nb, G)](
         xs, xt, rs, rt, partial, P, D, *xs.stride(),
-        CLAMP=clamp, DOT_PRECISION=prec, BLOCK=block, BLOCK_K=bk)
+        CLAMP=clamp, DOT_PRECISION=prec, BLOCK=block, BLOCK_K=bk, num_warps=8)
     return (partial.double().sum() / n_entries).float(), xs.new_empty((0,))
 
 
@@ -345,12 +346,13 @@ def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, stat
             bm = _block(P, 64)
             _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
                 xa, xb, ra, rb, c_aa, c_ba, dx, scratch, grad, P, D, *xs.stride(), *c_aa.stride(), two_over_m,
-                NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32))
+                NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32),
+                num_warps=8)
         else:
             bm, bd = _block(P, 64), _block(D, 128)
             _gram_tiled_bwd_kernel[(triton.cdiv(P, bm), triton.cdiv(D, bd), G)](
                 xa, xb, ra, rb, dx, grad, P, D, *xs.stride(), two_over_m,
                 IS_STUDENT=is_student, CLAMP=clamp, NORMALIZE=normalize, DOT_PRECISION=prec,
-                BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=_block(D, 32), BLOCK_D=bd)
+                BLOCK_M=bm, BLOCK_N=_block(P, 32), BLOCK_K=_block(D, 32), BLOCK_D=bd, num_warps=8)
         grads.append(dx)
     return grads[0], grads[1]

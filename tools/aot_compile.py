@@ -1,0 +1,208 @@
+"""Ahead-of-time compile check for every Triton kernel, no GPU needed.
+
+The Triton interpreter proves arithmetic but accepts code the GPU compiler rejects. This script:
+  1. runs each op's fused implementation (forward and backward) on every benchmark preset, with
+     CPU tensors dispatched as if on a GPU, while `JITFunction.run` is patched to *record* each
+     launch (kernel, argument types, constexprs, num_warps/num_stages) instead of running it;
+     autotuned kernels record every config they could pick;
+  2. compiles each distinct launch with `triton.compile` for sm_90 and sm_80;
+  3. reports registers, spills and shared memory (cuobjdump -res-usage on the cubin) and whether a
+     kernel with a tensor-core dot lowered to wgmma on sm_90.
+It must run without TRITON_INTERPRET (kernels must be real JITFunctions).
+
+    python tools/aot_compile.py --json out.json --doc docs/kernels.md
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("tools/aot_compile.py needs real JIT kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import dinov3_fast.ops  # noqa: E402
+from dinov3_fast.ops._dispatch import simulate_cuda_dispatch  # noqa: E402
+
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+          torch.bool: "i1"}
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type argument {value!r}")
+
+
+class Recorder:
+    def __init__(self):
+        self.launches: dict[str, dict] = {}
+
+    def record(self, fn: JITFunction, args: tuple, kwargs: dict) -> None:
+        names = [p.name for p in fn.params]
+        bound = dict(zip(names, args))
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        bound.update(kwargs)
+        signature, constexprs = {}, {}
+        for p in fn.params:
+            value = bound.get(p.name, p.default if p.has_default else None)
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = value
+            else:
+                signature[p.name] = "constexpr" if value is None else _arg_type(value)
+                if value is None:
+                    constexprs[p.name] = None
+        key = json.dumps([fn.__module__, fn.__name__, signature, constexprs, options], sort_keys=True, default=str)
+        self.launches.setdefault(key, {"fn": fn, "signature": signature, "constexprs": constexprs, "options": options})
+
+    def install(self):
+        recorder = self
+
+        def run(self, *args, grid, warmup, **kwargs):
+            recorder.record(self, args, dict(kwargs))
+
+        def autotune_run(self, *args, **kwargs):
+            for config in self.configs:
+                self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+        JITFunction.run = run
+        Autotuner.run = autotune_run
+
+
+def exercise_ops(ops: list[str] | None = None) -> None:
+    """Call every fused impl of every bench case (fwd + bwd) with dispatch simulating a GPU."""
+    from dinov3_fast.bench.cases import all_cases
+
+    for case in all_cases():
+        if ops and case.op not in ops:
+            continue
+        for name, impl in case.impls.items():
+            if not name.startswith("fused"):
+                continue
+            args, kwargs = case.make_inputs(torch.device("cpu"))
+            with simulate_cuda_dispatch(), torch.no_grad() if not case.backward else torch.enable_grad():
+                out = impl(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if case.backward and out.requires_grad:
+                    out.backward(torch.ones_like(out))
+
+
+def all_kernels() -> set[tuple[str, str]]:
+    """(module, name) of every top-level @triton.jit kernel in dinov3_fast/ops/*/triton.py."""
+    found = set()
+    for info in pkgutil.iter_modules(dinov3_fast.ops.__path__):
+        try:
+            mod = importlib.import_module(f"dinov3_fast.ops.{info.name}.triton")
+        except ModuleNotFoundError:
+            continue
+        for attr, value in vars(mod).items():
+            if isinstance(value, JITFunction) and attr.endswith("_kernel"):
+                found.add((mod.__name__, attr))
+    return found
+
+
+def _resources(cubin: bytes) -> dict:
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    shared = re.search(r"SHARED:(\d+)", text)
+    spill = re.search(r"(\d+) bytes spill stores", text) or re.search(r"STACK:(\d+)", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "static_shared": int(shared.group(1)) if shared else None,
+            "stack_bytes": int(spill.group(1)) if spill else None}
+
+
+def compile_all(recorder: Recorder) -> list[dict]:
+    results = []
+    for launch in recorder.launches.values():
+        fn = launch["fn"]
+        for target_name, target in TARGETS.items():
+            row = {"kernel": fn.__name__, "module": fn.__module__, "target": target_name,
+                   "signature": {k: v for k, v in launch["signature"].items() if v != "constexpr"},
+                   "constexprs": {k: v for k, v in launch["constexprs"].items()}, **launch["options"]}
+            try:
+                src = triton.compiler.ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"])
+                kernel = triton.compile(src, target=target, options=dict(launch["options"]))
+            except Exception as exc:  # reported, and fails the test
+                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                results.append(row)
+                continue
+            has_dot = "tt.dot" in kernel.asm["ttir"]
+            row.update(_resources(kernel.asm["cubin"]))
+            row.update({"shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps,
+                        "has_dot": has_dot, "wgmma": "wgmma" in kernel.asm["ptx"],
+                        "half_inputs": any(v in ("*bf16", "*fp16") for v in launch["signature"].values())})
+            results.append(row)
+    return results
+
+
+def write_doc(results: list[dict], path: Path) -> None:
+    lines = ["# Triton kernels: resources per compiled configuration", "",
+             "Generated by `python tools/aot_compile.py --doc docs/kernels.md` (ahead-of-time compile, no GPU):",
+             "every launch the ops make at the benchmark presets, compiled with triton "
+             f"{triton.__version__}. `wgmma`: the sm_90 PTX uses Hopper warpgroup MMA.", "",
+             "| kernel | target | input dtype | constexprs | warps | regs | stack B | shared B | dot | wgmma |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["module"], r["kernel"], r["target"], json.dumps(r["constexprs"], default=str))):
+        if "error" in r:
+            lines.append(f"| `{r['kernel']}` | {r['target']} | | | | compile error | | | | |")
+            continue
+        dtypes = sorted({v[1:] for v in r["signature"].values() if v.startswith("*") and v != "*fp32"}) or ["fp32"]
+        consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
+        lines.append(f"| `{r['kernel']}` | {r['target']} | {'/'.join(dtypes)} | {consts} | {r['num_warps']} | "
+                     f"{r['registers']} | {r['stack_bytes']} | {r['shared']} | {'y' if r['has_dot'] else ''} | "
+                     f"{'y' if r['wgmma'] else ''} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write per-launch results here")
+    parser.add_argument("--doc", help="write the markdown resource table here")
+    parser.add_argument("--op", action="append", help="only the bench cases of these ops (repeatable)")
+    args = parser.parse_args()
+    recorder = Recorder()
+    recorder.install()
+    exercise_ops(args.op)
+    results = compile_all(recorder)
+    compiled = {(r["module"], r["kernel"]) for r in results}
+    report = {"results": results, "never_launched": sorted(map(list, all_kernels() - compiled)),
+              "triton": triton.__version__}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.doc:
+        write_doc(results, Path(args.doc))
+    errors = [r for r in results if "error" in r]
+    print(f"{len(recorder.launches)} launch configurations, {len(results)} compiles, {len(errors)} errors, "
+          f"never launched: {report['never_launched']}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
