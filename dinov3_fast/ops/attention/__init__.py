@@ -25,7 +25,7 @@ from dinov3_fast.ops.attention.reference import (
 __all__ = ["apply_rope", "apply_rope_ref", "rope_attention", "rope_attention_list", "rope_attention_ref"]
 
 # Fastest first, per device type (see docs/architecture.md). `reference` is always the fallback.
-PREFERENCE = {"cpu": ("cpu",)}
+PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 TRITON_HEAD_DIMS = (32, 64, 128)
 
 

@@ -1,0 +1,383 @@
+"""Triton kernels and launchers for RoPE attention and the standalone RoPE op. No autograd and no
+input checks here. Packed layout, notation and the rotation formulas: see cpu.py.
+
+  _rope_attn_fwd_kernel        one program per (query block, sequence, head): loads q once and k per
+                               key block straight from the packed qkv by strides, rotates both in
+                               fp32 registers (prefix rows get the identity: masked table loads
+                               default to sin 0, cos 1), rounds them to the input dtype as DINOv3
+                               does, and runs an online softmax in the exp2 domain with the
+                               1/sqrt(Dh) scale folded into the exponent. Writes [T, C] and lse [H, T].
+  _rope_attn_bwd_delta_kernel  delta = rowsum(dO * O) per (token, head), fp32.
+  _rope_attn_bwd_kernel        one program per (block, sequence, head): dk and dv for the block's key
+                               rows (loop over query blocks), then dq for the same rows as queries
+                               (loop over key blocks). Both reuse one set of rope rows, and the
+                               transposed rotation is applied to dq and dk before they are written
+                               into the packed gradient [T, 3C].
+  _rope_kernel                 standalone rotation (or its transpose) of q and k [B, H, N, Dh].
+q and k are handled as two halves [rows, Dh/2] throughout, so rotate-half needs no register
+shuffles: scores are q1 k1^T + q2 k2^T (two tensor-core products), dq and dk are produced per half.
+Variable-length: a sequence table (first token, tokens, first rope row, rope rows) drives the
+programs; programs past the end of a shorter sequence exit at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+
+@triton.jit
+def _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN: tl.constexpr):
+    """(first token, tokens, first rope row, prefix tokens) of sequence s."""
+    if VARLEN:
+        tok0 = tl.load(seq_ptr + 4 * s)
+        n = tl.load(seq_ptr + 4 * s + 1)
+        r0 = tl.load(seq_ptr + 4 * s + 2)
+        hw = tl.load(seq_ptr + 4 * s + 3)
+    else:
+        tok0 = s * seq_len
+        n = seq_len
+        r0 = 0
+        hw = rope_rows
+    return tok0, n, r0, n - hw
+
+
+@triton.jit
+def _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF: tl.constexpr):
+    """fp32 (c1, s1, c2, s2) [len(rows), HALF] for token rows of a sequence; identity for prefix rows."""
+    d = tl.arange(0, HALF)
+    rr = rows - prefix
+    ok = ((rows < n) & (rr >= 0))[:, None]
+    t = (r0 + rr)[:, None] * stride_r + d[None, :]
+    c1 = tl.load(cos_ptr + t, mask=ok, other=1.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t + HALF, mask=ok, other=1.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t + HALF, mask=ok, other=0.0).to(tl.float32)
+    return c1, s1, c2, s2
+
+
+@triton.jit
+def _load_halves(ptr, rows, n, tok0, stride_t, HALF: tl.constexpr):
+    """Halves [len(rows), HALF] fp32 of one head's q or k (ptr: the head's first column)."""
+    d = tl.arange(0, HALF)
+    p = ptr + (tok0 + rows).to(tl.int64)[:, None] * stride_t + d[None, :]
+    ok = (rows < n)[:, None]
+    return tl.load(p, mask=ok, other=0.0).to(tl.float32), tl.load(p + HALF, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rotated(ptr, sin_ptr, cos_ptr, rows, n, tok0, r0, prefix, stride_t, stride_r,
+                  HAS_ROPE: tl.constexpr, HALF: tl.constexpr):
+    """Rotated halves of q or k rows, rounded to the input dtype."""
+    x1, x2 = _load_halves(ptr, rows, n, tok0, stride_t, HALF)
+    if HAS_ROPE:
+        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF)
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    else:
+        y1 = x1
+        y2 = x2
+    dtype = ptr.dtype.element_ty
+    return y1.to(dtype), y2.to(dtype)
+
+
+@triton.jit
+def _rope_attn_fwd_kernel(
+    qkv_ptr,           # (T, 3 * H * DH) packed q | k | v per token, token stride stride_t, unit column stride
+    sin_ptr, cos_ptr,  # (R, DH) rope tables, row stride stride_r (unused without HAS_ROPE)
+    seq_ptr,           # (S, 4) int32 sequence table (VARLEN only)
+    out_ptr,           # (T, H * DH) out, token stride stride_o
+    lse_ptr,           # (H, T) fp32 out, natural-log logsumexp per query row
+    T, seq_len, rope_rows, stride_t, stride_r, stride_o, qk_scale,
+    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0, n, r0, prefix = _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN)
+    if pid_m * BLOCK_M >= n:
+        return
+    HALF: tl.constexpr = DH // 2
+    dtype = qkv_ptr.dtype.element_ty
+    q_ptr = qkv_ptr + h * DH
+    k_ptr = qkv_ptr + (H + h) * DH
+    v_ptr = qkv_ptr + (2 * H + h) * DH
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, DH)
+    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, tok0, r0, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DH], tl.float32)
+    for start in range(0, n, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, tok0, r0, prefix, stride_t, stride_r,
+                               HAS_ROPE, HALF)
+        v = tl.load(v_ptr + (tok0 + cols).to(tl.int64)[:, None] * stride_t + d[None, :],
+                    mask=(cols < n)[:, None], other=0.0)
+        sc = tl.dot(q1, tl.trans(k1))
+        sc = tl.dot(q2, tl.trans(k2), sc)
+        sc = tl.where((cols < n)[None, :], sc * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        p = tl.math.exp2(sc - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(dtype), v.to(dtype), acc * alpha[:, None])
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tok = (tok0 + rows).to(tl.int64)
+    tl.store(out_ptr + tok[:, None] * stride_o + h * DH + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows < n)[:, None])
+    tl.store(lse_ptr + h * T + tok, (m_i + tl.math.log2(l_i)) * LN2_C, mask=rows < n)
+
+
+@triton.jit
+def _rope_attn_bwd_delta_kernel(
+    out_ptr,    # (T, H * DH) forward output, token stride stride_o
+    dout_ptr,   # (T, H * DH) its gradient, token stride stride_do
+    delta_ptr,  # (H, T) fp32 out: rowsum(dO * O) per head
+    T, stride_o, stride_do,
+    DH: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DH)
+    ok = (t < T)[:, None]
+    t64 = t.to(tl.int64)
+    o = tl.load(out_ptr + t64[:, None] * stride_o + h * DH + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + t64[:, None] * stride_do + h * DH + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + h * T + t, tl.sum(o * do, 1), mask=t < T)
+
+
+@triton.jit
+def _rope_attn_bwd_kernel(
+    qkv_ptr,              # (T, 3 * H * DH) forward input, token stride stride_t, unit column stride
+    sin_ptr, cos_ptr,     # (R, DH) rope tables, row stride stride_r
+    seq_ptr,              # (S, 4) int32 sequence table (VARLEN only)
+    dout_ptr,             # (T, H * DH) gradient of the output, token stride stride_do
+    lse_ptr, delta_ptr,   # (H, T) fp32
+    dqkv_ptr,             # (T, 3 * H * DH) out, contiguous
+    T, seq_len, rope_rows, stride_t, stride_r, stride_do, sm_scale,
+    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_INNER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0, n, r0, prefix = _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN)
+    if pid * BLOCK >= n:
+        return
+    HALF: tl.constexpr = DH // 2
+    dtype = qkv_ptr.dtype.element_ty
+    qk_scale = sm_scale * LOG2E_C
+    q_ptr = qkv_ptr + h * DH
+    k_ptr = qkv_ptr + (H + h) * DH
+    v_ptr = qkv_ptr + (2 * H + h) * DH
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, DH)
+    dh = tl.arange(0, HALF)
+    row_ok = rows < n
+    tok = (tok0 + rows).to(tl.int64)
+    if HAS_ROPE:
+        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF)
+
+    # dk, dv for key rows `rows`
+    k1, k2 = _load_halves(k_ptr, rows, n, tok0, stride_t, HALF)
+    if HAS_ROPE:
+        k1, k2 = k1 * c1 - k2 * s1, k2 * c2 + k1 * s2
+    k1 = k1.to(dtype)
+    k2 = k2.to(dtype)
+    v = tl.load(v_ptr + tok[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+    dk1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dk2 = tl.zeros([BLOCK, HALF], tl.float32)
+    dv = tl.zeros([BLOCK, DH], tl.float32)
+    for start in range(0, n, BLOCK_INNER):
+        qr = start + tl.arange(0, BLOCK_INNER)
+        q_ok = qr < n
+        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, qr, n, tok0, r0, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+        qt = (tok0 + qr).to(tl.int64)
+        do = tl.load(dout_ptr + qt[:, None] * stride_do + h * DH + d[None, :], mask=q_ok[:, None], other=0.0)
+        do = do.to(dtype)
+        lse2 = tl.load(lse_ptr + h * T + qt, mask=q_ok, other=0.0) * LOG2E_C
+        dl = tl.load(delta_ptr + h * T + qt, mask=q_ok, other=0.0)
+        st = tl.dot(k1, tl.trans(q1))
+        st = tl.dot(k2, tl.trans(q2), st)
+        pt = tl.where(q_ok[None, :], tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
+        dv = tl.dot(pt.to(dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = (pt * (dpt - dl[None, :])).to(dtype)
+        dk1 = tl.dot(dst, q1, dk1)
+        dk2 = tl.dot(dst, q2, dk2)
+    dk1 *= sm_scale
+    dk2 *= sm_scale
+    if HAS_ROPE:
+        dk1, dk2 = dk1 * c1 + dk2 * s2, dk2 * c2 - dk1 * s1
+    out_dtype = dqkv_ptr.dtype.element_ty
+    dk_p = dqkv_ptr + tok[:, None] * (3 * H * DH) + (H + h) * DH + dh[None, :]
+    tl.store(dk_p, dk1.to(out_dtype), mask=row_ok[:, None])
+    tl.store(dk_p + HALF, dk2.to(out_dtype), mask=row_ok[:, None])
+    tl.store(dqkv_ptr + tok[:, None] * (3 * H * DH) + (2 * H + h) * DH + d[None, :], dv.to(out_dtype),
+             mask=row_ok[:, None])
+
+    # dq for query rows `rows`
+    q1, q2 = _load_halves(q_ptr, rows, n, tok0, stride_t, HALF)
+    if HAS_ROPE:
+        q1, q2 = q1 * c1 - q2 * s1, q2 * c2 + q1 * s2
+    q1 = q1.to(dtype)
+    q2 = q2.to(dtype)
+    do = tl.load(dout_ptr + tok[:, None] * stride_do + h * DH + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = do.to(dtype)
+    lse2 = tl.load(lse_ptr + h * T + tok, mask=row_ok, other=0.0) * LOG2E_C
+    dl = tl.load(delta_ptr + h * T + tok, mask=row_ok, other=0.0)
+    dq1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dq2 = tl.zeros([BLOCK, HALF], tl.float32)
+    for start in range(0, n, BLOCK_INNER):
+        kr = start + tl.arange(0, BLOCK_INNER)
+        k_ok = kr < n
+        kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, tok0, r0, prefix, stride_t, stride_r,
+                                 HAS_ROPE, HALF)
+        vv = tl.load(v_ptr + (tok0 + kr).to(tl.int64)[:, None] * stride_t + d[None, :], mask=k_ok[:, None],
+                     other=0.0).to(dtype)
+        sc = tl.dot(q1, tl.trans(kk1))
+        sc = tl.dot(q2, tl.trans(kk2), sc)
+        p = tl.where(k_ok[None, :], tl.math.exp2(sc * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vv))
+        ds = (p * (dp - dl[:, None])).to(dtype)
+        dq1 = tl.dot(ds, kk1, dq1)
+        dq2 = tl.dot(ds, kk2, dq2)
+    dq1 *= sm_scale
+    dq2 *= sm_scale
+    if HAS_ROPE:
+        dq1, dq2 = dq1 * c1 + dq2 * s2, dq2 * c2 - dq1 * s1
+    dq_p = dqkv_ptr + tok[:, None] * (3 * H * DH) + h * DH + dh[None, :]
+    tl.store(dq_p, dq1.to(out_dtype), mask=row_ok[:, None])
+    tl.store(dq_p + HALF, dq2.to(out_dtype), mask=row_ok[:, None])
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr,      # (B, H, N, DH) inputs, strides (sqb, sqh, sqn, 1) and (skb, skh, skn, 1)
+    qo_ptr, ko_ptr,    # (B, H, N, DH) outputs, contiguous
+    sin_ptr, cos_ptr,  # (HW, DH) contiguous, rows for the last HW tokens
+    H, N, prefix, sqb, sqh, sqn, skb, skh, skn,
+    DH: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSE: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    HALF: tl.constexpr = DH // 2
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HALF)
+    ok = (rows < N)[:, None]
+    c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, N, 0, prefix, DH, HALF)
+    if TRANSPOSE:  # y -> g: g1 = y1 c1 + y2 s2, g2 = y2 c2 - y1 s1
+        a1, b1, a2, b2 = c1, s2, c2, -s1
+    else:          # x -> y: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+        a1, b1, a2, b2 = c1, -s1, c2, s2
+    rows64 = rows.to(tl.int64)
+    out = ((b * H + h) * N + rows64)[:, None] * DH + d[None, :]
+    qp = q_ptr + b.to(tl.int64) * sqb + h * sqh + rows64[:, None] * sqn + d[None, :]
+    x1 = tl.load(qp, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(qp + HALF, mask=ok, other=0.0).to(tl.float32)
+    tl.store(qo_ptr + out, (x1 * a1 + x2 * b1).to(qo_ptr.dtype.element_ty), mask=ok)
+    tl.store(qo_ptr + out + HALF, (x2 * a2 + x1 * b2).to(qo_ptr.dtype.element_ty), mask=ok)
+    kp = k_ptr + b.to(tl.int64) * skb + h * skh + rows64[:, None] * skn + d[None, :]
+    x1 = tl.load(kp, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(kp + HALF, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ko_ptr + out, (x1 * a1 + x2 * b1).to(ko_ptr.dtype.element_ty), mask=ok)
+    tl.store(ko_ptr + out + HALF, (x2 * a2 + x1 * b2).to(ko_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def fwd_config(max_len: int, head_dim: int) -> dict:
+    """Forward tiles by sequence length: one block covers a local crop (N <= 64); 64-row query
+    blocks waste least on 261-token global crops; long sequences take 128-row query blocks."""
+    if max_len <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    if max_len <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+
+
+def bwd_config(max_len: int, head_dim: int) -> dict:
+    """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them."""
+    if max_len <= 64:
+        return dict(BLOCK=64, BLOCK_INNER=64, num_warps=4, num_stages=1)
+    if max_len <= 512:
+        return dict(BLOCK=64, BLOCK_INNER=32, num_warps=4, num_stages=2)
+    return dict(BLOCK=128, BLOCK_INNER=32, num_warps=8 if head_dim == 128 else 4, num_stages=2)
+
+
+def _common(qkv, sin, seqinfo, num_heads, max_len):
+    """Shared launch facts: (T, C, head dim, sequences, tables or dummies)."""
+    T, C = qkv.shape[0], qkv.shape[1] // 3
+    S = T // max_len if seqinfo is None else seqinfo.shape[0]
+    rope_rows = 0 if sin is None else sin.shape[0]
+    return T, C, C // num_heads, S, rope_rows
+
+
+def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int):
+    """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout."""
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    T, C, dh, S, rope_rows = _common(qkv, sin, seqinfo, num_heads, max_len)
+    out = qkv.new_empty(T, C)
+    lse = qkv.new_empty(num_heads, T, dtype=torch.float32)
+    cfg = fwd_config(max_len, dh)
+    sin = sin.contiguous() if sin is not None else qkv
+    cos = cos.contiguous() if cos is not None else qkv
+    grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), S, num_heads)
+    _rope_attn_fwd_kernel[grid](
+        qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
+        T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh),
+        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None, **cfg)
+    return out, lse
+
+
+def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads: int, max_len: int):
+    """dqkv [T, 3C] in qkv's dtype."""
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    if dout.stride(1) != 1:
+        dout = dout.contiguous()
+    T, C, dh, S, rope_rows = _common(qkv, sin, seqinfo, num_heads, max_len)
+    delta = torch.empty(num_heads, T, dtype=torch.float32, device=qkv.device)
+    block_t = 64 if dh <= 64 else 32
+    _rope_attn_bwd_delta_kernel[(triton.cdiv(T, block_t), num_heads)](
+        out, dout, delta, T, out.stride(0), dout.stride(0), DH=dh, BLOCK_T=block_t)
+    dqkv = torch.empty(T, 3 * C, dtype=qkv.dtype, device=qkv.device)
+    cfg = bwd_config(max_len, dh)
+    sin = sin.contiguous() if sin is not None else qkv
+    cos = cos.contiguous() if cos is not None else qkv
+    grid = (triton.cdiv(max_len, cfg["BLOCK"]), S, num_heads)
+    _rope_attn_bwd_kernel[grid](
+        qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
+        T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh),
+        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None, **cfg)
+    return dqkv
+
+
+def apply_rope_triton(q, k, sin, cos, transpose: bool):
+    """Rotate (transpose=False) or apply the transposed rotation to q, k [B, H, N, Dh]; contiguous outputs."""
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    if k.stride(3) != 1:
+        k = k.contiguous()
+    B, H, N, dh = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    block_n = 64 if dh <= 64 else 32
+    _rope_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, q_out, k_out, sin.contiguous(), cos.contiguous(),
+        H, N, N - sin.shape[0], *q.stride()[:3], *k.stride()[:3],
+        DH=dh, BLOCK_N=block_n, TRANSPOSE=transpose)
+    return q_out, k_out

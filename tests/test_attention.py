@@ -1,0 +1,285 @@
+"""Fused RoPE attention: every backend against the float64 oracle (DINOv3's path), forward and
+backward through the rotation, the list (variable-length) form, the SelfAttention drop-in."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinov3_fast
+from dinov3_fast.ops import rope_attention, rope_attention_list
+from dinov3_fast.ops.attention import _rope_attention_fwd, rope_attention_ref
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton runs on CPU tensors under the interpreter (tests/conftest.py); on a GPU machine the
+# gpu-marked tests below cover it.
+BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter"))]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def dinov3_rope(h: int, w: int, head_dim: int, rescale: float | None = None, base: float = 100.0,
+                dtype=torch.float32, device="cpu"):
+    """DINOv3's RopePositionEmbedding.forward (separate normalisation), optionally with a coordinate
+    rescale factor (as drawn at training time, log-uniform in [0.5, 2])."""
+    periods = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 2))
+    coords_h = torch.arange(0.5, h, dtype=torch.float64) / h
+    coords_w = torch.arange(0.5, w, dtype=torch.float64) / w
+    coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
+    coords = 2.0 * coords - 1.0
+    if rescale is not None:
+        coords = coords * rescale
+    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
+    return torch.sin(angles).to(dtype).to(device), torch.cos(angles).to(dtype).to(device)
+
+
+def random_rescale() -> float:
+    return math.exp(torch.empty(1).uniform_(-math.log(2), math.log(2)).item())
+
+
+def grid_for(num_patches: int) -> tuple[int, int]:
+    h = int(math.isqrt(num_patches))
+    while num_patches % h:
+        h -= 1
+    return h, num_patches // h
+
+
+def dinov3_compute_attention(qkv, rope, num_heads):
+    """DINOv3's SelfAttention.compute_attention + apply_rope, transcribed statement by statement."""
+    B, N, _ = qkv.shape
+    C = qkv.shape[-1] // 3
+    qkv = qkv.reshape(B, N, 3, num_heads, C // num_heads)
+    q, k, v = torch.unbind(qkv, 2)
+    q, k, v = [t.transpose(1, 2) for t in [q, k, v]]
+    if rope is not None:
+        sin, cos = rope
+        q_dtype, k_dtype = q.dtype, k.dtype
+        q, k = q.to(dtype=sin.dtype), k.to(dtype=sin.dtype)
+        prefix = q.shape[-2] - sin.shape[-2]
+
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat([-x2, x1], dim=-1)
+        q = torch.cat((q[:, :, :prefix, :], q[:, :, prefix:, :] * cos + rot(q[:, :, prefix:, :]) * sin), dim=-2)
+        k = torch.cat((k[:, :, :prefix, :], k[:, :, prefix:, :] * cos + rot(k[:, :, prefix:, :]) * sin), dim=-2)
+        q, k = q.to(dtype=q_dtype), k.to(dtype=k_dtype)
+    x = F.scaled_dot_product_attention(q, k, v)
+    return x.transpose(1, 2).reshape([B, N, C])
+
+
+def check_against_oracle(qkv, rope, num_heads, backend, tol):
+    """Output and the q, k, v parts of the packed gradient against float64 DINOv3."""
+    q64 = qkv.detach().double().requires_grad_()
+    rope64 = None if rope is None else tuple(t.double() for t in rope)
+    ref = rope_attention_ref(q64, rope64, num_heads)
+    grad = torch.randn_like(ref)
+    (ref_g,) = torch.autograd.grad(ref, q64, grad)
+    qkv = qkv.detach().requires_grad_()
+    out = rope_attention(qkv, rope, num_heads=num_heads, backend=backend)
+    (g,) = torch.autograd.grad(out, qkv, grad.to(out.dtype))
+    assert out.dtype == qkv.dtype and out.shape == ref.shape and g.shape == qkv.shape
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    assert rel_err(out, ref) < tol
+    B, N = qkv.shape[:2]
+    for i, name in enumerate("qkv"):
+        got, want = g.view(B, N, 3, -1)[:, :, i], ref_g.view(B, N, 3, -1)[:, :, i]
+        assert rel_err(got, want) < tol, f"d{name}: {rel_err(got, want)}"
+
+
+@pytest.mark.parametrize("prefix", [5, 0])
+def test_reference_is_dinov3(prefix):
+    qkv = torch.randn(2, prefix + 12, 3 * 2 * 8, dtype=torch.float64)
+    rope = dinov3_rope(3, 4, 8, rescale=random_rescale(), dtype=torch.float64)
+    torch.testing.assert_close(rope_attention_ref(qkv, rope, 2), dinov3_compute_attention(qkv, rope, 2),
+                               rtol=1e-12, atol=1e-12)
+
+
+# (N, prefix): prefix + one patch, a local crop, a global crop, and the same without a prefix
+SHAPES = [(6, 5), (54, 5), (261, 5), (54, 0), (261, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n,prefix", SHAPES)
+def test_matches_oracle_fp32(backend, head_dim, n, prefix):
+    heads, batch = (1, 1) if n > 100 else (2, 2)
+    qkv = torch.randn(batch, n, 3 * heads * head_dim)
+    rope = dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale())
+    check_against_oracle(qkv, rope, heads, backend, 1e-5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n,prefix", [(6, 5), (54, 5), (261, 5)])
+def test_matches_oracle_fp16_triton(head_dim, n, prefix):
+    heads = 1 if n > 100 else 2
+    qkv = torch.randn(1, n, 3 * heads * head_dim).half()
+    rope = dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale())
+    check_against_oracle(qkv, rope, heads, "triton", 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_rope_and_bf16_cpu(backend):
+    qkv = torch.randn(2, 19, 3 * 2 * 64)
+    check_against_oracle(qkv, None, 2, backend, 1e-5)
+    if backend == "cpu":  # bf16 arithmetic is wrong under the Triton interpreter: bf16 runs on the GPU test
+        check_against_oracle(qkv.bfloat16(), dinov3_rope(2, 7, 64), 2, "cpu", 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_qkv(backend):
+    wide = torch.randn(2, 54, 3 * 2 * 64 + 17)
+    qkv = wide[..., 5:5 + 3 * 2 * 64]  # token stride != 3C
+    check_against_oracle(qkv, dinov3_rope(7, 7, 64), 2, backend, 1e-5)
+    strided = torch.randn(54, 2, 3 * 2 * 64).transpose(0, 1)  # batch-minor
+    check_against_oracle(strided, dinov3_rope(7, 7, 64), 2, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_list_form_matches_separate_calls(backend):
+    heads, head_dim = 2, 64
+    crops = [(2, 54, 49), (3, 6, 1), (1, 21, None)]  # (B, N, HW or no rope)
+    qkv_list = [torch.randn(b, n, 3 * heads * head_dim, requires_grad=True) for b, n, _ in crops]
+    rope_list = [None if hw is None else dinov3_rope(*grid_for(hw), head_dim, rescale=random_rescale())
+                 for _, _, hw in crops]
+    outs = rope_attention_list(qkv_list, rope_list, num_heads=heads, backend=backend)
+    refs = [rope_attention(q, r, num_heads=heads, backend=backend) for q, r in zip(qkv_list, rope_list)]
+    grads = [torch.randn_like(o) for o in outs]
+    g_list = torch.autograd.grad(outs, qkv_list, grads)
+    g_sep = torch.autograd.grad(refs, qkv_list, grads)
+    for o, r, a, b in zip(outs, refs, g_list, g_sep):
+        assert o.shape == r.shape
+        assert rel_err(o, r) < 1e-6 and rel_err(a, b) < 1e-6
+
+
+def dinov3_self_attention_forward(m, x, rope):
+    """DINOv3's SelfAttention.forward with m's parameters (LinearKMaskedBias included)."""
+    p = {k: v.to(x.dtype) for k, v in m.state_dict().items()}
+    bias = p["qkv.bias"] * p["qkv.bias_mask"] if "qkv.bias_mask" in p else p.get("qkv.bias")
+    qkv = F.linear(x, p["qkv.weight"], bias)
+    return F.linear(dinov3_compute_attention(qkv, rope, m.num_heads), p["proj.weight"], p.get("proj.bias"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_k_bias", [False, True])
+def test_self_attention_dropin(backend, mask_k_bias):
+    dim, heads = 128, 2
+    m = dinov3_fast.SelfAttention(dim, heads, qkv_bias=True, mask_k_bias=mask_k_bias, backend=backend)
+    names = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"} | ({"qkv.bias_mask"} if mask_k_bias else set())
+    assert set(m.state_dict()) == names
+    with torch.no_grad():
+        m.qkv.bias.normal_()
+    x = torch.randn(2, 54, dim)
+    rope = dinov3_rope(7, 7, dim // heads)
+    with torch.no_grad():
+        want = dinov3_self_attention_forward(m, x.double(), tuple(t.double() for t in rope))
+        assert rel_err(m(x, rope=rope), want) < 1e-5
+        xs = [x, torch.randn(3, 6, dim)]
+        ropes = [rope, dinov3_rope(1, 1, dim // heads)]
+        for got, xi, ri in zip(m.forward_list(xs, rope_list=ropes), xs, ropes):
+            assert rel_err(got, dinov3_self_attention_forward(m, xi.double(), tuple(t.double() for t in ri))) < 1e-5
+    # a DINOv3 checkpoint (same names) loads strictly
+    m2 = dinov3_fast.SelfAttention(dim, heads, qkv_bias=True, mask_k_bias=mask_k_bias, backend=backend)
+    m2.load_state_dict(m.state_dict(), strict=True)
+
+
+def test_gradcheck_cpu_float64():
+    qkv = torch.randn(2, 7, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    rope = dinov3_rope(2, 2, 4, rescale=1.7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: rope_attention(t, rope, num_heads=2, backend="cpu"), (qkv,))
+    a = torch.randn(1, 9, 3 * 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 3 * 4, dtype=torch.float64, requires_grad=True)
+    ropes = [dinov3_rope(2, 2, 4, dtype=torch.float64), None]
+    assert torch.autograd.gradcheck(
+        lambda x, y: rope_attention_list([x, y], ropes, num_heads=1, backend="cpu"), (a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    qkv = torch.randn(2 * 6, 3 * 2 * 32, requires_grad=True)
+    sin, cos = dinov3_rope(1, 4, 32)
+    torch.library.opcheck(_rope_attention_fwd, (qkv, sin, cos, None, 2, 6, backend))
+    seqinfo = torch.tensor([[0, 6, 0, 4], [6, 4, 4, 4], [10, 2, 0, 0]], dtype=torch.int32)
+    tables = (torch.cat([sin, sin]), torch.cat([cos, cos]))
+    torch.library.opcheck(_rope_attention_fwd, (qkv, *tables, seqinfo, 2, 6, backend))
+
+
+def test_torch_compile_fullgraph():
+    heads = 2
+    rope = dinov3_rope(2, 3, 32)
+    qkv = torch.randn(2, 11, 3 * heads * 32, requires_grad=True)
+    small = torch.randn(3, 6, 3 * heads * 32, requires_grad=True)
+
+    def f(a, b):
+        x = rope_attention(a, rope, num_heads=heads, backend="cpu")
+        y = rope_attention_list([a, b], [rope, None], num_heads=heads, backend="cpu")
+        return x.sum() + y[0].square().sum() + y[1].sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(qkv, small)
+    ga = torch.autograd.grad(out, (qkv, small))
+    want = f(qkv, small)
+    gw = torch.autograd.grad(want, (qkv, small))
+    assert rel_err(out, want) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(ga, gw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    qkv = torch.randn(1, 9, 3 * 64)
+    qkv[0, 3, 70] = float("nan")  # one key element: every query row sees it
+    out = rope_attention(qkv, dinov3_rope(2, 2, 64), num_heads=1, backend=backend)
+    assert torch.isnan(out).all()
+
+
+def test_bad_input():
+    rope = dinov3_rope(7, 7, 64)
+    qkv = torch.randn(2, 54, 3 * 2 * 64)
+    with pytest.raises(ValueError, match=r"qkv last dim must be divisible by 3 \* num_heads = 9"):
+        rope_attention(qkv, rope, num_heads=3)
+    with pytest.raises(ValueError, match="HW = 49 rows but the sequence has only N = 40"):
+        rope_attention(qkv[:, :40], rope, num_heads=2)
+    with pytest.raises(ValueError, match="rope last dim must equal head_dim = 64"):
+        rope_attention(qkv, dinov3_rope(7, 7, 32), num_heads=2)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope_attention(torch.randn(1, 5, 3 * 7), (torch.zeros(4, 7), torch.zeros(4, 7)), num_heads=1)
+    with pytest.raises(ValueError, match="num_prefix_tokens = 4 but N - HW"):
+        rope_attention(qkv, rope, num_heads=2, num_prefix_tokens=4)
+    with pytest.raises(ValueError, match="qkv must be 3-D"):
+        rope_attention(qkv[0], rope, num_heads=2)
+    with pytest.raises(TypeError, match="qkv must be a floating-point tensor"):
+        rope_attention(qkv.long(), rope, num_heads=2)
+    with pytest.raises(TypeError, match=r"rope must be a \(sin, cos\) pair"):
+        rope_attention(qkv, rope[0], num_heads=2)
+    with pytest.raises(ValueError, match="sin and cos must have the same shape"):
+        rope_attention(qkv, (rope[0], rope[1][:10]), num_heads=2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        rope_attention(qkv, rope, num_heads=0)
+    with pytest.raises(ValueError, match="triton backend needs"):
+        rope_attention(qkv.double().to("cuda" if HAS_CUDA else "cpu"), None, num_heads=2, backend="triton")
+    with pytest.raises(ValueError, match="rope_list must have one entry per crop"):
+        rope_attention_list([qkv, qkv], [rope], num_heads=2)
+    with pytest.raises(ValueError, match=r"qkv_list\[1\] must match qkv_list\[0\]"):
+        rope_attention_list([qkv, qkv.half()], [rope, rope], num_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,heads", [(64, 16), (128, 4)])
+@pytest.mark.parametrize("n,prefix,batch", [(6, 5, 4), (54, 5, 8), (261, 5, 4), (1029, 5, 1), (4101, 5, 1), (100, 0, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_matches_oracle(head_dim, heads, n, prefix, batch, dtype):
+    qkv = torch.randn(batch, n, 3 * heads * head_dim, device="cuda", dtype=dtype)
+    rope = dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale(), device="cuda")
+    check_against_oracle(qkv, rope, heads, "triton", 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_list_form_bf16():
+    crops = [(4, 261, 256), (8, 54, 49)]
+    qkv_list = [torch.randn(b, n, 3 * 1024, device="cuda", dtype=torch.bfloat16) for b, n, _ in crops]
+    rope_list = [dinov3_rope(*grid_for(hw), 64, rescale=random_rescale(), device="cuda") for *_, hw in crops]
+    outs = rope_attention_list(qkv_list, rope_list, num_heads=16)
+    for o, q, r in zip(outs, qkv_list, rope_list):
+        assert rel_err(o, rope_attention_ref(q.double(), tuple(t.double() for t in r), 16)) < 1e-2
