@@ -17,6 +17,16 @@ from dinov3_fast.models import (
 )
 from dinov3_fast.models.ffn import swiglu_hidden_size
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: on the shared 2-core CI box, a 2-thread OpenMP pool waiting on a descheduled
+    thread turns every ~20 us matmul into ~20 ms. One thread keeps this file fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5, "rmsnorm": 1e-5}
 SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
 
@@ -433,7 +443,7 @@ def test_drop_path_expectation_matches_no_drop_path():
     torch.manual_seed(1)
     model = tiny_model(drop_path_rate=0.5, depth=1)
     blk = model.blocks[0]
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 16, 32)
     tokens, grid = model.prepare_tokens_with_masks(x)
     tokens = tokens.detach()
     rope = model.rope_embed(H=grid[0], W=grid[1])
@@ -445,7 +455,7 @@ def test_drop_path_expectation_matches_no_drop_path():
             blk.eval()
             expect = blk(tokens, rope)
             blk.train()
-            runs = 100
+            runs = 400
             total = torch.zeros_like(tokens)
             for seed in range(runs):
                 torch.manual_seed(seed)
@@ -456,7 +466,7 @@ def test_drop_path_expectation_matches_no_drop_path():
                 total += out
         mean = total / runs
         # each row is hit with probability 1/2: the mean's relative std is about 1 / sqrt(runs)
-        assert rel_err(mean - tokens, expect - tokens) < 0.3
+        assert rel_err(mean - tokens, expect - tokens) < 0.15
 
 
 # ----------------------------------------------------------------------------- errors
@@ -519,11 +529,16 @@ def test_dino_head_oracle_3_layers():
 
 # ----------------------------------------------------------------------------- compile
 
-def test_block_compiles_fullgraph():
-    model = tiny_model(None, depth=1).eval()  # the default (fused) attention backend
-    blk = model.blocks[0]
-    tokens, grid = model.prepare_tokens_with_masks(torch.randn(2, 3, 32, 32))
-    rope = model.rope_embed(H=grid[0], W=grid[1])
-    eager = blk(tokens, rope)
-    compiled = torch.compile(blk, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(tokens, rope), eager)
+def test_model_compiles_fullgraph_in_training():
+    """The whole multi-crop training forward (drop path, RoPE rescale, masks, fused attention op)
+    traces without a graph break and draws the same random numbers as eager."""
+    model = tiny_model(None, drop_path_rate=0.3, pos_embed_rope_rescale_coords=2.0).train()
+    x = [torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    masks = [torch.rand(2, 4) < 0.5, None]
+    torch.manual_seed(7)
+    eager = model.forward_features(x, masks)
+    compiled = torch.compile(model.forward_features, fullgraph=True, backend="eager")
+    torch.manual_seed(7)
+    out = compiled(x, masks)
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a["x_prenorm"], b["x_prenorm"])
