@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernels run on here: CUDA when present, else CPU (Triton via the interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def poisoned_cuda_cache():
+    """Fill the CUDA caching allocator's free blocks with NaN, so an output element a kernel fails to
+    write reads back as NaN (and fails the test) instead of as a stale plausible value."""
+    if HAS_CUDA:
+        free, _ = torch.cuda.mem_get_info()
+        block = torch.full((min(free // 2, 8 << 30) // 4,), float("nan"), device="cuda")
+        del block  # returns to the cache, still NaN-filled
+    yield

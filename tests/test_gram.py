@@ -227,3 +227,16 @@ def test_cpu_backend_never_allocates_p_by_p(remove_neg):
     fused_peak = peak_extra_bytes(fused, student.device)
     assert reference_peak >= gram_bytes
     assert fused_peak < gram_bytes / 4 and fused_peak * 8 < reference_peak, (fused_peak, reference_peak)
+
+
+GPU_SHAPES = [(4, 256, 1024), (2, 1024, 1024), (2, 2048, 384), (3, 261, 100)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("remove_neg", [False, True])
+def test_gpu_triton_matches_oracle(dtype, tol, shape, remove_neg, poisoned_cuda_cache):
+    student = torch.randn(shape, device="cuda").to(dtype)
+    teacher = torch.randn(shape, device="cuda").to(dtype)
+    check_against_oracle(student, teacher, "triton", tol, remove_neg=remove_neg)

@@ -46,7 +46,9 @@ def _leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _fwd_bwd(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None]:
+def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None]:
+    """One forward + backward of impl(*args, **kwargs), clearing input grads first; non-scalar
+    outputs are back-propagated with a fixed random upstream gradient."""
     leaves = _leaves(args, kwargs)
     grad_out = None
 
@@ -71,8 +73,8 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         fwd = (lambda impl=impl: impl(*args, **kwargs))
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
-        fwd_bwd_s = median_seconds(_fwd_bwd(impl, args, kwargs), device, min_run_time) if has_grad else None
-        peak = peak_extra_bytes(_fwd_bwd(impl, args, kwargs) if has_grad else fwd, device)
+        fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time) if has_grad else None
+        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device)
         tflops = case.flops / fwd_s / 1e12 if case.flops else None
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None

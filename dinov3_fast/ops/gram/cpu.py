@@ -32,12 +32,12 @@ def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torc
 
 
 def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-    """Gradient through y = x / max(||x||, eps): (g - y (y.g)) / ||x||, or g / eps where clamped."""
+    """Gradient through y = x / max(||x||, eps), in place in grad_y: (g - y (y.g)) / ||x||, or
+    g / eps where the norm was clamped."""
     if norms is None:
         return grad_y
-    clamped = norms <= _EPS
-    radial = torch.where(clamped, 0.0, (y * grad_y).sum(-1, keepdim=True))
-    return (grad_y - y * radial) / norms.clamp_min(_EPS)
+    radial = torch.linalg.vecdot(y, grad_y).unsqueeze(-1).masked_fill_(norms <= _EPS, 0.0)
+    return grad_y.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min(_EPS))
 
 
 def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
@@ -49,30 +49,52 @@ def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor
     return s.sub_(t)
 
 
-def _row_chunks(G: int, P: int):
-    rows = max(1, _CHUNK_ELEMS // max(1, G * P))
+def _row_chunks(G: int, P: int, width: int):
+    """Row slices such that one (G, rows, width) chunk holds about _CHUNK_ELEMS elements."""
+    rows = max(1, _CHUNK_ELEMS // max(1, G * width))
     for r0 in range(0, P, rows):
         yield slice(r0, min(P, r0 + rows))
+
+
+def _gram_of_rows(xa: torch.Tensor, xb: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Ya^T Yb, (G, D, D), accumulated over row chunks so Ya and Yb are never materialised whole."""
+    G, P, D = xa.shape
+    out = xa.new_zeros((G, D, D), dtype=_compute_dtype(xa))
+    for rows in _row_chunks(G, P, D):
+        out.baddbmm_(normalize_rows(xa[:, rows], normalize)[0].mT, normalize_rows(xb[:, rows], normalize)[0])
+    return out
 
 
 def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
     """Forward. xs, xt: (G, P, D). Returns (loss 0-dim, state): state is (G, 2, D, D) holding
     [Ys^T Ys, Yt^T Ys] for the identity formulation, and an empty tensor for the tiled one."""
     G, P, _ = xs.shape
-    ys, _ = normalize_rows(xs, normalize)
-    yt, _ = normalize_rows(xt, normalize)
     n_entries = G * P * P
     if identity:
-        g_ss = ys.mT @ ys
-        g_ts = yt.mT @ ys
-        g_tt = yt.mT @ yt
+        g_ss = _gram_of_rows(xs, xs, normalize)
+        g_ts = _gram_of_rows(xt, xs, normalize)
+        g_tt = _gram_of_rows(xt, xt, normalize)
         total = g_ss.double().square().sum() - 2 * g_ts.double().square().sum() + g_tt.double().square().sum()
-        return (total / n_entries).to(ys.dtype), torch.stack((g_ss, g_ts), dim=1)
+        return (total / n_entries).to(g_ss.dtype), torch.stack((g_ss, g_ts), dim=1)
+    ys, _ = normalize_rows(xs, normalize)
+    yt, _ = normalize_rows(xt, normalize)
     total = torch.zeros((), dtype=torch.float64)
-    for rows in _row_chunks(G, P):
+    for rows in _row_chunks(G, P, P):
         diff = _clamped_diff_(ys[:, rows] @ ys.mT, yt[:, rows] @ yt.mT, clamp)
         total += diff.pow_(2).sum(dtype=torch.float64)
     return (total / n_entries).to(ys.dtype), ys.new_empty((0,))
+
+
+def _identity_grad(xa, xb, c_aa, c_ba, scale, normalize):
+    """dL/dXa = normalisation backward of 2 scale (Ya Caa - Yb Cba), one row chunk at a time."""
+    G, P, D = xa.shape
+    out = torch.empty((G, P, D), dtype=xa.dtype)
+    for rows in _row_chunks(G, P, D):
+        ya, na = normalize_rows(xa[:, rows], normalize)
+        yb, _ = normalize_rows(xb[:, rows], normalize)
+        grad_y = torch.baddbmm(ya @ c_aa, yb, c_ba, beta=2 * scale, alpha=-2 * scale)
+        out[:, rows] = normalize_rows_backward(grad_y, ya, na)
+    return out
 
 
 def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
@@ -85,36 +107,31 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
     is dL/dYs = 4/M (Ys Gss - Yt Gts) and dL/dYt = 4/M (Yt Gtt - Ys Gst).
     """
     G, P, _ = xs.shape
-    ys, ns = normalize_rows(xs, normalize)
-    yt, nt = normalize_rows(xt, normalize)
-    scale = grad.to(ys.dtype) * (2.0 / (G * P * P))
-    dys = torch.empty_like(ys) if need_student else None
-    dyt = torch.empty_like(yt) if need_teacher else None
+    scale = float(grad) * (2.0 / (G * P * P))
+    empty = xs.new_empty((0,))
     if identity:
         g_ss, g_ts = state.unbind(1)
+        d_student = _identity_grad(xs, xt, g_ss, g_ts, scale, normalize) if need_student else empty
+        d_teacher = (_identity_grad(xt, xs, _gram_of_rows(xt, xt, normalize), g_ts.mT, scale, normalize)
+                     if need_teacher else empty)
+        return d_student, d_teacher
+    ys, ns = normalize_rows(xs, normalize)
+    yt, nt = normalize_rows(xt, normalize)
+    dys = torch.empty_like(ys) if need_student else None
+    dyt = torch.empty_like(yt) if need_teacher else None
+    for rows in _row_chunks(G, P, P):
+        s = ys[:, rows] @ ys.mT
+        t = yt[:, rows] @ yt.mT
+        # Clamped entries pass no gradient to their own side: f'(S) = [S >= 0], g'(T) = [T >= 0].
+        s_dead = s < 0 if need_student and clamp == CLAMP_BOTH else None
+        t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
+        diff = _clamped_diff_(s, t, clamp)
         if need_student:
-            dys = 2 * scale * (ys @ g_ss - yt @ g_ts)
+            ds = diff if s_dead is None else diff.masked_fill(s_dead, 0)
+            torch.matmul(ds, ys, out=dys[:, rows])
         if need_teacher:
-            dyt = 2 * scale * (yt @ (yt.mT @ yt) - ys @ g_ts.mT)
-    else:
-        for rows in _row_chunks(G, P):
-            s = ys[:, rows] @ ys.mT
-            t = yt[:, rows] @ yt.mT
-            # Clamped entries pass no gradient to their own side: f'(S) = [S >= 0], g'(T) = [T >= 0].
-            s_dead = s < 0 if need_student and clamp == CLAMP_BOTH else None
-            t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
-            diff = _clamped_diff_(s, t, clamp)
-            if need_student:
-                ds = diff if s_dead is None else diff.masked_fill(s_dead, 0)
-                torch.matmul(ds, ys, out=dys[:, rows])
-            if need_teacher:
-                dt = diff if t_dead is None else diff.masked_fill_(t_dead, 0)
-                torch.matmul(dt, yt, out=dyt[:, rows])
-        if need_student:
-            dys.mul_(2 * scale)
-        if need_teacher:
-            dyt.mul_(-2 * scale)
-    empty = xs.new_empty((0,))
-    d_student = normalize_rows_backward(dys, ys, ns).to(xs.dtype) if need_student else empty
-    d_teacher = normalize_rows_backward(dyt, yt, nt).to(xt.dtype) if need_teacher else empty
+            dt = diff if t_dead is None else diff.masked_fill_(t_dead, 0)
+            torch.matmul(dt, yt, out=dyt[:, rows])
+    d_student = normalize_rows_backward(dys.mul_(2 * scale), ys, ns).to(xs.dtype) if need_student else empty
+    d_teacher = normalize_rows_backward(dyt.mul_(-2 * scale), yt, nt).to(xt.dtype) if need_teacher else empty
     return d_student, d_teacher

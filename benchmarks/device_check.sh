@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one GPU-machine script: build with nvcc, run every GPU test, run the benchmarks with the
+# baselines re-measured in the same run, and write JSON (with card, driver, versions, git revision)
+# to $OUT. Designed for one device call well inside 10 minutes:
+#   device run: bash benchmarks/device_check.sh
+# On a machine without a GPU it still runs (dry run): it builds, skips the GPU tests and benches the
+# CPU presets, so the script itself is exercised in CI-like conditions.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+status=0
+step() { echo "== $*" | tee -a "$OUT/log.txt"; }
+
+step "environment"
+"$PY" - <<'PYEOF' > "$OUT/env.json"
+import json, subprocess, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "driver": None}
+try:
+    import triton; info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+if torch.cuda.is_available():
+    info["gpu"] = torch.cuda.get_device_name()
+    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(json.dumps(info, indent=1))
+PYEOF
+cat "$OUT/env.json"
+
+step "build (nvcc for sm_80;sm_90a when present)"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee -a "$OUT/log.txt" || status=1
+"$PY" -c "import dinov3_fast, json; from dinov3_fast._ext import native; print(json.dumps({'build': native().build_info() if native() else None, 'backends': dinov3_fast.backends()}))" \
+  | tee "$OUT/backends.json" || status=1
+
+step "GPU tests (pytest -m gpu)"
+timeout 300 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "benchmarks (baselines re-measured in the same run)"
+timeout 240 "$PY" -m dinov3_fast.cli bench --min-run-time 0.2 --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 \
+  | tee -a "$OUT/log.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "done (status $status)"
+exit $status
