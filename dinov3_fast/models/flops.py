@@ -30,7 +30,8 @@ def _shape(arch: DinoVisionTransformer | str, overrides: dict[str, Any]) -> dict
     if isinstance(arch, DinoVisionTransformer):
         return dict(D=arch.embed_dim, depth=arch.n_blocks, prefix=1 + arch.n_storage_tokens,
                     patch=arch.patch_embed.patch_size, chans=arch.patch_embed.in_chans,
-                    ffn=arch.ffn_layer_name, hidden=ffn_hidden_size(arch.ffn_layer_name, arch.embed_dim, arch.ffn_ratio))
+                    ffn=arch.ffn_layer_name,
+                    hidden=ffn_hidden_size(arch.ffn_layer_name, arch.embed_dim, arch.ffn_ratio))
     if not isinstance(arch, str):
         raise TypeError(f"arch must be a DinoVisionTransformer or a model name, got {type(arch).__name__}")
     if arch in PRESETS:
