@@ -38,7 +38,7 @@ def _compute_dtype(student: torch.Tensor, backend: str) -> torch.dtype:
 
 @torch.library.custom_op("dinov3_fast::soft_ce_fwd", mutates_args=())
 def _soft_ce_fwd(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton().soft_ce_fwd_triton(student, teacher, student_temp, ignore_diagonal)
     return soft_ce_fwd_cpu(student, teacher, student_temp, ignore_diagonal)
@@ -47,25 +47,25 @@ def _soft_ce_fwd(student: torch.Tensor, teacher: torch.Tensor, student_temp: flo
 @_soft_ce_fwd.register_fake
 def _(student, teacher, student_temp, ignore_diagonal, backend):
     shape, dtype = student.shape[:2], _compute_dtype(student, backend)
-    return tuple(student.new_empty(shape, dtype=dtype) for _ in range(3))
+    return tuple(student.new_empty(shape, dtype=dtype) for _ in range(4))
 
 
 @torch.library.custom_op("dinov3_fast::soft_ce_bwd", mutates_args=())
-def _soft_ce_bwd(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor,
-                 a: torch.Tensor, student_temp: float, ignore_diagonal: bool, backend: str,
+def _soft_ce_bwd(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, row_max: torch.Tensor,
+                 lse_rest: torch.Tensor, a: torch.Tensor, student_temp: float, ignore_diagonal: bool, backend: str,
                  need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
     d_student = student.new_empty((0,))
     d_teacher = teacher.new_empty((0,))
     if need_student:
         impl = _triton().soft_ce_bwd_student_triton if backend == "triton" else soft_ce_bwd_student_cpu
-        d_student = impl(grad_row, student, teacher, lse, a, student_temp, ignore_diagonal)
+        d_student = impl(grad_row, student, teacher, row_max, lse_rest, a, student_temp, ignore_diagonal)
     if need_teacher:
-        d_teacher = soft_ce_bwd_teacher(grad_row, student, teacher, lse, student_temp, ignore_diagonal)
+        d_teacher = soft_ce_bwd_teacher(grad_row, student, teacher, row_max, lse_rest, student_temp, ignore_diagonal)
     return d_student, d_teacher
 
 
 @_soft_ce_bwd.register_fake
-def _(grad_row, student, teacher, lse, a, student_temp, ignore_diagonal, backend, need_student, need_teacher):
+def _(grad_row, student, teacher, row_max, lse_rest, a, student_temp, ignore_diagonal, backend, need_student, need_teacher):
     d_student = student.new_empty(student.shape) if need_student else student.new_empty((0,))
     d_teacher = teacher.new_empty(teacher.shape) if need_teacher else teacher.new_empty((0,))
     return d_student, d_teacher
@@ -73,15 +73,15 @@ def _(grad_row, student, teacher, lse, a, student_temp, ignore_diagonal, backend
 
 def _setup_context(ctx, inputs, output):
     student, teacher, student_temp, ignore_diagonal, backend = inputs
-    _, lse, a = output
-    ctx.save_for_backward(student, teacher, lse, a)
+    _, row_max, lse_rest, a = output
+    ctx.save_for_backward(student, teacher, row_max, lse_rest, a)
     ctx.options = (student_temp, ignore_diagonal, backend)
 
 
-def _backward(ctx, grad_row, _grad_lse, _grad_a):
-    student, teacher, lse, a = ctx.saved_tensors
+def _backward(ctx, grad_row, _grad_max, _grad_rest, _grad_a):
+    student, teacher, row_max, lse_rest, a = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_s, d_t = _soft_ce_bwd(grad_row, student, teacher, lse, a, *ctx.options, need_s, need_t)
+    d_s, d_t = _soft_ce_bwd(grad_row, student, teacher, row_max, lse_rest, a, *ctx.options, need_s, need_t)
     return (d_s if need_s else None), (d_t if need_t else None), None, None, None
 
 
@@ -150,7 +150,7 @@ def soft_cross_entropy(
         return soft_cross_entropy_ref(student_logits, teacher_probs, temp, ignore_diagonal, weights)
     if student_logits.dim() == 2:
         student_logits, teacher_probs = student_logits[None], teacher_probs[None]
-    row_loss, _, _ = _soft_ce_fwd(student_logits, teacher_probs, temp, ignore_diagonal, chosen)
+    row_loss, _, _, _ = _soft_ce_fwd(student_logits, teacher_probs, temp, ignore_diagonal, chosen)
     if weights is None:
         return row_loss.sum() / (batch * n_pairs)
     return (row_loss.sum(0) * weights.to(row_loss.dtype)).sum() / n_pairs

@@ -3,7 +3,8 @@
 Shapes: student (S, B, K) logits, teacher (T, B, K) probabilities, unit stride along K. For one
 student row (s, b), with x = student * log2(e) / temp (log2 units, never stored):
     lse2 = log2 sum_k exp2(x_k),   CE(s, t, b) = -ln2 * (sum_k t_k x_k - lse2 * sum_k t_k)
-The forward streams the student row once, with an online max m, and accumulates for every
+The forward streams the student row once, with an online max m (tracked in raw logit units, so
+it is exact and the backward recomputes the same scaled value), and accumulates for every
 teacher crop d_t = sum_k t_k (x_k - m) (rescaled when m grows, so nothing cancels badly) and
 tsum_t = sum_k t_k; no log_softmax copy is made. Rows are split along K so that small batches
 still fill the GPU; programs of the same (split, b) are adjacent, so the T teacher chunks they
@@ -28,7 +29,7 @@ LN2 = 0.6931471805599453
 def _soft_ce_fwd_kernel(
     s_ptr,   # (S, B, K) student logits, strides (sss, ssb, 1)
     t_ptr,   # (T, B, K) teacher probs, strides (sts, stb, 1)
-    m_ptr,   # (S, B, NSPLIT) fp32 out: max of x over the split
+    m_ptr,   # (S, B, NSPLIT) fp32 out: max of the raw student logits over the split
     l_ptr,   # (S, B, NSPLIT) fp32 out: sum exp2(x - m)
     d_ptr,   # (S, B, NSPLIT, T_PAD) fp32 out: sum_k t_k (x_k - m)
     ts_ptr,  # (T, B, NSPLIT) fp32 out: sum_k t_k (written by the s == 0 programs)
@@ -45,18 +46,19 @@ def _soft_ce_fwd_kernel(
     tvalid = trow < T
     s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
     t_rows = t_ptr + b.to(tl.int64) * stb + trow.to(tl.int64)[:, None] * sts  # (T_PAD, 1)
-    m = float("-inf")
+    m = float("-inf")  # raw units
     l = 0.0
     d = tl.zeros((T_PAD,), tl.float32)
     tsum = tl.zeros((T_PAD,), tl.float32)
     for k0 in range(c0, c1, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < c1
-        x = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * scale
+        raw = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + cols[None, :], mask=tvalid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(tl.where(cmask, x, float("-inf")), axis=0))
-        grow = tl.where(m == float("-inf"), 0.0, m - m_new)  # nothing accumulated before the first tile
-        xc = tl.where(cmask, x - m_new, float("-inf"))
+        m_new = tl.maximum(m, tl.max(tl.where(cmask, raw, float("-inf")), axis=0))
+        # nothing accumulated before the first tile
+        grow = tl.where(m == float("-inf"), 0.0, m * scale - m_new * scale)
+        xc = tl.where(cmask, raw * scale - m_new * scale, float("-inf"))
         l = l * tl.exp2(grow) + tl.sum(tl.exp2(xc), axis=0)
         d = d + tsum * grow + tl.sum(t * tl.where(cmask, xc, 0.0)[None, :], axis=1)
         tsum += tl.sum(t, axis=1)
@@ -73,9 +75,10 @@ def _soft_ce_fwd_kernel(
 def _soft_ce_combine_kernel(
     m_ptr, l_ptr, d_ptr, ts_ptr,  # partials of _soft_ce_fwd_kernel
     loss_ptr,  # (S, B) fp32 out: sum over counted t of CE(s, t, b), nats
-    lse_ptr,   # (S, B) fp32 out: logsumexp(student[s, b] / temp), nats
+    max_ptr,   # (S, B) fp32 out: max_k student[s, b, k], raw units
+    rest_ptr,  # (S, B) fp32 out: log sum_k exp((student - max) / temp), nats
     a_ptr,     # (S, B) fp32 out: sum over counted t of tsum[t, b]
-    B, T, nsplit,
+    B, T, nsplit, scale,
     IGNORE_DIAGONAL: tl.constexpr, T_PAD: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -89,18 +92,19 @@ def _soft_ce_combine_kernel(
     l = tl.load(l_ptr + row * nsplit + sp, mask=spm, other=0.0)
     m_max = tl.max(m, axis=0)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    shift = tl.where(spm, m - m_ref, 0.0)
+    shift = tl.where(spm, m * scale - m_ref * scale, 0.0)
     log2_l = tl.log2(tl.sum(l * tl.exp2(shift), axis=0))
     d = tl.load(d_ptr + (row * nsplit + sp[None, :]) * T_PAD + trow[:, None], mask=spm[None, :], other=0.0)
     ts = tl.load(ts_ptr + (trow[:, None] * B + b) * nsplit + sp[None, :], mask=tvalid[:, None] & spm[None, :], other=0.0)
-    dot = tl.sum(d + ts * shift[None, :], axis=1)   # (T_PAD,) sum_k t_k (x_k - m_max)
+    dot = tl.sum(d + ts * shift[None, :], axis=1)   # (T_PAD,) sum_k t_k (x_k - m_max * scale)
     tsum = tl.sum(ts, axis=1)
     ce = -LN2 * (dot - tsum * log2_l)
     counted = tvalid
     if IGNORE_DIAGONAL:
         counted = counted & (trow != s_idx)
     tl.store(loss_ptr + row, tl.sum(tl.where(counted, ce, 0.0), axis=0))
-    tl.store(lse_ptr + row, (m_max + log2_l) * LN2)
+    tl.store(max_ptr + row, m_max)
+    tl.store(rest_ptr + row, log2_l * LN2)
     tl.store(a_ptr + row, tl.sum(tl.where(counted, tsum, 0.0), axis=0))
 
 
@@ -108,7 +112,7 @@ def _soft_ce_combine_kernel(
 def _soft_ce_bwd_kernel(
     s_ptr,   # (S, B, K) student logits, strides (sss, ssb, 1)
     t_ptr,   # (T, B, K) teacher probs, strides (sts, stb, 1)
-    lse_ptr, a_ptr,  # (S, B) fp32 from the forward
+    max_ptr, rest_ptr, a_ptr,  # (S, B) fp32 from the forward
     g_ptr,   # (S, B) fp32 upstream gradient of row_loss
     ds_ptr,  # (S, B, K) out, contiguous, student dtype
     B, K, T, sss, ssb, sts, stb, scale, inv_temp, cols_per_split,
@@ -124,7 +128,8 @@ def _soft_ce_bwd_kernel(
     counted = trow < T
     if IGNORE_DIAGONAL:
         counted = counted & (trow != s_idx)
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    m2 = tl.load(max_ptr + row) * scale
+    rest2 = tl.load(rest_ptr + row) * LOG2E
     a = tl.load(a_ptr + row)
     c = tl.load(g_ptr + row) * inv_temp
     s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
@@ -135,7 +140,7 @@ def _soft_ce_bwd_kernel(
         cmask = cols < c1
         x = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32) * scale
         t = tl.load(t_rows + cols[None, :], mask=counted[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        grad = c * (tl.exp2(x - lse2) * a - tl.sum(t, axis=0))
+        grad = c * (tl.exp2((x - m2) - rest2) * a - tl.sum(t, axis=0))
         tl.store(out_row + cols, grad.to(ds_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -160,8 +165,9 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool):
-    """student (S, B, K), teacher (T, B, K). Returns (row_loss, lse, a), each (S, B) fp32:
-    row_loss[s, b] = sum over counted t of CE(s, t, b) in nats, lse = logsumexp(student / temp),
+    """student (S, B, K), teacher (T, B, K). Returns (row_loss, row_max, lse_rest, a), each (S, B)
+    fp32, as soft_ce_fwd_cpu: row_loss[s, b] = sum over counted t of CE(s, t, b) in nats,
+    row_max = max_k student (raw), lse_rest = log sum_k exp((student - row_max) / temp),
     a[s, b] = sum over counted t of sum_k teacher[t, b, k]."""
     student, teacher = _unit_stride(student), _unit_stride(teacher)
     S, B, K = student.shape
@@ -176,15 +182,15 @@ def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_tem
         student, teacher, m, l, d, ts, B, K, T, student.stride(0), student.stride(1),
         teacher.stride(0), teacher.stride(1), LOG2E / student_temp, cols,
         T_PAD=t_pad, BLOCK_K=block, num_warps=warps)
-    row_loss, lse, a = (torch.empty((S, B), **f32) for _ in range(3))
+    row_loss, row_max, lse_rest, a = (torch.empty((S, B), **f32) for _ in range(4))
     _soft_ce_combine_kernel[(S * B,)](
-        m, l, d, ts, row_loss, lse, a, B, T, nsplit,
+        m, l, d, ts, row_loss, row_max, lse_rest, a, B, T, nsplit, LOG2E / student_temp,
         IGNORE_DIAGONAL=ignore_diagonal, T_PAD=t_pad, NS_PAD=triton.next_power_of_2(nsplit))
-    return row_loss, lse, a
+    return row_loss, row_max, lse_rest, a
 
 
 def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                               lse: torch.Tensor, a: torch.Tensor, student_temp: float,
+                               row_max: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor, student_temp: float,
                                ignore_diagonal: bool) -> torch.Tensor:
     """d loss / d student, (S, B, K) contiguous in the student dtype. grad_row: (S, B) gradient
     of row_loss."""
@@ -195,7 +201,7 @@ def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, te
     block, warps, nsplit, cols = _config(student.device, S * B, K)
     ds = torch.empty((S, B, K), device=student.device, dtype=out_dtype)
     _soft_ce_bwd_kernel[(S, nsplit, B)](
-        student, teacher, lse, a, grad_row.to(torch.float32).contiguous(), ds,
+        student, teacher, row_max, lse_rest, a, grad_row.to(torch.float32).contiguous(), ds,
         B, K, T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         LOG2E / student_temp, 1.0 / student_temp, cols,
         IGNORE_DIAGONAL=ignore_diagonal, T_PAD=triton.next_power_of_2(T), BLOCK_K=block, num_warps=warps)

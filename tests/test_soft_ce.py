@@ -1,0 +1,155 @@
+"""Soft-target cross-entropy: every backend against the float64 oracle, forward and backward."""
+import pytest
+import torch
+
+from dinov3_fast.ops import soft_cross_entropy
+from dinov3_fast.ops.soft_ce import _soft_ce_bwd, _soft_ce_fwd, soft_cross_entropy_ref
+
+BACKENDS = ["cpu", "triton"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def teacher_probs(shape, dtype=torch.float32):
+    return torch.softmax(torch.randn(shape) * 3, dim=-1).to(dtype)
+
+
+def check(student, teacher, backend, tol, weights=None, ignore_diagonal=False, temp=0.1):
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_()
+    w64 = weights.detach().double().requires_grad_() if weights is not None else None
+    ref = soft_cross_entropy_ref(s64, t64, temp, ignore_diagonal, w64)
+    inputs = (s64, t64) + ((w64,) if w64 is not None else ())
+    ref_grads = torch.autograd.grad(ref, inputs)
+    s = student.detach().requires_grad_()
+    t = teacher.detach().requires_grad_()
+    w = weights.detach().requires_grad_() if weights is not None else None
+    out = soft_cross_entropy(s, t, student_temp=temp, ignore_diagonal=ignore_diagonal, weights=w, backend=backend)
+    grads = torch.autograd.grad(out, (s, t) + ((w,) if w is not None else ()))
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    assert grads[0].dtype == student.dtype and grads[0].shape == student.shape
+    assert rel_err(out, ref) < tol, (out.item(), ref.item())
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all() and rel_err(g, r) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,T,B,K", [(3, 2, 4, 300), (1, 1, 1, 1000), (2, 2, 3, 77), (10, 2, 2, 129)],
+                         ids=["ragged", "B=1_k_split", "small", "dino_crops"])
+@pytest.mark.parametrize("ignore_diagonal", [False, True])
+def test_dino_form_matches_oracle(backend, S, T, B, K, ignore_diagonal):
+    if ignore_diagonal and S == T == 1:
+        pytest.skip("no pair left")
+    check(torch.randn(S, B, K) * 2, teacher_probs((T, B, K)), backend, 1e-5, ignore_diagonal=ignore_diagonal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_diagonal_s_neq_t(backend):
+    """S != T both ways: only the min(S, T) pairs s == t are skipped."""
+    for S, T in ((4, 2), (2, 3)):
+        check(torch.randn(S, 3, 200), teacher_probs((T, 3, 200)), backend, 1e-5, ignore_diagonal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_token_form(backend):
+    """iBOT: (M, K) tokens with per-token weights (differentiable)."""
+    M = 9
+    check(torch.randn(M, 333) * 3, teacher_probs((M, 333)), backend, 1e-5, weights=torch.rand(M) / 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_inputs(backend):
+    check(torch.randn(2, 3, 250).half(), teacher_probs((2, 3, 250), torch.float16), backend, 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_are_stable(backend):
+    """student / temp ~ 1000: the online max keeps every exp finite (fp32 reference would too,
+    via log_softmax); no cancellation in the dot products."""
+    check(torch.randn(2, 2, 300) * 100, teacher_probs((2, 2, 300)), backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    base = torch.randn(2, 400, 3)
+    student = base.transpose(1, 2)[:, :, ::2]  # (2, 3, 200), strided K
+    teacher = teacher_probs((3, 2, 200)).transpose(0, 1)
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    check(student, teacher, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_without_grad_gets_none(backend):
+    s = torch.randn(2, 2, 50, requires_grad=True)
+    t = teacher_probs((2, 2, 50))
+    soft_cross_entropy(s, t, backend=backend).backward()
+    assert s.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    s = torch.randn(2, 2, 60)
+    s[1, 0, 5] = float("nan")
+    assert torch.isnan(soft_cross_entropy(s, teacher_probs((2, 2, 60)), backend=backend))
+
+
+def test_gradcheck_cpu_float64():
+    s = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 2, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: soft_cross_entropy(a, b, ignore_diagonal=True, weights=c, student_temp=0.5, backend="cpu"),
+        (s, t, w))
+    assert torch.autograd.gradcheck(lambda a, b: soft_cross_entropy(a, b, backend="cpu"), (s, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    s = torch.randn(3, 2, 40, requires_grad=True)
+    t = teacher_probs((2, 2, 40)).requires_grad_()
+    for ignore in (False, True):
+        torch.library.opcheck(_soft_ce_fwd, (s, t, 0.1, ignore, backend))
+        _, row_max, rest, a = _soft_ce_fwd(s.detach(), t.detach(), 0.1, ignore, backend)
+        torch.library.opcheck(_soft_ce_bwd, (torch.rand(3, 2), s.detach(), t.detach(), row_max, rest, a, 0.1, ignore,
+                                             backend, True, True))
+
+
+def test_torch_compile_fullgraph():
+    def step(s, t):
+        return soft_cross_entropy(s, t, ignore_diagonal=True) * 2.0
+
+    s = torch.randn(3, 2, 64, requires_grad=True)
+    t = teacher_probs((2, 2, 64))
+    out = torch.compile(step, fullgraph=True)(s, t)
+    out.backward()
+    s_ref = s.detach().clone().requires_grad_()
+    step(s_ref, t).backward()
+    torch.testing.assert_close(out, step(s_ref, t))
+    torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+@pytest.mark.parametrize("student,teacher,kwargs,error,match", [
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 5), {}, ValueError, r"agree on \(B, K\).*\(2, 3, 4\).*\(2, 3, 5\)"),
+    (torch.randn(2, 3, 4), torch.rand(2, 2, 4), {}, ValueError, r"agree on \(B, K\)"),
+    (torch.randn(2, 3, 4), torch.rand(3, 4), {}, ValueError, r"teacher_probs must be 3-D \(T, B, K\)"),
+    (torch.randn(4), torch.rand(4), {}, ValueError, "student_logits must be 2-D or 3-D"),
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"student_temp": 0.0}, ValueError, "student_temp must be > 0"),
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"weights": torch.rand(2)}, ValueError, r"weights must have shape \(3,\)"),
+    (torch.randn(3, 4), torch.rand(3, 4), {"ignore_diagonal": True}, ValueError, "leaves no pair"),
+    (torch.randn(0, 3, 4), torch.rand(0, 3, 4), {}, ValueError, "non-empty"),
+    (torch.ones(2, 3, 4, dtype=torch.int64), torch.rand(2, 3, 4), {}, TypeError, "student_logits must be a floating"),
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"backend": "cuda"}, ValueError, "not implemented"),
+])
+def test_bad_input(student, teacher, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        soft_cross_entropy(student, teacher, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dino_shape(dtype):
+    s = (torch.randn(10, 16, 262144, device="cuda") * 3).to(dtype)
+    t = torch.softmax(torch.randn(2, 16, 262144, device="cuda") * 3, -1)
+    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=True)
