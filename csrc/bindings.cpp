@@ -3,4 +3,5 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dinov3_fast native kernels: CPU (OpenMP) and CUDA launchers over raw pointers";
   dinov3_fast::bind_build_info(m);
+  dinov3_fast::bind_koleo(m);
 }

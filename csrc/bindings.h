@@ -6,4 +6,5 @@
 
 namespace dinov3_fast {
 void bind_build_info(pybind11::module_& m);
+void bind_koleo(pybind11::module_& m);
 }  // namespace dinov3_fast

@@ -1,0 +1,203 @@
+// KoLeo nearest-neighbour search on the CPU: blocked, OpenMP over query blocks, no n x n matrix.
+//
+// Input: y (M, D) row-major L2-normalised rows (fp32 or fp64); queries are rows [q0, q0 + nq).
+// Output: idx (nq, topk) int64, the candidates with the largest dot product, best first.
+// Semantics are DINOv3's: a query's own entry competes with value -1 (the reference fills the
+// diagonal with -1), NaN compares above everything (as torch.max / torch.topk), and among equal
+// dots the lowest index wins (torch.max's rule).
+//
+// A 4 x 4 register-blocked dot kernel fills kBlock x kBlock tiles of dots (fp32 accumulation for
+// fp32, fp64 for fp64), which then update each query's running top-k; only one tile per thread is
+// ever in memory. The fp32 dot kernel is compiled for AVX-512, AVX2 and baseline x86-64
+// (target_clones), since the build passes no -march.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "bindings.h"
+
+namespace dinov3_fast {
+namespace {
+
+constexpr int64_t kBlock = 64;  // query and candidate tile edge
+
+// dots[r * ldd + c] = <q_r, c_c> for r < nr, c < nc; q and c are row-major with row stride D.
+template <typename T>
+__attribute__((always_inline)) inline void dot_tile(const T* __restrict q, int64_t nr, const T* __restrict c, int64_t nc, int64_t D,
+                     T* __restrict dots, int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    const T *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+    int64_t j = 0;
+    for (; j + 4 <= nc; j += 4) {
+      const T *c0 = c + j * D, *c1 = c0 + D, *c2 = c1 + D, *c3 = c2 + D;
+      T a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+      T a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+      for (int64_t d = 0; d < D; ++d) {
+        const T v0 = c0[d], v1 = c1[d], v2 = c2[d], v3 = c3[d];
+        a00 += q0[d] * v0; a01 += q0[d] * v1; a02 += q0[d] * v2; a03 += q0[d] * v3;
+        a10 += q1[d] * v0; a11 += q1[d] * v1; a12 += q1[d] * v2; a13 += q1[d] * v3;
+        a20 += q2[d] * v0; a21 += q2[d] * v1; a22 += q2[d] * v2; a23 += q2[d] * v3;
+        a30 += q3[d] * v0; a31 += q3[d] * v1; a32 += q3[d] * v2; a33 += q3[d] * v3;
+      }
+      T* o = dots + r * ldd + j;
+      o[0] = a00; o[1] = a01; o[2] = a02; o[3] = a03; o += ldd;
+      o[0] = a10; o[1] = a11; o[2] = a12; o[3] = a13; o += ldd;
+      o[0] = a20; o[1] = a21; o[2] = a22; o[3] = a23; o += ldd;
+      o[0] = a30; o[1] = a31; o[2] = a32; o[3] = a33;
+    }
+    for (; j < nc; ++j) {  // ragged candidate columns
+      const T* cj = c + j * D;
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t d = 0; d < D; ++d) {
+        a0 += q0[d] * cj[d]; a1 += q1[d] * cj[d]; a2 += q2[d] * cj[d]; a3 += q3[d] * cj[d];
+      }
+      dots[r * ldd + j] = a0; dots[(r + 1) * ldd + j] = a1;
+      dots[(r + 2) * ldd + j] = a2; dots[(r + 3) * ldd + j] = a3;
+    }
+  }
+  for (; r < nr; ++r) {  // ragged query rows
+    const T* qr = q + r * D;
+    for (int64_t j = 0; j < nc; ++j) {
+      const T* cj = c + j * D;
+      T a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < D; ++d) a += qr[d] * cj[d];
+      dots[r * ldd + j] = a;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void dot_tile_fast(const float* q, int64_t nr, const float* c, int64_t nc, int64_t D, float* dots, int64_t ldd) {
+  dot_tile<float>(q, nr, c, nc, D, dots, ldd);
+}
+
+void dot_tile_fast(const double* q, int64_t nr, const double* c, int64_t nc, int64_t D, double* dots, int64_t ldd) {
+  dot_tile<double>(q, nr, c, nc, D, dots, ldd);
+}
+
+// Running top-k of one query, kept sorted best first under (value desc, index asc).
+template <typename T>
+struct TopK {
+  T* val;
+  int64_t* idx;
+  int64_t k;
+
+  static bool better(T v, int64_t j, T w, int64_t i) { return v > w || (v == w && j < i); }
+
+  void offer(T v, int64_t j) {
+    if (std::isnan(v)) v = std::numeric_limits<T>::infinity();  // NaN ranks above every number
+    if (!better(v, j, val[k - 1], idx[k - 1])) return;
+    int64_t p = k - 1;
+    while (p > 0 && better(v, j, val[p - 1], idx[p - 1])) {
+      val[p] = val[p - 1];
+      idx[p] = idx[p - 1];
+      --p;
+    }
+    val[p] = v;
+    idx[p] = j;
+  }
+};
+
+// Queries are a sub-range of the candidates (the distributed form): each thread owns whole query
+// blocks and sweeps every candidate tile.
+template <typename T>
+void search_rows(const T* y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, int64_t* out) {
+  const int64_t n_blocks = (nq + kBlock - 1) / kBlock;
+#pragma omp parallel
+  {
+    std::vector<T> dots(kBlock * kBlock);
+    std::vector<T> best_val(kBlock * topk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t r0 = b * kBlock, nr = std::min(kBlock, nq - r0);
+      std::fill(best_val.begin(), best_val.end(), -std::numeric_limits<T>::infinity());
+      std::fill(out + r0 * topk, out + (r0 + nr) * topk, M);  // sentinel index M: worse than any candidate
+      for (int64_t c0 = 0; c0 < M; c0 += kBlock) {
+        const int64_t nc = std::min(kBlock, M - c0);
+        dot_tile_fast(y + (q0 + r0) * D, nr, y + c0 * D, nc, D, dots.data(), kBlock);
+        for (int64_t r = 0; r < nr; ++r) {
+          TopK<T> best{best_val.data() + r * topk, out + (r0 + r) * topk, topk};
+          const int64_t self = q0 + r0 + r;
+          for (int64_t j = 0; j < nc; ++j) best.offer(c0 + j == self ? T(-1) : dots[r * kBlock + j], c0 + j);
+        }
+      }
+    }
+  }
+}
+
+// Every row queries every row: y y^T is symmetric, so only tiles (I, J >= I) are formed and each
+// updates the rows of I (over J's columns) and the rows of J (over I's rows): half the FLOPs.
+// Each thread keeps a top-k list for all M rows; the lists are merged at the end. The merge rule
+// is a total order, so the result does not depend on the thread count or schedule.
+template <typename T>
+void search_all(const T* y, int64_t M, int64_t D, int64_t topk, int64_t* out) {
+  const int64_t n_blocks = (M + kBlock - 1) / kBlock;
+  std::vector<T> best_val(M * topk, -std::numeric_limits<T>::infinity());
+  std::fill(out, out + M * topk, M);
+#pragma omp parallel
+  {
+    std::vector<T> dots(kBlock * kBlock);
+    std::vector<T> val(M * topk, -std::numeric_limits<T>::infinity());
+    std::vector<int64_t> idx(M * topk, M);
+    auto row = [&](int64_t i) { return TopK<T>{val.data() + i * topk, idx.data() + i * topk, topk}; };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bi = 0; bi < n_blocks; ++bi) {
+      const int64_t i0 = bi * kBlock, ni = std::min(kBlock, M - i0);
+      for (int64_t bj = bi; bj < n_blocks; ++bj) {
+        const int64_t j0 = bj * kBlock, nj = std::min(kBlock, M - j0);
+        dot_tile_fast(y + i0 * D, ni, y + j0 * D, nj, D, dots.data(), kBlock);
+        for (int64_t r = 0; r < ni; ++r) {
+          TopK<T> best = row(i0 + r);
+          for (int64_t c = 0; c < nj; ++c) best.offer(bi == bj && r == c ? T(-1) : dots[r * kBlock + c], j0 + c);
+        }
+        if (bi == bj) continue;
+        for (int64_t c = 0; c < nj; ++c) {
+          TopK<T> best = row(j0 + c);
+          for (int64_t r = 0; r < ni; ++r) best.offer(dots[r * kBlock + c], i0 + r);
+        }
+      }
+    }
+#pragma omp critical
+    for (int64_t i = 0; i < M; ++i) {
+      TopK<T> merged{best_val.data() + i * topk, out + i * topk, topk};
+      for (int64_t s = 0; s < topk && idx[i * topk + s] < M; ++s) merged.offer(val[i * topk + s], idx[i * topk + s]);
+    }
+  }
+}
+
+template <typename T>
+void search(const T* y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, int64_t* out) {
+  if (q0 == 0 && nq == M)
+    search_all(y, M, D, topk, out);
+  else
+    search_rows(y, M, D, q0, nq, topk, out);
+}
+
+}  // namespace
+
+void bind_koleo(pybind11::module_& m) {
+  m.def(
+      "koleo_search",
+      [](uintptr_t y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t out, bool fp64) {
+        if (topk < 1 || topk > M || q0 < 0 || q0 + nq > M || D < 1)
+          throw std::invalid_argument("koleo_search: need 1 <= topk <= M, 0 <= q0, q0 + nq <= M and D >= 1");
+        pybind11::gil_scoped_release release;
+        if (fp64)
+          search(reinterpret_cast<const double*>(y), M, D, q0, nq, topk, reinterpret_cast<int64_t*>(out));
+        else
+          search(reinterpret_cast<const float*>(y), M, D, q0, nq, topk, reinterpret_cast<int64_t*>(out));
+      },
+      "Top-k nearest neighbours by dot product of rows [q0, q0+nq) of y (M, D) among all M rows, "
+      "self scored -1, ties to the lowest index; writes int64 (nq, topk) to out.",
+      pybind11::arg("y"), pybind11::arg("M"), pybind11::arg("D"), pybind11::arg("q0"), pybind11::arg("nq"),
+      pybind11::arg("topk"), pybind11::arg("out"), pybind11::arg("fp64"));
+}
+
+}  // namespace dinov3_fast
