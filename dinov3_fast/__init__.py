@@ -6,7 +6,7 @@ Functional forms live in `dinov3_fast.ops`. `backends()` reports what can run on
 """
 from __future__ import annotations
 
-from dinov3_fast.nn import DINOLoss, GramLoss, SelfAttention, SinkhornKnoppTeacher, iBOTPatchLoss
+from dinov3_fast.nn import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, SelfAttention, SinkhornKnoppTeacher, iBOTPatchLoss
 from dinov3_fast.ops._dispatch import BACKENDS, backend_status
 
 __version__ = "0.1.0"
@@ -21,4 +21,4 @@ def backends(device: str | None = None) -> dict[str, dict[str, object]]:
     return out
 
 
-__all__ = ["DINOLoss", "GramLoss", "SelfAttention", "SinkhornKnoppTeacher", "backends", "iBOTPatchLoss", "__version__"]
+__all__ = ["DINOLoss", "GramLoss", "KoLeoLoss", "KoLeoLossDistributed", "SelfAttention", "SinkhornKnoppTeacher", "backends", "iBOTPatchLoss", "__version__"]

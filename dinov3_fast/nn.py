@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3_fast.ops import gram_loss
+from dinov3_fast.ops.koleo import koleo_loss
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
 from dinov3_fast.ops.attention import apply_rope, rope_attention, rope_attention_packed
@@ -287,3 +288,40 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         self._start_center_reduce(torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True),
                                   self.len_teacher_patch_tokens)
+
+
+class KoLeoLoss(nn.Module):
+    """DINOv3's KoLeoLoss (dinov3/loss/koleo_loss.py) on the fused op: no n x n matrix.
+
+    forward(student_output, eps=1e-8):
+        student_output: (n, D) features, n >= 2 (normalised inside in fp32, autocast off)
+        returns a 0-dim fp32 loss, -mean log(||y_i - y_nn(i) + 1e-8|| + eps).
+    """
+
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        return koleo_loss(student_output, eps=eps, backend=self.backend)
+
+
+class KoLeoLossDistributed(nn.Module):
+    """DINOv3's KoLeoLossDistributed on the fused op: features are all-gathered (autograd-aware)
+    within each loss group of `loss_group_size` samples when torch.distributed is initialised.
+
+    forward(student_output, eps=1e-8):
+        student_output: (n, D) this rank's features (the same n on every rank)
+        returns a 0-dim fp32 loss: the mean over this rank's n * topk (row, neighbour) pairs.
+    """
+
+    def __init__(self, topk: int = 1, loss_group_size: int | None = None, backend: str | None = None):
+        super().__init__()
+        self.topk = topk
+        self.loss_group_size = loss_group_size
+        self.backend = backend
+
+    def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        return koleo_loss(student_output, eps=eps, topk=self.topk, group=group,
+                          loss_group_size=self.loss_group_size, backend=self.backend)

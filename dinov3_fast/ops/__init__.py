@@ -1,7 +1,8 @@
 """Functional forms of every fused op. Each sub-package holds one op: reference, kernels, dispatch."""
 from dinov3_fast.ops.attention import apply_rope, rope_attention, rope_attention_list
 from dinov3_fast.ops.gram import gram_loss
+from dinov3_fast.ops.koleo import koleo_loss
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
 
-__all__ = ["apply_rope", "gram_loss", "rope_attention", "rope_attention_list", "sinkhorn_knopp", "soft_cross_entropy"]
+__all__ = ["apply_rope", "gram_loss", "koleo_loss", "rope_attention", "rope_attention_list", "sinkhorn_knopp", "soft_cross_entropy"]
