@@ -7,4 +7,7 @@
 namespace dinov3_fast {
 void bind_build_info(pybind11::module_& m);
 void bind_koleo(pybind11::module_& m);
+#ifdef DINOV3_FAST_WITH_CUDA
+void bind_sinkhorn(pybind11::module_& m);
+#endif
 }  // namespace dinov3_fast
