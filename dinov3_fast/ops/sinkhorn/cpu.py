@@ -1,9 +1,14 @@
-"""CPU path of Sinkhorn-Knopp: the log-domain formulation of triton.py in PyTorch.
+"""CPU path of Sinkhorn-Knopp: matrix-vector scaling in the common case, log domain otherwise.
 
-Same potentials (natural-log domain here): Q = exp(y_bk + a_k + beta_b) with y = logits / temp,
-a_k = -logsumexp_b(y_bk + beta_b) (all-reduced over `group`), beta_b = -logsumexp_k(y_bk + a_k).
-DINOv3's constants (1/sum Q, 1/K, 1/B_total and the final *B_total) cancel exactly and are not
-applied. One (B, K) scratch buffer is reused for every pass. fp32 math (fp64 for fp64 input).
+Both compute Q = diag(v) E diag(u) with the same fixed points as triton.py (DINOv3's constants
+1/sum Q, 1/K, 1/B_total and the final *B_total cancel exactly and are not applied):
+  * scaling (fast): E = exp(y - g) once, with y = logits / temp and g the global per-prototype
+    max (so E <= 1 and every prototype has an entry 1), then u = 1 / (v E) and v = 1 / (E u) as
+    BLAS matrix-vector products: one exp pass instead of one per normalisation.
+  * log domain (robust): potentials a = -logsumexp_b(y + beta), beta = -logsumexp_k(y + a).
+    Used when a sample's scaled mass leaves the safe fp32 range (a sample beaten by > ~80 nats in
+    every prototype underflows in E); the decision is all-reduced so ranks agree.
+fp32 math (fp64 for fp64 input).
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 NEG_INF = float("-inf")
+_SAFE_MIN = 1e-30  # smallest sample mass E u trusted in fp32 (well above the denormal range)
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -19,22 +25,45 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
-def sinkhorn_cpu(logits: torch.Tensor, teacher_temp: float, n_iterations: int, group=None) -> torch.Tensor:
-    """logits: (B, K). Returns the (B, K) assignment, fp32 (fp64 for fp64 input)."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    y = logits.to(dtype) / teacher_temp
+def _prototype_shift(y: torch.Tensor, group) -> torch.Tensor:
+    shift = _all_reduce(y.amax(0), dist.ReduceOp.MAX, group)
+    return torch.where(shift == NEG_INF, 0.0, shift)
+
+
+def _sinkhorn_scaling(y: torch.Tensor, n_iterations: int, group) -> torch.Tensor | None:
+    """Scaling form; overwrites y with the result. None when a sample mass left the safe range."""
+    e = y.sub_(_prototype_shift(y, group)).exp_()        # (B, K), in place
+    v = e.new_ones(e.shape[0])
+    for _ in range(n_iterations):
+        u = 1.0 / _all_reduce(v @ e, dist.ReduceOp.SUM, group)
+        mass = e @ u
+        bad = ~((mass > _SAFE_MIN) & (mass < 1.0 / _SAFE_MIN)).all()
+        if _all_reduce(bad.to(e.dtype).reshape(1), dist.ReduceOp.MAX, group).item() > 0:
+            return None
+        v = 1.0 / mass
+    return e.mul_(u).mul_(v[:, None])
+
+
+def _sinkhorn_log_domain(y: torch.Tensor, n_iterations: int, group) -> torch.Tensor:
     buf = torch.empty_like(y)
     beta = y.new_zeros((y.shape[0], 1))
     a = None
     for _ in range(n_iterations):
         if a is None:  # first prototype step: shift by the global per-prototype max
-            shift = _all_reduce(y.amax(0), dist.ReduceOp.MAX, group)
-            ref = torch.where(shift == NEG_INF, 0.0, shift)
-            total = _all_reduce(torch.sub(y, ref, out=buf).exp_().sum(0), dist.ReduceOp.SUM, group)
+            shift = _prototype_shift(y, group)
+            total = _all_reduce(torch.sub(y, shift, out=buf).exp_().sum(0), dist.ReduceOp.SUM, group)
             a = -(shift + torch.log(total))
         else:  # shift by the previous potential: each term is an entry of a row-stochastic matrix
             torch.add(y, beta, out=buf).add_(a).exp_()
-            total = _all_reduce(buf.sum(0), dist.ReduceOp.SUM, group)
-            a = a - torch.log(total)
+            a = a - torch.log(_all_reduce(buf.sum(0), dist.ReduceOp.SUM, group))
         beta = -torch.logsumexp(torch.add(y, a, out=buf), dim=1, keepdim=True)
     return torch.add(y, a, out=buf).add_(beta).exp_()
+
+
+def sinkhorn_cpu(logits: torch.Tensor, teacher_temp: float, n_iterations: int, group=None) -> torch.Tensor:
+    """logits: (B, K). Returns the (B, K) assignment, fp32 (fp64 for fp64 input)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = _sinkhorn_scaling(logits.to(dtype) / teacher_temp, n_iterations, group)
+    if out is None or not torch.isfinite(out).all():
+        out = _sinkhorn_log_domain(logits.to(dtype) / teacher_temp, n_iterations, group)
+    return out

@@ -22,7 +22,7 @@ def soft_cross_entropy_ref(
     With P the counted crop pairs (all S x T, or those with s != t when ignore_diagonal) and
     w_b the per-sample weights (default 1/B):
         loss = 1/P sum_{(s, t) in P} sum_b w_b * ( -sum_k teacher[t, b, k] log_softmax(student[s, b] / temp)_k )
-    With weights=None this is DINOLoss.forward exactly (its einsum, its diagonal_scatter, its
+    With weights=None this is DINOLoss.forward exactly (its einsum, its zeroed diagonal, its
     divisor B*S*T - B*min(S, T)). 2-D inputs (M, K) mean S = T = 1 and B = M: the iBOT token loss,
     where weights carry 1 / (masked tokens of the image) / (images).
 
@@ -52,6 +52,9 @@ def soft_cross_entropy_ref(
     else:
         loss = -torch.einsum("s b k, t b k -> s t", log_q, teacher)
         min_st = min(n_s, n_t)
-        loss = torch.diagonal_scatter(loss, loss.new_zeros(min_st)).sum()
+        # DINOv3 zeroes the diagonal with diagonal_scatter; torch.where is the same function and,
+        # unlike diagonal_scatter, survives torch.compile's backward (torch 2.13, CPU inductor).
+        diagonal = torch.eye(n_s, n_t, dtype=torch.bool, device=loss.device)
+        loss = torch.where(diagonal, 0.0, loss).sum()
         pairs = n_s * n_t - min_st
     return loss / pairs if weights is not None else loss / (batch * pairs)
