@@ -35,7 +35,7 @@ def cases() -> list[BenchCase]:
                  "fused": sinkhorn_knopp}
         if device == "cuda":
             impls["fused:triton"] = functools.partial(sinkhorn_knopp, backend="triton")
-            if native_has_cuda():
+            if torch.cuda.is_available() and native_has_cuda():
                 impls["fused:cuda"] = functools.partial(sinkhorn_knopp, backend="cuda")
         elt = torch.finfo(dtype).bits // 8
         out.append(BenchCase(

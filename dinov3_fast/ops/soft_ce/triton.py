@@ -23,6 +23,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -98,13 +100,13 @@ def _soft_ce_combine_kernel(
     ts = tl.load(ts_ptr + (trow[:, None] * B + b) * nsplit + sp[None, :], mask=tvalid[:, None] & spm[None, :], other=0.0)
     dot = tl.sum(d + ts * shift[None, :], axis=1)   # (T_PAD,) sum_k t_k (x_k - m_max * scale)
     tsum = tl.sum(ts, axis=1)
-    ce = -LN2 * (dot - tsum * log2_l)
+    ce = -LN2_C * (dot - tsum * log2_l)
     counted = tvalid
     if IGNORE_DIAGONAL:
         counted = counted & (trow != s_idx)
     tl.store(loss_ptr + row, tl.sum(tl.where(counted, ce, 0.0), axis=0))
     tl.store(max_ptr + row, m_max)
-    tl.store(rest_ptr + row, log2_l * LN2)
+    tl.store(rest_ptr + row, log2_l * LN2_C)
     tl.store(a_ptr + row, tl.sum(tl.where(counted, tsum, 0.0), axis=0))
 
 
@@ -129,7 +131,7 @@ def _soft_ce_bwd_kernel(
     if IGNORE_DIAGONAL:
         counted = counted & (trow != s_idx)
     m2 = tl.load(max_ptr + row) * scale
-    rest2 = tl.load(rest_ptr + row) * LOG2E
+    rest2 = tl.load(rest_ptr + row) * LOG2E_C
     a = tl.load(a_ptr + row)
     c = tl.load(g_ptr + row) * inv_temp
     s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
