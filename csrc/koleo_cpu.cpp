@@ -25,50 +25,34 @@ namespace {
 constexpr int64_t kBlock = 64;  // query and candidate tile edge
 
 // dots[r * ldd + c] = <q_r, c_c> for r < nr, c < nc; q and c are row-major with row stride D.
+// Every dot goes through the same 4 x 4 block (ragged edges re-read the last row or column and
+// drop the copies), so equal rows give bitwise-equal dots wherever they sit: ties are real ties.
 template <typename T>
-__attribute__((always_inline)) inline void dot_tile(const T* __restrict q, int64_t nr, const T* __restrict c, int64_t nc, int64_t D,
-                     T* __restrict dots, int64_t ldd) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    const T *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-    int64_t j = 0;
-    for (; j + 4 <= nc; j += 4) {
-      const T *c0 = c + j * D, *c1 = c0 + D, *c2 = c1 + D, *c3 = c2 + D;
-      T a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-      T a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
-#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+__attribute__((always_inline)) inline void dot_tile(const T* __restrict q, int64_t nr, const T* __restrict c,
+                                                    int64_t nc, int64_t D, T* __restrict dots, int64_t ldd) {
+  for (int64_t r = 0; r < nr; r += 4) {
+    const T* q0 = q + r * D;
+    const T* q1 = q + std::min(r + 1, nr - 1) * D;
+    const T* q2 = q + std::min(r + 2, nr - 1) * D;
+    const T* q3 = q + std::min(r + 3, nr - 1) * D;
+    for (int64_t j = 0; j < nc; j += 4) {
+      const T* c0 = c + j * D;
+      const T* c1 = c + std::min(j + 1, nc - 1) * D;
+      const T* c2 = c + std::min(j + 2, nc - 1) * D;
+      const T* c3 = c + std::min(j + 3, nc - 1) * D;
+      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+      T s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
       for (int64_t d = 0; d < D; ++d) {
         const T v0 = c0[d], v1 = c1[d], v2 = c2[d], v3 = c3[d];
-        a00 += q0[d] * v0; a01 += q0[d] * v1; a02 += q0[d] * v2; a03 += q0[d] * v3;
-        a10 += q1[d] * v0; a11 += q1[d] * v1; a12 += q1[d] * v2; a13 += q1[d] * v3;
-        a20 += q2[d] * v0; a21 += q2[d] * v1; a22 += q2[d] * v2; a23 += q2[d] * v3;
-        a30 += q3[d] * v0; a31 += q3[d] * v1; a32 += q3[d] * v2; a33 += q3[d] * v3;
+        s00 += q0[d] * v0; s01 += q0[d] * v1; s02 += q0[d] * v2; s03 += q0[d] * v3;
+        s10 += q1[d] * v0; s11 += q1[d] * v1; s12 += q1[d] * v2; s13 += q1[d] * v3;
+        s20 += q2[d] * v0; s21 += q2[d] * v1; s22 += q2[d] * v2; s23 += q2[d] * v3;
+        s30 += q3[d] * v0; s31 += q3[d] * v1; s32 += q3[d] * v2; s33 += q3[d] * v3;
       }
-      T* o = dots + r * ldd + j;
-      o[0] = a00; o[1] = a01; o[2] = a02; o[3] = a03; o += ldd;
-      o[0] = a10; o[1] = a11; o[2] = a12; o[3] = a13; o += ldd;
-      o[0] = a20; o[1] = a21; o[2] = a22; o[3] = a23; o += ldd;
-      o[0] = a30; o[1] = a31; o[2] = a32; o[3] = a33;
-    }
-    for (; j < nc; ++j) {  // ragged candidate columns
-      const T* cj = c + j * D;
-      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t d = 0; d < D; ++d) {
-        a0 += q0[d] * cj[d]; a1 += q1[d] * cj[d]; a2 += q2[d] * cj[d]; a3 += q3[d] * cj[d];
-      }
-      dots[r * ldd + j] = a0; dots[(r + 1) * ldd + j] = a1;
-      dots[(r + 2) * ldd + j] = a2; dots[(r + 3) * ldd + j] = a3;
-    }
-  }
-  for (; r < nr; ++r) {  // ragged query rows
-    const T* qr = q + r * D;
-    for (int64_t j = 0; j < nc; ++j) {
-      const T* cj = c + j * D;
-      T a = 0;
-#pragma omp simd reduction(+ : a)
-      for (int64_t d = 0; d < D; ++d) a += qr[d] * cj[d];
-      dots[r * ldd + j] = a;
+      const T acc[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+      for (int64_t rr = 0; rr < std::min<int64_t>(4, nr - r); ++rr)
+        for (int64_t cc = 0; cc < std::min<int64_t>(4, nc - j); ++cc) dots[(r + rr) * ldd + j + cc] = acc[rr][cc];
     }
   }
 }

@@ -117,6 +117,8 @@ def koleo_loss(
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one feature, got shape {tuple(x.shape)}")
     n = x.shape[0]
+    if n == 0:
+        raise ValueError(f"KoLeo needs at least 2 samples to search, got 0 (x has shape {tuple(x.shape)})")
     if group is None:
         search_size = group_layout(n, 1, 0, loss_group_size)[0]  # DINOv3's divisibility errors
     else:

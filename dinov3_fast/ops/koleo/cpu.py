@@ -6,7 +6,7 @@ FLOPs); measured here it beats the best PyTorch formulation (row chunks of y @ y
 see docs/architecture.md. That PyTorch formulation stays as the fallback when the extension is not
 built. Neither allocates more than a tile / row chunk of dots. Everything else (distances, loss,
 backward) is a handful of O(n topk D) tensor ops; the backward scatters neighbour gradients with
-`index_add_`, which is deterministic on the CPU.
+`index_add_`, which is deterministic on the CPU, and runs in fp64 (see koleo_bwd_cpu).
 
 Notation as in triton.py: queries are rows [q0, q0 + nq) of x (M, D); r = 1 / max(||x||, eps);
 y = r x; u = y_q - y_j + 1e-8; d = ||u||. Math in fp32 (fp64 for fp64 inputs).
@@ -85,13 +85,18 @@ def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats:
     Returns:
         (M, D) gradient w.r.t. x, in x's dtype. Per pair, with c = -grad / (nq topk (d + eps) d):
         dx_q += c r_q (u - y_q (y_q.u)) and dx_j -= c r_j (u - y_j (y_j.u)), the radial term
-        dropped for rows with ||x|| <= eps (F.normalize divides by eps there).
+        dropped for rows with ||x|| <= eps (F.normalize divides by eps there) and c = 0 for a row
+        paired with itself (topk = n).
     """
-    y = (x.to(r.dtype) * r[:, None]).contiguous()
+    # fp64 math: a duplicated row receives equal and opposite terms of size ~1 / (n d^2) from its
+    # own pair and its twin's pair, which must cancel without swamping the rest of its gradient.
+    r = r.double()
+    y = (x.double() * r[:, None]).contiguous()
     y_q, y_j, u = _pairs(y, idx, q0, nq)
-    d, a_dot, b_dot = stats.to(r.dtype)
-    c = torch.where(d > 0, -grad.to(r.dtype) / (nq * topk * (d + eps) * d), 0.0)[..., None]
-    radial = (r * eps < 1).to(r.dtype)
+    d, a_dot, b_dot = stats.double()
+    self_pair = idx == torch.arange(q0, q0 + nq)[:, None]  # topk = n: its two gradients cancel exactly
+    c = torch.where((d > 0) & ~self_pair, -grad.double() / (nq * topk * (d + eps) * d), 0.0)[..., None]
+    radial = (r * eps < 1).double()
     r_q, r_j = r[q0:q0 + nq, None, None], r[idx][..., None]
     own = (c * r_q * (u - radial[q0:q0 + nq, None, None] * a_dot[..., None] * y_q)).sum(1)
     theirs = c * r_j * (u - radial[idx][..., None] * b_dot[..., None] * y_j)

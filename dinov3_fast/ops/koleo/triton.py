@@ -20,7 +20,10 @@ u = y_q - y_j + 1e-8 (PairwiseDistance's eps), d = ||u||, and the loss is
                          read through a CSR inverse index built with a stable sort, all pushed
                          through the normalisation in the same sweep:
                            dx_i = r_i sum_pairs c (u - [||x_i|| > eps] y_i (y_i.u)) (signed),
-                         with c = -grad / (nq topk (d + eps) d), using the y.u saved forward.
+                         with c = -grad / (nq topk (d + eps) d), using the y.u saved forward
+                         (c = 0 for a row paired with itself, topk = n). The sum is kept in
+                         fp64: a duplicated row gets equal and opposite terms ~1 / (n d^2) from
+                         its own pair and its twin's, which must cancel without swamping the rest.
 """
 from __future__ import annotations
 
@@ -166,26 +169,26 @@ def _koleo_bwd_kernel(
         cs = d0 + tl.arange(0, BLOCK_D)
         cmask = cs < D
         y_i = tl.load(x_ptr + i * sxm + cs * sxd, mask=cmask, other=0.0).to(tl.float32) * r_i
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
         if is_query:
             for t in tl.static_range(TOPK):
                 pair = q * TOPK + t
                 j = tl.load(idx_ptr + pair)
                 d = tl.load(stats_ptr + pair)
                 a_dot = tl.load(stats_ptr + nq * TOPK + pair)
-                c = tl.where(d > 0, scale / ((d + eps) * d), 0.0)
+                c = tl.where((d > 0) & (j != i), scale / ((d + eps) * d), 0.0)
                 y_j = tl.load(x_ptr + j * sxm + cs * sxd, mask=cmask, other=0.0).to(tl.float32) * tl.load(r_ptr + j)
                 u = tl.where(cmask, y_i - y_j + pdist_eps, 0.0)
-                acc += c * (u - radial * a_dot * y_i)
+                acc += (c * (u - radial * a_dot * y_i)).to(tl.float64)
         for p in range(p0, p1):
             pair = tl.load(order_ptr + p)
             row = q0 + pair // TOPK
             d = tl.load(stats_ptr + pair)
             b_dot = tl.load(stats_ptr + 2 * nq * TOPK + pair)
-            c = tl.where(d > 0, scale / ((d + eps) * d), 0.0)
+            c = tl.where((d > 0) & (row != i), scale / ((d + eps) * d), 0.0)
             y_q = tl.load(x_ptr + row * sxm + cs * sxd, mask=cmask, other=0.0).to(tl.float32) * tl.load(r_ptr + row)
             u = tl.where(cmask, y_q - y_i + pdist_eps, 0.0)
-            acc -= c * (u - radial * b_dot * y_i)
+            acc -= (c * (u - radial * b_dot * y_i)).to(tl.float64)
         tl.store(dx_ptr + i * D + cs, (r_i * acc).to(dx_ptr.dtype.element_ty), mask=cmask)
 
 

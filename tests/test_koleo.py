@@ -1,0 +1,233 @@
+"""KoLeo loss: every backend against the float64 oracle (value, neighbours, gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinov3_fast
+from dinov3_fast.ops import koleo_loss
+from dinov3_fast.ops.koleo import _koleo_bwd, _koleo_fwd, koleo_loss_ref
+from dinov3_fast.ops.koleo.reference import koleo_neighbors_ref
+
+BACKENDS = ["cpu", "triton"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def brute_force_koleo(x: torch.Tensor, eps: float, topk: int):
+    """An independent float64 oracle: explicit loops over rows, DINOv3's rules spelled out
+    (own entry scored -1, ties to the lowest index, ||y_i - y_j + 1e-8||, -mean log(d + eps))."""
+    y = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(eps)
+    n = y.shape[0]
+    terms, neighbours = [], []
+    for i in range(n):
+        scores = [(-1.0 if j == i else float((y[i] * y[j]).detach().sum()), -j) for j in range(n)]
+        best = sorted(range(n), key=lambda j: scores[j], reverse=True)[:topk]
+        neighbours.append(best)
+        for j in best:
+            terms.append(torch.log(torch.linalg.vector_norm(y[i] - y[j] + 1e-8) + eps))
+    return -torch.stack(terms).mean(), torch.tensor(neighbours)
+
+
+def run_backend(x, backend, topk=1, eps=1e-8):
+    """(loss, grad, sorted neighbour indices) of the fused op."""
+    x = x.detach().requires_grad_()
+    loss = koleo_loss(x, topk=topk, eps=eps, backend=backend)
+    (grad,) = torch.autograd.grad(loss, x)
+    idx = _koleo_fwd(x.detach(), 0, x.shape[0], eps, topk, backend)[1]
+    return loss, grad, idx.sort(dim=1).values
+
+
+def oracle(x: torch.Tensor, eps: float, topk: int):
+    """Float64 oracle: (loss, sorted neighbour indices) with exact ties. Dots are elementwise
+    products summed per pair (not a GEMM, whose edge kernels round equal columns differently), so
+    equal rows give equal dots and the stable sort picks the lowest index, as torch.max would."""
+    y = F.normalize(x, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = (y[:, None, :] * y[None, :, :]).sum(-1)
+        dots.fill_diagonal_(-1)
+        idx = torch.sort(dots, dim=1, descending=True, stable=True).indices[:, :topk]
+    d = F.pairwise_distance(y[:, None, :].expand(-1, topk, -1), y[idx], eps=1e-8)
+    return -torch.log(d + eps).mean(), idx.sort(dim=1).values
+
+
+def check_against_oracle(x, backend, tol, topk=1, eps=1e-8):
+    x64 = x.detach().double().requires_grad_()
+    ref, ref_idx = oracle(x64, eps, topk)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    loss, grad, idx = run_backend(x, backend, topk, eps)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    assert torch.equal(idx, ref_idx)
+    assert rel_err(loss, ref) < tol, (loss.item(), ref.item())
+    assert rel_err(grad, ref_grad) < tol
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_reference_matches_oracle(topk):
+    x = torch.randn(33, 24, dtype=torch.float64, requires_grad=True)
+    want, _ = oracle(x, 1e-8, topk)
+    got = koleo_loss_ref(x, 1e-8, topk)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("topk", [1, 2, 4])
+def test_reference_matches_brute_force(topk):
+    x = torch.randn(9, 5, dtype=torch.float64)
+    x[4] = x[1]  # exact duplicate: distance 0 up to the pairwise eps
+    x[7] = x[1]  # triplicate: the neighbour is a tie, broken towards the lowest index
+    want, want_idx = brute_force_koleo(x, 1e-8, topk)
+    y = F.normalize(x, dim=-1, eps=1e-8)
+    assert torch.equal(koleo_neighbors_ref(y, y, 0, topk), want_idx)
+    torch.testing.assert_close(koleo_loss_ref(x, 1e-8, topk), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,topk", [((2, 5), 1), ((2, 5), 2), ((37, 20), 1), ((37, 20), 3), ((150, 33), 1),
+                                        ((150, 33), 3)], ids=["n2", "n2_top2", "one_block", "one_block_top3",
+                                                              "multi_block", "multi_block_top3"])
+def test_matches_oracle_fp32(backend, shape, topk):
+    check_against_oracle(torch.randn(shape), backend, 1e-5, topk=topk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_equal_to_n_includes_self(backend):
+    """topk = n: the own row (scored -1) is a neighbour, d = ||1e-8 * 1||, as in DINOv3."""
+    check_against_oracle(torch.randn(4, 7), backend, 1e-5, topk=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_inputs(backend):
+    check_against_oracle(torch.randn(45, 64).half(), backend, 1e-2, topk=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [1, 2])
+def test_duplicate_rows_and_ties(backend, topk):
+    """Duplicates have distance ||1e-8 * 1|| and a finite loss through eps; with three copies the
+    neighbour is a tie and the gradient depends on which copy wins (the lowest index)."""
+    x = torch.randn(20, 16)
+    x[11] = x[3]
+    x[17] = x[3]
+    x[9] = x[5]
+    check_against_oracle(x, backend, 1e-5, topk=topk)
+    loss, _, idx = run_backend(x, backend, topk)
+    assert loss.item() > 3  # 5 of the 20 rows have a twin: -log(4e-8 + 1e-8) = 16.8 each
+    assert idx[3, 0] == 11 and idx[11, 0] == 3 and idx[17, 0] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_rows_are_clamped_like_f_normalize(backend):
+    """||x|| <= eps: F.normalize divides by eps, and its gradient has no radial term."""
+    x = torch.randn(12, 8, dtype=torch.float64 if backend == "cpu" else torch.float32)
+    x[2] *= 1e-10
+    check_against_oracle(x, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(40, 30)
+    for x in (base[:, ::2], base.T[:, :21], base[::2]):
+        assert not x.is_contiguous()
+        check_against_oracle(x, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_argument(backend):
+    check_against_oracle(torch.randn(10, 6), backend, 1e-5, eps=1e-3)
+
+
+def test_nan_propagates():
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    for backend in BACKENDS + ["reference"]:
+        assert torch.isnan(koleo_loss(x, backend=backend))
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_gradcheck_cpu_float64(topk):
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: koleo_loss(a, topk=topk, backend="cpu"), (x,))
+
+
+def test_cpu_search_native_equals_pytorch_formulation():
+    from dinov3_fast.ops.koleo.cpu import search_native, search_torch
+
+    y = F.normalize(torch.randn(300, 24), dim=-1)
+    y[200] = y[7]
+    y[250] = y[7]
+    for q0, nq in ((0, 300), (100, 60)):  # symmetric (all rows) and row-range searches
+        for topk in (1, 3):
+            assert torch.equal(search_native(y, q0, nq, topk), search_torch(y, q0, nq, topk))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = torch.randn(9, 6, requires_grad=True)
+    for q0, nq, topk in ((0, 9, 1), (3, 3, 2)):
+        torch.library.opcheck(_koleo_fwd, (x, q0, nq, 1e-8, topk, backend))
+        _, idx, stats, r = _koleo_fwd(x.detach(), q0, nq, 1e-8, topk, backend)
+        torch.library.opcheck(_koleo_bwd, (torch.tensor(1.0), x.detach(), idx, stats, r, q0, nq, 1e-8, topk, backend))
+
+
+def test_torch_compile_fullgraph():
+    def step(x):
+        return koleo_loss(x, topk=2) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(14, 8, requires_grad=True)
+    out = compiled(x)
+    out.backward()
+    x_ref = x.detach().clone().requires_grad_()
+    want = step(x_ref)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_modules_match_reference():
+    x = torch.randn(16, 12)
+    torch.testing.assert_close(dinov3_fast.KoLeoLoss()(x), koleo_loss_ref(x))
+    torch.testing.assert_close(dinov3_fast.KoLeoLoss()(x, eps=1e-4), koleo_loss_ref(x, 1e-4))
+    module = dinov3_fast.KoLeoLossDistributed(topk=3, loss_group_size=16)  # one process: the group is the batch
+    torch.testing.assert_close(module(x), koleo_loss_ref(x, 1e-8, 3))
+
+
+def test_dispatch_and_forcing(monkeypatch):
+    x = torch.randn(6, 4)
+    monkeypatch.setenv("DINOV3_FAST_BACKEND", "reference")
+    torch.testing.assert_close(koleo_loss(x), koleo_loss_ref(x))
+    with pytest.raises(ValueError, match="not implemented"):
+        koleo_loss(x, backend="cuda")
+
+
+@pytest.mark.parametrize("x,kwargs,error,match", [
+    (torch.randn(1, 8), {}, ValueError, r"at least 2 samples.*got 1.*\(1, 8\)"),
+    (torch.randn(0, 8), {}, ValueError, "at least 2 samples"),
+    (torch.randn(8), {}, ValueError, r"x must be 2-D \(n, D\), got shape \(8,\)"),
+    (torch.randn(2, 4, 8), {}, ValueError, r"x must be 2-D \(n, D\), got shape \(2, 4, 8\)"),
+    (torch.ones(4, 8, dtype=torch.int64), {}, TypeError, "x must be a floating-point tensor.*int64"),
+    (torch.randn(4, 0), {}, ValueError, "at least one feature"),
+    (torch.randn(4, 8), {"topk": 0}, ValueError, "topk must be a positive int, got 0"),
+    (torch.randn(4, 8), {"topk": 5}, ValueError, r"topk must be <= the 4 samples searched, got topk=5"),
+    (torch.randn(4, 8), {"eps": 0.0}, ValueError, "eps must be > 0"),
+    (torch.randn(4, 8), {"loss_group_size": 6}, ValueError, "Loss group size size 6 must be a multiple of local batch size 4"),
+    (torch.randn(4, 8), {"loss_group_size": 8}, ValueError, "Global batch size 4 must be divisible by loss group size 8"),
+])
+def test_bad_input_errors(x, kwargs, error, match):
+    for backend in BACKENDS + ["reference"]:
+        with pytest.raises(error, match=match):
+            koleo_loss(x, backend=backend, **kwargs)
+
+
+def test_cpu_backend_never_allocates_n_by_n():
+    """The cpu backend stays O(n D + tile) in memory; the reference allocates the n x n dots."""
+    from dinov3_fast.bench.memory import peak_extra_bytes
+
+    n, D = 2048, 16
+    x = torch.randn(n, D, requires_grad=True)
+    dots_bytes = n * n * 4
+    assert peak_extra_bytes(lambda: koleo_loss_ref(x).backward(), x.device) >= dots_bytes
+    assert peak_extra_bytes(lambda: koleo_loss(x, backend="cpu").backward(), x.device) < dots_bytes / 8
