@@ -15,6 +15,9 @@ import torch.distributed as dist
 from dinov3_fast.ops.koleo.reference import group_layout
 
 _SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# torch >= 2.13 renames the flat-tensor collectives (the old names warn); torch 2.6 has only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class GroupAllGather(torch.autograd.Function):
@@ -25,7 +28,7 @@ class GroupAllGather(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -38,7 +41,7 @@ class GroupAllGather(torch.autograd.Function):
             dist.all_reduce(grad, group=group)
             return grad[rank * n:(rank + 1) * n].clone(), None
         out = grad.new_empty((n, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, group=group)
+        _reduce_scatter(out, grad, group=group)
         return out, None
 
 
