@@ -7,6 +7,7 @@ from dinov3_fast.bench.case import BenchCase
 
 # One line per op module; keep this list sorted.
 CASE_MODULES = (
+    "dinov3_fast.bench.cases.attention",
     "dinov3_fast.bench.cases.gram",
     "dinov3_fast.bench.cases.sinkhorn",
     "dinov3_fast.bench.cases.soft_ce",

@@ -26,7 +26,8 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_attention", "rope_attention_lis
 
 # Fastest first, per device type (see docs/architecture.md). `reference` is always the fallback.
 PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
-TRITON_HEAD_DIMS = (32, 64, 128)
+TRITON_HEAD_DIMS = (32, 64, 128)  # attention: Dh / 2 >= 16 for the tensor-core halves
+ROPE_HEAD_DIMS = (4, 8, 16, 32, 64, 128, 256)  # standalone RoPE: power-of-two halves
 
 
 def _triton():
@@ -162,14 +163,15 @@ def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int,
     return sin, cos
 
 
-def _select(op: str, t: torch.Tensor, head_dim: int, backend: str | None) -> str:
+def _select(op: str, t: torch.Tensor, head_dim: int, backend: str | None,
+            head_dims: Sequence[int] = TRITON_HEAD_DIMS) -> str:
     chosen = select_backend(op, t.device, backend, PREFERENCE)
     if chosen != "triton":
         return chosen
-    if t.dtype == torch.float64 or head_dim not in TRITON_HEAD_DIMS:
+    if t.dtype == torch.float64 or head_dim not in head_dims:
         if backend == "triton":
             raise ValueError(f"{op}: the triton backend needs float32/float16/bfloat16 and head_dim in "
-                             f"{TRITON_HEAD_DIMS}, got {t.dtype} and head_dim {head_dim}")
+                             f"{tuple(head_dims)}, got {t.dtype} and head_dim {head_dim}")
         return "cpu" if t.device.type == "cpu" else "reference"
     return chosen
 
@@ -289,7 +291,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope, *,
     if rope is None:
         raise TypeError("rope must be a (sin, cos) pair of [HW, head_dim] tensors, got None")
     sin, cos = _check_rope("rope", rope, q, q.shape[2], q.shape[3], None)
-    chosen = _select("apply_rope", q, q.shape[3], backend)
+    chosen = _select("apply_rope", q, q.shape[3], backend, ROPE_HEAD_DIMS)
     if chosen == "reference":
         return apply_rope_ref(q, k, rope)
     return _apply_rope_fwd(q, k, sin, cos, chosen)

@@ -50,12 +50,13 @@ def _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF: tl.constexpr):
-    """fp32 (c1, s1, c2, s2) [len(rows), HALF] for token rows of a sequence; identity for prefix rows."""
+def _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF: tl.constexpr):
+    """fp32 (c1, s1, c2, s2) [len(rows), HALF] for token rows of a sequence whose table starts at
+    sin_ptr/cos_ptr; identity for prefix rows."""
     d = tl.arange(0, HALF)
     rr = rows - prefix
     ok = ((rows < n) & (rr >= 0))[:, None]
-    t = (r0 + rr)[:, None] * stride_r + d[None, :]
+    t = rr[:, None] * stride_r + d[None, :]
     c1 = tl.load(cos_ptr + t, mask=ok, other=1.0).to(tl.float32)
     s1 = tl.load(sin_ptr + t, mask=ok, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + t + HALF, mask=ok, other=1.0).to(tl.float32)
@@ -64,21 +65,22 @@ def _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF: tl.constex
 
 
 @triton.jit
-def _load_halves(ptr, rows, n, tok0, stride_t, HALF: tl.constexpr):
-    """Halves [len(rows), HALF] fp32 of one head's q or k (ptr: the head's first column)."""
+def _load_halves(ptr, rows, n, stride_t, HALF: tl.constexpr):
+    """Halves [len(rows), HALF] fp32 of one head's q or k (ptr: the sequence's first token, the
+    head's first column; row offsets stay int32)."""
     d = tl.arange(0, HALF)
-    p = ptr + (tok0 + rows).to(tl.int64)[:, None] * stride_t + d[None, :]
+    p = ptr + rows[:, None] * stride_t + d[None, :]
     ok = (rows < n)[:, None]
     return tl.load(p, mask=ok, other=0.0).to(tl.float32), tl.load(p + HALF, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_rotated(ptr, sin_ptr, cos_ptr, rows, n, tok0, r0, prefix, stride_t, stride_r,
+def _load_rotated(ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r,
                   HAS_ROPE: tl.constexpr, HALF: tl.constexpr):
     """Rotated halves of q or k rows, rounded to the input dtype."""
-    x1, x2 = _load_halves(ptr, rows, n, tok0, stride_t, HALF)
+    x1, x2 = _load_halves(ptr, rows, n, stride_t, HALF)
     if HAS_ROPE:
-        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF)
+        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF)
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
     else:
@@ -107,22 +109,23 @@ def _rope_attn_fwd_kernel(
         return
     HALF: tl.constexpr = DH // 2
     dtype = qkv_ptr.dtype.element_ty
-    q_ptr = qkv_ptr + h * DH
-    k_ptr = qkv_ptr + (H + h) * DH
-    v_ptr = qkv_ptr + (2 * H + h) * DH
+    base_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t  # 64-bit bases per sequence, int32 offsets inside
+    q_ptr = base_ptr + h * DH
+    k_ptr = base_ptr + (H + h) * DH
+    v_ptr = base_ptr + (2 * H + h) * DH
+    sin_ptr += r0 * stride_r
+    cos_ptr += r0 * stride_r
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, DH)
-    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, tok0, r0, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, tok0, r0, prefix, stride_t, stride_r,
-                               HAS_ROPE, HALF)
-        v = tl.load(v_ptr + (tok0 + cols).to(tl.int64)[:, None] * stride_t + d[None, :],
-                    mask=(cols < n)[:, None], other=0.0)
+        k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+        v = tl.load(v_ptr + cols[:, None] * stride_t + d[None, :], mask=(cols < n)[:, None], other=0.0)
         sc = tl.dot(q1, tl.trans(k1))
         sc = tl.dot(q2, tl.trans(k2), sc)
         sc = tl.where((cols < n)[None, :], sc * qk_scale, float("-inf"))
@@ -133,10 +136,10 @@ def _rope_attn_fwd_kernel(
         acc = tl.dot(p.to(dtype), v.to(dtype), acc * alpha[:, None])
         m_i = m_new
     acc = acc / l_i[:, None]
-    tok = (tok0 + rows).to(tl.int64)
-    tl.store(out_ptr + tok[:, None] * stride_o + h * DH + d[None, :], acc.to(out_ptr.dtype.element_ty),
+    out_ptr += tok0.to(tl.int64) * stride_o + h * DH
+    tl.store(out_ptr + rows[:, None] * stride_o + d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows < n)[:, None])
-    tl.store(lse_ptr + h * T + tok, (m_i + tl.math.log2(l_i)) * LN2_C, mask=rows < n)
+    tl.store(lse_ptr + h * T + tok0 + rows, (m_i + tl.math.log2(l_i)) * LN2_C, mask=rows < n)
 
 
 @triton.jit
@@ -178,36 +181,34 @@ def _rope_attn_bwd_kernel(
     HALF: tl.constexpr = DH // 2
     dtype = qkv_ptr.dtype.element_ty
     qk_scale = sm_scale * LOG2E_C
-    q_ptr = qkv_ptr + h * DH
-    k_ptr = qkv_ptr + (H + h) * DH
-    v_ptr = qkv_ptr + (2 * H + h) * DH
+    base_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t  # 64-bit bases per sequence, int32 offsets inside
+    q_ptr = base_ptr + h * DH
+    k_ptr = base_ptr + (H + h) * DH
+    v_ptr = base_ptr + (2 * H + h) * DH
+    dout_ptr += tok0.to(tl.int64) * stride_do + h * DH
+    dqkv_ptr += tok0.to(tl.int64) * (3 * H * DH)
+    lse_ptr += h * T + tok0
+    delta_ptr += h * T + tok0
+    sin_ptr += r0 * stride_r
+    cos_ptr += r0 * stride_r
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, DH)
     dh = tl.arange(0, HALF)
     row_ok = rows < n
-    tok = (tok0 + rows).to(tl.int64)
-    if HAS_ROPE:
-        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, r0, prefix, stride_r, HALF)
 
     # dk, dv for key rows `rows`
-    k1, k2 = _load_halves(k_ptr, rows, n, tok0, stride_t, HALF)
-    if HAS_ROPE:
-        k1, k2 = k1 * c1 - k2 * s1, k2 * c2 + k1 * s2
-    k1 = k1.to(dtype)
-    k2 = k2.to(dtype)
-    v = tl.load(v_ptr + tok[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+    k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+    v = tl.load(v_ptr + rows[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
     dk1 = tl.zeros([BLOCK, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK, HALF], tl.float32)
     dv = tl.zeros([BLOCK, DH], tl.float32)
     for start in range(0, n, BLOCK_INNER):
         qr = start + tl.arange(0, BLOCK_INNER)
         q_ok = qr < n
-        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, qr, n, tok0, r0, prefix, stride_t, stride_r, HAS_ROPE, HALF)
-        qt = (tok0 + qr).to(tl.int64)
-        do = tl.load(dout_ptr + qt[:, None] * stride_do + h * DH + d[None, :], mask=q_ok[:, None], other=0.0)
-        do = do.to(dtype)
-        lse2 = tl.load(lse_ptr + h * T + qt, mask=q_ok, other=0.0) * LOG2E_C
-        dl = tl.load(delta_ptr + h * T + qt, mask=q_ok, other=0.0)
+        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, qr, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+        do = tl.load(dout_ptr + qr[:, None] * stride_do + d[None, :], mask=q_ok[:, None], other=0.0).to(dtype)
+        lse2 = tl.load(lse_ptr + qr, mask=q_ok, other=0.0) * LOG2E_C
+        dl = tl.load(delta_ptr + qr, mask=q_ok, other=0.0)
         st = tl.dot(k1, tl.trans(q1))
         st = tl.dot(k2, tl.trans(q2), st)
         pt = tl.where(q_ok[None, :], tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
@@ -218,34 +219,27 @@ def _rope_attn_bwd_kernel(
         dk2 = tl.dot(dst, q2, dk2)
     dk1 *= sm_scale
     dk2 *= sm_scale
-    if HAS_ROPE:
+    if HAS_ROPE:  # the tables are re-read (L1/L2) rather than held in registers across the loop
+        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF)
         dk1, dk2 = dk1 * c1 + dk2 * s2, dk2 * c2 - dk1 * s1
     out_dtype = dqkv_ptr.dtype.element_ty
-    dk_p = dqkv_ptr + tok[:, None] * (3 * H * DH) + (H + h) * DH + dh[None, :]
-    tl.store(dk_p, dk1.to(out_dtype), mask=row_ok[:, None])
-    tl.store(dk_p + HALF, dk2.to(out_dtype), mask=row_ok[:, None])
-    tl.store(dqkv_ptr + tok[:, None] * (3 * H * DH) + (2 * H + h) * DH + d[None, :], dv.to(out_dtype),
-             mask=row_ok[:, None])
+    grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
+    tl.store(grad_p + (H + h) * DH + dh[None, :], dk1.to(out_dtype), mask=row_ok[:, None])
+    tl.store(grad_p + (H + h) * DH + HALF + dh[None, :], dk2.to(out_dtype), mask=row_ok[:, None])
+    tl.store(grad_p + (2 * H + h) * DH + d[None, :], dv.to(out_dtype), mask=row_ok[:, None])
 
     # dq for query rows `rows`
-    q1, q2 = _load_halves(q_ptr, rows, n, tok0, stride_t, HALF)
-    if HAS_ROPE:
-        q1, q2 = q1 * c1 - q2 * s1, q2 * c2 + q1 * s2
-    q1 = q1.to(dtype)
-    q2 = q2.to(dtype)
-    do = tl.load(dout_ptr + tok[:, None] * stride_do + h * DH + d[None, :], mask=row_ok[:, None], other=0.0)
-    do = do.to(dtype)
-    lse2 = tl.load(lse_ptr + h * T + tok, mask=row_ok, other=0.0) * LOG2E_C
-    dl = tl.load(delta_ptr + h * T + tok, mask=row_ok, other=0.0)
+    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+    do = tl.load(dout_ptr + rows[:, None] * stride_do + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E_C
+    dl = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
     for start in range(0, n, BLOCK_INNER):
         kr = start + tl.arange(0, BLOCK_INNER)
         k_ok = kr < n
-        kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, tok0, r0, prefix, stride_t, stride_r,
-                                 HAS_ROPE, HALF)
-        vv = tl.load(v_ptr + (tok0 + kr).to(tl.int64)[:, None] * stride_t + d[None, :], mask=k_ok[:, None],
-                     other=0.0).to(dtype)
+        kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+        vv = tl.load(v_ptr + kr[:, None] * stride_t + d[None, :], mask=k_ok[:, None], other=0.0).to(dtype)
         sc = tl.dot(q1, tl.trans(kk1))
         sc = tl.dot(q2, tl.trans(kk2), sc)
         p = tl.where(k_ok[None, :], tl.math.exp2(sc * qk_scale - lse2[:, None]), 0.0)
@@ -256,10 +250,10 @@ def _rope_attn_bwd_kernel(
     dq1 *= sm_scale
     dq2 *= sm_scale
     if HAS_ROPE:
+        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF)
         dq1, dq2 = dq1 * c1 + dq2 * s2, dq2 * c2 - dq1 * s1
-    dq_p = dqkv_ptr + tok[:, None] * (3 * H * DH) + h * DH + dh[None, :]
-    tl.store(dq_p, dq1.to(out_dtype), mask=row_ok[:, None])
-    tl.store(dq_p + HALF, dq2.to(out_dtype), mask=row_ok[:, None])
+    tl.store(grad_p + h * DH + dh[None, :], dq1.to(out_dtype), mask=row_ok[:, None])
+    tl.store(grad_p + h * DH + HALF + dh[None, :], dq2.to(out_dtype), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -277,7 +271,7 @@ def _rope_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HALF)
     ok = (rows < N)[:, None]
-    c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, N, 0, prefix, DH, HALF)
+    c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, N, prefix, DH, HALF)
     if TRANSPOSE:  # y -> g: g1 = y1 c1 + y2 s2, g2 = y2 c2 - y1 s1
         a1, b1, a2, b2 = c1, s2, c2, -s1
     else:          # x -> y: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
@@ -299,22 +293,21 @@ def _rope_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 def fwd_config(max_len: int, head_dim: int) -> dict:
-    """Forward tiles by sequence length: one block covers a local crop (N <= 64); 64-row query
-    blocks waste least on 261-token global crops; long sequences take 128-row query blocks."""
+    """Forward tiles by sequence length, chosen so that no configuration spills at sm_90 (checked
+    with tools/aot_compile.py; the fp32 rope tables of the key block are what costs registers):
+    one 64-row block covers a local crop; 64-row query blocks waste least on 261-token crops; long
+    sequences take 128-row query blocks over two warpgroups."""
     if max_len <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=1)
     if max_len <= 512:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8, num_stages=3)
 
 
 def bwd_config(max_len: int, head_dim: int) -> dict:
-    """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them."""
-    if max_len <= 64:
-        return dict(BLOCK=64, BLOCK_INNER=64, num_warps=4, num_stages=1)
-    if max_len <= 512:
-        return dict(BLOCK=64, BLOCK_INNER=32, num_warps=4, num_stages=2)
-    return dict(BLOCK=128, BLOCK_INNER=32, num_warps=8 if head_dim == 128 else 4, num_stages=2)
+    """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them. Eight
+    warps keep head dim 64 free of spills; head dim 128 still spills (~750 B/thread) here."""
+    return dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2)
 
 
 def _common(qkv, sin, seqinfo, num_heads, max_len):
