@@ -14,7 +14,7 @@ PY := $(VIRTUAL_ENV)/bin/python
 endif
 STAMP := $(dir $(PY)).dinov3_fast_installed
 
-.PHONY: install bench test clean
+.PHONY: install bench test benchmarks-md clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard kernels/*) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
@@ -29,6 +29,9 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+benchmarks-md: install
+	$(PY) tools/benchmarks_md.py
 
 clean:
 	rm -rf build $(VENV) dinov3_fast/_C*.so *.egg-info

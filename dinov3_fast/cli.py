@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import sys
@@ -40,6 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(note)
     if args.json:
         meta = {"device": roofline.device_name if roofline else "cpu", "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
                 "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version()}
         try:
             import triton

@@ -28,6 +28,7 @@ class BenchRow:
     flops_frac: float | None  # tflops / measured peak of the input dtype's matmul
     gbps: float | None        # minimal forward bytes / forward time
     bw_frac: float | None     # gbps / measured copy bandwidth
+    bwd_tflops: float | None = None  # useful backward FLOPs / (fwd+bwd time - fwd time)
     note: str = ""
 
     def as_dict(self) -> dict:
@@ -83,8 +84,11 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
             peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
             flops_frac = tflops * 1e12 / peak_flops if tflops else None
             bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None
+        bwd_tflops = None
+        if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
+            bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
         rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, fwd_bwd_s * 1e3 if fwd_bwd_s else None,
-                             peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, case.note))
+                             peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note))
     base = rows[0]
     base_t = base.fwd_bwd_ms or base.fwd_ms
     for row in rows:

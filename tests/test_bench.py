@@ -1,0 +1,88 @@
+"""The benchmark machinery: memory accounting, the runner, the CLI and the BENCHMARKS.md generator."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov3_fast import cli
+from dinov3_fast.bench.case import BenchCase
+from dinov3_fast.bench.memory import peak_extra_bytes
+from dinov3_fast.bench.runner import format_table, run_case
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_peak_memory_sees_temporaries_inside_a_call():
+    x = torch.randn(512, 512)
+
+    def two_live_temporaries():
+        a = x @ x            # 1 MiB
+        b = a * 2            # 1 MiB, while a is alive
+        del a
+        return b.sum()
+
+    peak = peak_extra_bytes(two_live_temporaries, x.device)
+    assert 2 * 2**20 <= peak < 3 * 2**20
+
+
+def _tiny_case():
+    def make(device):
+        return (torch.randn(64, 32, device=device, requires_grad=True),), {}
+
+    def slow(x):
+        return (x @ x.T).pow(2).mean()
+
+    def fast(x):
+        return (x.T @ x).pow(2).mean()  # the same value by the Gram identity
+
+    return BenchCase(op="toy", preset="cpu_tiny", device="cpu", make_inputs=make,
+                     impls={"reference": slow, "fused": fast}, flops=2 * 64 * 64 * 32, bytes=64 * 32 * 4)
+
+
+def test_run_case_rows_and_ratios():
+    rows = run_case(_tiny_case(), torch.device("cpu"), roofline=None, min_run_time=0.01)
+    assert [r.impl for r in rows] == ["reference", "fused"]
+    assert rows[0].speedup == pytest.approx(1.0)
+    assert all(r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.tflops > 0 for r in rows)
+    assert rows[1].speedup == pytest.approx(rows[0].fwd_bwd_ms / rows[1].fwd_bwd_ms)
+    table = format_table(rows)
+    assert "cpu_tiny" in table and "fused" in table
+
+
+def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr("dinov3_fast.bench.cases.all_cases", lambda: [_tiny_case()])
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    assert cli.main(["bench", "--device", "cpu", "--min-run-time", "0.01", "--json", str(out_json),
+                     "--plot", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["device"] == "cpu" and {r["impl"] for r in data["rows"]} == {"reference", "fused"}
+    assert out_png.stat().st_size > 0
+
+
+def test_cli_bench_unknown_preset_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--preset", "no_such_preset"]) == 2
+    assert "no benchmark case matches" in capsys.readouterr().err
+
+
+def _benchmarks_md():
+    spec = importlib.util.spec_from_file_location("benchmarks_md", ROOT / "tools" / "benchmarks_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks_md"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_goal_evaluation():
+    md = _benchmarks_md()
+    rows = [
+        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "reference", "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 8.0},
+        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "dinov3:flash", "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_mb": 8.0},
+        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "fused", "fwd_ms": 1.0, "fwd_bwd_ms": 1.0, "peak_mb": 4.0},
+    ]
+    goal = next(g for g in md.GOALS if g.preset == "vitl_261tok" and g.op == "rope_attention")
+    assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
+    text = md.render([(Path("gpu_run.json"), {"meta": {"device": "NVIDIA H100"}, "rows": rows})])
+    assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text
