@@ -77,11 +77,13 @@ def _benchmarks_md():
 
 def test_goal_evaluation():
     md = _benchmarks_md()
-    rows = [
-        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "reference", "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_mb": 8.0},
-        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "dinov3:flash", "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_mb": 8.0},
-        {"op": "rope_attention", "preset": "vitl_261tok", "impl": "fused", "fwd_ms": 1.0, "fwd_bwd_ms": 1.0, "peak_mb": 4.0},
-    ]
+    from dinov3_fast.bench.runner import BenchRow
+
+    def row(impl, fwd_bwd_ms, peak_mb):
+        return BenchRow("rope_attention", "vitl_261tok", impl, 1.0, fwd_bwd_ms, peak_mb,
+                        None, None, None, None, None, None).as_dict()
+
+    rows = [row("reference", 3.0, 8.0), row("dinov3:flash", 2.0, 8.0), row("fused", 1.0, 4.0)]
     goal = next(g for g in md.GOALS if g.preset == "vitl_261tok" and g.op == "rope_attention")
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
     text = md.render([(Path("gpu_run.json"), {"meta": {"device": "NVIDIA H100"}, "rows": rows})])
