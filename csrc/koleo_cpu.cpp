@@ -23,6 +23,7 @@ namespace dinov3_fast {
 namespace {
 
 constexpr int64_t kBlock = 64;  // query and candidate tile edge
+constexpr double kPdistEps = 1e-8;  // nn.PairwiseDistance(2, eps=1e-8)
 
 // dots[r * ldd + c] = <q_r, c_c> for r < nr, c < nc; q and c are row-major with row stride D.
 // Every dot goes through the same 4 x 4 block (ragged edges re-read the last row or column and
@@ -164,6 +165,66 @@ void search(const T* y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t to
     search_rows(y, M, D, q0, nq, topk, out);
 }
 
+// Per (query, slot) pair: d = ||u||, y_q.u and y_j.u with u = y_q - y_j + 1e-8, into stats (3, nq, topk).
+template <typename T>
+void pair_stats(const T* y, int64_t D, int64_t q0, int64_t nq, int64_t topk, const int64_t* idx, T* stats) {
+  const int64_t pairs = nq * topk;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < pairs; ++p) {
+    const T* yq = y + (q0 + p / topk) * D;
+    const T* yj = y + idx[p] * D;
+    double d2 = 0, a = 0, b = 0;
+    for (int64_t k = 0; k < D; ++k) {
+      const T u = yq[k] - yj[k] + T(kPdistEps);
+      d2 += double(u) * u;
+      a += double(yq[k] * u);
+      b += double(yj[k] * u);
+    }
+    stats[p] = T(std::sqrt(d2));
+    stats[pairs + p] = T(a);
+    stats[2 * pairs + p] = T(b);
+  }
+}
+
+// dx (M, D) in one pass per row i, no atomics: i's own pairs plus the pairs that chose i as their
+// neighbour (CSR: order[start[i] .. start[i+1]) are their pair ids). Per pair, c = scale / ((d + eps) d)
+// and dx_i += r_i c (u - [||x_i|| > eps] y_i (y_i.u)) with the sign of d/dy_i. Terms are summed in
+// fp64: a duplicated row gets equal and opposite terms ~1 / (n d^2) from its own pair and its
+// twin's, which must cancel without swamping the rest. A row paired with itself (topk = n) gets 0.
+template <typename T>
+void backward(const T* y, const T* r, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk,
+              const int64_t* idx, const T* stats, const int64_t* order, const int64_t* start, double scale,
+              double eps, T* dx) {
+  const int64_t pairs = nq * topk;
+  auto coef = [&](int64_t p) { const T d = stats[p]; return d == T(0) ? T(0) : T(scale / ((double(d) + eps) * d)); };
+#pragma omp parallel
+  {
+    std::vector<double> acc(D);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < M; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      const T* yi = y + i * D;
+      const T radial = double(r[i]) * eps < 1 ? T(1) : T(0);
+      if (i >= q0 && i < q0 + nq) {
+        for (int64_t p = (i - q0) * topk; p < (i - q0 + 1) * topk; ++p) {
+          if (idx[p] == i) continue;
+          const T c = coef(p), ra = radial * stats[pairs + p];
+          const T* yj = y + idx[p] * D;
+          for (int64_t k = 0; k < D; ++k) acc[k] += double(c * ((yi[k] - yj[k] + T(kPdistEps)) - ra * yi[k]));
+        }
+      }
+      for (int64_t o = start[i]; o < start[i + 1]; ++o) {
+        const int64_t p = order[o], row = q0 + p / topk;
+        if (row == i) continue;
+        const T c = coef(p), rb = radial * stats[2 * pairs + p];
+        const T* yq = y + row * D;
+        for (int64_t k = 0; k < D; ++k) acc[k] -= double(c * ((yq[k] - yi[k] + T(kPdistEps)) - rb * yi[k]));
+      }
+      for (int64_t k = 0; k < D; ++k) dx[i * D + k] = T(r[i] * acc[k]);
+    }
+  }
+}
+
 }  // namespace
 
 void bind_koleo(pybind11::module_& m) {
@@ -182,6 +243,39 @@ void bind_koleo(pybind11::module_& m) {
       "self scored -1, ties to the lowest index; writes int64 (nq, topk) to out.",
       pybind11::arg("y"), pybind11::arg("M"), pybind11::arg("D"), pybind11::arg("q0"), pybind11::arg("nq"),
       pybind11::arg("topk"), pybind11::arg("out"), pybind11::arg("fp64"));
+  m.def(
+      "koleo_pair_stats",
+      [](uintptr_t y, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx, uintptr_t stats, bool fp64) {
+        pybind11::gil_scoped_release release;
+        const auto* ix = reinterpret_cast<const int64_t*>(idx);
+        if (fp64)
+          pair_stats(reinterpret_cast<const double*>(y), D, q0, nq, topk, ix, reinterpret_cast<double*>(stats));
+        else
+          pair_stats(reinterpret_cast<const float*>(y), D, q0, nq, topk, ix, reinterpret_cast<float*>(stats));
+      },
+      "d, y_q.u, y_j.u (u = y_q - y_j + 1e-8) of every (query, slot) pair into stats (3, nq, topk).",
+      pybind11::arg("y"), pybind11::arg("D"), pybind11::arg("q0"), pybind11::arg("nq"), pybind11::arg("topk"),
+      pybind11::arg("idx"), pybind11::arg("stats"), pybind11::arg("fp64"));
+  m.def(
+      "koleo_backward",
+      [](uintptr_t y, uintptr_t r, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx,
+         uintptr_t stats, uintptr_t order, uintptr_t start, double scale, double eps, uintptr_t dx, bool fp64) {
+        pybind11::gil_scoped_release release;
+        const auto* ix = reinterpret_cast<const int64_t*>(idx);
+        const auto* od = reinterpret_cast<const int64_t*>(order);
+        const auto* st = reinterpret_cast<const int64_t*>(start);
+        if (fp64)
+          backward(reinterpret_cast<const double*>(y), reinterpret_cast<const double*>(r), M, D, q0, nq, topk, ix,
+                   reinterpret_cast<const double*>(stats), od, st, scale, eps, reinterpret_cast<double*>(dx));
+        else
+          backward(reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(r), M, D, q0, nq, topk, ix,
+                   reinterpret_cast<const float*>(stats), od, st, scale, eps, reinterpret_cast<float*>(dx));
+      },
+      "Gradient (M, D) w.r.t. x of scale * sum log(d + eps), one row per task, CSR inverse index "
+      "order/start of the neighbour pairs, fp64 sums.",
+      pybind11::arg("y"), pybind11::arg("r"), pybind11::arg("M"), pybind11::arg("D"), pybind11::arg("q0"),
+      pybind11::arg("nq"), pybind11::arg("topk"), pybind11::arg("idx"), pybind11::arg("stats"), pybind11::arg("order"),
+      pybind11::arg("start"), pybind11::arg("scale"), pybind11::arg("eps"), pybind11::arg("dx"), pybind11::arg("fp64"));
 }
 
 }  // namespace dinov3_fast

@@ -143,7 +143,22 @@ def test_nan_propagates():
     x = torch.randn(8, 4)
     x[3, 1] = float("nan")
     for backend in BACKENDS + ["reference"]:
-        assert torch.isnan(koleo_loss(x, backend=backend))
+        x = x.detach().requires_grad_()
+        loss = koleo_loss(x, backend=backend)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(x.grad).any()
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_cpu_pytorch_fallback_without_extension(monkeypatch, topk):
+    """Without dinov3_fast._C the cpu backend runs its PyTorch formulation, with the same numbers."""
+    from dinov3_fast.ops.koleo import cpu as koleo_cpu
+
+    monkeypatch.setattr(koleo_cpu, "native", lambda: None)
+    x = torch.randn(30, 16)
+    x[20] = x[4]
+    x[25] = x[4]
+    check_against_oracle(x, "cpu", 1e-5, topk=topk)
 
 
 @pytest.mark.parametrize("topk", [1, 2])

@@ -9,6 +9,7 @@ from dinov3_fast.bench.case import BenchCase
 CASE_MODULES = (
     "dinov3_fast.bench.cases.attention",
     "dinov3_fast.bench.cases.gram",
+    "dinov3_fast.bench.cases.koleo",
     "dinov3_fast.bench.cases.sinkhorn",
     "dinov3_fast.bench.cases.soft_ce",
 )

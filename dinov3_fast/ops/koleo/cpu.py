@@ -1,12 +1,15 @@
-"""CPU path of the KoLeo loss: C++ blocked neighbour search, then O(n topk D) PyTorch.
+"""CPU path of the KoLeo loss: C++ (csrc/koleo_cpu.cpp, OpenMP) with a PyTorch fallback.
 
-The search is the only O(n^2 D) part. `csrc/koleo_cpu.cpp` (OpenMP, AVX-512/AVX2 clones) runs it
-tile by tile and, when every row is a query, over the upper triangle of y y^T only (half the
-FLOPs); measured here it beats the best PyTorch formulation (row chunks of y @ y.T + max on MKL),
-see docs/architecture.md. That PyTorch formulation stays as the fallback when the extension is not
-built. Neither allocates more than a tile / row chunk of dots. Everything else (distances, loss,
-backward) is a handful of O(n topk D) tensor ops; the backward scatters neighbour gradients with
-`index_add_`, which is deterministic on the CPU, and runs in fp64 (see koleo_bwd_cpu).
+  search       the only O(n^2 D) part: tiles of dots in registers / L1, a running top-k per row,
+               and, when every row is a query, only the upper triangle of y y^T (half the FLOPs).
+  pair stats   d, y_q.u, y_j.u per (query, neighbour) pair.
+  backward     one pass per row over its own pairs and the pairs that chose it (CSR inverse index
+               from a stable sort), fp64 sums, written once: no temporaries, no atomics.
+Measured here the C++ path beats the best PyTorch formulation (row chunks of y @ y.T on MKL +
+torch.max, then O(n topk D) tensor ops, whose many n x D temporaries dominate on this machine);
+see docs/architecture.md for both figures. The PyTorch formulation (`search_torch`,
+`pair_stats_torch`, `backward_torch`) runs when the extension is not built. Neither allocates
+more than a tile / row chunk of dots.
 
 Notation as in triton.py: queries are rows [q0, q0 + nq) of x (M, D); r = 1 / max(||x||, eps);
 y = r x; u = y_q - y_j + 1e-8; d = ||u||. Math in fp32 (fp64 for fp64 inputs).
@@ -53,11 +56,30 @@ def search_torch(y: torch.Tensor, q0: int, nq: int, topk: int) -> torch.Tensor:
     return out
 
 
-def _pairs(y: torch.Tensor, idx: torch.Tensor, q0: int, nq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y_q (nq, 1, D), y_j (nq, topk, D), u (nq, topk, D)."""
-    y_q = y[q0:q0 + nq, None]
-    y_j = y[idx]
-    return y_q, y_j, y_q - y_j + PDIST_EPS
+def pair_stats_torch(y: torch.Tensor, idx: torch.Tensor, q0: int, nq: int) -> torch.Tensor:
+    """(3, nq, topk): d, y_q.u and y_j.u of every (query, slot) pair."""
+    y_q, y_j = y[q0:q0 + nq, None], y[idx]
+    u = y_q - y_j + PDIST_EPS
+    return torch.stack((torch.linalg.vector_norm(u, dim=-1), (y_q * u).sum(-1), (y_j * u).sum(-1)))
+
+
+def backward_torch(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor,
+                   q0: int, nq: int, eps: float, topk: int) -> torch.Tensor:
+    """The PyTorch formulation of the backward (see koleo_bwd_cpu), (M, D) fp64."""
+    y_q, r_q = y[q0:q0 + nq], r[q0:q0 + nq, None]
+    d, a_dot, b_dot = stats
+    self_pair = idx == torch.arange(q0, q0 + nq)[:, None]
+    c = torch.where(self_pair | (d == 0), 0.0, -grad.to(d.dtype) / (nq * topk * (d + eps) * d))
+    radial = (r * eps < 1).to(r.dtype)[:, None]
+    dx = torch.zeros(y.shape, dtype=torch.float64)
+    for s in range(topk):
+        j = idx[:, s]
+        y_j = y[j]
+        u = y_q - y_j + PDIST_EPS
+        dx[q0:q0 + nq] += (u - radial[q0:q0 + nq] * a_dot[:, s, None] * y_q).mul_(c[:, s, None] * r_q)
+        theirs = (u - radial[j] * b_dot[:, s, None] * y_j).mul_(c[:, s, None] * r[j, None])
+        dx.index_add_(0, j, theirs.double(), alpha=-1)
+    return dx
 
 
 def koleo_fwd_cpu(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
@@ -70,12 +92,16 @@ def koleo_fwd_cpu(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
         r: (M,) inverse row norms.
     """
     y, r = _normalized(x, eps)
-    search = search_native if native() is not None else search_torch
-    idx = search(y, q0, nq, topk)
-    y_q, y_j, u = _pairs(y, idx, q0, nq)
-    d = torch.linalg.vector_norm(u, dim=-1)
-    stats = torch.stack((d, (y_q * u).sum(-1), (y_j * u).sum(-1)))
-    return -torch.log(d + eps).mean(), idx, stats, r
+    lib = native()
+    if lib is None:
+        idx = search_torch(y, q0, nq, topk)
+        stats = pair_stats_torch(y, idx, q0, nq)
+    else:
+        idx = search_native(y, q0, nq, topk)
+        stats = y.new_empty((3, nq, topk))
+        lib.koleo_pair_stats(y.data_ptr(), y.shape[1], q0, nq, topk, idx.data_ptr(), stats.data_ptr(),
+                             y.dtype == torch.float64)
+    return -torch.log(stats[0] + eps).mean(), idx, stats, r
 
 
 def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, r: torch.Tensor,
@@ -86,21 +112,18 @@ def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats:
         (M, D) gradient w.r.t. x, in x's dtype. Per pair, with c = -grad / (nq topk (d + eps) d):
         dx_q += c r_q (u - y_q (y_q.u)) and dx_j -= c r_j (u - y_j (y_j.u)), the radial term
         dropped for rows with ||x|| <= eps (F.normalize divides by eps there) and c = 0 for a row
-        paired with itself (topk = n).
+        paired with itself (topk = n). Terms are computed in the compute dtype and summed in fp64:
+        a duplicated row gets equal and opposite terms of size ~1 / (n d^2) from its own pair and
+        its twin's, which must cancel without swamping the rest of its gradient.
     """
-    # fp64 math: a duplicated row receives equal and opposite terms of size ~1 / (n d^2) from its
-    # own pair and its twin's pair, which must cancel without swamping the rest of its gradient.
-    r = r.double()
-    y = (x.double() * r[:, None]).contiguous()
-    y_q, y_j, u = _pairs(y, idx, q0, nq)
-    d, a_dot, b_dot = stats.double()
-    self_pair = idx == torch.arange(q0, q0 + nq)[:, None]  # topk = n: its two gradients cancel exactly
-    c = torch.where((d > 0) & ~self_pair, -grad.double() / (nq * topk * (d + eps) * d), 0.0)[..., None]
-    radial = (r * eps < 1).double()
-    r_q, r_j = r[q0:q0 + nq, None, None], r[idx][..., None]
-    own = (c * r_q * (u - radial[q0:q0 + nq, None, None] * a_dot[..., None] * y_q)).sum(1)
-    theirs = c * r_j * (u - radial[idx][..., None] * b_dot[..., None] * y_j)
-    dx = torch.zeros_like(y)
-    dx[q0:q0 + nq] = own
-    dx.index_add_(0, idx.flatten(), theirs.flatten(0, 1), alpha=-1)
+    y = (x.to(r.dtype) * r[:, None]).contiguous()
+    lib = native()
+    if lib is None:
+        return backward_torch(grad, y, r, idx, stats, q0, nq, eps, topk).to(x.dtype)
+    sorted_idx, order = torch.sort(idx.flatten(), stable=True)
+    start = torch.searchsorted(sorted_idx, torch.arange(y.shape[0] + 1))
+    dx = torch.empty_like(y)
+    lib.koleo_backward(y.data_ptr(), r.data_ptr(), y.shape[0], y.shape[1], q0, nq, topk, idx.data_ptr(),
+                       stats.data_ptr(), order.data_ptr(), start.data_ptr(), -float(grad) / (nq * topk), eps,
+                       dx.data_ptr(), y.dtype == torch.float64)
     return dx.to(x.dtype)

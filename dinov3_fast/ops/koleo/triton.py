@@ -176,7 +176,7 @@ def _koleo_bwd_kernel(
                 j = tl.load(idx_ptr + pair)
                 d = tl.load(stats_ptr + pair)
                 a_dot = tl.load(stats_ptr + nq * TOPK + pair)
-                c = tl.where((d > 0) & (j != i), scale / ((d + eps) * d), 0.0)
+                c = tl.where((d == 0) | (j == i), 0.0, scale / ((d + eps) * d))
                 y_j = tl.load(x_ptr + j * sxm + cs * sxd, mask=cmask, other=0.0).to(tl.float32) * tl.load(r_ptr + j)
                 u = tl.where(cmask, y_i - y_j + pdist_eps, 0.0)
                 acc += (c * (u - radial * a_dot * y_i)).to(tl.float64)
@@ -185,7 +185,7 @@ def _koleo_bwd_kernel(
             row = q0 + pair // TOPK
             d = tl.load(stats_ptr + pair)
             b_dot = tl.load(stats_ptr + 2 * nq * TOPK + pair)
-            c = tl.where((d > 0) & (row != i), scale / ((d + eps) * d), 0.0)
+            c = tl.where((d == 0) | (row == i), 0.0, scale / ((d + eps) * d))
             y_q = tl.load(x_ptr + row * sxm + cs * sxd, mask=cmask, other=0.0).to(tl.float32) * tl.load(r_ptr + row)
             u = tl.where(cmask, y_q - y_i + pdist_eps, 0.0)
             acc -= (c * (u - radial * b_dot * y_i)).to(tl.float64)
