@@ -56,13 +56,30 @@ def _row_chunks(G: int, P: int, width: int):
         yield slice(r0, min(P, r0 + rows))
 
 
-def _gram_of_rows(xa: torch.Tensor, xb: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Ya^T Yb, (G, D, D), accumulated over row chunks so Ya and Yb are never materialised whole."""
-    G, P, D = xa.shape
-    out = xa.new_zeros((G, D, D), dtype=_compute_dtype(xa))
-    for rows in _row_chunks(G, P, D):
-        out.baddbmm_(normalize_rows(xa[:, rows], normalize)[0].mT, normalize_rows(xb[:, rows], normalize)[0])
-    return out
+def _row_blocks(G: int, P: int, D: int):
+    """(group, row slice) pairs covering all rows; each (rows, D) block is contiguous and holds
+    about _CHUNK_ELEMS elements (a strided multi-group slice makes CPU reductions crawl)."""
+    rows = max(1, _CHUNK_ELEMS // max(1, D))
+    for g in range(G):
+        for r0 in range(0, P, rows):
+            yield g, slice(r0, min(P, r0 + rows))
+
+
+def _identity_grams(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, which: tuple[str, ...]):
+    """The requested D x D products among Gss = Ys^T Ys, Gts = Yt^T Ys, Gtt = Yt^T Yt, each
+    (G, D, D), accumulated over row blocks so the normalised rows never exist in full."""
+    G, P, D = xs.shape
+    out = {name: xs.new_zeros((G, D, D), dtype=_compute_dtype(xs)) for name in which}
+    for g, rows in _row_blocks(G, P, D):
+        ys = normalize_rows(xs[g, rows], normalize)[0]
+        yt = normalize_rows(xt[g, rows], normalize)[0]
+        if "ss" in out:
+            out["ss"][g].addmm_(ys.T, ys)
+        if "ts" in out:
+            out["ts"][g].addmm_(yt.T, ys)
+        if "tt" in out:
+            out["tt"][g].addmm_(yt.T, yt)
+    return [out[name] for name in which]
 
 
 def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
@@ -71,9 +88,7 @@ def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int
     G, P, _ = xs.shape
     n_entries = G * P * P
     if identity:
-        g_ss = _gram_of_rows(xs, xs, normalize)
-        g_ts = _gram_of_rows(xt, xs, normalize)
-        g_tt = _gram_of_rows(xt, xt, normalize)
+        g_ss, g_ts, g_tt = _identity_grams(xs, xt, normalize, ("ss", "ts", "tt"))
         total = g_ss.double().square().sum() - 2 * g_ts.double().square().sum() + g_tt.double().square().sum()
         return (total / n_entries).to(g_ss.dtype), torch.stack((g_ss, g_ts), dim=1)
     ys, _ = normalize_rows(xs, normalize)
@@ -86,14 +101,14 @@ def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int
 
 
 def _identity_grad(xa, xb, c_aa, c_ba, scale, normalize):
-    """dL/dXa = normalisation backward of 2 scale (Ya Caa - Yb Cba), one row chunk at a time."""
+    """dL/dXa = normalisation backward of 2 scale (Ya Caa - Yb Cba), one row block at a time."""
     G, P, D = xa.shape
     out = torch.empty((G, P, D), dtype=xa.dtype)
-    for rows in _row_chunks(G, P, D):
-        ya, na = normalize_rows(xa[:, rows], normalize)
-        yb, _ = normalize_rows(xb[:, rows], normalize)
-        grad_y = torch.baddbmm(ya @ c_aa, yb, c_ba, beta=2 * scale, alpha=-2 * scale)
-        out[:, rows] = normalize_rows_backward(grad_y, ya, na)
+    for g, rows in _row_blocks(G, P, D):
+        ya, na = normalize_rows(xa[g, rows], normalize)
+        yb, _ = normalize_rows(xb[g, rows], normalize)
+        grad_y = torch.addmm(ya @ c_aa[g], yb, c_ba[g], beta=2 * scale, alpha=-2 * scale)
+        out[g, rows] = normalize_rows_backward(grad_y, ya, na)
     return out
 
 
@@ -112,8 +127,8 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
     if identity:
         g_ss, g_ts = state.unbind(1)
         d_student = _identity_grad(xs, xt, g_ss, g_ts, scale, normalize) if need_student else empty
-        d_teacher = (_identity_grad(xt, xs, _gram_of_rows(xt, xt, normalize), g_ts.mT, scale, normalize)
-                     if need_teacher else empty)
+        d_teacher = (_identity_grad(xt, xs, _identity_grams(xs, xt, normalize, ("tt",))[0], g_ts.mT, scale,
+                                    normalize) if need_teacher else empty)
         return d_student, d_teacher
     ys, ns = normalize_rows(xs, normalize)
     yt, nt = normalize_rows(xt, normalize)
