@@ -1,4 +1,5 @@
-"""`dinov3-fast` command line: `bench` runs the microbenchmarks (the main job)."""
+"""`dinov3-fast` command line: `bench` runs the microbenchmarks (the main job); `train`, `plan` and
+`export` drive the lean DINOv3 trainer (dinov3_fast.train)."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,59 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dinov3_fast.train.config import apply_overrides, get_preset, load_config
+
+    cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
+    flags = {"student.arch": args.arch, "train.dataset_path": args.data, "train.steps": args.steps,
+             "train.batch_size_per_gpu": args.batch, "train.ops": args.ops, "train.ac": args.ac,
+             "train.output_dir": args.output_dir, "train.log_every": args.log_every, "train.device": args.device}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.arch is not None:  # a named arch replaces any trunk override of the preset
+        overrides += ["student.embed_dim=null", "student.depth=null", "student.num_heads=null"]
+    if args.compile is not None:
+        overrides.append(f"train.compile={args.compile}")
+    cfg = apply_overrides(cfg, overrides + list(args.opts or []))
+    from dinov3_fast.train.loop import train
+    try:
+        history = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json and history["state"].rank == 0:
+        out = {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
+               "checkpoint": history["checkpoint"], "torch": torch.__version__}
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dinov3_fast.train.config import apply_overrides, get_preset, load_config
+    from dinov3_fast.train.planner import format_plan, plan_memory
+
+    cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
+    flags = {"student.arch": args.arch, "train.batch_size_per_gpu": args.batch, "train.ac": args.ac,
+             "train.ops": args.ops}
+    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.opts or []))
+    plan = plan_memory(cfg, world_size=args.gpus)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.as_dict(), indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dinov3_fast.train.checkpoint import CheckpointError, export_from_checkpoint
+
+    try:
+        out = export_from_checkpoint(args.checkpoint, args.out, which=args.which)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dinov3-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +123,43 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", help="write the table and run metadata to this JSON file")
     bench.add_argument("--plot", help="write a speed-up bar chart (PNG) to this path")
     bench.set_defaults(func=_bench)
+
+    train = sub.add_parser("train", help="DINOv3 SSL training (FSDP2 under torchrun, AC, compile, fused losses)")
+    train.add_argument("--preset", default="cpu", help="named config (debug, cpu, vitl16_h100, vit7b16)")
+    train.add_argument("--config", help="a YAML file in DINOv3's layout, applied over the preset")
+    train.add_argument("--arch", help="student.arch, e.g. vit_small, vit_large, vit_7b")
+    train.add_argument("--data", help="'synthetic' (default) or a folder of JPEG/PNG images")
+    train.add_argument("--steps", type=int, help="iterations to run")
+    train.add_argument("--batch", type=int, help="train.batch_size_per_gpu")
+    train.add_argument("--ops", choices=("fused", "reference"), help="fused ops, or every op's plain-PyTorch reference")
+    train.add_argument("--ac", choices=("none", "full", "selective"), help="activation checkpointing per block")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile each block")
+    train.add_argument("--device", choices=("cpu", "cuda"))
+    train.add_argument("--output-dir", help="train.output_dir (config, checkpoints)")
+    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint root (its newest complete one)")
+    train.add_argument("--log-every", type=int)
+    train.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    train.add_argument("--json", help="write the logged history to this JSON file")
+    train.add_argument("opts", nargs="*", help="DINOv3-style overrides section.key=value")
+    train.set_defaults(func=_train)
+
+    plan = sub.add_parser("plan", help="per-rank memory plan from the meta device and a fake process group")
+    plan.add_argument("--preset", default="vit7b16")
+    plan.add_argument("--config")
+    plan.add_argument("--arch")
+    plan.add_argument("--gpus", type=int, default=8, help="world size")
+    plan.add_argument("--batch", type=int, help="train.batch_size_per_gpu")
+    plan.add_argument("--ac", choices=("none", "full", "selective"))
+    plan.add_argument("--ops", choices=("fused", "reference"))
+    plan.add_argument("--json")
+    plan.add_argument("opts", nargs="*", help="overrides section.key=value")
+    plan.set_defaults(func=_plan)
+
+    export = sub.add_parser("export", help="write a checkpoint's backbone as a plain full state dict")
+    export.add_argument("checkpoint", help="a checkpoint folder or root")
+    export.add_argument("--out", default=None, help="output file (.safetensors, or .pth)")
+    export.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    export.set_defaults(func=_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,217 @@
+"""Atomic torch.distributed.checkpoint (DCP) saves, verified loads, and the backbone export.
+
+Layout under the run's checkpoint root:
+
+    step_00000100/      a complete checkpoint: DCP files (model = student + teacher + Gram teacher
+                        + loss buffers, optim), rank<r>.pt (step, RNG states of rank r),
+                        config.yaml, and MANIFEST.json (every file's size) written last
+    .tmp_step_00000200/ a save in progress (or one that crashed): never loaded
+    latest              the name of the newest complete checkpoint
+
+A save writes everything into the temporary folder, then rank 0 writes the manifest and renames
+the folder (an atomic rename on one filesystem), so a crash at any point leaves the previous
+checkpoint loadable. A load checks the manifest (present, every file there with its size) before
+DCP reads anything, and raises `CheckpointError` naming the folder and the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, incomplete or corrupted."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def save_checkpoint(root: str | Path, step: int, arch: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank_state: dict[str, Any], config_yaml: str | None = None, max_to_keep: int = 0) -> Path:
+    """Save atomically to root/step_<step>; every rank calls it. Returns the final folder."""
+    root = Path(root)
+    rank, world = _rank_world()
+    final, tmp = step_dir(root, step), root / f".tmp_step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(arch, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
+    torch.save({**rank_state, "step": step, "world_size": world}, tmp / f"rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_synced(root / f".{LATEST}.tmp", final.name)
+        os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        if max_to_keep > 0:
+            for old in complete_checkpoints(root)[:-max_to_keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError if it is missing, partial or altered."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (the save did not finish)")
+    try:
+        meta = json.loads(manifest.read_text())
+        files = meta["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST} ({exc})") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupted: file {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path} is corrupted: file {name} has {f.stat().st_size} bytes, "
+                                  f"the manifest says {size}")
+    return meta
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Folders step_* under root that have a manifest, oldest first (temporary folders skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a checkpoint root (-> its newest checkpoint that verifies)."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or path.name.startswith("step_") or path.name.startswith(".tmp_step_"):
+        verify_checkpoint(path)
+        return path
+    found = complete_checkpoints(path)
+    for cand in reversed(found):
+        try:
+            verify_checkpoint(cand)
+            return cand
+        except CheckpointError as exc:
+            warnings.warn(f"skipping {exc}", stacklevel=2)
+    raise CheckpointError(f"no complete checkpoint under {path}")
+
+
+def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict[str, Any]:
+    """Load model (and optimizer) state into `arch`, resharding as needed. Returns this rank's
+    saved rank state (step, RNG states); every rank calls it."""
+    path = resolve_checkpoint(path)
+    rank, world = _rank_world()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(arch, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(arch)}
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    except Exception as exc:  # DCP raises many kinds; name the folder
+        raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
+    if optimizer is not None:
+        set_state_dict(arch, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(arch, state["model"])
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.is_file():
+        rank_file = path / "rank0.pt"
+    rank_state = torch.load(rank_file, weights_only=False)
+    if rank_state.get("world_size") != world:
+        rank_state.pop("rng", None)  # another world size: RNG streams do not map to ranks
+    return rank_state
+
+
+def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teacher") -> Path:
+    """Write the full backbone state dict (DINOv3's DinoVisionTransformer keys) of the teacher or
+    student: .safetensors when the safetensors package is installed, else torch.save (.pth).
+    Every rank calls it (FSDP gathers); rank 0 writes."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    backbone = getattr(arch, which).backbone
+    sd = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out = Path(out)
+    rank, _ = _rank_world()
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+        if out.suffix == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError as exc:
+                raise ImportError("writing .safetensors needs safetensors: pip install 'dinov3-fast[train]', "
+                                  "or export to a .pth file") from exc
+            save_file(tensors, str(out))
+        else:
+            torch.save(tensors, out)
+    _barrier()
+    return out
+
+
+def export_from_checkpoint(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> Path:
+    """Offline export: rebuild the run's models from the checkpoint's config.yaml on the CPU,
+    load it (any saved world size) and write the backbone (see `export_backbone`)."""
+    from dinov3_fast.train.config import load_config
+    from dinov3_fast.train.meta_arch import SSLMetaArch
+    path = resolve_checkpoint(checkpoint)
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no config.yaml to rebuild the model from")
+    cfg = load_config(cfg_file, base="debug")
+    arch = SSLMetaArch(cfg, device="cpu")
+    load_checkpoint(path, arch)
+    if out is None:
+        try:
+            import safetensors  # noqa: F401
+            suffix = ".safetensors"
+        except ImportError:
+            suffix = ".pth"
+        out = path.parent / f"{path.name}_{which}_backbone{suffix}"
+    return export_backbone(arch, out, which)

@@ -1,0 +1,444 @@
+"""The trainer's configuration: one small typed dataclass per component, in DINOv3's vocabulary.
+
+Section and key names are DINOv3's (`ssl_default_config.yaml`: student, teacher, dino, ibot,
+gram, optim, crops, train, compute_precision, checkpointing), so a DINOv3 YAML file loads with
+the keys we implement; unknown keys raise (a typo is an error, not a silent default). Keys that
+DINOv3 does not have are marked "ours".
+
+    cfg = get_preset("vitl16_h100")                      # a named preset
+    cfg = load_config("run.yaml", base="debug")         # a YAML file over a preset
+    cfg = apply_overrides(cfg, ["optim.lr=1e-3", "train.ac=full"])
+
+Presets are named for what they run: `debug` (a two-block ViT at 32/16 px, seconds on a CPU),
+`cpu` (ViT-S at 64/32 px, minutes on a CPU), `vitl16_h100` (DINOv3's ViT-L recipe on one H100),
+`vit7b16` (the 7B recipe, for the memory planner and many GPUs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AC_MODES = ("none", "full", "selective")
+OPS_MODES = ("fused", "reference")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class StudentConfig:
+    """DINOv3 `student:`: the backbone (teacher and Gram teacher share it, without drop path)."""
+    arch: str = "vit_large"
+    patch_size: int = 16
+    drop_path_rate: float = 0.3
+    layerscale: float | None = 1.0e-5
+    ffn_layer: str = "mlp"
+    ffn_ratio: float | None = None  # None: the arch's
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    norm_layer: str = "layernorm"
+    n_storage_tokens: int = 0
+    mask_k_bias: bool = False
+    untie_cls_and_patch_norms: bool = False
+    untie_global_and_local_cls_norm: bool = False
+    in_chans: int = 3
+    pos_embed_rope_base: float = 100.0
+    pos_embed_rope_rescale_coords: float | None = None
+    pos_embed_rope_dtype: str = "fp32"
+    embed_dim: int | None = None  # ours: override the arch's trunk (tiny debug models)
+    depth: int | None = None      # ours
+    num_heads: int | None = None  # ours
+
+
+@dataclass
+class TeacherConfig:
+    """DINOv3 `teacher:`: EMA momentum and teacher temperature schedules."""
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+
+
+@dataclass
+class DINOConfig:
+    """DINOv3 `dino:`: the CLS-token head and loss, and KoLeo."""
+    loss_weight: float = 1.0
+    global_ignore_diagonal: bool = True
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+    koleo_loss_distributed: bool = False
+    koleo_topk: int = 1
+    koleo_distributed_loss_group_size: int | None = None
+
+
+@dataclass
+class IBOTConfig:
+    """DINOv3 `ibot:`: masked-patch head and loss, and the block masking."""
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    separate_head: bool = True
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class GramConfig:
+    """DINOv3 `gram:`: Gram anchoring against a frozen copy of the EMA teacher."""
+    use_loss: bool = False
+    loss_weight: float = 1.0
+    ema_teacher: bool = False
+    it_load_ema_teacher: int = -1
+    rep_update: bool = True
+    update_frequency: int = 10000
+    it_first_update: int = 0
+    max_updates: int | None = None
+    normalized: bool = True
+    img_level: bool = False
+    remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+    tokens_used: str = "all"
+    global_teacher_resize_method: str = "bicubic"
+    global_teacher_resize_antialias: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """DINOv3 `optim:`: AdamW, its schedules and parameter groups."""
+    epochs: int = 100
+    schedule: str = "cosine"  # ours: "cosine" (DINOv3's v1) or "constant" after warmup (its 7B run)
+    lr: float = 0.004  # the base lr; the scaling rule turns it into the peak lr
+    min_lr: float = 1.0e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1
+    scaling_rule: str = "sqrt_wrt_1024"
+    patch_embed_lr_mult: float = 0.2
+    dino_head_wd_multiplier: float = 1.0
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    """DINOv3 `crops:`: the multi-crop augmentation."""
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_number: int = 8
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    gram_teacher_crops_size: int | None = None
+    gram_teacher_no_distortions: bool = False
+    horizontal_flips: bool = True
+    rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainConfig:
+    """DINOv3 `train:` plus our run options (steps, ops, ac, logging, data)."""
+    batch_size_per_gpu: int = 64
+    dataset_path: str = "synthetic"  # "synthetic" or a folder of JPEG/PNG files
+    output_dir: str = "./output"
+    seed: int = 0
+    OFFICIAL_EPOCH_LENGTH: int = 1250
+    centering: str = "sinkhorn_knopp"
+    compile: bool = False
+    steps: int | None = None  # ours: iterations to run (None: epochs * OFFICIAL_EPOCH_LENGTH)
+    ac: str = "none"          # ours: activation checkpointing "none" | "full" | "selective"
+    ops: str = "fused"        # ours: "fused" (fastest backend per op) | "reference" (plain PyTorch)
+    log_every: int = 10       # ours
+    image_size: int | None = None  # ours: source image side (synthetic / resized folder images)
+    synthetic_classes: int = 8     # ours
+    device: str | None = None      # ours: default cuda if present, else cpu
+
+
+@dataclass
+class ComputePrecisionConfig:
+    """DINOv3 `compute_precision:`: FSDP2 mixed precision (param dtype, gradient reduce dtype)."""
+    param_dtype: str = "bf16"
+    reduce_dtype: str = "fp32"
+
+
+@dataclass
+class CheckpointingConfig:
+    """DINOv3 `checkpointing:`: save every `period` iterations (0: only at the end, -1: never), keep the last few."""
+    period: int = 0
+    max_to_keep: int = 3
+
+
+@dataclass
+class EvaluationConfig:
+    """DINOv3 `evaluation:` (ours inside): the kNN probe on the synthetic data's hidden labels."""
+    eval_period_iterations: int = 0  # 0: only at the end
+    knn_k: int = 20
+    knn_train_samples: int = 512
+    knn_val_samples: int = 256
+
+
+@dataclass
+class Config:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.steps if self.train.steps is not None else self.optim.epochs * self.train.OFFICIAL_EPOCH_LENGTH
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- dict <-> dataclass
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ValueError(f"{where} must not be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        try:
+            out = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else int(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return out
+    if hint is str:
+        return str(value)
+    return value
+
+
+# DINOv3 keys we accept and translate (its AC booleans), or accept and ignore (cluster plumbing).
+_DINOV3_ALIASES = {("train", "checkpointing"): ("train", "ac", lambda v: "selective" if v else None),
+                   ("train", "checkpointing_full"): ("train", "ac", lambda v: "full" if v else None)}
+_DINOV3_IGNORED = {("train", "num_workers"), ("train", "cache_dataset"), ("train", "saveckp_freq"),
+                   ("optim", "multi_tensor_optim"), ("optim", "optimizer"), ("train", "use_teacher_head")}
+
+
+def update_config(cfg: Config, data: dict[str, Any]) -> Config:
+    """A copy of `cfg` with the nested dict `data` ({section: {key: value}}) applied, typed."""
+    cfg = copy.deepcopy(cfg)
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not hasattr(cfg, section) or section.startswith("_") or section == "total_steps":
+            raise ValueError(f"unknown config section {section!r}; sections: {[f.name for f in dataclasses.fields(cfg)]}")
+        sub = getattr(cfg, section)
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        hints = typing.get_type_hints(type(sub))
+        for key, value in values.items():
+            if (section, key) in _DINOV3_IGNORED:
+                continue
+            if (section, key) in _DINOV3_ALIASES:
+                _, target, fn = _DINOV3_ALIASES[(section, key)]
+                mapped = fn(_coerce(value, bool, f"{section}.{key}"))
+                if mapped is not None:
+                    setattr(sub, target, mapped)
+                continue
+            if key not in hints:
+                raise ValueError(f"unknown config key {section}.{key}; keys of {section}: {sorted(hints)}")
+            setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
+    return cfg
+
+
+def load_config(path: str | Path, base: str | Config = "cpu") -> Config:
+    """A YAML file (DINOv3's layout) over a preset (or Config). Raises on unknown keys."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    base_cfg = get_preset(base) if isinstance(base, str) else base
+    return update_config(base_cfg, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+    data = cfg.to_dict()
+    Path(path).write_text(yaml.safe_dump(_lists(data), sort_keys=False))
+
+
+def _lists(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return [_lists(v) for v in x]
+    return x
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """DINOv3's command-line `opts`: "section.key=value" strings, values parsed as YAML."""
+    import yaml
+    data: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override must look like section.key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = yaml.safe_load(raw)
+    return update_config(cfg, data)
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise ValueError naming the key for any setting the trainer cannot run."""
+    from dinov3_fast.models import ARCHS
+    s, c, t = cfg.student, cfg.crops, cfg.train
+    if s.arch not in ARCHS:
+        raise ValueError(f"student.arch: unknown arch {s.arch!r}; choose from {sorted(ARCHS)}")
+    for name, size in (("crops.global_crops_size", c.global_crops_size), ("crops.local_crops_size", c.local_crops_size),
+                       ("crops.gram_teacher_crops_size", c.gram_teacher_crops_size)):
+        if size is not None and (size <= 0 or size % s.patch_size):
+            raise ValueError(f"{name} ({size}) must be a positive multiple of student.patch_size ({s.patch_size})")
+    if c.local_crops_number < 1:
+        raise ValueError(f"crops.local_crops_number must be >= 1 (DINOv3 asserts it), got {c.local_crops_number}")
+    if t.batch_size_per_gpu < 2:
+        raise ValueError(f"train.batch_size_per_gpu must be >= 2 (KoLeo needs two samples), got {t.batch_size_per_gpu}")
+    group = cfg.dino.koleo_distributed_loss_group_size
+    if cfg.dino.koleo_loss_distributed and group is not None:
+        total = t.batch_size_per_gpu * world_size
+        if group % t.batch_size_per_gpu or total % group:
+            raise ValueError(f"dino.koleo_distributed_loss_group_size ({group}) must be a multiple of "
+                             f"train.batch_size_per_gpu ({t.batch_size_per_gpu}) and divide the global batch ({total})")
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"ibot.mask_ratio_min_max must satisfy 0 <= min < max <= 1, got {(lo, hi)}")
+    if not 0 <= cfg.ibot.mask_sample_probability <= 1:
+        raise ValueError(f"ibot.mask_sample_probability must be in [0, 1], got {cfg.ibot.mask_sample_probability}")
+    if t.ac not in AC_MODES:
+        raise ValueError(f"train.ac must be one of {AC_MODES}, got {t.ac!r}")
+    if t.ops not in OPS_MODES:
+        raise ValueError(f"train.ops must be one of {OPS_MODES}, got {t.ops!r}")
+    if t.centering != "sinkhorn_knopp":
+        raise ValueError(f"train.centering: only 'sinkhorn_knopp' is implemented (DINOv3 asserts it), got {t.centering!r}")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
+    if cfg.optim.scaling_rule not in ("sqrt_wrt_1024", "linear_wrt_256", "none"):
+        raise ValueError(f"optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_256 or none, got {cfg.optim.scaling_rule!r}")
+    for name, v in (("compute_precision.param_dtype", cfg.compute_precision.param_dtype),
+                    ("compute_precision.reduce_dtype", cfg.compute_precision.reduce_dtype)):
+        if v not in DTYPES:
+            raise ValueError(f"{name} must be one of {DTYPES}, got {v!r}")
+    g = cfg.gram
+    if g.use_loss:
+        if g.tokens_used not in ("all", "masked", "unmasked"):
+            raise ValueError(f"gram.tokens_used must be all, masked or unmasked, got {g.tokens_used!r}")
+        if g.tokens_used != "all" and g.img_level:
+            raise ValueError("gram.img_level must be false when gram.tokens_used is masked/unmasked (as in DINOv3)")
+        if g.ema_teacher and g.rep_update:
+            raise ValueError("gram.ema_teacher and gram.rep_update are exclusive (as in DINOv3)")
+        if not g.ema_teacher and g.it_load_ema_teacher < 0:
+            raise ValueError("gram.it_load_ema_teacher must be >= 0 when the Gram teacher is a copy of the EMA teacher")
+        if not g.ema_teacher and c.gram_teacher_crops_size is None:
+            raise ValueError("crops.gram_teacher_crops_size must be set to use the Gram loss with a Gram teacher")
+        if g.remove_neg and g.remove_only_teacher_neg:
+            raise ValueError("gram.remove_neg and gram.remove_only_teacher_neg are mutually exclusive")
+
+
+# --------------------------------------------------------------------------- presets
+
+def _small_heads(k: int, hidden: int, bottleneck: int) -> dict[str, Any]:
+    return dict(head_n_prototypes=k, head_hidden_dim=hidden, head_bottleneck_dim=bottleneck)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # A two-block ViT at 32/16 px: one step takes milliseconds on a CPU (tests, CI smoke runs).
+    "debug": {
+        "student": dict(arch="vit_small", patch_size=8, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0, layerscale=1e-5,
+                        n_storage_tokens=1, pos_embed_rope_rescale_coords=2.0),
+        "dino": _small_heads(256, 128, 32),
+        "ibot": dict(_small_heads(256, 128, 32), mask_ratio_min_max=(0.1, 0.5)),
+        "crops": dict(global_crops_size=32, local_crops_size=16, local_crops_number=2,
+                      global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5)),
+        "optim": dict(epochs=1, lr=5e-3, warmup_epochs=0.1, weight_decay=0.04, weight_decay_end=0.04,
+                      freeze_last_layer_epochs=0, scaling_rule="none", layerwise_decay=0.9),
+        "teacher": dict(momentum_teacher=0.99, final_momentum_teacher=0.999, warmup_teacher_temp_epochs=0.1),
+        "train": dict(batch_size_per_gpu=16, OFFICIAL_EPOCH_LENGTH=50, image_size=48, log_every=10),
+        "compute_precision": dict(param_dtype="fp32", reduce_dtype="fp32"),
+        "evaluation": dict(knn_train_samples=256, knn_val_samples=128, knn_k=10),
+    },
+    # ViT-S/16 at 64/32 px: `dinov3-fast train --arch vit_small --data synthetic --steps 200` on a CPU.
+    "cpu": {
+        "student": dict(arch="vit_small", drop_path_rate=0.1, layerscale=1e-5, n_storage_tokens=4,
+                        pos_embed_rope_rescale_coords=2.0),
+        "dino": _small_heads(4096, 512, 128),
+        "ibot": _small_heads(4096, 512, 128),
+        "crops": dict(global_crops_size=64, local_crops_size=32, local_crops_number=4),
+        "optim": dict(epochs=1, lr=2e-3, warmup_epochs=0.1, weight_decay_end=0.04, freeze_last_layer_epochs=0,
+                      scaling_rule="none"),
+        "teacher": dict(momentum_teacher=0.99, final_momentum_teacher=0.999, warmup_teacher_temp_epochs=0.2),
+        "train": dict(batch_size_per_gpu=16, OFFICIAL_EPOCH_LENGTH=200, image_size=96),
+        "compute_precision": dict(param_dtype="fp32", reduce_dtype="fp32"),
+    },
+    # DINOv3's ViT-L/16 recipe on one H100: 2 x 224 global + 8 x 96 local crops, the published
+    # backbone options, 65k-prototype heads, selective AC, per-block compile, bf16 params.
+    "vitl16_h100": {
+        "student": dict(arch="vit_large", drop_path_rate=0.3, layerscale=1e-5, n_storage_tokens=4, mask_k_bias=True,
+                        pos_embed_rope_rescale_coords=2.0),
+        "crops": dict(global_crops_size=224, local_crops_size=96, local_crops_number=8),
+        "train": dict(batch_size_per_gpu=64, ac="selective", compile=True, image_size=256),
+        "compute_precision": dict(param_dtype="bf16", reduce_dtype="fp32"),
+    },
+    # DINOv3's 7B recipe (pretraining stage): 256/112 crops, 262k/98k-prototype heads, betas
+    # (0.9, 0.99), clip 30, layer decay 0.98, constant lr after warmup, KoLeo distributed.
+    "vit7b16": {
+        "student": dict(arch="vit_7b", drop_path_rate=0.4, layerscale=1e-5, n_storage_tokens=4, mask_k_bias=True,
+                        qkv_bias=False, ffn_layer="swiglu64", untie_global_and_local_cls_norm=True,
+                        pos_embed_rope_rescale_coords=2.0),
+        "dino": dict(head_n_prototypes=262144, head_hidden_dim=8192, head_bottleneck_dim=512,
+                     koleo_loss_distributed=True, koleo_distributed_loss_group_size=16),
+        "ibot": dict(head_n_prototypes=98304, head_hidden_dim=4096, head_bottleneck_dim=384),
+        "crops": dict(global_crops_size=256, local_crops_size=112, local_crops_number=8),
+        "optim": dict(schedule="constant", adamw_beta2=0.99, clip_grad=30.0, layerwise_decay=0.98,
+                      weight_decay_end=0.04),
+        "train": dict(batch_size_per_gpu=16, ac="selective", compile=True, image_size=288),
+        "compute_precision": dict(param_dtype="bf16", reduce_dtype="fp32"),
+    },
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return update_config(Config(), PRESETS[name])

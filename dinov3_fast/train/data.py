@@ -1,0 +1,203 @@
+"""Image sources and the per-step batch.
+
+`SyntheticShapes` (the default: nothing to download) draws procedural images with learnable
+structure -- a shape (disk, square, triangle, ring) filled with a texture (stripes, checks) in a
+class colour over a noisy two-colour gradient -- from a hidden class label. Everything is a pure
+function of (seed, index), generated in batches with torch ops on any device.
+
+`ImageFolder` reads the user's own JPEG/PNG files (recursively), resized (short side) and centre
+cropped to a fixed side, so batches stack.
+
+`Batch` is what one SSL step consumes, DINOv3's collated dict as a dataclass; `make_batch` builds
+one from source images (augmentation on the images' device, masks on the CPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from dinov3_fast.train.augment import MultiCropAugmentation
+from dinov3_fast.train.masking import MaskingGenerator, sample_masks
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# --------------------------------------------------------------------------- sources
+
+class SyntheticShapes:
+    """Procedural images with a hidden label: label(i) = hash(seed, i) mod num_classes.
+
+    Class c fixes the shape (c mod 4), the texture (c // 4 mod 2) and the foreground hue
+    (c / num_classes); position, size, rotation, texture frequency and phase, background colours
+    and noise vary per image.
+    """
+
+    def __init__(self, image_size: int, num_classes: int = 8, seed: int = 0) -> None:
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.image_size, self.num_classes, self.seed = image_size, num_classes, seed
+
+    def _u(self, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Deterministic uniforms in [0, 1) per (index, stream k), float64."""
+        x = idx.double() * (12.9898 + 0.731 * k) + self.seed * 78.233 + 17.0 * k
+        return torch.frac(torch.sin(x) * 43758.5453).abs()
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self._u(idx, 0) * self.num_classes).long().clamp(max=self.num_classes - 1)
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    @torch.no_grad()
+    def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float [B, 3, S, S] in [0, 1] and labels [B] for dataset indices idx [B]."""
+        idx = idx.to(device)
+        s, dev = self.image_size, idx.device
+        lab = self.labels(idx)
+        u = [self._u(idx, k).float().view(-1, 1, 1) for k in range(1, 14)]
+        lin = (torch.arange(s, device=dev, dtype=torch.float32) + 0.5) / s * 2 - 1
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        cx, cy = (u[0] - 0.5) * 0.8, (u[1] - 0.5) * 0.8
+        radius = 0.35 + 0.3 * u[2]
+        rot = u[3] * math.pi
+        dx, dy = xx - cx, yy - cy
+        rx, ry = dx * rot.cos() + dy * rot.sin(), -dx * rot.sin() + dy * rot.cos()
+        shape = (lab % 4).view(-1, 1, 1)
+        r = (dx**2 + dy**2).sqrt()
+        disk = r < radius
+        square = (rx.abs() < radius * 0.8) & (ry.abs() < radius * 0.8)
+        tri = (ry < radius * 0.6) & (ry > -radius * 0.9 + 1.6 * rx.abs())
+        ring = (r < radius) & (r > radius * 0.6)
+        inside = torch.where(shape == 0, disk, torch.where(shape == 1, square, torch.where(shape == 2, tri, ring)))
+        freq = 3 + 5 * u[4]
+        phase = u[5] * 2 * math.pi
+        stripes = torch.sin(freq * math.pi * rx + phase) > 0
+        checks = (torch.sin(freq * math.pi * rx + phase) * torch.sin(freq * math.pi * ry)) > 0
+        texture = torch.where(((lab // 4) % 2).view(-1, 1, 1) == 0, stripes, checks)
+        hue = lab.float().view(-1, 1, 1) / self.num_classes + 0.05 * (u[6] - 0.5)
+        fg = _hue_to_rgb(hue)                                        # [B, 3, 1, 1]
+        fg_dark = fg * (0.35 + 0.2 * u[7]).unsqueeze(1)
+        bg1, bg2 = _hue_to_rgb(u[8]) * 0.5 + 0.25, _hue_to_rgb(u[9]) * 0.5 + 0.25
+        t = ((xx * (u[10] - 0.5) + yy * (u[11] - 0.5)) + 0.5).clamp(0, 1).unsqueeze(1)
+        bg = bg1 * (1 - t) + bg2 * t
+        gen = torch.Generator(device=dev).manual_seed(int(self.seed * 1_000_003 + int(idx[0]) if idx.numel() else 0))
+        bg = bg + 0.08 * torch.randn(idx.shape[0], 3, s, s, generator=gen, device=dev)
+        fgc = torch.where(texture.unsqueeze(1), fg, fg_dark)
+        img = torch.where(inside.unsqueeze(1), fgc, bg)
+        return img.clamp(0, 1), lab
+
+
+def _hue_to_rgb(h: torch.Tensor) -> torch.Tensor:
+    """Saturated colours for hues h [B, 1, 1] in [0, 1): [B, 3, 1, 1]."""
+    k = torch.tensor([0.0, 1 / 3, 2 / 3], device=h.device).view(1, 3, 1, 1)
+    return 0.5 + 0.5 * torch.cos(2 * math.pi * (h.unsqueeze(1) - k))
+
+
+class ImageFolder:
+    """The user's own images: every .jpg/.jpeg/.png under `root`, short side resized to
+    `image_size` and centre-cropped. Labels are the index of the first sub-folder (or 0)."""
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise ValueError(f"image folder {self.root} contains no images ({', '.join(IMAGE_SUFFIXES)} files)")
+        self.image_size = image_size
+        classes = sorted({p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1})
+        self._class = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise ImportError("reading an image folder needs Pillow: pip install 'dinov3-fast[train]'") from exc
+        path = self.files[i]
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.image_size / min(w, h)
+            im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
+                           Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+            im = im.crop((left, top, left + self.image_size, top + self.image_size))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        parts = path.relative_to(self.root).parts
+        return data.view(self.image_size, self.image_size, 3).permute(2, 0, 1), self._class.get(parts[0], 0) if len(parts) > 1 else 0
+
+    def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.load(int(i) % len(self)) for i in idx.tolist()]
+        images = torch.stack([x for x, _ in items]).to(device).float() / 255
+        return images, torch.tensor([y for _, y in items], device=device)
+
+
+def build_source(dataset_path: str, image_size: int, num_classes: int = 8, seed: int = 0):
+    if dataset_path == "synthetic":
+        return SyntheticShapes(image_size, num_classes, seed)
+    return ImageFolder(dataset_path, image_size)
+
+
+def step_indices(source, step: int, batch: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Dataset indices of this rank's images at `step`: the global batch is images
+    [step * batch * world, ...) of an epoch-wise permutation (folders) or of the index line."""
+    start = (step * world + rank) * batch
+    pos = torch.arange(start, start + batch)
+    if isinstance(source, SyntheticShapes):
+        return pos
+    n = len(source)
+    epochs = pos // n
+    out = torch.empty_like(pos)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+        sel = epochs == e
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# --------------------------------------------------------------------------- the step's batch
+
+@dataclass
+class Batch:
+    """One rank's SSL batch (DINOv3's collated dict). B images, n local crops, HW global patches."""
+    global_crops: torch.Tensor       # [2, B, 3, G, G]
+    local_crops: torch.Tensor        # [n, B, 3, L, L]
+    masks: torch.Tensor              # [2, B, HW] bool (iBOT masks of the student's global crops)
+    gram_crops: torch.Tensor | None  # [2, B, 3, Gg, Gg]
+    labels: torch.Tensor             # [B] (hidden labels; unused by the SSL step)
+
+    @property
+    def batch_size(self) -> int:
+        return self.global_crops.shape[1]
+
+    def to(self, device) -> Batch:
+        return replace(self, **{f.name: (getattr(self, f.name).to(device, non_blocking=True)
+                                         if getattr(self, f.name) is not None else None) for f in fields(self)})
+
+    def shard(self, rank: int, world: int) -> Batch:
+        """Images [rank * B / world, (rank + 1) * B / world) of every crop: one rank's part of a global batch."""
+        if self.batch_size % world:
+            raise ValueError(f"the batch of {self.batch_size} images does not split over {world} ranks")
+        b = self.batch_size // world
+        sl = slice(rank * b, (rank + 1) * b)
+        dims = {"global_crops": 1, "local_crops": 1, "masks": 1, "gram_crops": 1, "labels": 0}
+        return replace(self, **{k: (getattr(self, k).narrow(d, sl.start, b) if getattr(self, k) is not None else None)
+                                for k, d in dims.items()})
+
+
+def make_batch(images: torch.Tensor, labels: torch.Tensor, aug: MultiCropAugmentation, gen: torch.Generator,
+               masker: MaskingGenerator, mask_ratio_min_max: tuple[float, float], mask_probability: float) -> Batch:
+    """Augment images [B, 3, S, S] (on their device) and draw the iBOT masks (CPU)."""
+    crops = aug(images, gen)
+    b = images.shape[0]
+    masks = sample_masks(2 * b, (masker.height, masker.width), mask_ratio_min_max, mask_probability, masker)
+    return Batch(crops.global_crops, crops.local_crops, masks.view(2, b, -1).to(images.device), crops.gram_crops, labels)

@@ -1,0 +1,255 @@
+"""The training loop: setup, the per-iteration schedule, logging, checkpoints, kNN probe.
+
+    history = train(get_preset("debug"), steps=20)
+
+Runs single-process (no FSDP; autocast to compute_precision.param_dtype on CUDA) or under
+`torchrun` (FSDP2 over all ranks: nccl on CUDA, gloo on CPU). Per iteration, DINOv3's order:
+Gram-teacher load/refresh, schedules -> optimizer groups, batch (augmentation on the device),
+forward_backward, per-sub-model gradient clipping, AdamW step, EMA update.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dinov3_fast.models import flops_per_image
+from dinov3_fast.train.augment import MultiCropAugmentation
+from dinov3_fast.train.checkpoint import load_checkpoint, save_checkpoint
+from dinov3_fast.train.config import Config, save_config, validate
+from dinov3_fast.train.data import build_source, make_batch, step_indices
+from dinov3_fast.train.knn import knn_probe
+from dinov3_fast.train.masking import MaskingGenerator
+from dinov3_fast.train.meta_arch import SSLMetaArch
+from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
+from dinov3_fast.train.parallelize import parallelize
+from dinov3_fast.train.schedules import Schedules
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16 peak FLOP/s per card, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_image(arch: SSLMetaArch, cfg: Config) -> float:
+    """Backbone matmul FLOPs per image and step: student fwd + bwd (3x) on all crops, teacher
+    forward on the global crops, Gram teacher forward on its crops (heads not counted)."""
+    c = cfg.crops
+    student = flops_per_image(arch.student.backbone, [c.global_crops_size] * 2 + [c.local_crops_size] * c.local_crops_number)
+    total = 3 * student + flops_per_image(arch.teacher.backbone, [c.global_crops_size] * 2)
+    if arch.gram_teacher is not None:
+        total += flops_per_image(arch.gram_teacher.backbone, [c.gram_teacher_crops_size] * 2)
+    return float(total)
+
+
+def setup_distributed(device_type: str) -> tuple[int, int]:
+    """Initialise the process group under torchrun (RANK / WORLD_SIZE set); returns (rank, world)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: max RSS, GiB
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop owns: models, optimizer, data pipeline and its random state."""
+    cfg: Config
+    arch: SSLMetaArch
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    source: Any
+    aug: MultiCropAugmentation
+    gen: torch.Generator
+    masker: MaskingGenerator
+    device: torch.device
+    rank: int
+    world: int
+    step: int = 0
+    gram_updates: int = 0
+
+    def rank_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "aug": self.gen.get_state(), "mask": self.masker.rng.getstate(),
+               "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"rng": rng, "gram_updates": self.gram_updates, "gram_initialized": self.arch.gram_teacher_initialized}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.gram_updates = state.get("gram_updates", 0)
+        self.arch.gram_teacher_initialized = state.get("gram_initialized", False)
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            self.gen.set_state(rng["aug"])
+            self.masker.rng.setstate(rng["mask"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainState:
+    """Models (initialised, parallelised), optimizer, schedules and data pipeline for `cfg`."""
+    device = torch.device(device or cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = setup_distributed(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    validate(cfg, world)
+    t = cfg.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    meta_init = device.type == "cuda" and world > 1
+    arch = SSLMetaArch(cfg, device="meta" if meta_init else device)
+    if not meta_init:
+        arch.init_weights()
+    cp = cfg.compute_precision
+    parallelize(arch, ac=t.ac, compile=t.compile, param_dtype=DTYPE[cp.param_dtype] if world > 1 else None,
+                reduce_dtype=DTYPE[cp.reduce_dtype])
+    if meta_init:
+        arch.to_empty(device=device)
+        arch.init_weights()
+    arch.train()
+    optimizer = build_optimizer(cfg, arch.student)
+    image_size = t.image_size or int(cfg.crops.global_crops_size * 1.25)
+    source = build_source(t.dataset_path, image_size, t.synthetic_classes, t.seed)
+    gen = torch.Generator(device=device).manual_seed(t.seed * 1000 + rank)
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(t.seed * 1000 + rank))
+    torch.manual_seed(t.seed * 1000 + rank)  # per-rank streams from here on (drop path, RoPE jitter)
+    return TrainState(cfg, arch, optimizer, Schedules(cfg, world), source, MultiCropAugmentation(cfg.crops), gen,
+                      masker, device, rank, world)
+
+
+def next_batch(state: TrainState):
+    cfg = state.cfg
+    idx = step_indices(state.source, state.step, cfg.train.batch_size_per_gpu, state.rank, state.world, cfg.train.seed)
+    images, labels = state.source.batch(idx, state.device)
+    return make_batch(images, labels, state.aug, state.gen, state.masker, cfg.ibot.mask_ratio_min_max,
+                      cfg.ibot.mask_sample_probability)
+
+
+def train_step(state: TrainState) -> dict[str, torch.Tensor]:
+    """One iteration at state.step; returns the (unsynchronised) logs and advances the step."""
+    cfg, arch, it = state.cfg, state.arch, state.step
+    g = cfg.gram
+    if arch.has_gram_teacher and it == g.it_load_ema_teacher:
+        arch.update_gram(0.0)
+    values = state.schedules.at(it)
+    apply_schedule(state.optimizer, values)
+    batch = next_batch(state)
+    state.optimizer.zero_grad(set_to_none=True)
+    autocast = (torch.autocast("cuda", dtype=DTYPE[cfg.compute_precision.param_dtype])
+                if state.device.type == "cuda" and state.world == 1 and cfg.compute_precision.param_dtype != "fp32"
+                else contextlib.nullcontext())
+    with autocast:
+        loss, logs = arch.forward_backward(batch, teacher_temp=values.teacher_temp, iteration=it)
+    norms = clip_gradients(arch.student, cfg.optim.clip_grad)
+    state.optimizer.step()
+    arch.update_ema(values.momentum)
+    if (arch.has_gram_teacher and g.rep_update and it + 1 >= g.it_first_update and (it + 1) % g.update_frequency == 0
+            and (g.max_updates is None or state.gram_updates < g.max_updates)):
+        arch.update_gram(0.0)
+        state.gram_updates += 1
+    state.step += 1
+    logs = {"total_loss": loss, **logs, **{f"grad_norm_{k}": v for k, v in norms.items()}}
+    return logs | {"lr": torch.tensor(values.lr), "teacher_temp": torch.tensor(values.teacher_temp),
+                   "momentum": torch.tensor(values.momentum)}
+
+
+def _reduce_logs(logs: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    keys = sorted(logs)
+    vec = torch.stack([logs[k].detach().float().reshape(()).to(logs["total_loss"].device) for k in keys])
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    return dict(zip(keys, vec.tolist()))
+
+
+def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, device=None,
+          log_fn=print) -> dict[str, Any]:
+    """Run cfg.total_steps iterations (from a checkpoint with `resume`). Returns the history:
+    per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint."""
+    from tqdm import tqdm
+    state = build_state(cfg, device)
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_root = out_dir / "ckpt"
+    if resume is not None:
+        state.restore(load_checkpoint(resume, state.arch, state.optimizer))
+    if state.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    config_yaml = (out_dir / "config.yaml").read_text() if state.rank == 0 else None
+    flops = train_flops_per_image(state.arch, cfg)
+    peak = peak_flops(state.device)
+    total = cfg.total_steps
+    global_batch = cfg.train.batch_size_per_gpu * state.world
+    history: dict[str, Any] = {"steps": [], "knn": [], "checkpoint": None}
+    pending: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(total=total, initial=state.step, disable=not progress or state.rank != 0, dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), state.step
+    period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
+    while state.step < total:
+        pending.append(train_step(state))
+        bar.update(1)
+        it = state.step
+        if it % cfg.train.log_every == 0 or it == total:
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)
+            now = time.perf_counter()
+            step_time = (now - t_last) / max(it - n_last, 1)
+            t_last, n_last = now, it
+            for logs in pending:
+                history["steps"].append(_reduce_logs(logs, state.world))
+            pending.clear()
+            last = history["steps"][-1]
+            img_s = global_batch / step_time
+            mfu = flops * img_s / (peak * state.world) if peak else None
+            last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device), mfu=mfu)
+            bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
+            if state.rank == 0 and log_fn is not None:
+                losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
+                log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
+                       f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
+                       f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        if period and it % period == 0 and it < total:
+            history["checkpoint"] = str(save_checkpoint(ckpt_root, it, state.arch, state.optimizer, state.rank_state(),
+                                                        config_yaml, cfg.checkpointing.max_to_keep))
+        if evals and it % evals == 0 and it < total:
+            history["knn"].append((it, _knn(state)))
+    bar.close()
+    if period >= 0 and cfg.train.output_dir:
+        history["checkpoint"] = str(save_checkpoint(ckpt_root, state.step, state.arch, state.optimizer,
+                                                    state.rank_state(), config_yaml, cfg.checkpointing.max_to_keep))
+    if cfg.train.dataset_path == "synthetic" and cfg.evaluation.knn_val_samples > 0:
+        history["knn"].append((state.step, _knn(state)))
+        if state.rank == 0 and log_fn is not None:
+            log_fn(f"kNN top-1 on the synthetic hidden labels: {100 * history['knn'][-1][1]:.1f}% "
+                   f"(chance {100 / cfg.train.synthetic_classes:.1f}%)")
+    history["state"] = state
+    return history
+
+
+def _knn(state: TrainState) -> float:
+    return knn_probe(state.arch.teacher.backbone, state.source, state.cfg, state.device)

@@ -1,0 +1,87 @@
+"""iBOT block masking with DINOv3's per-image mask ratios (dinov3/data/masking.py, collate.py).
+
+Per rank, of the 2B global crops int(2B * mask_sample_probability) are masked; the i-th of them
+gets int(HW * U(r_i, r_{i+1})) patches, with r = linspace(min, max, n_masked + 1), so the
+ratios are stratified over [min, max]; the list is then shuffled. Each mask is grown from random
+rectangles (area in [4, max patches], log-uniform aspect in [0.3, 1/0.3]) and completed with
+random single patches to the exact count, DINOv3's `MaskingGenerator`.
+
+The generator owns its random state (a `random.Random`), so a checkpoint can save and restore it.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+
+class MaskingGenerator:
+    """DINOv3's block-mask generator for an (H, W) patch grid.
+
+    __call__(num_masking_patches) -> bool [H, W] with exactly that many True entries.
+    """
+
+    def __init__(self, input_size: tuple[int, int], max_num_patches: float | None = None, min_num_patches: int = 4,
+                 min_aspect: float = 0.3, max_aspect: float | None = None, rng: random.Random | None = None) -> None:
+        self.height, self.width = input_size
+        self.num_patches = self.height * self.width
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = self.num_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        self.rng = rng or random.Random()
+
+    def _mask(self, mask: torch.Tensor, max_mask_patches: float) -> int:
+        delta = 0
+        for _ in range(10):
+            target_area = self.rng.uniform(self.min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(self.rng.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            if w < self.width and h < self.height:
+                top = self.rng.randint(0, self.height - h)
+                left = self.rng.randint(0, self.width - w)
+                block = mask[top: top + h, left: left + w]
+                num_masked = int(block.sum())
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    delta += h * w - num_masked
+                    block.fill_(True)
+                if delta > 0:
+                    break
+        return delta
+
+    def __call__(self, num_masking_patches: int = 0) -> torch.Tensor:
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < num_masking_patches:
+            delta = self._mask(mask, min(num_masking_patches - count, self.max_num_patches))
+            if delta == 0:
+                break
+            count += delta
+        flat = mask.flatten()  # complete with random single patches to the exact count
+        free = (~flat).nonzero().flatten().tolist()
+        missing = num_masking_patches - int(flat.sum())
+        if missing > 0:
+            flat[self.rng.sample(free, missing)] = True
+        return flat.view(self.height, self.width)
+
+
+def sample_masks(n_images: int, grid: tuple[int, int], mask_ratio_min_max: tuple[float, float],
+                 mask_probability: float, generator: MaskingGenerator) -> torch.Tensor:
+    """DINOv3's collate-time masks for `n_images` global crops: bool [n_images, H*W]."""
+    n_tokens = grid[0] * grid[1]
+    n_masked = int(n_images * mask_probability)
+    probs = torch.linspace(*mask_ratio_min_max, n_masked + 1).tolist()
+    masks = [generator(int(n_tokens * generator.rng.uniform(probs[i], probs[i + 1]))) for i in range(n_masked)]
+    masks += [generator(0) for _ in range(n_masked, n_images)]
+    generator.rng.shuffle(masks)
+    return torch.stack(masks).flatten(1)
+
+
+def mask_metadata(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From bool masks [N, HW]: (mask_indices_list [M] into the flattened [N*HW] tokens,
+    masks_weight [M] = 1 / (masked tokens of that image), n_masked_patches [1])."""
+    indices = masks.flatten().nonzero().flatten()
+    weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    return indices, weight, torch.full((1,), indices.shape[0], dtype=torch.long, device=masks.device)

@@ -1,0 +1,253 @@
+"""One DINOv3 SSL step (dinov3/train/ssl_meta_arch.py) on dinov3-fast's models and fused losses.
+
+Legend: B images per rank, n local crops, HW global-crop patches, M masked patches (over the 2B
+global crops), D embed dim, K / Ki DINO / iBOT prototypes.
+
+    arch = SSLMetaArch(cfg)            # student, EMA teacher, optional Gram teacher, losses
+    arch.init_weights()                # DINOv3's init; teacher <- student
+    loss, logs = arch.forward_backward(batch, teacher_temp=0.04, iteration=it)   # calls backward
+    arch.update_ema(momentum)          # foreach on the local shards
+
+The step is DINOv3's: the teacher sees the 2 global crops and centres its DINO (CLS) and iBOT
+(masked patches) outputs with Sinkhorn-Knopp; the student sees global (iBOT-masked) and local
+crops in one backbone call; the losses are the DINO local term (local crops vs teacher globals),
+the DINO global term (ignore_diagonal), KoLeo on the student's pre-head global CLS tokens, iBOT
+on masked patches and, optionally, Gram anchoring against the Gram teacher's (bicubically resized)
+patch features, with DINOv3's weights and term scales. `cfg.train.ops` picks the fused ops
+("fused": every op's fastest backend) or their plain-PyTorch references ("reference"), model
+attention included.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dinov3_fast.models import DINOHead, build_model
+from dinov3_fast.nn import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
+from dinov3_fast.train.config import Config
+from dinov3_fast.train.data import Batch
+from dinov3_fast.train.masking import mask_metadata
+
+
+def ops_backend(cfg: Config) -> str | None:
+    """The `backend=` every op and the model get: None (fastest available) or "reference"."""
+    return None if cfg.train.ops == "fused" else "reference"
+
+
+def build_backbone(cfg: Config, *, drop_path_rate: float, device=None) -> nn.Module:
+    """The student's DinoVisionTransformer from cfg.student (DINOv3's build_model_from_cfg)."""
+    s = cfg.student
+    trunk = {k: v for k, v in dict(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads,
+                                   ffn_ratio=s.ffn_ratio).items() if v is not None}
+    return build_model(
+        s.arch, img_size=cfg.crops.global_crops_size, patch_size=s.patch_size, in_chans=s.in_chans,
+        pos_embed_rope_base=s.pos_embed_rope_base, pos_embed_rope_rescale_coords=s.pos_embed_rope_rescale_coords,
+        pos_embed_rope_dtype=s.pos_embed_rope_dtype, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias,
+        ffn_bias=s.ffn_bias, ffn_layer=s.ffn_layer, norm_layer=s.norm_layer, layerscale_init=s.layerscale,
+        n_storage_tokens=s.n_storage_tokens, mask_k_bias=s.mask_k_bias,
+        untie_cls_and_patch_norms=s.untie_cls_and_patch_norms,
+        untie_global_and_local_cls_norm=s.untie_global_and_local_cls_norm, drop_path_rate=drop_path_rate,
+        backend=ops_backend(cfg), device=device, **trunk)
+
+
+def _heads(cfg: Config, embed_dim: int, device) -> dict[str, nn.Module]:
+    d, i = cfg.dino, cfg.ibot
+    return {"dino_head": DINOHead(embed_dim, d.head_n_prototypes, nlayers=d.head_nlayers, hidden_dim=d.head_hidden_dim,
+                                  bottleneck_dim=d.head_bottleneck_dim, device=device),
+            "ibot_head": DINOHead(embed_dim, i.head_n_prototypes, nlayers=i.head_nlayers, hidden_dim=i.head_hidden_dim,
+                                  bottleneck_dim=i.head_bottleneck_dim, device=device)}
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    """Each parameter's local shard (a DTensor's `_local_tensor`; a plain tensor itself)."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
+
+
+class SSLMetaArch(nn.Module):
+    """Student, EMA teacher, Gram teacher and losses of one DINOv3 run; see the module docstring."""
+
+    def __init__(self, cfg: Config, device=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backend = ops_backend(cfg)
+        student_backbone = build_backbone(cfg, drop_path_rate=cfg.student.drop_path_rate, device=device)
+        dim = student_backbone.embed_dim
+        self.student = nn.ModuleDict({"backbone": student_backbone, **_heads(cfg, dim, device)})
+        self.teacher = nn.ModuleDict({"backbone": build_backbone(cfg, drop_path_rate=0.0, device=device),
+                                      **_heads(cfg, dim, device)})
+        self.teacher.requires_grad_(False)
+        g = cfg.gram
+        self.gram_use_loss = g.use_loss
+        self.has_gram_teacher = g.use_loss and not g.ema_teacher
+        self.gram_teacher_initialized = False
+        self.gram_teacher = (nn.ModuleDict({"backbone": build_backbone(cfg, drop_path_rate=0.0, device=device)})
+                             if self.has_gram_teacher else None)
+        if self.gram_teacher is not None:
+            self.gram_teacher.requires_grad_(False)
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, backend=backend)
+        self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head_n_prototypes, backend=backend)
+        if cfg.dino.koleo_loss_distributed:
+            self.koleo_loss = KoLeoLossDistributed(topk=cfg.dino.koleo_topk,
+                                                   loss_group_size=cfg.dino.koleo_distributed_loss_group_size,
+                                                   backend=backend)
+        else:
+            if cfg.dino.koleo_topk != 1:
+                raise ValueError("dino.koleo_topk must be 1 unless dino.koleo_loss_distributed (as in DINOv3)")
+            self.koleo_loss = KoLeoLoss(backend=backend)
+        self.gram_loss = (GramLoss(apply_norm=g.normalized, remove_neg=g.remove_neg,
+                                   remove_only_teacher_neg=g.remove_only_teacher_neg, backend=backend)
+                          if g.use_loss else None)
+
+    # ------------------------------------------------------------------ setup
+
+    def init_weights(self) -> None:
+        """DINOv3's init: student backbone and heads, loss centres; the teacher copies the student."""
+        self.student.backbone.init_weights()
+        self.student.dino_head.init_weights()
+        self.student.ibot_head.init_weights()
+        self.dino_loss.init_weights()
+        self.ibot_patch_loss.init_weights()
+        self.teacher.load_state_dict(self.student.state_dict())
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        super().train(mode)
+        self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------ the step
+
+    def forward_backward(self, batch: Batch, *, teacher_temp: float, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward every model, compute the weighted loss, backward it. Returns (loss, loss dict)."""
+        n_global, b = batch.global_crops.shape[:2]
+        masks = batch.masks.flatten(0, 1)                                  # [2B, HW]
+        mask_indices, masks_weight, n_masked = mask_metadata(masks)
+        teacher_global = self.get_teacher_output(batch.global_crops, teacher_temp=teacher_temp,
+                                                 mask_indices=mask_indices, n_masked_patches=n_masked)
+        student_global, student_local = self.get_student_output(batch.global_crops, batch.local_crops, masks,
+                                                                mask_indices)
+        gram_global = (self.get_gram_teacher_output(batch.gram_crops, masks=masks, teacher_global=teacher_global,
+                                                    student_global=student_global,
+                                                    student_crop_size=batch.global_crops.shape[-1])
+                       if self.gram_use_loss else {})
+        loss, loss_dict = self.compute_losses(teacher_global, student_global, student_local, gram_global,
+                                              masks, mask_indices, masks_weight)
+        loss.backward()
+        return loss.detach(), loss_dict
+
+    @torch.no_grad()
+    def get_teacher_output(self, images: torch.Tensor, *, teacher_temp: float, mask_indices: torch.Tensor,
+                           n_masked_patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images [2, B, 3, G, G] -> CLS / patch features and Sinkhorn-Knopp-centred targets."""
+        n_crops, b = images.shape[:2]
+        out = self.teacher.backbone(images.flatten(0, 1), is_training=True)
+        cls, patch = out["x_norm_clstoken"], out["x_norm_patchtokens"]    # [2B, D], [2B, HW, D]
+        masked_after_head = self.teacher.ibot_head(patch.flatten(0, 1).index_select(0, mask_indices))  # [M, Ki]
+        cls_after_head = self.teacher.dino_head(cls)                                                  # [2B, K]
+        cls_centered = self.dino_loss.sinkhorn_knopp_teacher(cls_after_head, teacher_temp=teacher_temp)
+        masked_centered = self.ibot_patch_loss.sinkhorn_knopp_teacher(masked_after_head, teacher_temp=teacher_temp,
+                                                                      n_masked_patches_tensor=n_masked_patches)
+        return {"cls_pre_head": cls.unflatten(0, (n_crops, b)), "patch_pre_head": patch.unflatten(0, (n_crops, b)),
+                "cls_centered": cls_centered.unflatten(0, (n_crops, b)), "masked_patch_centered": masked_centered}
+
+    def get_student_output(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
+                           mask_indices: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Global [2, B, ...] (masked) and local [n, B, ...] crops through one backbone call."""
+        n_global, b = global_crops.shape[:2]
+        n_local = local_crops.shape[0]
+        g_out, l_out = self.student.backbone([global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
+                                             masks=[masks, None], is_training=True)
+        g_cls, g_patch, l_cls = g_out["x_norm_clstoken"], g_out["x_norm_patchtokens"], l_out["x_norm_clstoken"]
+        masked_after_head = self.student.ibot_head(g_patch.flatten(0, 1).index_select(0, mask_indices))  # [M, Ki]
+        heads = self.student.dino_head(torch.cat([g_cls, l_cls]))                                       # [(2+n)B, K]
+        g_head, l_head = heads.split([g_cls.shape[0], l_cls.shape[0]])
+        return ({"cls_pre_head": g_cls.unflatten(0, (n_global, b)), "patch_pre_head": g_patch.unflatten(0, (n_global, b)),
+                 "cls_after_head": g_head.unflatten(0, (n_global, b)), "masked_patch_after_head": masked_after_head},
+                {"cls_after_head": l_head.unflatten(0, (n_local, b))})
+
+    def get_gram_teacher_output(self, images: torch.Tensor | None, *, masks: torch.Tensor, teacher_global,
+                                student_global, student_crop_size: int) -> dict[str, torch.Tensor]:
+        """Student and Gram-teacher patch features [2B, HW, D] (or the selected tokens [N, D])."""
+        student = student_global["patch_pre_head"].flatten(0, 1)
+        if not self.has_gram_teacher:
+            teacher = teacher_global["patch_pre_head"].flatten(0, 1)
+        else:
+            if not self.gram_teacher_initialized:
+                raise RuntimeError("the Gram teacher is not initialised: it loads the EMA teacher at "
+                                   f"gram.it_load_ema_teacher={self.cfg.gram.it_load_ema_teacher}")
+            if images is None:
+                raise ValueError("the Gram loss needs Gram-teacher crops (crops.gram_teacher_crops_size)")
+            with torch.no_grad():
+                teacher = self.gram_teacher.backbone(images.flatten(0, 1), is_training=True)["x_norm_patchtokens"]
+                if teacher.shape[1] != student.shape[1]:
+                    p = self.cfg.student.patch_size
+                    n_t, n_s = images.shape[-1] // p, student_crop_size // p
+                    hw = teacher.transpose(-2, -1).unflatten(-1, (n_t, n_t))           # [2B, D, Nt, Nt]
+                    hw = F.interpolate(hw, size=(n_s, n_s), mode=self.cfg.gram.global_teacher_resize_method,
+                                       align_corners=False, antialias=self.cfg.gram.global_teacher_resize_antialias)
+                    teacher = hw.flatten(-2, -1).transpose(-2, -1)                     # [2B, HW, D]
+        used = self.cfg.gram.tokens_used
+        if used == "masked":
+            student, teacher = student[masks], teacher[masks]
+        elif used == "unmasked":
+            student, teacher = student[~masks], teacher[~masks]
+        return {"student_patches": student, "teacher_patches": teacher}
+
+    def compute_losses(self, teacher_global, student_global, student_local, gram_global, masks, mask_indices,
+                       masks_weight) -> tuple[torch.Tensor, dict[str, Any]]:
+        n_global = student_global["cls_after_head"].shape[0]
+        n_local = student_local["cls_after_head"].shape[0]
+        d = self.cfg.dino
+        global_terms = n_global * (n_global - 1) if d.global_ignore_diagonal else n_global**2
+        local_terms = n_global * n_local
+        loss_dict: dict[str, Any] = {}
+        dino_local = self.dino_loss(student_local["cls_after_head"], teacher_global["cls_centered"])
+        dino_global = self.dino_loss(student_global["cls_after_head"], teacher_global["cls_centered"],
+                                     ignore_diagonal=d.global_ignore_diagonal)
+        koleo = sum(self.koleo_loss(x) for x in student_global["cls_pre_head"]) / n_global
+        ibot = self.ibot_patch_loss.forward_masked(student_global["masked_patch_after_head"],
+                                                   teacher_global["masked_patch_centered"], student_masks_flat=masks,
+                                                   n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
+        loss = (d.loss_weight * local_terms / (global_terms + local_terms) * dino_local
+                + d.loss_weight * global_terms / (global_terms + local_terms) * dino_global
+                + d.koleo_loss_weight * n_global * koleo
+                + self.cfg.ibot.loss_weight * ibot)
+        loss_dict.update(dino_local_crops_loss=dino_local, dino_global_crops_loss=dino_global, koleo_loss=koleo,
+                         ibot_loss=ibot)
+        if self.gram_use_loss:
+            gram = self.gram_loss(gram_global["student_patches"], gram_global["teacher_patches"],
+                                  img_level=self.cfg.gram.img_level)
+            loss = loss + self.cfg.gram.loss_weight * gram
+            loss_dict["gram_loss"] = gram
+        return loss, {k: v.detach() for k, v in loss_dict.items()}
+
+    # ------------------------------------------------------------------ teacher updates
+
+    @torch.no_grad()
+    def update_ema(self, momentum: float) -> None:
+        """teacher = m * teacher + (1 - m) * student, with foreach ops on the local shards."""
+        for k in self.student:
+            t = local_tensors(self.teacher[k].parameters())
+            s = local_tensors(self.student[k].parameters())
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, s, alpha=1 - momentum)
+
+    @torch.no_grad()
+    def update_gram(self, momentum: float = 0.0) -> None:
+        """Gram teacher = m * Gram teacher + (1 - m) * EMA teacher (m = 0: a copy), local shards."""
+        if self.gram_teacher is None:
+            return
+        g = local_tensors(self.gram_teacher.backbone.parameters())
+        t = local_tensors(self.teacher.backbone.parameters())
+        torch._foreach_mul_(g, momentum)
+        torch._foreach_add_(g, t, alpha=1 - momentum)
+        self.gram_teacher_initialized = True
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,80 @@
+"""Per-iteration schedules (DINOv3's CosineScheduler, in closed form: no per-iteration arrays).
+
+A schedule is a pure function of the iteration, so a resumed run needs only the step to restore
+them. `Schedules.at(it)` gives every value the step needs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dinov3_fast.train.config import Config
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup from `start_warmup_value` to `base_value` over `warmup_iters`, then
+    cosine to `final_value` at `total_iters` ("cosine"), or held at `base_value` ("constant"); `final_value` afterwards.
+    Iterations below `zero_iters` give 0 (the frozen last layer)."""
+    base_value: float
+    final_value: float
+    total_iters: int
+    warmup_iters: int = 0
+    start_warmup_value: float = 0.0
+    kind: str = "cosine"
+    zero_iters: int = 0
+
+    def __call__(self, it: int) -> float:
+        if it < self.zero_iters:
+            return 0.0
+        if it < self.warmup_iters:
+            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / self.warmup_iters
+        if self.kind == "constant":
+            return self.base_value
+        if it >= self.total_iters:
+            return self.final_value
+        span = self.total_iters - self.warmup_iters
+        progress = (it - self.warmup_iters) / span
+        return self.final_value + 0.5 * (self.base_value - self.final_value) * (1 + math.cos(math.pi * progress))
+
+
+def scaled_lr(cfg: Config, world_size: int) -> float:
+    """DINOv3's lr scaling rule applied to optim.lr for the global batch."""
+    batch = cfg.train.batch_size_per_gpu * world_size
+    rule = cfg.optim.scaling_rule
+    if rule == "sqrt_wrt_1024":
+        return cfg.optim.lr * math.sqrt(batch / 1024)
+    if rule == "linear_wrt_256":
+        return cfg.optim.lr * batch / 256
+    return cfg.optim.lr
+
+
+@dataclass(frozen=True)
+class StepValues:
+    lr: float
+    last_layer_lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+
+class Schedules:
+    """lr, last-layer lr, weight decay, teacher momentum and teacher temperature, DINOv3's way."""
+
+    def __init__(self, cfg: Config, world_size: int = 1) -> None:
+        epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+        total = cfg.total_steps
+        o, t = cfg.optim, cfg.teacher
+        warmup = int(o.warmup_epochs * epoch)
+        peak = scaled_lr(cfg, world_size)
+        self.lr = Schedule(peak, o.min_lr, total, warmup, 0.0, o.schedule)
+        self.last_layer_lr = Schedule(peak, o.min_lr, total, warmup, 0.0, o.schedule,
+                                      zero_iters=int(o.freeze_last_layer_epochs * epoch))
+        self.weight_decay = Schedule(o.weight_decay, o.weight_decay_end, total)
+        self.momentum = Schedule(t.momentum_teacher, t.final_momentum_teacher, total)
+        temp_warmup = int(t.warmup_teacher_temp_epochs * epoch)
+        self.teacher_temp = Schedule(t.teacher_temp, t.teacher_temp, temp_warmup, temp_warmup, t.warmup_teacher_temp)
+
+    def at(self, it: int) -> StepValues:
+        return StepValues(self.lr(it), self.last_layer_lr(it), self.weight_decay(it), self.momentum(it),
+                          self.teacher_temp(it))

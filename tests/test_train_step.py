@@ -1,0 +1,213 @@
+"""Trainer parts: config, schedules, parameter groups, masking, augmentation, and one SSL step
+through the fused ops against the same step through the reference ops."""
+import math
+import random
+
+import pytest
+import torch
+
+from dinov3_fast.train.augment import MultiCropAugmentation
+from dinov3_fast.train.config import apply_overrides, get_preset, load_config, save_config, update_config, validate
+from dinov3_fast.train.data import Batch, ImageFolder, SyntheticShapes, make_batch
+from dinov3_fast.train.masking import MaskingGenerator, mask_metadata, sample_masks
+from dinov3_fast.train.meta_arch import SSLMetaArch
+from dinov3_fast.train.optim import apply_schedule, build_optimizer, param_groups
+from dinov3_fast.train.schedules import Schedules
+
+
+def _batch(cfg, n_images=8, seed=0):
+    src = SyntheticShapes(cfg.train.image_size, seed=seed)
+    images, labels = src.batch(torch.arange(n_images))
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(seed))
+    return make_batch(images, labels, MultiCropAugmentation(cfg.crops), torch.Generator().manual_seed(seed), masker,
+                      cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability)
+
+
+def _arch(cfg, seed=0):
+    torch.manual_seed(seed)
+    arch = SSLMetaArch(cfg)
+    arch.init_weights()
+    with torch.no_grad():  # move off the symmetric init, so KoLeo's neighbours are well separated
+        for p in arch.student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    arch.teacher.load_state_dict(arch.student.state_dict())
+    return arch.train()
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_ssl_step_fused_matches_reference(gram):
+    base = get_preset("debug")
+    extra = ["gram.use_loss=true", "gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=64"] if gram else []
+    batch = _batch(apply_overrides(base, extra))
+    out = {}
+    for ops in ("fused", "reference"):
+        cfg = apply_overrides(base, [f"train.ops={ops}", *extra])
+        arch = _arch(cfg)
+        if gram:
+            arch.update_gram(0.0)
+        torch.manual_seed(1)  # RoPE coordinate jitter draws
+        loss, logs = arch.forward_backward(batch, teacher_temp=0.05)
+        grads = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+        out[ops] = (loss, logs, grads)
+    (lf, df, gf), (lr_, dr, gr) = out["fused"], out["reference"]
+    assert torch.isfinite(lf) and set(df) == set(dr)
+    assert ("gram_loss" in df) == gram
+    for k in dr:
+        assert torch.allclose(df[k], dr[k], rtol=1e-5, atol=1e-6), (k, df[k], dr[k])
+    assert torch.allclose(lf, lr_, rtol=1e-5)
+    assert set(gf) == set(gr) and len(gr) > 20
+    for k in gr:
+        err = ((gf[k] - gr[k]).norm() / gr[k].norm().clamp(min=1e-12)).item()
+        assert err < 1e-4, (k, err)
+
+
+def test_ema_update_and_gram_refresh():
+    cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.it_load_ema_teacher=0",
+                                                "crops.gram_teacher_crops_size=64"])
+    arch = _arch(cfg)
+    t0 = [p.clone() for p in arch.teacher.parameters()]
+    with torch.no_grad():
+        for p in arch.student.parameters():
+            p.add_(1.0)
+    arch.update_ema(0.9)
+    for p0, p, s in zip(t0, arch.teacher.parameters(), arch.student.parameters()):
+        torch.testing.assert_close(p, 0.9 * p0 + 0.1 * s)
+    assert not arch.gram_teacher_initialized
+    arch.update_gram(0.0)
+    assert arch.gram_teacher_initialized
+    for g, t in zip(arch.gram_teacher.backbone.parameters(), arch.teacher.backbone.parameters()):
+        assert torch.equal(g, t)
+
+
+def test_schedules_follow_dinov3():
+    cfg = apply_overrides(get_preset("debug"), ["optim.lr=0.01", "optim.min_lr=0.001", "optim.warmup_epochs=0.2",
+                                                "optim.freeze_last_layer_epochs=0.1", "train.OFFICIAL_EPOCH_LENGTH=100",
+                                                "optim.epochs=1", "teacher.warmup_teacher_temp_epochs=0.3"])
+    s = Schedules(cfg)
+    assert s.lr(0) == 0 and s.lr(10) == pytest.approx(0.005) and s.lr(20) == pytest.approx(0.01)
+    assert s.lr(60) == pytest.approx(0.001 + 0.5 * 0.009 * (1 + math.cos(math.pi * 0.5)))
+    assert s.lr(100) == pytest.approx(0.001)
+    assert s.last_layer_lr(9) == 0 and s.last_layer_lr(10) == s.lr(10)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
+    assert s.teacher_temp(30) == s.teacher_temp(99) == pytest.approx(0.07)
+    assert s.momentum(0) == pytest.approx(0.99) and s.momentum(100) == pytest.approx(0.999)
+    const = Schedules(apply_overrides(cfg, ["optim.schedule=constant"]))
+    assert const.lr(20) == const.lr(99) == pytest.approx(0.01)
+    sq = Schedules(apply_overrides(cfg, ["optim.scaling_rule=sqrt_wrt_1024", "train.batch_size_per_gpu=64"]), world_size=4)
+    assert sq.lr(20) == pytest.approx(0.01 * math.sqrt(256 / 1024))
+
+
+def test_param_groups_decay_and_multipliers():
+    cfg = apply_overrides(get_preset("debug"), ["optim.layerwise_decay=0.5", "optim.patch_embed_lr_mult=0.2"])
+    arch = SSLMetaArch(cfg)
+    groups = param_groups(cfg, arch.student)
+    by_name = {n: g for g in groups for n in g["names"]}
+    depth = cfg.student.depth
+    assert by_name["backbone.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
+    assert by_name["backbone.cls_token"]["lr_multiplier"] == pytest.approx(0.5 ** (depth + 1))
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(0.5**depth)
+    assert by_name[f"backbone.blocks.{depth - 1}.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(0.5)
+    assert by_name["backbone.norm.weight"]["lr_multiplier"] == 1.0
+    for n in ("backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias", "backbone.blocks.0.ls1.gamma",
+              "dino_head.mlp.0.bias"):
+        assert by_name[n]["wd_multiplier"] == 0.0, n
+    for n in ("backbone.blocks.0.attn.qkv.weight", "dino_head.mlp.0.weight", "backbone.cls_token"):
+        assert by_name[n]["wd_multiplier"] == 1.0, n
+    assert by_name["dino_head.last_layer.weight"]["is_last_layer"] and not by_name["dino_head.mlp.0.weight"]["is_last_layer"]
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in arch.student.parameters())
+    opt = build_optimizer(cfg, arch.student)
+    s = Schedules(cfg).at(3)
+    apply_schedule(opt, s)
+    g = next(g for g in opt.param_groups if "backbone.patch_embed.proj.weight" in g["names"])
+    assert g["lr"] == pytest.approx(s.lr * 0.5 ** (depth + 1) * 0.2) and g["weight_decay"] == pytest.approx(s.weight_decay)
+
+
+def test_masks_follow_dinov3_ratios():
+    gen = MaskingGenerator((8, 8), max_num_patches=32, rng=random.Random(0))
+    for n in (0, 1, 5, 20, 32):
+        assert int(gen(n).sum()) == n
+    masks = sample_masks(20, (8, 8), (0.1, 0.5), 0.5, gen)
+    counts = masks.sum(1)
+    assert masks.shape == (20, 64) and (counts > 0).sum() == 10 and (counts == 0).sum() == 10
+    lo, hi = sorted(c for c in counts.tolist() if c > 0)[0], max(counts.tolist())
+    assert 6 <= lo and hi <= 32
+    idx, w, n = mask_metadata(masks)
+    assert n.item() == idx.numel() == counts.sum()
+    torch.testing.assert_close(w.sum(), torch.tensor(10.0))  # each masked image's weights sum to 1
+
+
+def test_augmentation_shapes_range_and_determinism():
+    cfg = apply_overrides(get_preset("debug"), ["crops.gram_teacher_crops_size=64"])
+    images, _ = SyntheticShapes(48).batch(torch.arange(6))
+    aug = MultiCropAugmentation(cfg.crops)
+    a = aug(images, torch.Generator().manual_seed(3))
+    b = aug(images, torch.Generator().manual_seed(3))
+    assert a.global_crops.shape == (2, 6, 3, 32, 32) and a.local_crops.shape == (2, 6, 3, 16, 16)
+    assert a.gram_crops.shape == (2, 6, 3, 64, 64)
+    assert torch.equal(a.global_crops, b.global_crops) and torch.isfinite(a.local_crops).all()
+    mean = torch.tensor(cfg.crops.rgb_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.crops.rgb_std).view(3, 1, 1)
+    raw = a.global_crops * std + mean
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    c = aug(images, torch.Generator().manual_seed(4))
+    assert not torch.equal(a.global_crops, c.global_crops)
+
+
+def test_synthetic_labels_are_learnable_structure():
+    src = SyntheticShapes(32, num_classes=8, seed=0)
+    x1, y1 = src.batch(torch.arange(64))
+    x2, y2 = src.batch(torch.arange(64))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(set(y1.tolist())) == 8
+    assert x1.min() >= 0 and x1.max() <= 1
+
+
+def test_batch_shard_and_divisibility():
+    cfg = get_preset("debug")
+    batch = _batch(cfg, n_images=6)
+    part = batch.shard(1, 3)
+    assert part.global_crops.shape[1] == 2 and torch.equal(part.masks, batch.masks[:, 2:4])
+    with pytest.raises(ValueError, match="does not split over 4 ranks"):
+        batch.shard(0, 4)
+    bad = apply_overrides(cfg, ["dino.koleo_loss_distributed=true", "dino.koleo_distributed_loss_group_size=24",
+                                "train.batch_size_per_gpu=16"])
+    with pytest.raises(ValueError, match="koleo_distributed_loss_group_size"):
+        validate(bad, world_size=2)
+
+
+def test_config_errors_and_yaml(tmp_path):
+    cfg = get_preset("debug")
+    with pytest.raises(ValueError, match="unknown arch 'vit_nope'"):
+        validate(apply_overrides(cfg, ["student.arch=vit_nope"]))
+    with pytest.raises(ValueError, match=r"crops.global_crops_size \(36\) must be a positive multiple"):
+        validate(apply_overrides(cfg, ["crops.global_crops_size=36"]))
+    with pytest.raises(ValueError, match="unknown config key optim.lrr"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="train.ac must be one of"):
+        validate(apply_overrides(cfg, ["train.ac=some"]))
+    path = tmp_path / "c.yaml"
+    save_config(apply_overrides(cfg, ["optim.lr=0.123"]), path)
+    assert load_config(path, base="vitl16_h100") == apply_overrides(cfg, ["optim.lr=0.123"])
+    assert update_config(cfg, {"train": {"checkpointing": True}}).train.ac == "selective"  # DINOv3's AC flag
+    for name in ("debug", "cpu", "vitl16_h100", "vit7b16"):
+        validate(get_preset(name), world_size=8)
+
+
+def test_image_folder(tmp_path):
+    with pytest.raises(ValueError, match="contains no images"):
+        ImageFolder(tmp_path, 32)
+    from PIL import Image
+    for i, cls in enumerate(("a", "a", "b")):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.new("RGB", (40 + 10 * i, 30), (50 * i, 100, 200)).save(tmp_path / cls / f"{i}.png")
+    folder = ImageFolder(tmp_path, 24)
+    images, labels = folder.batch(torch.arange(4))
+    assert images.shape == (4, 3, 24, 24) and labels.tolist() == [0, 0, 1, 0]
+    assert images[2, 0].mean().item() == pytest.approx(100 / 255, abs=0.01)
+
+
+def test_batch_dataclass_to():
+    b = _batch(get_preset("debug"), n_images=2)
+    assert isinstance(b.to("cpu"), Batch) and b.batch_size == 2
