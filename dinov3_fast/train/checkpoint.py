@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
@@ -154,7 +155,7 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
         state = {"model": get_model_state_dict(arch)}
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    except Exception as exc:  # DCP raises many kinds; name the folder
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
     if optimizer is not None:
         set_state_dict(arch, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

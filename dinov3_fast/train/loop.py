@@ -233,10 +233,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
                        f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
                        f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-        if period and it % period == 0 and it < total:
+        if period > 0 and it % period == 0 and it < total:
             history["checkpoint"] = str(save_checkpoint(ckpt_root, it, state.arch, state.optimizer, state.rank_state(),
                                                         config_yaml, cfg.checkpointing.max_to_keep))
-        if evals and it % evals == 0 and it < total:
+        if evals > 0 and it % evals == 0 and it < total:
             history["knn"].append((it, _knn(state)))
     bar.close()
     if period >= 0 and cfg.train.output_dir:

@@ -1,0 +1,112 @@
+"""The training loop on the CPU: a synthetic-data smoke run, DCP save/kill/resume, corrupted and
+partial checkpoints, and the backbone export."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from dinov3_fast.cli import main as cli_main
+from dinov3_fast.train.checkpoint import (
+    CheckpointError, complete_checkpoints, export_from_checkpoint, load_checkpoint, resolve_checkpoint,
+)
+from dinov3_fast.train.config import apply_overrides, get_preset
+from dinov3_fast.train.loop import build_state, train
+from dinov3_fast.train.meta_arch import build_backbone
+
+
+def _cfg(tmp_path, *extra):
+    return apply_overrides(get_preset("debug"), [f"train.output_dir={tmp_path}", "train.batch_size_per_gpu=8",
+                                                 "evaluation.knn_train_samples=64", "evaluation.knn_val_samples=32",
+                                                 *extra])
+
+
+def test_smoke_run_losses_finite_and_falling(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=20", "train.log_every=10", "checkpointing.period=-1")
+    hist = train(cfg, progress=False, log_fn=None)
+    losses = [s["total_loss"] for s in hist["steps"]]
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    logged = [s for s in hist["steps"] if "img_per_s" in s]
+    assert [s["step"] for s in logged] == [10, 20]
+    for k in ("lr", "teacher_temp", "step_time", "peak_mem_gib", "dino_local_crops_loss", "ibot_loss", "koleo_loss"):
+        assert k in logged[-1]
+    assert hist["checkpoint"] is None and 0.0 <= hist["knn"][-1][1] <= 1.0
+
+
+def test_resume_gives_identical_next_step_loss(tmp_path):
+    cfg = _cfg(tmp_path / "a", "train.steps=4", "checkpointing.period=2", "train.log_every=1",
+               "evaluation.knn_val_samples=0")
+    full = train(cfg, progress=False, log_fn=None)
+    ckpts = complete_checkpoints(tmp_path / "a" / "ckpt")
+    assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
+    cfg_b = apply_overrides(cfg, [f"train.output_dir={tmp_path / 'b'}"])  # a fresh process would rebuild the same
+    resumed = train(cfg_b, resume=ckpts[0], progress=False, log_fn=None)
+    for a, b in zip(full["steps"][2:], resumed["steps"]):
+        assert a["total_loss"] == b["total_loss"], (a, b)
+        assert a["ibot_loss"] == b["ibot_loss"] and a["koleo_loss"] == b["koleo_loss"]
+    s_full = full["state"].arch.state_dict()
+    s_res = resumed["state"].arch.state_dict()
+    for k in s_full:
+        assert torch.equal(s_full[k], s_res[k]), k
+
+
+def test_corrupted_and_partial_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=2", "checkpointing.period=1", "evaluation.knn_val_samples=0")
+    train(cfg, progress=False, log_fn=None)
+    root = tmp_path / "ckpt"
+    first, second = complete_checkpoints(root)
+    assert (root / "latest").read_text() == second.name
+    # a save that crashed half-way: a temporary folder, never picked
+    partial = root / ".tmp_step_00000003"
+    shutil.copytree(second, partial)
+    (partial / "MANIFEST.json").unlink()
+    assert resolve_checkpoint(root) == second
+    with pytest.raises(CheckpointError, match="incomplete: no MANIFEST.json"):
+        load_checkpoint(partial, build_state(cfg).arch)
+    # a truncated data file in the newest checkpoint: a clear error, and the previous one still loads
+    data = next(second.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    state = build_state(cfg)
+    with pytest.raises(CheckpointError, match=r"corrupted: file __0_0.distcp has \d+ bytes"):
+        load_checkpoint(second, state.arch, state.optimizer)
+    with pytest.warns(UserWarning, match="skipping"):
+        assert resolve_checkpoint(root) == first
+    assert load_checkpoint(first, state.arch, state.optimizer)["step"] == 1
+    # the manifest is consistent but DCP itself cannot parse the data
+    meta = json.loads((second / "MANIFEST.json").read_text())
+    meta["files"]["__0_0.distcp"] = data.stat().st_size
+    (second / "MANIFEST.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(second, state.arch, state.optimizer)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope" / "step_00000001", state.arch)
+
+
+def test_export_loads_into_a_dinov3_backbone(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=1", "evaluation.knn_val_samples=0")
+    hist = train(cfg, progress=False, log_fn=None)
+    out = export_from_checkpoint(tmp_path / "ckpt", tmp_path / "teacher.safetensors")
+    from safetensors.torch import load_file
+    sd = load_file(str(out))
+    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    backbone.load_state_dict(sd, strict=True)
+    ref = hist["state"].arch.teacher.backbone.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    pth = export_from_checkpoint(tmp_path / "ckpt", tmp_path / "student.pth", which="student")
+    assert set(torch.load(pth)) == set(ref)
+
+
+def test_cli_train_and_clear_errors(tmp_path, capsys):
+    rc = cli_main(["train", "--preset", "debug", "--steps", "2", "--batch", "4", "--ops", "reference",
+                   "--output-dir", str(tmp_path), "--no-progress", "--json", str(tmp_path / "h.json"),
+                   "evaluation.knn_val_samples=0", "checkpointing.period=-1"])
+    assert rc == 0
+    hist = json.loads((tmp_path / "h.json").read_text())
+    assert len(hist["steps"]) == 2 and hist["config"]["train"]["ops"] == "reference"
+    assert cli_main(["train", "--preset", "debug", "--arch", "vit_nope", "--steps", "1"]) == 2
+    assert "unknown arch" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["train", "--preset", "debug", "--data", str(empty), "--steps", "1"]) == 2
+    assert "contains no images" in capsys.readouterr().err
