@@ -13,8 +13,8 @@ u = y_q - y_j + 1e-8 (PairwiseDistance's eps), d = ||u||, and the loss is
                          row (lowest index among equal dots, NaN above every number, as
                          torch.max). Epilogue: gathers each neighbour row, writes d, y_q.u,
                          y_j.u per pair and the block's share of the loss. With a single program
-                         (n <= 128, DINOv3's per-GPU CLS batches) it also computes r itself, so
-                         the forward is one launch.
+                         (n <= 128, DINOv3's per-GPU CLS batches) it also computes r itself and
+                         writes the loss, so the forward is one launch.
   _koleo_bwd_kernel      one program per row i, deterministic (no atomics): the row's gradient
                          is its own pairs (as query) plus the pairs that chose it as neighbour,
                          read through a CSR inverse index built with a stable sort, all pushed
@@ -219,7 +219,7 @@ def koleo_fwd_triton(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
     """
     x = _kernel_input(x)
     M, D = x.shape
-    block_m = _pow2(nq, 16, 128)
+    block_m = _pow2(nq, 64, 128)  # >= 64: one Hopper warpgroup MMA (wgmma) even for n = 16
     n_prog = triton.cdiv(nq, block_m)
     inline = n_prog == 1
     r = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -231,8 +231,8 @@ def koleo_fwd_triton(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
     _koleo_fwd_kernel[(n_prog,)](
         x, r, idx, stats, partial, M, D, q0, nq, *x.stride(), eps, PDIST_EPS, 1.0 / (nq * topk),
         TOPK=topk, KP=triton.next_power_of_2(topk), INLINE_NORMS=inline, DOT_PRECISION=_dot_precision(x),
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=_pow2(D, 16, 64), BLOCK_D=_pow2(D, 16, 256),
-        num_warps=8 if block_m == 128 else 4, num_stages=3)
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=_pow2(D, 16, 64 if x.element_size() == 2 and not inline else 32), BLOCK_D=_pow2(D, 16, 32),
+        num_warps=8 if block_m == 128 else 4, num_stages=3)  # tiles chosen for no register spills (AOT, sm_90)
     loss = partial.reshape(()) if inline else partial.sum()
     return loss, idx, stats, r
 
