@@ -8,7 +8,7 @@ import torch
 
 from dinov3_fast.train.augment import MultiCropAugmentation
 from dinov3_fast.train.config import apply_overrides, get_preset, load_config, save_config, update_config, validate
-from dinov3_fast.train.data import Batch, ImageFolder, SyntheticShapes, make_batch
+from dinov3_fast.train.data import Batch, ImageFolder, SyntheticShapes, synthetic_batch
 from dinov3_fast.train.masking import MaskingGenerator, mask_metadata, sample_masks
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, param_groups
@@ -16,12 +16,7 @@ from dinov3_fast.train.schedules import Schedules
 
 
 def _batch(cfg, n_images=8, seed=0):
-    src = SyntheticShapes(cfg.train.image_size, seed=seed)
-    images, labels = src.batch(torch.arange(n_images))
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(seed))
-    return make_batch(images, labels, MultiCropAugmentation(cfg.crops), torch.Generator().manual_seed(seed), masker,
-                      cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability)
+    return synthetic_batch(cfg, n_images, seed)
 
 
 def _arch(cfg, seed=0):

@@ -201,3 +201,16 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, aug: MultiCropAugment
     b = images.shape[0]
     masks = sample_masks(2 * b, (masker.height, masker.width), mask_ratio_min_max, mask_probability, masker)
     return Batch(crops.global_crops, crops.local_crops, masks.view(2, b, -1).to(images.device), crops.gram_crops, labels)
+
+
+def synthetic_batch(cfg, n_images: int, seed: int = 0, device=None) -> Batch:
+    """A reproducible batch of `n_images` synthetic images for `cfg` (tests, benchmarks)."""
+    import random
+
+    size = cfg.train.image_size or int(cfg.crops.global_crops_size * 1.25)
+    images, labels = SyntheticShapes(size, cfg.train.synthetic_classes, seed).batch(torch.arange(n_images), device)
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(seed))
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    return make_batch(images, labels, MultiCropAugmentation(cfg.crops), gen, masker, cfg.ibot.mask_ratio_min_max,
+                      cfg.ibot.mask_sample_probability)

@@ -62,6 +62,15 @@ def _heads(cfg: Config, embed_dim: int, device) -> dict[str, nn.Module]:
                                   bottleneck_dim=i.head_bottleneck_dim, device=device)}
 
 
+def reshard(models: nn.Module | None) -> None:
+    """Free the gathered parameters of every FSDP2 unit in `models` (FSDP2 keeps a root's
+    parameters gathered after forward, expecting a backward; the teachers have none)."""
+    if models is not None:
+        for m in models.modules():
+            if hasattr(m, "reshard") and hasattr(m, "unshard"):
+                m.reshard()
+
+
 def local_tensors(params) -> list[torch.Tensor]:
     """Each parameter's local shard (a DTensor's `_local_tensor`; a plain tensor itself)."""
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
@@ -152,6 +161,7 @@ class SSLMetaArch(nn.Module):
         cls_centered = self.dino_loss.sinkhorn_knopp_teacher(cls_after_head, teacher_temp=teacher_temp)
         masked_centered = self.ibot_patch_loss.sinkhorn_knopp_teacher(masked_after_head, teacher_temp=teacher_temp,
                                                                       n_masked_patches_tensor=n_masked_patches)
+        reshard(self.teacher)
         return {"cls_pre_head": cls.unflatten(0, (n_crops, b)), "patch_pre_head": patch.unflatten(0, (n_crops, b)),
                 "cls_centered": cls_centered.unflatten(0, (n_crops, b)), "masked_patch_centered": masked_centered}
 
@@ -184,6 +194,7 @@ class SSLMetaArch(nn.Module):
                 raise ValueError("the Gram loss needs Gram-teacher crops (crops.gram_teacher_crops_size)")
             with torch.no_grad():
                 teacher = self.gram_teacher.backbone(images.flatten(0, 1), is_training=True)["x_norm_patchtokens"]
+                reshard(self.gram_teacher)
                 if teacher.shape[1] != student.shape[1]:
                     p = self.cfg.student.patch_size
                     n_t, n_s = images.shape[-1] // p, student_crop_size // p
@@ -231,6 +242,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
         """teacher = m * teacher + (1 - m) * student, with foreach ops on the local shards."""
+        reshard(self.teacher)
         for k in self.student:
             t = local_tensors(self.teacher[k].parameters())
             s = local_tensors(self.student[k].parameters())
@@ -242,6 +254,8 @@ class SSLMetaArch(nn.Module):
         """Gram teacher = m * Gram teacher + (1 - m) * EMA teacher (m = 0: a copy), local shards."""
         if self.gram_teacher is None:
             return
+        reshard(self.teacher)
+        reshard(self.gram_teacher)
         g = local_tensors(self.gram_teacher.backbone.parameters())
         t = local_tensors(self.teacher.backbone.parameters())
         torch._foreach_mul_(g, momentum)

@@ -1,0 +1,172 @@
+"""Per-rank memory plan of a training run, from the meta device and a fake process group.
+
+    plan = plan_memory(get_preset("vit7b16"), world_size=256)
+    print(format_plan(plan))
+
+Nothing is allocated. The models are built on the meta device and sharded with the real
+`parallelize` over a fake process group of `world_size` ranks (`init_process_group("fake")`),
+so the sharded state is exactly what FSDP2 keeps on a rank (padding included). Terms:
+- **sharded state**: fp32 parameter shards of student, teacher and Gram teacher; fp32 gradient
+  shards and AdamW's two fp32 moments for the student.
+- **transient all-gather buffers**: the largest FSDP unit unsharded in the param dtype, twice
+  (the running unit and the prefetched one), plus its unsharded fp32 gradient for the
+  reduce-scatter, twice.
+- **activations**: measured, not modelled: the student backbone runs forward on meta tensors at
+  the per-rank batch (2 global + n local crops) with the chosen AC mode, under a dispatch mode
+  that records every storage created; what is still alive after the forward is what the backward
+  will read. Two depths (1 and 2 blocks) give the per-block and the fixed part.
+- **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
+  token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
+  with `--ops reference`, the fp32 log-softmax copies the reference losses keep for backward.
+The sum leaves out the CUDA context and the allocator's fragmentation (a few GiB on a GPU).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dinov3_fast.train.config import Config, apply_overrides, validate
+
+GIB = 2**30
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records every storage an op creates; `alive_bytes()` sums those still referenced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not hasattr(t, "to_local"):
+                s = t.untyped_storage()
+                ref = StorageWeakRef(s)
+                self.refs.setdefault(ref.cdata, (ref, s.nbytes()))
+        return out
+
+    def alive_bytes(self) -> int:
+        return sum(n for ref, n in self.refs.values() if not ref.expired())
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the storages created by fn() that are still alive after it returns (its
+    output included): what autograd keeps for the backward."""
+    tracker = StorageTracker()
+    with tracker:
+        out = fn()
+    n = tracker.alive_bytes()
+    del out
+    return n
+
+
+@dataclass
+class MemoryPlan:
+    arch: str
+    world_size: int
+    batch_per_rank: int
+    ac: str
+    ops: str
+    params_total: int          # student backbone + heads, elements
+    params_per_rank: int       # student shard, elements
+    sharded_state: int         # bytes
+    transient_buffers: int
+    activations: int
+    heads_and_losses: int
+
+    @property
+    def total(self) -> int:
+        return self.sharded_state + self.transient_buffers + self.activations + self.heads_and_losses
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _local_numel(module: torch.nn.Module) -> int:
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
+
+
+def _measure_student(cfg: Config, depth: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(backbone, heads) saved bytes on meta for a student of `depth` blocks at the per-rank batch."""
+    from dinov3_fast.train.meta_arch import _heads, build_backbone
+    from dinov3_fast.train.parallelize import apply_ac
+    c, b = cfg.crops, cfg.train.batch_size_per_gpu
+    small = apply_overrides(cfg, [f"student.depth={depth}"])
+    with torch.device("meta"):
+        backbone = build_backbone(small, drop_path_rate=0.0, device="meta").to(dtype)
+        heads = {k: v.to(dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
+    apply_ac(backbone.blocks, cfg.train.ac)
+    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=dtype)
+    loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta", dtype=dtype)
+    act = saved_activation_bytes(lambda: backbone([g, loc], is_training=True))
+    hw = (c.global_crops_size // cfg.student.patch_size) ** 2
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
+    cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
+    tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
+    head = saved_activation_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
+    return act, head, masked
+
+
+def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
+    """The per-rank memory plan of `cfg` on `world_size` ranks (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dinov3_fast.train.meta_arch import SSLMetaArch
+    from dinov3_fast.train.parallelize import parallelize
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    validate(cfg, world_size)
+    cfg = copy.deepcopy(cfg)
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        with torch.device("meta"):
+            arch = SSLMetaArch(cfg, device="meta")
+        p_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.compute_precision.param_dtype]
+        parallelize(arch, ac="none", mesh=mesh, param_dtype=p_dtype, shard=True)
+        student_local = _local_numel(arch.student)
+        teacher_local = _local_numel(arch.teacher) + (_local_numel(arch.gram_teacher) if arch.gram_teacher else 0)
+        total = sum(p.numel() for p in arch.student.parameters())
+        units = [*arch.student.backbone.blocks, arch.student.dino_head, arch.student.ibot_head]
+        largest = max(sum(p.numel() for p in u.parameters(recurse=True)) for u in units)
+    finally:
+        if own_pg:
+            dist.destroy_process_group()
+    pb = _BYTES[cfg.compute_precision.param_dtype]
+    sharded = 4 * student_local * 4 + 4 * teacher_local  # params + grads + 2 moments; teachers' params
+    transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
+    depth = arch.student.backbone.n_blocks
+    a1, head, masked = _measure_student(cfg, 1, p_dtype)
+    a2, _, _ = _measure_student(cfg, 2, p_dtype)
+    per_block = a2 - a1
+    activations = a1 - per_block + depth * per_block
+    c, b = cfg.crops, cfg.train.batch_size_per_gpu
+    k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
+    targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
+    if cfg.train.ops == "reference":  # fp32 log-softmax of every student row kept for backward
+        targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)
+    return MemoryPlan(cfg.student.arch, world_size, b, cfg.train.ac, cfg.train.ops, total, student_local, sharded,
+                      transient, activations, head + targets)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    rows = [("sharded state (params, grads, AdamW; teachers)", plan.sharded_state),
+            ("transient all-gather / reduce-scatter buffers", plan.transient_buffers),
+            (f"activations (AC {plan.ac})", plan.activations),
+            (f"heads and losses (ops {plan.ops})", plan.heads_and_losses),
+            ("total per rank", plan.total)]
+    head = (f"memory plan: {plan.arch}, {plan.world_size} ranks, batch {plan.batch_per_rank} per rank; "
+            f"student {plan.params_total / 1e9:.3f}B params, {plan.params_per_rank / 1e6:.1f}M per rank")
+    return "\n".join([head] + [f"  {name:<50} {n / GIB:9.2f} GiB" for name, n in rows])

@@ -1,0 +1,115 @@
+"""FSDP2 on 2 gloo ranks against a single process on the same global batch (fp32, 3 steps, AC
+none / full / selective), and the activation memory each AC mode keeps."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dinov3_fast.train.config import apply_overrides, get_preset
+from dinov3_fast.train.data import synthetic_batch
+from dinov3_fast.train.meta_arch import SSLMetaArch, build_backbone
+from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
+from dinov3_fast.train.parallelize import apply_ac, parallelize
+from dinov3_fast.train.planner import saved_activation_bytes
+from dinov3_fast.train.schedules import Schedules
+
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _cfg():
+    # global KoLeo (all-gathered), so 2 ranks compute the single process's loss
+    return apply_overrides(get_preset("debug"), ["dino.koleo_loss_distributed=true", "optim.warmup_epochs=0",
+                                                 f"train.batch_size_per_gpu={GLOBAL_BATCH}"])
+
+
+def _run(ac: str, rank: int, world: int) -> list[float]:
+    cfg = _cfg()
+    torch.manual_seed(0)
+    arch = SSLMetaArch(cfg)
+    arch.init_weights()
+    with torch.no_grad():
+        for p in arch.student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    arch.teacher.load_state_dict(arch.student.state_dict())
+    parallelize(arch, ac=ac, param_dtype=None, reduce_dtype=torch.float32, shard=world > 1)
+    arch.train()
+    opt, sched = build_optimizer(cfg, arch.student), Schedules(cfg)
+    losses = []
+    for step in range(STEPS):
+        batch = synthetic_batch(cfg, GLOBAL_BATCH, seed=step).shard(rank, world)
+        values = sched.at(step)
+        apply_schedule(opt, values)
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + step)  # the same RoPE jitter on every rank and in the single process
+        loss, _ = arch.forward_backward(batch, teacher_temp=values.teacher_temp, iteration=step)
+        clip_gradients(arch.student, cfg.optim.clip_grad)
+        opt.step()
+        arch.update_ema(values.momentum)
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    return losses
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {ac: _run(ac, rank, world) for ac in ("none", "full", "selective")}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "losses.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "losses.pt")
+    single = _run("none", 0, 1)
+    assert all(torch.isfinite(torch.tensor(single)))
+    for ac, losses in sharded.items():
+        for a, b in zip(losses, single):
+            assert abs(a - b) <= 1e-5 * abs(b), (ac, losses, single)
+
+
+def test_selective_ac_keeps_less_than_none_and_more_than_full():
+    cfg = apply_overrides(get_preset("debug"), ["student.depth=3"])
+    x = torch.randn(8, 3, 32, 32)
+    saved = {}
+    for ac in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        backbone = build_backbone(cfg, drop_path_rate=0.0)
+        apply_ac(backbone.blocks, ac)
+        saved[ac] = saved_activation_bytes(lambda: backbone(x, is_training=True)["x_norm_patchtokens"])
+        out = backbone(x, is_training=True)["x_norm_patchtokens"]
+        out.square().sum().backward()  # the checkpointed forward still trains
+        assert all(p.grad is not None for p in backbone.blocks.parameters())
+    assert saved["full"] < saved["selective"] < saved["none"], saved
+    with pytest.raises(ValueError, match="ac must be one of"):
+        apply_ac(backbone.blocks, "some")
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_ac(backbone.blocks, "full")
+
+
+def test_ac_keeps_state_dict_names_and_gradients():
+    cfg = get_preset("debug")
+    x = torch.randn(4, 3, 32, 32)
+    grads = {}
+    for ac in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        arch = SSLMetaArch(cfg)
+        keys = list(arch.state_dict())
+        parallelize(arch, ac=ac, shard=False)
+        assert list(arch.state_dict()) == keys
+        torch.manual_seed(1)
+        arch.student.backbone(x, is_training=True)["x_norm_clstoken"].sum().backward()
+        grads[ac] = [p.grad.clone() for p in arch.student.backbone.blocks.parameters()]
+    for ac in ("selective", "full"):
+        for a, b in zip(grads[ac], grads["none"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

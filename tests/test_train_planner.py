@@ -1,0 +1,76 @@
+"""The ViT-7B sharding plan and the memory planner on the meta device with a fake process group."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from dinov3_fast.cli import main as cli_main
+from dinov3_fast.train.config import apply_overrides, get_preset
+from dinov3_fast.train.planner import GIB, format_plan, plan_memory
+
+
+@pytest.fixture(scope="module")
+def plans():
+    cfg = apply_overrides(get_preset("vit7b16"), ["train.ac=selective"])
+    return {w: plan_memory(cfg, world_size=w) for w in (8, 256)}
+
+
+def test_7b_sharding_plan_on_a_fake_process_group():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dinov3_fast.train.meta_arch import SSLMetaArch
+    from dinov3_fast.train.parallelize import parallelize
+
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=256)
+    try:
+        with torch.device("meta"):
+            arch = SSLMetaArch(get_preset("vit7b16"), device="meta")
+        parallelize(arch, ac="selective", mesh=init_device_mesh("cpu", (256,)), param_dtype=torch.bfloat16)
+        for models in (arch.student, arch.teacher):
+            assert all(isinstance(b, FSDPModule) for b in models.backbone.blocks)
+            assert isinstance(models.backbone, FSDPModule) and isinstance(models.dino_head, FSDPModule)
+        w = arch.student.backbone.blocks[0].mlp.w1.weight  # 7B SwiGLU: [8192, 4096]
+        assert w.placements == (Shard(0),) and w.device_mesh.size() == 256
+        assert w.shape == (8192, 4096) and w.to_local().shape == (32, 4096)
+        assert w.to_local().device.type == "meta"
+        assert arch.student.backbone.blocks[0]._ac_mode == "selective"
+        n = sum(p.numel() for p in arch.student.backbone.parameters())
+        assert 6.7e9 < n < 6.8e9
+        local = sum(p.to_local().numel() for p in arch.student.backbone.parameters())
+        assert local == pytest.approx(n / 256, rel=1e-3)  # small dim-0 params leave some ranks an empty shard
+    finally:
+        dist.destroy_process_group()
+
+
+def test_planner_figures_scale_with_world_size(plans):
+    p8, p256 = plans[8], plans[256]
+    assert p8.params_total == p256.params_total and 6.9e9 < p8.params_total < 7.1e9  # backbone + heads
+    assert p8.params_per_rank == pytest.approx(p8.params_total / 8, rel=0.01)
+    assert p256.params_per_rank == pytest.approx(p256.params_total / 256, rel=0.02)
+    # fp32 params + grads + 2 Adam moments for the student, fp32 teacher: ~20 bytes per student parameter
+    assert p8.sharded_state == pytest.approx(20 * p8.params_total / 8, rel=0.02)
+    assert p256.sharded_state < p8.sharded_state / 30
+    # activations and the transient buffers do not depend on the world size
+    assert p8.activations == p256.activations and p8.transient_buffers == p256.transient_buffers
+    # largest unit: the 7B DINO head (hidden 8192, 262k x 512 last layer), bf16 gather + fp32 grads, twice
+    head = 4096 * 8192 + 8192 * 8192 + 8192 * 512 + 512 * 262144 + 2 * 8192 + 512
+    assert p8.transient_buffers == 2 * head * (2 + 4)
+    assert 20 * GIB < p8.activations < 200 * GIB and p8.heads_and_losses > 0
+    text = format_plan(p256)
+    assert "256 ranks" in text and "total per rank" in text
+
+
+def test_planner_orders_ac_modes_and_ops():
+    cfg = get_preset("debug")
+    got = {ac: plan_memory(apply_overrides(cfg, [f"train.ac={ac}"]), world_size=2) for ac in ("none", "selective", "full")}
+    assert got["full"].activations < got["selective"].activations < got["none"].activations
+    ref = plan_memory(apply_overrides(cfg, ["train.ops=reference"]), world_size=2)
+    assert ref.heads_and_losses > got["none"].heads_and_losses
+    assert not dist.is_initialized()
+
+
+def test_plan_cli(capsys):
+    assert cli_main(["plan", "--preset", "debug", "--gpus", "4", "--ac", "full"]) == 0
+    assert "4 ranks" in capsys.readouterr().out
