@@ -208,6 +208,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     history: dict[str, Any] = {"steps": [], "knn": [], "checkpoint": None}
     pending: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=total, initial=state.step, disable=not progress or state.rank != 0, dynamic_ncols=True)
+    if log_fn is print and not bar.disable:
+        log_fn = bar.write  # keeps the bar intact
     t_last, n_last = time.perf_counter(), state.step
     period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
     while state.step < total:
