@@ -19,7 +19,7 @@ STAMP := $(dir $(PY)).dinov3_fast_installed
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard kernels/*) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q setuptools wheel "pybind11>=2.12" "cmake>=3.24" ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,train]"
 	touch $@
 
 install: $(STAMP)
