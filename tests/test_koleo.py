@@ -187,9 +187,10 @@ def test_opcheck(backend):
         torch.library.opcheck(_koleo_bwd, (torch.tensor(1.0), x.detach(), idx, stats, r, q0, nq, 1e-8, topk, backend))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     def step(x):
-        return koleo_loss(x, topk=2) * 2.0
+        return koleo_loss(x, topk=2, backend=backend) * 2.0
 
     compiled = torch.compile(step, fullgraph=True)
     x = torch.randn(14, 8, requires_grad=True)
