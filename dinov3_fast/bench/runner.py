@@ -114,12 +114,12 @@ def format_table(rows: list[BenchRow]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    header = f"{'op':<16}{'preset':<22}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
+    header = f"{'op':<20}{'preset':<24}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
              f"{'speedup':>9}{'mem x':>8}{'TFLOP/s':>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.op:<16}{r.preset:<22}{r.impl:<22}{f(r.fwd_ms, '.3f'):>10}{f(r.fwd_bwd_ms, '.3f'):>12}"
+            f"{r.op:<20}{r.preset:<24}{r.impl:<22}{f(r.fwd_ms, '.3f'):>10}{f(r.fwd_bwd_ms, '.3f'):>12}"
             f"{f(r.peak_mb, '.1f'):>10}{f(r.speedup, '.2f'):>9}{f(r.mem_ratio, '.1f'):>8}"
             f"{f(r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
             f"{f(r.gbps, '.0f'):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}")
