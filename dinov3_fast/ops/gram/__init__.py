@@ -72,9 +72,15 @@ def _setup_context(ctx, inputs, output):
     student, teacher, normalize, clamp, backend = inputs
     ctx.save_for_backward(student, teacher, output[1])
     ctx.options = (normalize, clamp, backend)
+    # The state is an internal output: no gradient flows to it, and autograd must not allocate a
+    # zero (G, 2, D, D) gradient for it on every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_state):
+    if grad_loss is None:  # grads are not materialised: the loss was not used
+        return None, None, None, None, None
     student, teacher, state = ctx.saved_tensors
     normalize, clamp, backend = ctx.options
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

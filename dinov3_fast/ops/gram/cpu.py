@@ -101,8 +101,9 @@ def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int
     n_entries = G * P * P
     if identity:
         g_ss, g_ts, g_tt = _identity_grams(xs, xt, normalize, ("ss", "ts", "tt"))
-        # Squares in the compute dtype, sums in fp64: the three terms cancel when student ~ teacher.
-        total = sum(c * g.square().sum(dtype=torch.float64) for c, g in ((1, g_ss), (-2, g_ts), (1, g_tt)))
+        # Row sums of squares in the compute dtype (no temporary), the rest in fp64: the three terms
+        # cancel when the student is close to the teacher.
+        total = sum(c * torch.linalg.vecdot(g, g).double().sum() for c, g in ((1, g_ss), (-2, g_ts), (1, g_tt)))
         return (total / n_entries).to(g_ss.dtype), torch.stack((g_ss, g_ts), dim=1)
     ys, _ = normalize_rows(xs, normalize)
     yt, _ = normalize_rows(xt, normalize)
