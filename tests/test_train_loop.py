@@ -1,7 +1,11 @@
 """The training loop on the CPU: a synthetic-data smoke run, DCP save/kill/resume, corrupted and
 partial checkpoints, and the backbone export."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +114,33 @@ def test_cli_train_and_clear_errors(tmp_path, capsys):
     empty.mkdir()
     assert cli_main(["train", "--preset", "debug", "--data", str(empty), "--steps", "1"]) == 2
     assert "contains no images" in capsys.readouterr().err
+
+
+def test_cli_train_then_export_end_to_end(tmp_path):
+    """The installed `dinov3-fast` console script in fresh processes: train writes a checkpoint,
+    export turns it into a file that the DINOv3-named backbone loads with strict=True."""
+    exe = shutil.which("dinov3-fast", path=str(Path(sys.executable).parent)) or shutil.which("dinov3-fast")
+    cmd = [exe] if exe else [sys.executable, "-m", "dinov3_fast.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*cmd, "train", "--preset", "debug", "--steps", "2", "--batch", "4", "--log-every", "1",
+                          "--output-dir", str(tmp_path / "run"), "--no-progress", "evaluation.knn_val_samples=0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 2/2" in run.stdout and "total_loss=" in run.stdout, run.stdout
+    root = tmp_path / "run" / "ckpt"
+    assert (root / "latest").read_text() == "step_00000002"
+    assert (root / "step_00000002" / "MANIFEST.json").is_file()
+    out = tmp_path / "backbone.safetensors"
+    run = subprocess.run([*cmd, "export", str(root), "--out", str(out)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {out}" in run.stdout
+    from safetensors.torch import load_file
+    cfg = get_preset("debug")
+    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    sd = load_file(str(out))
+    backbone.load_state_dict(sd, strict=True)
+    assert "blocks.0.attn.qkv.weight" in sd and "storage_tokens" in sd and "rope_embed.periods" in sd
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    bad = subprocess.run([*cmd, "export", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "error:" in bad.stderr
