@@ -1,8 +1,11 @@
 """CPU path of the Gram loss: the best PyTorch formulation, never a P x P matrix per image.
 
 Two formulations, both over features grouped as (G, P, D) (G = B images, or G = 1 flattened):
-  identity  ||Ys Ys^T - Yt Yt^T||_F^2 = ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2,
-            O(P D^2) work and D x D state; only valid without clamping.
+  identity  with Sig = Ys + Yt and Del = Ys - Yt, Ys Ys^T - Yt Yt^T = (Sig Del^T + Del Sig^T) / 2, so
+            ||Ys Ys^T - Yt Yt^T||_F^2 = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2:
+            O(P D^2) work and D x D state; only valid without clamping. Unlike the expansion
+            ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2, no two large terms cancel when the
+            student is close to the teacher (both terms scale with |Del|^2).
   tiled     row blocks of both P x P Grams, formed, clamped, differenced and reduced chunk by chunk,
             O(P^2 D) work, chunk memory bounded by _CHUNK_ELEMS.
 Both run on BLAS (torch.matmul), which beats a hand-written OpenMP loop here; the choice between
@@ -74,54 +77,53 @@ def _mirror_upper_(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _identity_grams(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, which: tuple[str, ...]):
-    """The requested D x D products among Gss = Ys^T Ys, Gts = Yt^T Ys, Gtt = Yt^T Yt, each
-    (G, D, D), accumulated over row blocks so the normalised rows never exist in full."""
+def _identity_products(xs: torch.Tensor, xt: torch.Tensor, normalize: bool):
+    """A = Sig^T Sig, B = Del^T Del, C = Sig^T Del, each (G, D, D), with Sig = Ys + Yt and
+    Del = Ys - Yt, accumulated over row blocks so no normalised row exists in full."""
     G, P, D = xs.shape
-    out = {name: xs.new_zeros((G, D, D), dtype=_compute_dtype(xs)) for name in which}
+    A, B, C = (xs.new_zeros((G, D, D), dtype=_compute_dtype(xs)) for _ in range(3))
     for g, rows in _row_blocks(G, P, D):
         ys = normalize_rows(xs[g, rows], normalize)[0]
         yt = normalize_rows(xt[g, rows], normalize)[0]
-        if "ss" in out:
-            _add_sym_product_(out["ss"][g], ys)
-        if "ts" in out:
-            out["ts"][g].addmm_(yt.T, ys)
-        if "tt" in out:
-            _add_sym_product_(out["tt"][g], yt)
-    for name in ("ss", "tt"):
-        if name in out:
-            _mirror_upper_(out[name])
-    return [out[name] for name in which]
+        sig = ys + yt
+        dlt = ys - yt
+        _add_sym_product_(A[g], sig)
+        _add_sym_product_(B[g], dlt)
+        C[g].addmm_(sig.T, dlt)
+    return _mirror_upper_(A), _mirror_upper_(B), C
 
 
 def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
-    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim, state): state is (G, 2, D, D) holding
-    [Ys^T Ys, Yt^T Ys] for the identity formulation, and an empty tensor for the tiled one."""
+    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim, state): for the identity formulation the
+    state is (G, 2, D, D) = [B + C^T, A + C] (see `_identity_products`), what the student's
+    gradient needs; for the tiled one it is empty."""
     G, P, _ = xs.shape
     n_entries = G * P * P
     if identity:
-        g_ss, g_ts, g_tt = _identity_grams(xs, xt, normalize, ("ss", "ts", "tt"))
-        # Row sums of squares in the compute dtype (no temporary), the rest in fp64: the three terms
-        # cancel when the student is close to the teacher.
-        total = sum(c * torch.linalg.vecdot(g, g).double().sum() for c, g in ((1, g_ss), (-2, g_ts), (1, g_tt)))
-        return (total / n_entries).to(g_ss.dtype), torch.stack((g_ss, g_ts), dim=1)
+        A, B, C = _identity_products(xs, xt, normalize)
+        # M L = (<A, B> + <C, C^T>) / 2: both terms scale with |Ys - Yt|^2, so nothing large cancels
+        # when the student is close to the teacher. Row sums in the compute dtype, the rest in fp64.
+        total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
+        return (total / n_entries).to(A.dtype), torch.stack((B + C.mT, A + C), dim=1)
     ys, _ = normalize_rows(xs, normalize)
     yt, _ = normalize_rows(xt, normalize)
     total = torch.zeros((), dtype=torch.float64)
     for g, rows in _row_blocks(G, P, P):
         diff = _clamped_diff_(ys[g, rows] @ ys[g].T, yt[g, rows] @ yt[g].T, clamp)
         total += diff.pow_(2).sum(dtype=torch.float64)
-    return (total / n_entries).to(ys.dtype), ys.new_empty((0,))
+    return (total / n_entries).to(ys.dtype), torch.empty((0,), dtype=ys.dtype)
 
 
-def _identity_grad(xa, xb, c_aa, c_ba, scale, normalize):
-    """dL/dXa = normalisation backward of 2 scale (Ya Caa - Yb Cba), one row block at a time."""
+def _identity_grad(xa, xb, u, v, scale, normalize):
+    """dL/dXa through the normalisation of scale (Sig U + Del_a V), with Sig = Ya + Yb and
+    Del_a = Ya - Yb, one row block at a time."""
     G, P, D = xa.shape
     out = torch.empty((G, P, D), dtype=xa.dtype)
     for g, rows in _row_blocks(G, P, D):
         ya, na = normalize_rows(xa[g, rows], normalize)
         yb, _ = normalize_rows(xb[g, rows], normalize)
-        grad_y = torch.addmm(ya @ c_aa[g], yb, c_ba[g], beta=2 * scale, alpha=-2 * scale)
+        sig, dlt = ya + yb, ya - yb
+        grad_y = torch.addmm(sig @ u[g], dlt, v[g], beta=scale, alpha=scale)
         out[g, rows] = normalize_rows_backward(grad_y, ya, na)
     return out
 
@@ -132,22 +134,27 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
     inputs' dtypes; an empty tensor for a gradient that is not needed.
 
     With E = 2/M (f(S) - g(T)) the loss gradient w.r.t. the Gram entries, dL/dYs = 2 (E * f'(S)) Ys
-    and dL/dYt = -2 (E * g'(T)) Yt, since E is symmetric. The identity form of the same products
-    is dL/dYs = 4/M (Ys Gss - Yt Gts) and dL/dYt = 4/M (Yt Gtt - Ys Gst).
+    and dL/dYt = -2 (E * g'(T)) Yt, since E is symmetric. In the identity form (Sig = Ys + Yt,
+    Del = Ys - Yt, A = Sig^T Sig, B = Del^T Del, C = Sig^T Del), M dL/dYs = Sig (B + C^T) + Del (A + C)
+    and M dL/dYt = Sig (B - C^T) - Del (A - C).
     """
     G, P, _ = xs.shape
-    scale = float(grad) * (2.0 / (G * P * P))
-    empty = xs.new_empty((0,))
+    scale = float(grad) / (G * P * P)
+    empty_s = torch.empty((0,), dtype=xs.dtype)
+    empty_t = torch.empty((0,), dtype=xt.dtype)
     if identity:
-        g_ss, g_ts = state.unbind(1)
-        d_student = _identity_grad(xs, xt, g_ss, g_ts, scale, normalize) if need_student else empty
-        d_teacher = (_identity_grad(xt, xs, _identity_grams(xs, xt, normalize, ("tt",))[0], g_ts.mT, scale,
-                                    normalize) if need_teacher else empty)
+        d_student = _identity_grad(xs, xt, state[:, 0], state[:, 1], scale, normalize) if need_student else empty_s
+        d_teacher = empty_t
+        if need_teacher:
+            A, B, C = _identity_products(xs, xt, normalize)
+            # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
+            d_teacher = _identity_grad(xt, xs, B - C.mT, A - C, scale, normalize)
         return d_student, d_teacher
+    scale = 2 * scale
     ys, ns = normalize_rows(xs, normalize)
     yt, nt = normalize_rows(xt, normalize)
-    dys = torch.empty_like(ys) if need_student else None
-    dyt = torch.empty_like(yt) if need_teacher else None
+    dys = torch.empty(ys.shape, dtype=ys.dtype) if need_student else None  # contiguous, as the fake says
+    dyt = torch.empty(yt.shape, dtype=yt.dtype) if need_teacher else None
     for g, rows in _row_blocks(G, P, P):
         s = ys[g, rows] @ ys[g].T
         t = yt[g, rows] @ yt[g].T
@@ -161,6 +168,6 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
         if need_teacher:
             dt = diff if t_dead is None else diff.masked_fill_(t_dead, 0)
             torch.mm(dt, yt[g], out=dyt[g, rows])
-    d_student = normalize_rows_backward(dys.mul_(2 * scale), ys, ns).to(xs.dtype) if need_student else empty
-    d_teacher = normalize_rows_backward(dyt.mul_(-2 * scale), yt, nt).to(xt.dtype) if need_teacher else empty
+    d_student = normalize_rows_backward(dys.mul_(2 * scale), ys, ns).to(xs.dtype) if need_student else empty_s
+    d_teacher = normalize_rows_backward(dyt.mul_(-2 * scale), yt, nt).to(xt.dtype) if need_teacher else empty_t
     return d_student, d_teacher

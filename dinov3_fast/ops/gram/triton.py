@@ -13,10 +13,13 @@ Tiled formulation (any clamping), after the flash-attention pattern:
                           tiles of its rows, forms E = dL/dGram on chip and accumulates E @ Y for
                           its feature block. The normalisation backward is fused in: its radial
                           term y_i . g_i equals 2 sum_j E_ij Own_ij, available from the tiles.
-Identity formulation (no clamping, wins when D < P):
-  _gram_xtx_kernel           C = Ya^T Yb (D x D per group) and the tile's sum of C^2.
-  _gram_identity_bwd_kernel  g = 4/M (Ya Caa - Yb Cba) per row block, then the normalisation
-                             backward over the same rows in a second sweep.
+Identity formulation (no clamping, wins when D < P), with Sig = Ys + Yt and Del = Ys - Yt:
+  M L = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2, whose terms both scale with |Del|^2,
+  so nothing large cancels when the student is close to the teacher (see cpu.py).
+  _gram_sigdel_kernel        one of A = Sig^T Sig, B = Del^T Del, C = Sig^T Del (D x D per group);
+                             Sig / Del are formed from both inputs' tiles on chip.
+  _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C), then the
+                             normalisation backward over the same rows in a second sweep.
 Products of two input tiles run on tensor cores in the input dtype with fp32 accumulation (the
 products of bf16 values are exact); everything elementwise is fp32.
 """
@@ -107,6 +110,7 @@ def _gram_tiled_bwd_kernel(
     grad_ptr,        # () upstream gradient of the loss
     P, D, sxg, sxp, sxd, two_over_m,
     IS_STUDENT: tl.constexpr, CLAMP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -144,8 +148,11 @@ def _gram_tiled_bwd_kernel(
         r_n = tl.load(ra_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
         xa_n = tl.load(xa_ptr + g * sxg + rows_n[:, None] * sxp + cols[None, :] * sxd,
                        mask=(rows_n[:, None] < P) & (cols[None, :] < D), other=0.0)
-        p = (e * r_n[None, :]).to(xa_n.dtype)
-        acc = tl.dot(p, xa_n, acc, input_precision=DOT_PRECISION)
+        p = e * r_n[None, :]
+        if WIDE_DOT:  # fp16 inputs: dL/dGram * r can exceed fp16's range, keep both operands fp32
+            acc = tl.dot(p, xa_n.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:         # bf16 (fp32's range) and fp32 inputs
+            acc = tl.dot(p.to(xa_n.dtype), xa_n, acc, input_precision=DOT_PRECISION)
     # g_i = 2 * scale * acc (gradient w.r.t. the normalised rows); then through the normalisation.
     grad_y = 2.0 * scale * acc
     mask = (rows_m[:, None] < P) & (cols[None, :] < D)
@@ -161,13 +168,13 @@ def _gram_tiled_bwd_kernel(
 
 
 @triton.jit
-def _gram_xtx_kernel(
-    xa_ptr, xb_ptr,  # (G, P, D) features, strides (sxg, sxp, sxd)
-    ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
-    c_ptr,           # (G, D, D) fp32 out (written when STORE): Ya^T Yb, strides (scg, scr, scc)
-    partial_ptr,     # (G, n_blocks_m, n_blocks_n) fp32 out: per-tile sum of C^2
+def _gram_sigdel_kernel(
+    xs_ptr, xt_ptr,  # (G, P, D) student / teacher features, strides (sxg, sxp, sxd)
+    rs_ptr, rt_ptr,  # (G * P,) fp32 inverse row norms
+    c_ptr,           # (G, D, D) fp32 out: (Ys + LEFT Yt)^T (Ys + RIGHT Yt), strides (scg, scr, scc)
     P, D, sxg, sxp, sxd, scg, scr, scc,
-    STORE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr,  # +1.0 (Sig) or -1.0 (Del)
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -178,56 +185,59 @@ def _gram_xtx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_K):
         rows = p0 + tl.arange(0, BLOCK_K)
-        ra = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
-        rb = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
-        a = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols_m[None, :] * sxd,
-                    mask=(rows[:, None] < P) & (cols_m[None, :] < D), other=0.0)
-        b = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + cols_n[None, :] * sxd,
-                    mask=(rows[:, None] < P) & (cols_n[None, :] < D), other=0.0)
-        a = (a.to(tl.float32) * ra[:, None]).to(a.dtype)
-        b = (b.to(tl.float32) * rb[:, None]).to(b.dtype)
+        rs = tl.load(rs_ptr + g * P + rows, mask=rows < P, other=0.0)[:, None]
+        rt = tl.load(rt_ptr + g * P + rows, mask=rows < P, other=0.0)[:, None]
+        base = g * sxg + rows[:, None] * sxp
+        mask_m = (rows[:, None] < P) & (cols_m[None, :] < D)
+        mask_n = (rows[:, None] < P) & (cols_n[None, :] < D)
+        s_m = tl.load(xs_ptr + base + cols_m[None, :] * sxd, mask=mask_m, other=0.0)
+        t_m = tl.load(xt_ptr + base + cols_m[None, :] * sxd, mask=mask_m, other=0.0)
+        s_n = tl.load(xs_ptr + base + cols_n[None, :] * sxd, mask=mask_n, other=0.0)
+        t_n = tl.load(xt_ptr + base + cols_n[None, :] * sxd, mask=mask_n, other=0.0)
+        # Sig / Del in fp32, then back to the input dtype for the tensor cores: Del is rounded
+        # relative to itself, not to Sig.
+        a = (s_m.to(tl.float32) * rs + LEFT * (t_m.to(tl.float32) * rt)).to(s_m.dtype)
+        b = (s_n.to(tl.float32) * rs + RIGHT * (t_n.to(tl.float32) * rt)).to(s_n.dtype)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
-    if STORE:
-        tl.store(c_ptr + g * scg + cols_m[:, None] * scr + cols_n[None, :] * scc, acc,
-                 mask=(cols_m[:, None] < D) & (cols_n[None, :] < D))
-    n_m = tl.num_programs(0)
-    n_n = tl.num_programs(1)
-    tl.store(partial_ptr + (g * n_m + pid_m) * n_n + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    tl.store(c_ptr + g * scg + cols_m[:, None] * scr + cols_n[None, :] * scc, acc,
+             mask=(cols_m[:, None] < D) & (cols_n[None, :] < D))
 
 
 @triton.jit
 def _gram_identity_bwd_kernel(
-    xa_ptr, xb_ptr,    # (G, P, D) features of the differentiated side (a) and the other (b)
-    ra_ptr, rb_ptr,    # (G * P,) fp32 inverse row norms
-    caa_ptr, cba_ptr,  # (G, D, D) fp32: Ya^T Ya and Yb^T Ya, strides (scg, scr, scc)
-    dx_ptr,            # (G, P, D) out, contiguous, dtype of xa
-    gy_ptr,            # (G, P, D) fp32 scratch: the gradient w.r.t. Ya before the normalisation
-    grad_ptr,          # () upstream gradient of the loss
-    P, D, sxg, sxp, sxd, scg, scr, scc, two_over_m,
+    xa_ptr, xb_ptr,  # (G, P, D) features of the differentiated side (a) and the other (b)
+    ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
+    u_ptr, v_ptr,    # (G, D, D) fp32: dL/dYa = (Sig U + (Ya - Yb) V) * grad / M; strides (scg, scr, scc)
+    dx_ptr,          # (G, P, D) out, contiguous, dtype of xa
+    gy_ptr,          # (G, P, D) fp32 scratch: the gradient w.r.t. Ya before the normalisation
+    grad_ptr,        # () upstream gradient of the loss
+    P, D, sxg, sxp, sxd, scg, scr, scc, inv_m,
     NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
-    scale = tl.load(grad_ptr).to(tl.float32) * two_over_m
+    scale = tl.load(grad_ptr).to(tl.float32) * inv_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     r_a = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
     r_b = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_D):
         cols = n0 + tl.arange(0, BLOCK_D)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # Ya Caa - Yb Cba, one accumulator
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             xmask = (rows[:, None] < P) & (ks[None, :] < D)
             cmask = (ks[:, None] < D) & (cols[None, :] < D)
-            xa = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
-            caa = tl.load(caa_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
-            acc = tl.dot(xa.to(tl.float32) * r_a[:, None], caa, acc, input_precision=DOT_PRECISION)
-            xb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask, other=0.0)
-            cba = tl.load(cba_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
-            acc = tl.dot(xb.to(tl.float32) * -r_b[:, None], cba, acc, input_precision=DOT_PRECISION)
-        grad_y = 2.0 * scale * acc
+            ya = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask,
+                         other=0.0).to(tl.float32) * r_a[:, None]
+            yb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask,
+                         other=0.0).to(tl.float32) * r_b[:, None]
+            u = tl.load(u_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            acc = tl.dot(ya + yb, u, acc, input_precision=DOT_PRECISION)
+            v = tl.load(v_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            acc = tl.dot(ya - yb, v, acc, input_precision=DOT_PRECISION)
+        grad_y = scale * acc
         omask = (rows[:, None] < P) & (cols[None, :] < D)
         xa_c = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
         radial += tl.sum(grad_y * xa_c.to(tl.float32), axis=1) * r_a
@@ -282,35 +292,38 @@ def inverse_row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return r
 
 
+def _identity_products(xs, xt, rs, rt, prec):
+    """A = Sig^T Sig, B = Del^T Del, C = Sig^T Del, each (G, D, D) fp32."""
+    G, P, D = xs.shape
+    bm, bk = _block(D, 64), _block(P, 32)
+    nb = triton.cdiv(D, bm)
+    products = torch.empty((3, G, D, D), device=xs.device, dtype=torch.float32)
+    for out, (left, right) in zip(products, ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))):
+        _gram_sigdel_kernel[(nb, nb, G)](
+            xs, xt, rs, rt, out, P, D, *xs.stride(), *out.stride(),
+            LEFT=left, RIGHT=right, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk)
+    return products.unbind(0)
+
+
 def gram_fwd_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
     """Forward. xs, xt: (G, P, D). Returns (loss 0-dim fp32, state), state as in the cpu path:
-    (G, 2, D, D) fp32 [Ys^T Ys, Yt^T Ys] for the identity formulation, else empty."""
+    (G, 2, D, D) fp32 [B + C^T, A + C] for the identity formulation, else empty."""
     xs, xt = _as_pair(xs, xt)
     G, P, D = xs.shape
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
     prec = _dot_precision(xs)
     n_entries = G * P * P
     if identity:
-        bm, bk = _block(D, 64), _block(P, 32)
-        nb = triton.cdiv(D, bm)
-        state = torch.empty((G, 2, D, D), device=xs.device, dtype=torch.float32)
-        partial = torch.empty((3, G, nb, nb), device=xs.device, dtype=torch.float32)
-        for i, (xa, ra, xb, rb, out) in enumerate(
-                ((xs, rs, xs, rs, state[:, 0]), (xt, rt, xs, rs, state[:, 1]), (xt, rt, xt, rt, state[:, 0]))):
-            # The (t, t) product only feeds the loss: it is not stored (out is a dummy pointer).
-            _gram_xtx_kernel[(nb, nb, G)](
-                xa, xb, ra, rb, out, partial[i], P, D, *xs.stride(), *out.stride(),
-                STORE=i < 2, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk)
-        sums = partial.double().sum(dim=(1, 2, 3))
-        loss = (sums[0] - 2 * sums[1] + sums[2]) / n_entries
-        return loss.float(), state
+        A, B, C = _identity_products(xs, xt, rs, rt, prec)
+        total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
+        return (total / n_entries).float(), torch.stack((B + C.mT, A + C), dim=1)
     block, bk = _block(P, 64), _block(D, 32)
     nb = triton.cdiv(P, block)
     partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
     _gram_tiled_fwd_kernel[(nb, nb, G)](
         xs, xt, rs, rt, partial, P, D, *xs.stride(),
         CLAMP=clamp, DOT_PRECISION=prec, BLOCK=block, BLOCK_K=bk, num_warps=8)
-    return (partial.double().sum() / n_entries).float(), xs.new_empty((0,))
+    return (partial.double().sum() / n_entries).float(), xs.new_empty((0,), dtype=torch.float32)
 
 
 def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
@@ -322,37 +335,33 @@ def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, stat
     G, P, D = xs.shape
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
     prec = _dot_precision(xs)
-    two_over_m = 2.0 / (G * P * P)
+    inv_m = 1.0 / (G * P * P)
     grad = grad.reshape(())
     grads = []
-    for is_student, need in ((True, need_student), (False, need_teacher)):
+    for is_student, need, dtype in ((True, need_student, out_dtypes[0]), (False, need_teacher, out_dtypes[1])):
         if not need:
-            grads.append(xs.new_empty((0,)))
+            grads.append(torch.empty((0,), device=xs.device, dtype=dtype))
             continue
         xa, ra, xb, rb = (xs, rs, xt, rt) if is_student else (xt, rt, xs, rs)
-        dx = torch.empty((G, P, D), device=xs.device, dtype=out_dtypes[0 if is_student else 1])
+        dx = torch.empty((G, P, D), device=xs.device, dtype=dtype)
         if identity:
             if is_student:
-                c_aa, c_ba = state[:, 0], state[:, 1]        # Ys^T Ys, Yt^T Ys
+                u, v = state[:, 0], state[:, 1]              # B + C^T, A + C
             else:
-                c_aa = torch.empty((G, D, D), device=xs.device, dtype=torch.float32)
-                nb = triton.cdiv(D, _block(D, 64))
-                _gram_xtx_kernel[(nb, nb, G)](
-                    xt, xt, rt, rt, c_aa, torch.empty((G, nb, nb), device=xs.device), P, D, *xs.stride(), *c_aa.stride(),
-                    STORE=True, DOT_PRECISION=prec, BLOCK_M=_block(D, 64), BLOCK_N=_block(D, 64),
-                    BLOCK_K=_block(P, 32))
-                c_ba = state[:, 1].mT.contiguous()             # Ys^T Yt
+                A, B, C = _identity_products(xs, xt, rs, rt, prec)
+                u, v = B - C.mT, (A - C)                     # with Del_teacher = Yt - Ys = -Del
+                u = u.contiguous()
             scratch = torch.empty((G, P, D), device=xs.device, dtype=torch.float32)
             bm = _block(P, 64)
             _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
-                xa, xb, ra, rb, c_aa, c_ba, dx, scratch, grad, P, D, *xs.stride(), *c_aa.stride(), two_over_m,
+                xa, xb, ra, rb, u, v, dx, scratch, grad, P, D, *xs.stride(), *u.stride(), inv_m,
                 NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32),
                 num_warps=8)
         else:
             bm, bd = _block(P, 64), _block(D, 128)
             _gram_tiled_bwd_kernel[(triton.cdiv(P, bm), triton.cdiv(D, bd), G)](
-                xa, xb, ra, rb, dx, grad, P, D, *xs.stride(), two_over_m,
+                xa, xb, ra, rb, dx, grad, P, D, *xs.stride(), 2.0 * inv_m,
                 IS_STUDENT=is_student, CLAMP=clamp, NORMALIZE=normalize, DOT_PRECISION=prec,
-                BLOCK_M=bm, BLOCK_N=_block(P, 32), BLOCK_K=_block(D, 32), BLOCK_D=bd, num_warps=8)
+                WIDE_DOT=xs.dtype == torch.float16, BLOCK_M=bm, BLOCK_N=_block(P, 32), BLOCK_K=_block(D, 32), BLOCK_D=bd, num_warps=8)
         grads.append(dx)
     return grads[0], grads[1]
