@@ -231,6 +231,7 @@ def test_dispatch_and_forcing(monkeypatch):
     (torch.randn(4, 8), {"eps": 0.0}, ValueError, "eps must be > 0"),
     (torch.randn(4, 8), {"loss_group_size": 6}, ValueError, "Loss group size size 6 must be a multiple of local batch size 4"),
     (torch.randn(4, 8), {"loss_group_size": 8}, ValueError, "Global batch size 4 must be divisible by loss group size 8"),
+    (torch.randn(4, 8), {"loss_group_size": 0}, ValueError, "loss_group_size must be None or a positive int, got 0"),
 ])
 def test_bad_input_errors(x, kwargs, error, match):
     for backend in BACKENDS + ["reference"]:

@@ -106,8 +106,11 @@ def test_gradcheck_cpu_float64():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    s = torch.randn(3, 2, 40, requires_grad=True)
+@pytest.mark.parametrize("permuted", [False, True])
+def test_opcheck(backend, permuted):
+    """Fake impls agree with the real ones, also for a permuted (non-contiguous) student."""
+    s = torch.randn(2, 3, 40).transpose(0, 1) if permuted else torch.randn(3, 2, 40)
+    s.requires_grad_()
     t = teacher_probs((2, 2, 40)).requires_grad_()
     for ignore in (False, True):
         torch.library.opcheck(_soft_ce_fwd, (s, t, 0.1, ignore, backend))

@@ -116,6 +116,9 @@ def koleo_loss(
         raise ValueError(f"topk must be a positive int, got {topk!r}")
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one feature, got shape {tuple(x.shape)}")
+    if loss_group_size is not None and (isinstance(loss_group_size, bool) or not isinstance(loss_group_size, int)
+                                        or loss_group_size < 1):
+        raise ValueError(f"loss_group_size must be None or a positive int, got {loss_group_size!r}")
     n = x.shape[0]
     if n == 0:
         raise ValueError(f"KoLeo needs at least 2 samples to search, got 0 (x has shape {tuple(x.shape)})")

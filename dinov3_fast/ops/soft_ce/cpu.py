@@ -59,7 +59,8 @@ def soft_ce_bwd_student_cpu(grad_row: torch.Tensor, student: torch.Tensor, teach
     dtype = grad.dtype
     pairs = pair_mask(student.shape[0], teacher.shape[0], ignore_diagonal, grad)
     grad.mul_(a.to(dtype)[..., None]).sub_(torch.einsum("st,tbk->sbk", pairs, teacher.to(dtype)))
-    return grad.mul_((grad_row.to(dtype) / student_temp)[..., None]).to(student.dtype)
+    # Contiguous, as the custom op's fake promises (a permuted student gives a permuted softmax).
+    return grad.mul_((grad_row.to(dtype) / student_temp)[..., None]).to(student.dtype).contiguous()
 
 
 def soft_ce_bwd_teacher(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
