@@ -12,7 +12,7 @@ from dinov3_fast.train.data import Batch, ImageFolder, SyntheticShapes, syntheti
 from dinov3_fast.train.masking import MaskingGenerator, mask_metadata, sample_masks
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, param_groups
-from dinov3_fast.train.schedules import Schedules
+from dinov3_fast.train.schedules import Schedules, WarmupCosine, loss_weight_schedules
 
 
 def _batch(cfg, n_images=8, seed=0):
@@ -206,3 +206,66 @@ def test_image_folder(tmp_path):
 def test_batch_dataclass_to():
     b = _batch(get_preset("debug"), n_images=2)
     assert isinstance(b.to("cpu"), Batch) and b.batch_size == 2
+
+
+def _dinov3_linear_warmup_cosine_decay(start, peak, end, warmup_iterations, total_iterations, cosine_iterations=None):
+    """DINOv3's dinov3/train/cosine_lr_scheduler.py, as the oracle."""
+    import numpy as np
+    linear = np.linspace(start, peak, warmup_iterations, endpoint=False)
+    if cosine_iterations is None:
+        cosine_iterations = total_iterations - warmup_iterations
+    cosine = (peak - end) * (np.cos(np.linspace(0, np.pi, cosine_iterations)) + 1) / 2 + end
+    constant = np.full((total_iterations - cosine_iterations - warmup_iterations,), fill_value=end)
+    return np.concatenate([linear, cosine, constant])
+
+
+@pytest.mark.parametrize("args", [(1.0, 1.0, 0.5, 10, 100, None), (0.0, 2.0, 0.1, 7, 60, 20),
+                                  (0.5, 0.5, 0.5, 0, 30, None), (0.3, 1.0, 0.2, 0, 25, 1)])
+def test_loss_weight_schedule_is_dinov3s(args):
+    start, peak, end, warmup, total, cosine = args
+    want = _dinov3_linear_warmup_cosine_decay(*args)
+    sched = WarmupCosine(start, peak, end, warmup, cosine if cosine is not None else total - warmup)
+    got = [sched(i) for i in range(total)]
+    assert got == pytest.approx(want.tolist(), rel=1e-12, abs=1e-12)
+    assert sched(total + 5) == end
+
+
+def test_loss_weight_schedules_reweight_the_step(tmp_path):
+    extra = ["gram.use_loss=true", "gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=64"]
+    base = apply_overrides(get_preset("debug"), extra)
+    assert loss_weight_schedules(base) == (None, None)
+    sched = ["dino.reweight_dino_local_loss=true",
+             "dino.local_loss_weight_schedule={start: 1.0, peak: 1.0, end: 0.5, warmup_epochs: 0.2, "
+             "cosine_epochs: 0.5}",
+             "gram.loss_weight_schedule={start: 0.0, peak: 2.0, end: 1.0, warmup_epochs: 0.4}"]
+    cfg = apply_overrides(base, sched)
+    local, gram = loss_weight_schedules(cfg)  # epoch length 50: warmup 10, cosine 25; Gram warmup 20, cosine 30
+    assert (local.warmup_iters, local.cosine_iters, gram.warmup_iters, gram.cosine_iters) == (10, 25, 20, 30)
+    assert local(0) == 1.0 and local(34) == pytest.approx(0.5) and local(49) == 0.5
+    assert gram(10) == pytest.approx(1.0) and gram(20) == 2.0 and gram(49) == pytest.approx(1.0)
+    path = tmp_path / "c.yaml"  # nested schedules survive a YAML round trip, in DINOv3's layout
+    save_config(cfg, path)
+    assert load_config(path, base="debug") == cfg
+    with pytest.raises(ValueError, match="unknown config key dino.local_loss_weight_schedule.peek"):
+        apply_overrides(base, ["dino.local_loss_weight_schedule={start: 1, peek: 1, end: 1}"])
+    with pytest.raises(ValueError, match=r"needs the keys \['end'\]"):
+        apply_overrides(base, ["gram.loss_weight_schedule={start: 1, peak: 1}"])
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        validate(apply_overrides(cfg, ["gram.loss_weight_schedule={start: 1, peak: 1, end: 1, warmup_epochs: -1}"]))
+    batch = _batch(base)
+    out = {}
+    for name, c in (("plain", base), ("scheduled", cfg)):
+        arch = _arch(c)
+        arch.update_gram(0.0)
+        torch.manual_seed(1)
+        out[name] = arch.forward_backward(batch, teacher_temp=0.05, iteration=30)
+    (l0, d0), (l1, d1) = out["plain"], out["scheduled"]
+    for k in ("dino_local_crops_loss", "gram_loss", "ibot_loss"):
+        torch.testing.assert_close(d1[k], d0[k])
+    w_local, w_gram = local(30), gram(30)
+    assert d0["dino_local_loss_weight"].item() == 1.0 and d1["dino_local_loss_weight"].item() == pytest.approx(w_local)
+    assert d0["gram_loss_weight"].item() == 1.0 and d1["gram_loss_weight"].item() == pytest.approx(w_gram)
+    n_local = cfg.crops.local_crops_number
+    local_scale = 2 * n_local / (2 + 2 * n_local)  # DINOv3's term scale: local pairs / (global pairs + local pairs)
+    want = l0 - local_scale * (1 - w_local) * d0["dino_local_crops_loss"] - (1 - w_gram) * d0["gram_loss"]
+    torch.testing.assert_close(l1, want, rtol=1e-5, atol=1e-6)

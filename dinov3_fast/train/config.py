@@ -64,6 +64,17 @@ class TeacherConfig:
 
 
 @dataclass
+class WeightSchedule:
+    """DINOv3's `linear_warmup_cosine_decay` for a loss weight: `start` -> `peak` linearly over
+    `warmup_epochs`, cosine to `end` over `cosine_epochs` (None: the rest of the run), then `end`."""
+    start: float
+    peak: float
+    end: float
+    warmup_epochs: float = 0
+    cosine_epochs: float | None = None
+
+
+@dataclass
 class DINOConfig:
     """DINOv3 `dino:`: the CLS-token head and loss, and KoLeo."""
     loss_weight: float = 1.0
@@ -76,6 +87,8 @@ class DINOConfig:
     koleo_loss_distributed: bool = False
     koleo_topk: int = 1
     koleo_distributed_loss_group_size: int | None = None
+    reweight_dino_local_loss: bool = False  # scale the local DINO term by local_loss_weight_schedule
+    local_loss_weight_schedule: WeightSchedule = field(default_factory=lambda: WeightSchedule(0.5, 0.5, 0.5, 0))
 
 
 @dataclass
@@ -109,6 +122,7 @@ class GramConfig:
     tokens_used: str = "all"
     global_teacher_resize_method: str = "bicubic"
     global_teacher_resize_antialias: bool = False
+    loss_weight_schedule: WeightSchedule | None = None  # replaces loss_weight when set
 
 
 @dataclass
@@ -244,6 +258,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return out
     if hint is str:
         return str(value)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping with keys {[f.name for f in dataclasses.fields(hint)]}, "
+                             f"got {value!r}")
+        hints = typing.get_type_hints(hint)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown config key {where}.{unknown[0]}; keys of {where}: {sorted(hints)}")
+        missing = [f.name for f in dataclasses.fields(hint)
+                   if f.name not in value and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{where} needs the keys {missing}")
+        return hint(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
     return value
 
 
@@ -360,6 +389,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                     ("compute_precision.reduce_dtype", cfg.compute_precision.reduce_dtype)):
         if v not in DTYPES:
             raise ValueError(f"{name} must be one of {DTYPES}, got {v!r}")
+    for name, ws, on in (("dino.local_loss_weight_schedule", cfg.dino.local_loss_weight_schedule,
+                          cfg.dino.reweight_dino_local_loss),
+                         ("gram.loss_weight_schedule", cfg.gram.loss_weight_schedule, cfg.gram.use_loss)):
+        if on and ws is not None and (ws.warmup_epochs < 0 or (ws.cosine_epochs is not None and ws.cosine_epochs <= 0)):
+            raise ValueError(f"{name}: warmup_epochs must be >= 0 and cosine_epochs > 0 (or null), got {ws}")
     g = cfg.gram
     if g.use_loss:
         if g.tokens_used not in ("all", "masked", "unmasked"):

@@ -31,6 +31,7 @@ from dinov3_fast.nn import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, 
 from dinov3_fast.train.config import Config
 from dinov3_fast.train.data import Batch
 from dinov3_fast.train.masking import mask_metadata
+from dinov3_fast.train.schedules import loss_weight_schedules
 
 
 def ops_backend(cfg: Config) -> str | None:
@@ -107,6 +108,7 @@ class SSLMetaArch(nn.Module):
             if cfg.dino.koleo_topk != 1:
                 raise ValueError("dino.koleo_topk must be 1 unless dino.koleo_loss_distributed (as in DINOv3)")
             self.koleo_loss = KoLeoLoss(backend=backend)
+        self.dino_local_loss_schedule, self.gram_loss_schedule = loss_weight_schedules(cfg)
         self.gram_loss = (GramLoss(apply_norm=g.normalized, remove_neg=g.remove_neg,
                                    remove_only_teacher_neg=g.remove_only_teacher_neg, backend=backend)
                           if g.use_loss else None)
@@ -145,7 +147,7 @@ class SSLMetaArch(nn.Module):
                                                     student_crop_size=batch.global_crops.shape[-1])
                        if self.gram_use_loss else {})
         loss, loss_dict = self.compute_losses(teacher_global, student_global, student_local, gram_global,
-                                              masks, mask_indices, masks_weight)
+                                              masks, mask_indices, masks_weight, iteration=iteration)
         loss.backward()
         return loss.detach(), loss_dict
 
@@ -210,7 +212,7 @@ class SSLMetaArch(nn.Module):
         return {"student_patches": student, "teacher_patches": teacher}
 
     def compute_losses(self, teacher_global, student_global, student_local, gram_global, masks, mask_indices,
-                       masks_weight) -> tuple[torch.Tensor, dict[str, Any]]:
+                       masks_weight, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
         n_global = student_global["cls_after_head"].shape[0]
         n_local = student_local["cls_after_head"].shape[0]
         d = self.cfg.dino
@@ -224,7 +226,8 @@ class SSLMetaArch(nn.Module):
         ibot = self.ibot_patch_loss.forward_masked(student_global["masked_patch_after_head"],
                                                    teacher_global["masked_patch_centered"], student_masks_flat=masks,
                                                    n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
-        loss = (d.loss_weight * local_terms / (global_terms + local_terms) * dino_local
+        local_weight = 1.0 if self.dino_local_loss_schedule is None else self.dino_local_loss_schedule(iteration)
+        loss = (d.loss_weight * local_terms / (global_terms + local_terms) * local_weight * dino_local
                 + d.loss_weight * global_terms / (global_terms + local_terms) * dino_global
                 + d.koleo_loss_weight * n_global * koleo
                 + self.cfg.ibot.loss_weight * ibot)
@@ -233,8 +236,11 @@ class SSLMetaArch(nn.Module):
         if self.gram_use_loss:
             gram = self.gram_loss(gram_global["student_patches"], gram_global["teacher_patches"],
                                   img_level=self.cfg.gram.img_level)
-            loss = loss + self.cfg.gram.loss_weight * gram
-            loss_dict["gram_loss"] = gram
+            gram_weight = (self.cfg.gram.loss_weight if self.gram_loss_schedule is None
+                           else self.gram_loss_schedule(iteration))
+            loss = loss + gram_weight * gram
+            loss_dict.update(gram_loss=gram, gram_loss_weight=torch.tensor(float(gram_weight)))
+        loss_dict["dino_local_loss_weight"] = torch.tensor(float(local_weight))
         return loss, {k: v.detach() for k, v in loss_dict.items()}
 
     # ------------------------------------------------------------------ teacher updates

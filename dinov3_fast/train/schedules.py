@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dinov3_fast.train.config import Config
+from dinov3_fast.train.config import Config, WeightSchedule
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,48 @@ class Schedule:
         span = self.total_iters - self.warmup_iters
         progress = (it - self.warmup_iters) / span
         return self.final_value + 0.5 * (self.base_value - self.final_value) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """DINOv3's `linear_warmup_cosine_decay` (the loss-weight schedules) in closed form: index `it`
+    of `concat(linspace(start, peak, warmup, endpoint=False), (peak - end) * (1 + cos(linspace(0,
+    pi, cosine))) / 2 + end, full(rest, end))`. Note the cosine's endpoint: it reaches `end` at its
+    last iteration (the lr Schedule above, like DINOv2's, does not). Past the array: `end`."""
+    start: float
+    peak: float
+    end: float
+    warmup_iters: int
+    cosine_iters: int
+
+    @classmethod
+    def from_config(cls, ws: WeightSchedule, epoch_length: int, total_iters: int) -> WarmupCosine:
+        warmup = int(epoch_length * ws.warmup_epochs)
+        cosine = int(epoch_length * ws.cosine_epochs) if ws.cosine_epochs is not None else total_iters - warmup
+        return cls(ws.start, ws.peak, ws.end, warmup, cosine)
+
+    def __call__(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.start + (self.peak - self.start) * it / self.warmup_iters
+        i = it - self.warmup_iters
+        if i >= self.cosine_iters:
+            return self.end
+        c = 1.0 if self.cosine_iters == 1 else (1 + math.cos(math.pi * i / (self.cosine_iters - 1))) / 2
+        return (self.peak - self.end) * c + self.end
+
+
+def loss_weight_schedules(cfg: Config) -> tuple[WarmupCosine | None, WarmupCosine | None]:
+    """The local-DINO-term weight (`dino.reweight_dino_local_loss`) and Gram-weight
+    (`gram.loss_weight_schedule`) schedules, None where off. They span the run (`cfg.total_steps`,
+    as the lr schedules here): DINOv3's `optim.epochs * OFFICIAL_EPOCH_LENGTH` unless `train.steps`
+    shortens it."""
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total = cfg.total_steps
+    local = (WarmupCosine.from_config(cfg.dino.local_loss_weight_schedule, epoch, total)
+             if cfg.dino.reweight_dino_local_loss else None)
+    gram = (WarmupCosine.from_config(cfg.gram.loss_weight_schedule, epoch, total)
+            if cfg.gram.use_loss and cfg.gram.loss_weight_schedule is not None else None)
+    return local, gram
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
