@@ -35,15 +35,15 @@ OVERRIDES = [
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss")
 # Tolerance. The trace is bitwise identical from run to run on one machine, but not across x86
 # machines with the same torch: ATen and MKL pick vector kernels by ISA (AVX2 / AVX-512), which
-# changes fp32 rounding at the ulp level, and a few AdamW steps carry it on. Measured here, the
-# largest relative change of any term over the 8 steps: 7e-7 with ATEN_CPU_CAPABILITY=default
-# (no vector kernels) against the AVX-512 default, 5e-7 with DINOV3_FAST_BACKEND=triton (a
-# different implementation of every fused op: the fallback where `_C` is not built), 2e-7 with 2
-# threads instead of 1, 0 with MKL_ENABLE_INSTRUCTIONS=AVX2 or SSE4_2 (on an AVX-512 AMD EPYC). RTOL is ~15x that, and still catches a 1e-4 relative
-# change of the lr or of the KoLeo weight (measured: 8e-5 and 2e-5 off). ATOL is a floor for
-# terms near 0. `student.layerscale=0.1` (the preset's 1e-5 leaves the CLS tokens of different
-# images ~1e-5 apart at init) keeps KoLeo's -log(nearest distance) well conditioned: with 1e-5,
-# the ISA change alone moves KoLeo by 2e-2 at step 1, and no tight tolerance could hold.
+# changes fp32 rounding at the ulp level, and a few AdamW steps carry it on. Measured here (an
+# AVX-512 AMD EPYC), the largest relative change of any term over the 8 steps: 7e-7 with
+# ATEN_CPU_CAPABILITY=default (no vector kernels), 5e-7 with DINOV3_FAST_BACKEND=triton (another
+# implementation of every fused op: the fallback where `_C` is not built), 2e-7 with 2 threads
+# instead of 1, 0 with MKL_ENABLE_INSTRUCTIONS=AVX2 or SSE4_2. RTOL is ~15x the largest, and
+# still catches a 1e-4 relative change of the lr or of the KoLeo weight (measured: 8e-5 and 2e-5
+# off). ATOL is a floor for terms near 0. `student.layerscale=0.1` (at the preset's 1e-5 the CLS
+# tokens of different images start ~1e-5 apart) keeps KoLeo's -log(nearest distance) well
+# conditioned: with 1e-5, the ISA change alone moves KoLeo by 2e-2 at step 1.
 RTOL = 1e-5
 ATOL = 1e-6
 
@@ -91,7 +91,8 @@ def compare(trace: dict[str, Any], golden: dict[str, Any], rtol: float = RTOL, a
     for k in LOSS_KEYS:
         got, want = trace["losses"].get(k), golden["losses"].get(k)
         if got is None or want is None or len(got) != len(want):
-            bad.append(f"{k}: {None if got is None else len(got)} steps, golden has {None if want is None else len(want)}")
+            n_got, n_want = (None if x is None else len(x) for x in (got, want))
+            bad.append(f"{k}: {n_got} steps, golden has {n_want}")
             continue
         for i, (g, w) in enumerate(zip(got, want)):
             if not (math.isfinite(g) and abs(g - w) <= atol + rtol * abs(w)):
