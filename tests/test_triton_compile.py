@@ -42,3 +42,12 @@ def test_half_precision_dots_use_wgmma_on_hopper(aot_report):
     missing = [f"{r['kernel']} {r['constexprs']}" for r in report["results"]
                if r["target"] == "sm_90" and r.get("has_dot") and r.get("half_inputs") and not r.get("wgmma")]
     assert not missing, f"tensor-core dots that did not lower to wgmma: {missing}"
+
+
+def test_no_register_spills_in_half_precision_launches_on_hopper(aot_report):
+    """Every bf16/fp16 launch compiles for sm_90 without spilling (local-memory traffic in the hot
+    loops). Only meaningful with the JIT's argument specialisation, which the tool applies."""
+    report, _ = aot_report
+    spills = [f"{r['kernel']} {r['constexprs']}: {r['stack_bytes']} B" for r in report["results"]
+              if r["target"] == "sm_90" and r.get("half_inputs") and (r.get("stack_bytes") or 0) > 0]
+    assert not spills, spills

@@ -30,7 +30,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+
+try:  # the JIT's own argument specialisation (private API; triton >= 3.5)
+    from triton._C.libtriton import native_specialize_impl  # noqa: E402
+except ImportError:  # older/newer triton: compile unspecialised (registers then read high)
+    native_specialize_impl = None
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -75,8 +80,22 @@ class Recorder:
                 signature[p.name] = "constexpr" if value is None else _arg_type(value)
                 if value is None:
                     constexprs[p.name] = None
-        key = json.dumps([fn.__module__, fn.__name__, signature, constexprs, options], sort_keys=True, default=str)
-        self.launches.setdefault(key, {"fn": fn, "signature": signature, "constexprs": constexprs, "options": options})
+        # The JIT's own specialisation of each launch: ints equal to 1 become constexprs, 16-byte
+        # aligned pointers and ints divisible by 16 get tt.divisibility (what a GPU launch compiles).
+        attrs = {}
+        for i, p in enumerate(fn.params if native_specialize_impl is not None else ()):
+            value = bound.get(p.name, p.default if p.has_default else None)
+            if p.is_constexpr or value is None or isinstance(value, (bool, float)):
+                continue
+            kind, spec = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                                not p.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = spec
+            elif spec:
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+        key = json.dumps([fn.__module__, fn.__name__, signature, constexprs, options, sorted(attrs)], sort_keys=True, default=str)
+        self.launches.setdefault(key, {"fn": fn, "signature": signature, "constexprs": constexprs, "options": options, "attrs": attrs})
 
     def install(self):
         recorder = self
@@ -148,7 +167,7 @@ def compile_all(recorder: Recorder) -> list[dict]:
                    "signature": {k: v for k, v in launch["signature"].items() if v != "constexpr"},
                    "constexprs": {k: v for k, v in launch["constexprs"].items()}, **launch["options"]}
             try:
-                src = triton.compiler.ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"])
+                src = triton.compiler.ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"], attrs=launch["attrs"])
                 kernel = triton.compile(src, target=target, options=dict(launch["options"]))
             except Exception as exc:  # reported, and fails the test
                 row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
