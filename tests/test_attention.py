@@ -276,6 +276,17 @@ def test_gpu_matches_oracle(head_dim, heads, n, prefix, batch, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,heads", [(64, 4), (128, 2)])
+@pytest.mark.parametrize("n", [54, 261])
+def test_gpu_fp32_is_exact_fp32(head_dim, heads, n):
+    """fp32 inputs get fp32 (not TF32) dots unless torch allows TF32: the 1e-5 contract."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    qkv = torch.randn(2, n, 3 * heads * head_dim, device="cuda")
+    rope = dinov3_rope(*grid_for(n - 5), head_dim, rescale=random_rescale(), device="cuda")
+    check_against_oracle(qkv, rope, heads, "triton", 1e-5)
+
+
+@pytest.mark.gpu
 def test_gpu_list_form_bf16():
     crops = [(4, 261, 256), (8, 54, 49)]
     qkv_list = [torch.randn(b, n, 3 * 1024, device="cuda", dtype=torch.bfloat16) for b, n, _ in crops]

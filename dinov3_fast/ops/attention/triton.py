@@ -101,7 +101,7 @@ def _rope_attn_fwd_kernel(
     lse_ptr,           # (H, T) fp32 out, natural-log logsumexp per query row
     T, seq_len, rope_rows, stride_t, stride_r, stride_o, qk_scale,
     H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
@@ -128,14 +128,14 @@ def _rope_attn_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
         v = tl.load(v_ptr + cols[:, None] * stride_t + d[None, :], mask=(cols < n)[:, None], other=0.0)
-        sc = tl.dot(q1, tl.trans(k1))
-        sc = tl.dot(q2, tl.trans(k2), sc)
+        sc = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        sc = tl.dot(q2, tl.trans(k2), sc, input_precision=DOT_PRECISION)
         sc = tl.where((cols < n)[None, :], sc * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         p = tl.math.exp2(sc - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(dtype), v.to(dtype), acc * alpha[:, None])
+        acc = tl.dot(p.to(dtype), v.to(dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     out_ptr += tok0.to(tl.int64) * stride_o + h * DH
@@ -172,7 +172,7 @@ def _rope_attn_bwd_kernel(
     dqkv_ptr,             # (T, 3 * H * DH) out, contiguous
     T, seq_len, rope_rows, stride_t, stride_r, stride_do, sm_scale,
     H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_INNER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -211,14 +211,14 @@ def _rope_attn_bwd_kernel(
         do = tl.load(dout_ptr + qr[:, None] * stride_do + d[None, :], mask=q_ok[:, None], other=0.0).to(dtype)
         lse2 = tl.load(lse_ptr + qr, mask=q_ok, other=0.0) * LOG2E_C
         dl = tl.load(delta_ptr + qr, mask=q_ok, other=0.0)
-        st = tl.dot(k1, tl.trans(q1))
-        st = tl.dot(k2, tl.trans(q2), st)
+        st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
+        st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PRECISION)
         pt = tl.where(q_ok[None, :], tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
-        dv = tl.dot(pt.to(dtype), do, dv)
-        dpt = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pt.to(dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - dl[None, :])).to(dtype)
-        dk1 = tl.dot(dst, q1, dk1)
-        dk2 = tl.dot(dst, q2, dk2)
+        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PRECISION)
+        dk2 = tl.dot(dst, q2, dk2, input_precision=DOT_PRECISION)
     dk1 *= sm_scale
     dk2 *= sm_scale
     if HAS_ROPE:  # the tables are re-read (L1/L2, volatile so CSE cannot keep the first load live across the loop)
@@ -242,13 +242,13 @@ def _rope_attn_bwd_kernel(
         k_ok = kr < n
         kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
         vv = tl.load(v_ptr + kr[:, None] * stride_t + d[None, :], mask=k_ok[:, None], other=0.0).to(dtype)
-        sc = tl.dot(q1, tl.trans(kk1))
-        sc = tl.dot(q2, tl.trans(kk2), sc)
+        sc = tl.dot(q1, tl.trans(kk1), input_precision=DOT_PRECISION)
+        sc = tl.dot(q2, tl.trans(kk2), sc, input_precision=DOT_PRECISION)
         p = tl.where(k_ok[None, :], tl.math.exp2(sc * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vv))
+        dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
         ds = (p * (dp - dl[:, None])).to(dtype)
-        dq1 = tl.dot(ds, kk1, dq1)
-        dq2 = tl.dot(ds, kk2, dq2)
+        dq1 = tl.dot(ds, kk1, dq1, input_precision=DOT_PRECISION)
+        dq2 = tl.dot(ds, kk2, dq2, input_precision=DOT_PRECISION)
     dq1 *= sm_scale
     dq2 *= sm_scale
     if HAS_ROPE:
@@ -323,6 +323,12 @@ def _common(qkv, sin, seqinfo, num_heads, max_len):
     return T, C, C // num_heads, S, rope_rows
 
 
+def _dot_precision(qkv: torch.Tensor) -> str:
+    """Exact fp32 dots for fp32 inputs unless torch allows TF32 matmuls (the contract's 1e-5);
+    irrelevant for bf16/fp16 operands."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int):
     """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout."""
     if qkv.stride(1) != 1:
@@ -337,7 +343,8 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
     _rope_attn_fwd_kernel[grid](
         qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
         T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh),
-        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None, **cfg)
+        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
+        DOT_PRECISION=_dot_precision(qkv), **cfg)
     return out, lse
 
 
@@ -360,7 +367,8 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
     _rope_attn_bwd_kernel[grid](
         qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
         T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh),
-        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None, **cfg)
+        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
+        DOT_PRECISION=_dot_precision(qkv), **cfg)
     return dqkv
 
 
