@@ -12,6 +12,18 @@ from pathlib import Path
 import torch
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from dinov3_fast.bench.cases import all_cases
     from dinov3_fast.bench.roofline import measure_roofline
@@ -34,15 +46,16 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     roofline = measure_roofline(device) if device.type == "cuda" else None
     rows = run_cases(cases, device, roofline, min_run_time=args.min_run_time)
-    print(f"dinov3-fast bench on {roofline.device_name if roofline else platform.processor() or 'cpu'} "
+    print(f"dinov3-fast bench on {roofline.device_name if roofline else _cpu_name()} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads); speedup and mem x are "
           f"relative to the first impl of each preset, measured in this run")
     print(format_table(rows))
     for note in dict.fromkeys(f"  {r.op}/{r.preset}: {r.note}" for r in rows if r.note):
         print(note)
     if args.json:
-        meta = {"device": roofline.device_name if roofline else "cpu", "torch": torch.__version__,
-                "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+        meta = {"device_type": device.type, "device": roofline.device_name if roofline else _cpu_name(),
+                "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                "threads": torch.get_num_threads(),
                 "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version()}
         try:
             import triton

@@ -58,7 +58,7 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     assert cli.main(["bench", "--device", "cpu", "--min-run-time", "0.01", "--json", str(out_json),
                      "--plot", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
-    assert data["meta"]["device"] == "cpu" and {r["impl"] for r in data["rows"]} == {"reference", "fused"}
+    assert data["meta"]["device_type"] == "cpu" and {r["impl"] for r in data["rows"]} == {"reference", "fused"}
     assert out_png.stat().st_size > 0
 
 
@@ -86,5 +86,5 @@ def test_goal_evaluation():
     rows = [row("reference", 3.0, 8.0), row("dinov3:flash", 2.0, 8.0), row("fused", 1.0, 4.0)]
     goal = next(g for g in md.GOALS if g.preset == "vitl_261tok" and g.op == "rope_attention")
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
-    text = md.render([(Path("gpu_run.json"), {"meta": {"device": "NVIDIA H100"}, "rows": rows})])
+    text = md.render([(Path("gpu_run.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
     assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text

@@ -94,7 +94,7 @@ def render(runs: list[tuple[Path, dict]]) -> str:
     for goal in GOALS:
         best = None
         for path, run in runs:
-            is_gpu = run["meta"].get("device", "cpu") != "cpu"
+            is_gpu = run["meta"].get("device_type") == "cuda"
             if (goal.device == "gpu") != is_gpu:
                 continue
             value = evaluate(goal, run["rows"])
