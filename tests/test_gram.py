@@ -90,7 +90,10 @@ def test_multi_block_shapes(backend, shape):
 @pytest.mark.parametrize("shape", [(2, 256, 32), (2, 40, 96)], ids=["identity", "tiled"])
 def test_student_close_to_teacher(backend, noise, shape):
     """Gram anchoring's regime: the student starts at the Gram teacher, so the loss is tiny next to
-    the Gram norms. Held to max(1e-5, 2x the error of the fp32 PyTorch reference)."""
+    the Gram norms and no fp32 evaluation reaches 1e-5 reliably. Held to "about 2x the fp32 PyTorch
+    reference's own error": the bound is 3x for one random draw, since both errors are random (over
+    15 draws the worst ratio measured was 2.0, triton tiled loss; the cancelling expansion this
+    replaced was off by 1e4x)."""
     teacher = torch.randn(shape)
     student = teacher + noise * torch.randn_like(teacher)
     s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
@@ -102,8 +105,8 @@ def test_student_close_to_teacher(backend, noise, shape):
     s = student.clone().requires_grad_()
     out = gram_loss(s, teacher, backend=backend)
     g, = torch.autograd.grad(out, s)
-    assert rel_err(out, ref) <= max(1e-5, 2 * rel_err(torch_fp32, ref))
-    assert rel_err(g, ref_g) <= max(1e-5, 2 * rel_err(torch_g, ref_g))
+    assert rel_err(out, ref) <= max(1e-5, 3 * rel_err(torch_fp32, ref))
+    assert rel_err(g, ref_g) <= max(1e-5, 3 * rel_err(torch_g, ref_g))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
