@@ -24,7 +24,9 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 
 def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
-    """Identity form iff it is valid (no clamping) and cheaper: 5 P D^2 vs 5 P^2 D FLOPs, fwd+bwd."""
+    """Identity form iff it is valid (no clamping) and cheaper: about 2 P D^2 (three D x D products,
+    two of them symmetric) + 2 P D^2 (backward) against 2 P^2 D + 3 P^2 D for the tiled form, per
+    image and in units of multiply-adds, so D < P is the break-even rule."""
     return clamp == CLAMP_NONE and dim < num_rows
 
 

@@ -6,8 +6,8 @@ Two formulations, both over features grouped as (G, P, D) (G = B images, or G = 
             O(P D^2) work and D x D state; only valid without clamping. Unlike the expansion
             ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2, no two large terms cancel when the
             student is close to the teacher (both terms scale with |Del|^2).
-  tiled     row blocks of both P x P Grams, formed, clamped, differenced and reduced chunk by chunk,
-            O(P^2 D) work, chunk memory bounded by _CHUNK_ELEMS.
+  tiled     row blocks of both P x P Grams, formed, clamped, differenced and reduced block by block,
+            O(P^2 D) work, block memory bounded by _CHUNK_ELEMS.
 Both run on BLAS (torch.matmul), which beats a hand-written OpenMP loop here; the choice between
 them is made by the caller (`dinov3_fast.ops.gram`) from the FLOP counts.
 Math in fp32 (fp64 for fp64 inputs); the final reductions accumulate in fp64.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
-_CHUNK_ELEMS = 1 << 18  # elements of one (G, rows, P) chunk of a Gram: 1 MiB in fp32
+_CHUNK_ELEMS = 1 << 18  # elements of one (rows, width) row block: 1 MiB in fp32
 _EPS = 1e-12  # F.normalize's default
 
 
@@ -26,7 +26,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(G, P, D) -> (Y, norms) with Y = x / max(||x||, eps) in the compute dtype; norms (G, P, 1)."""
+    """(..., D) -> (Y, norms) with Y = x / max(||x||, eps) in the compute dtype, norms (..., 1).
+    Without normalisation Y may alias x: callers must not modify it in place."""
     x = x.to(_compute_dtype(x))
     if not normalize:
         return x, None
