@@ -24,9 +24,9 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 
 def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
-    """Identity form iff it is valid (no clamping) and cheaper: about 2 P D^2 (three D x D products,
-    two of them symmetric) + 2 P D^2 (backward) against 2 P^2 D + 3 P^2 D for the tiled form, per
-    image and in units of multiply-adds, so D < P is the break-even rule."""
+    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds: 2.5 P D^2
+    forward (three D x D products, two of them symmetric) + 2 P D^2 backward, against 2 P^2 D +
+    3 P^2 D for the tiled form; break-even near D = 1.1 P, rounded to D < P."""
     return clamp == CLAMP_NONE and dim < num_rows
 
 
