@@ -17,7 +17,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def dinov3_gram_loss(output_feats, target_feats, img_level, apply_norm, remove_neg, remove_only_teacher_neg):
-    """DINOv3's GramLoss.forward transcribed statement by statement (in-place masks included)."""
+    """DINOv3's GramLoss.forward (facebookresearch/dinov3 dinov3/loss/gram_loss.py at 50d3e0c)
+    transcribed statement by statement, in-place masks included."""
     output_feats = output_feats.to(torch.float64)
     target_feats = target_feats.to(torch.float64)
     if apply_norm:
@@ -34,8 +35,8 @@ def dinov3_gram_loss(output_feats, target_feats, img_level, apply_norm, remove_n
         target_sim[target_sim < 0] = 0.0
         student_sim[student_sim < 0] = 0.0
     elif remove_only_teacher_neg:
-        target_sim[target_sim < 0] = 0.0
         student_sim[(student_sim < 0) & (target_sim < 0)] = 0.0
+        target_sim[target_sim < 0] = 0.0
     return torch.nn.MSELoss()(student_sim, target_sim)
 
 

@@ -114,8 +114,8 @@ def gram_loss(
         normalize: L2-normalise each feature row first (DINOv3's `apply_norm`).
         img_level: one P x P Gram per image; otherwise one Gram over all B*P rows.
         remove_neg: clamp negative similarities of both Grams to 0.
-        remove_only_teacher_neg: clamp the teacher's negative similarities to 0 (the student's are
-            kept: DINOv3's student mask is evaluated after the teacher clamp and never fires).
+        remove_only_teacher_neg: zero the student's similarities where both Grams are negative,
+            and clamp the teacher's negatives to 0.
         backend: force "triton", "cpu" or "reference"; default: fastest available for the device.
 
     Returns:

@@ -44,12 +44,23 @@ def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.
     return grad_y.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min(_EPS))
 
 
+def _student_dead(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor | None:
+    """Where the student's similarity is zeroed (and passes no gradient): S < 0 with remove_neg,
+    S < 0 & T < 0 (unclamped T) with remove_only_teacher_neg; None without clamping."""
+    if clamp == CLAMP_BOTH:
+        return s < 0
+    if clamp == CLAMP_TEACHER:
+        return (s < 0) & (t < 0)
+    return None
+
+
 def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
-    """f(S) - g(T), computed in place in `s` (t is clamped in place too): chunk memory stays low."""
+    """f(S) - g(T), computed in place in `s` (t is clamped in place too): block memory stays low."""
+    dead = _student_dead(s, t, clamp)
+    if dead is not None:
+        s.masked_fill_(dead, 0)
     if clamp != CLAMP_NONE:
         t.clamp_min_(0)
-    if clamp == CLAMP_BOTH:
-        s.clamp_min_(0)
     return s.sub_(t)
 
 
@@ -159,8 +170,9 @@ def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: 
     for g, rows in _row_blocks(G, P, P):
         s = ys[g, rows] @ ys[g].T
         t = yt[g, rows] @ yt[g].T
-        # Clamped entries pass no gradient to their own side: f'(S) = [S >= 0], g'(T) = [T >= 0].
-        s_dead = s < 0 if need_student and clamp == CLAMP_BOTH else None
+        # Zeroed entries pass no gradient to their own side (f' = 0 where the student is zeroed,
+        # g'(T) = [T >= 0]).
+        s_dead = _student_dead(s, t, clamp) if need_student else None
         t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
         diff = _clamped_diff_(s, t, clamp)
         if need_student:

@@ -25,10 +25,9 @@ def gram_loss_ref(
         img_level: one P x P Gram per image; otherwise (B, P, D) is flattened to (B*P, D) first
             and one (B*P) x (B*P) Gram is formed.
         remove_neg: clamp negative similarities to 0 in both Grams.
-        remove_only_teacher_neg: clamp the teacher's negatives to 0. DINOv3 then zeroes the
-            student where `student < 0 & teacher < 0`, but it evaluates that mask on the already
-            clamped teacher, so it is never true: the student Gram is left unclamped. We keep
-            that behaviour, since it is what DINOv3 trains with.
+        remove_only_teacher_neg: zero the student's similarities where both the student's and
+            the teacher's are negative, then clamp the teacher's negatives to 0 (DINOv3's order:
+            the student mask uses the unclamped teacher).
 
     Returns:
         0-dim float32 tensor (float64 for float64 inputs): mean over all Gram entries of
@@ -50,5 +49,6 @@ def gram_loss_ref(
         s_sim = torch.where(s_sim < 0, 0.0, s_sim)
         t_sim = torch.where(t_sim < 0, 0.0, t_sim)
     elif remove_only_teacher_neg:
+        s_sim = torch.where((s_sim < 0) & (t_sim < 0), 0.0, s_sim)
         t_sim = torch.where(t_sim < 0, 0.0, t_sim)
     return F.mse_loss(s_sim, t_sim)

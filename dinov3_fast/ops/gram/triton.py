@@ -93,10 +93,12 @@ def _gram_tiled_fwd_kernel(
         rows_n = pid_n * BLOCK + tl.arange(0, BLOCK)
         s = _gram_tile(xs_ptr, rs_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
         t = _gram_tile(xt_ptr, rt_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
-        if CLAMP != 0:
-            t = tl.maximum(t, 0.0)
         if CLAMP == 1:
             s = tl.maximum(s, 0.0)
+        if CLAMP == 2:  # the student is zeroed where both are negative (unclamped teacher)
+            s = tl.where((s < 0) & (t < 0), 0.0, s)
+        if CLAMP != 0:
+            t = tl.maximum(t, 0.0)
         d = s - t
         total = tl.sum(tl.sum(d * d, axis=1), axis=0)
         tl.store(out, tl.where(pid_n == pid_m, total, 2.0 * total))
@@ -131,15 +133,18 @@ def _gram_tiled_bwd_kernel(
             s, t = other, own
         s_c = s
         t_c = t
-        if CLAMP != 0:
-            t_c = tl.maximum(t, 0.0)
         if CLAMP == 1:
-            s_c = tl.maximum(s, 0.0)
+            s_dead = s < 0
+        else:  # CLAMP == 2: zeroed where both are negative; unused without clamping
+            s_dead = (s < 0) & (t < 0)
+        if CLAMP != 0:
+            s_c = tl.where(s_dead, 0.0, s)
+            t_c = tl.maximum(t, 0.0)
         diff = s_c - t_c
         if IS_STUDENT:
             e = diff
-            if CLAMP == 1:
-                e = tl.where(s < 0, 0.0, diff)
+            if CLAMP != 0:
+                e = tl.where(s_dead, 0.0, diff)
         else:
             e = -diff
             if CLAMP != 0:
