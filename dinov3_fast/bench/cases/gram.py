@@ -8,15 +8,18 @@ import torch
 from dinov3_fast.bench.case import BenchCase
 from dinov3_fast.ops.gram import gram_loss, gram_loss_ref, uses_identity
 
-# (preset, device, B, P, D, dtype, remove_neg)
+NEG = {"remove_neg": True}
+TEACHER_NEG = {"remove_only_teacher_neg": True}
+# (preset, device, B, P, D, dtype, clamping options)
 PRESETS = (
-    ("cpu_b4_p1024_d384", "cpu", 4, 1024, 384, torch.float32, False),
-    ("cpu_b4_p256_d384_neg", "cpu", 4, 256, 384, torch.float32, True),
-    ("vitl_256px", "cuda", 32, 256, 1024, torch.bfloat16, False),
-    ("vit7b_256px", "cuda", 32, 256, 4096, torch.bfloat16, False),
-    ("crop512_b16_d1024", "cuda", 16, 1024, 1024, torch.bfloat16, False),
-    ("crop512_b16_d1024_neg", "cuda", 16, 1024, 1024, torch.bfloat16, True),
-    ("crop1024_b4_d1024", "cuda", 4, 4096, 1024, torch.bfloat16, False),
+    ("cpu_b4_p1024_d384", "cpu", 4, 1024, 384, torch.float32, {}),
+    ("cpu_b4_p256_d384_neg", "cpu", 4, 256, 384, torch.float32, NEG),
+    ("vitl_256px", "cuda", 32, 256, 1024, torch.bfloat16, {}),
+    ("vit7b_256px", "cuda", 32, 256, 4096, torch.bfloat16, {}),
+    ("crop512_b16_d1024", "cuda", 16, 1024, 1024, torch.bfloat16, {}),
+    ("crop512_b16_d1024_neg", "cuda", 16, 1024, 1024, torch.bfloat16, NEG),
+    ("crop512_b16_d1024_teacher_neg", "cuda", 16, 1024, 1024, torch.bfloat16, TEACHER_NEG),
+    ("crop1024_b4_d1024", "cuda", 4, 4096, 1024, torch.bfloat16, {}),
 )
 
 
@@ -27,26 +30,29 @@ def _inputs(B, P, D, dtype, device):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_reference(remove_neg: bool):
-    return torch.compile(functools.partial(gram_loss_ref, remove_neg=remove_neg))
+def _compiled_reference(remove_neg: bool, remove_only_teacher_neg: bool):
+    return torch.compile(functools.partial(gram_loss_ref, remove_neg=remove_neg,
+                                           remove_only_teacher_neg=remove_only_teacher_neg))
 
 
 def cases() -> list[BenchCase]:
     out = []
-    for preset, device, B, P, D, dtype, remove_neg in PRESETS:
-        identity = uses_identity(int(remove_neg), P, D)
+    for preset, device, B, P, D, dtype, options in PRESETS:
+        clamped = bool(options)
+        identity = uses_identity(int(clamped), P, D)
         flops = 6 * B * P * D * D if identity else 4 * B * P * P * D
         elt = torch.finfo(dtype).bits // 8
         out.append(BenchCase(
             op="gram_loss", preset=preset, device=device,
             make_inputs=functools.partial(_inputs, B, P, D, dtype),
             impls={
-                "reference": functools.partial(gram_loss_ref, remove_neg=remove_neg),
-                "reference+compile": _compiled_reference(remove_neg),
-                "fused": functools.partial(gram_loss, remove_neg=remove_neg),
+                "reference": functools.partial(gram_loss_ref, **options),
+                "reference+compile": _compiled_reference(options.get("remove_neg", False),
+                                                         options.get("remove_only_teacher_neg", False)),
+                "fused": functools.partial(gram_loss, **options),
             },
             flops=flops, bytes=2 * B * P * D * elt,
-            note=f"B={B} P={P} D={D} {str(dtype)[6:]} remove_neg={remove_neg}; "
+            note=f"B={B} P={P} D={D} {str(dtype)[6:]} {' '.join(f'{k}=True' for k in options) or 'no clamping'}; "
                  f"{'identity (D x D)' if identity else 'tiled (P x P on chip)'} formulation",
         ))
     return out
