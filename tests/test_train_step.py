@@ -75,6 +75,47 @@ def test_ema_update_and_gram_refresh():
         assert torch.equal(g, t)
 
 
+def test_meta_init_leaves_no_nan_in_gram_teacher():
+    """Multi-GPU runs build on meta, to_empty (garbage, here NaN, in every tensor), then init: the Gram
+    teacher's parameters and buffers (rope periods, qkv bias_mask) must all be defined, at init and after a
+    load of the EMA teacher, which must be plain copies (g * 0 + t keeps NaN)."""
+    cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.it_load_ema_teacher=0",
+                                                "crops.gram_teacher_crops_size=64", "student.mask_k_bias=true"])
+    arch = SSLMetaArch(cfg, device="meta")
+    arch.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*arch.parameters(), *arch.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+    buffers = dict(arch.gram_teacher.backbone.named_buffers())
+    assert any(k.endswith("rope_embed.periods") for k in buffers)
+    assert any(k.endswith("qkv.bias_mask") for k in buffers)
+    arch.init_weights()
+
+    def check():
+        for name, t in arch.gram_teacher.state_dict().items():
+            assert not t.isnan().any(), name
+        teacher = arch.teacher.backbone.state_dict()
+        for name, t in arch.gram_teacher.backbone.state_dict().items():
+            assert torch.equal(t, teacher[name]), name
+
+    check()
+    assert not arch.gram_teacher_initialized
+    with torch.no_grad():  # the Gram teacher holds NaN again; a load must overwrite it, not scale it
+        for t in arch.gram_teacher.parameters():
+            t.fill_(float("nan"))
+        for p in arch.teacher.parameters():
+            p.add_(0.5)
+    arch.update_gram(0.0)
+    assert arch.gram_teacher_initialized
+    check()
+    with torch.no_grad():
+        for t in arch.gram_teacher.parameters():
+            t.fill_(float("nan"))
+    arch.gram_load_ema_teacher()
+    check()
+
+
 def test_schedules_follow_dinov3():
     cfg = apply_overrides(get_preset("debug"), ["optim.lr=0.01", "optim.min_lr=0.001", "optim.warmup_epochs=0.2",
                                                 "optim.freeze_last_layer_epochs=0.1", "train.OFFICIAL_EPOCH_LENGTH=100",

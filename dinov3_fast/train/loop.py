@@ -155,7 +155,7 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     cfg, arch, it = state.cfg, state.arch, state.step
     g = cfg.gram
     if arch.has_gram_teacher and it == g.it_load_ema_teacher:
-        arch.update_gram(0.0)
+        arch.gram_load_ema_teacher()
     values = state.schedules.at(it)
     apply_schedule(state.optimizer, values)
     batch = next_batch(state)

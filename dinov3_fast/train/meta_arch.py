@@ -123,6 +123,11 @@ class SSLMetaArch(nn.Module):
         self.dino_loss.init_weights()
         self.ibot_patch_loss.init_weights()
         self.teacher.load_state_dict(self.student.state_dict())
+        if self.gram_teacher is not None:
+            # Every Gram-teacher tensor gets a defined value (on meta-built runs to_empty leaves garbage,
+            # NaN included, in its parameters and buffers: rope periods, qkv bias_mask); it is still
+            # "uninitialised" until it loads the EMA teacher at gram.it_load_ema_teacher.
+            self._copy_teacher_to_gram()
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -256,9 +261,29 @@ class SSLMetaArch(nn.Module):
             torch._foreach_add_(t, s, alpha=1 - momentum)
 
     @torch.no_grad()
-    def update_gram(self, momentum: float = 0.0) -> None:
-        """Gram teacher = m * Gram teacher + (1 - m) * EMA teacher (m = 0: a copy), local shards."""
+    def _copy_teacher_to_gram(self) -> None:
+        """Gram teacher backbone <- EMA teacher backbone's state dict (parameters and buffers), plain copies."""
+        reshard(self.teacher)
+        reshard(self.gram_teacher)
+        self.gram_teacher.backbone.load_state_dict(self.teacher.backbone.state_dict())
+
+    @torch.no_grad()
+    def gram_load_ema_teacher(self) -> None:
+        """DINOv3's `gram_load_ema_teacher`: load the EMA teacher's backbone state dict (parameters and
+        buffers) into the Gram teacher, and mark it initialised."""
         if self.gram_teacher is None:
+            return
+        self._copy_teacher_to_gram()
+        self.gram_teacher_initialized = True
+
+    @torch.no_grad()
+    def update_gram(self, momentum: float = 0.0) -> None:
+        """Gram teacher = m * Gram teacher + (1 - m) * EMA teacher, local shards; m = 0 is a load
+        (`gram_load_ema_teacher`: plain copies of parameters and buffers, not g * 0 + t, which keeps NaN)."""
+        if self.gram_teacher is None:
+            return
+        if momentum == 0.0:
+            self.gram_load_ema_teacher()
             return
         reshard(self.teacher)
         reshard(self.gram_teacher)
@@ -266,8 +291,6 @@ class SSLMetaArch(nn.Module):
         t = local_tensors(self.teacher.backbone.parameters())
         torch._foreach_mul_(g, momentum)
         torch._foreach_add_(g, t, alpha=1 - momentum)
-        self.gram_teacher_initialized = True
-
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
