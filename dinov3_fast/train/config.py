@@ -130,7 +130,7 @@ class OptimConfig:
     """DINOv3 `optim:`: AdamW, its schedules and parameter groups."""
     epochs: int = 100
     schedule: str = "cosine"  # ours: "cosine" (DINOv3's v1) or "constant" after warmup (its 7B run)
-    lr: float = 0.004  # the base lr; the scaling rule turns it into the peak lr
+    lr: float = 0.001  # the base lr (DINOv3's default); the scaling rule turns it into the peak lr
     min_lr: float = 1.0e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04

@@ -81,11 +81,12 @@ def loss_weight_schedules(cfg: Config) -> tuple[WarmupCosine | None, WarmupCosin
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
-    """DINOv3's lr scaling rule applied to optim.lr for the global batch."""
+    """DINOv3's lr scaling rule (`apply_scaling_rules_to_cfg`) applied to optim.lr for the global batch B:
+    sqrt_wrt_1024: lr * 4 * sqrt(B / 1024); linear_wrt_256: lr * B / 256."""
     batch = cfg.train.batch_size_per_gpu * world_size
     rule = cfg.optim.scaling_rule
     if rule == "sqrt_wrt_1024":
-        return cfg.optim.lr * math.sqrt(batch / 1024)
+        return cfg.optim.lr * 4 * math.sqrt(batch / 1024)
     if rule == "linear_wrt_256":
         return cfg.optim.lr * batch / 256
     return cfg.optim.lr
