@@ -3,6 +3,7 @@ through the fused ops against the same step through the reference ops."""
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,13 +122,26 @@ def test_schedules_follow_dinov3():
                                                 "optim.freeze_last_layer_epochs=0.1", "train.OFFICIAL_EPOCH_LENGTH=100",
                                                 "optim.epochs=1", "teacher.warmup_teacher_temp_epochs=0.3"])
     s = Schedules(cfg)
-    assert s.lr(0) == 0 and s.lr(10) == pytest.approx(0.005) and s.lr(20) == pytest.approx(0.01)
-    assert s.lr(60) == pytest.approx(0.001 + 0.5 * 0.009 * (1 + math.cos(math.pi * 0.5)))
-    assert s.lr(100) == pytest.approx(0.001)
-    assert s.last_layer_lr(9) == 0 and s.last_layer_lr(10) == s.lr(10)
-    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
-    assert s.teacher_temp(30) == s.teacher_temp(99) == pytest.approx(0.07)
-    assert s.momentum(0) == pytest.approx(0.99) and s.momentum(100) == pytest.approx(0.999)
+
+    def cosine_scheduler(base, final, total, warmup=0, start=0.0):  # DINOv3's CosineScheduler, as numpy
+        iters = np.arange(total - warmup)
+        return np.concatenate([np.linspace(start, base, warmup),
+                               final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+    lr = cosine_scheduler(0.01, 0.001, 100, 20)
+    last_layer_lr = lr.copy()
+    last_layer_lr[:10] = 0
+    wd = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, 100)
+    mom = cosine_scheduler(0.99, 0.999, 100)
+    temp = np.linspace(0.04, 0.07, 30)  # total_iters = warmup_iters: the warmup alone
+    for it in range(100):
+        assert s.lr(it) == pytest.approx(lr[it], rel=1e-12, abs=1e-15), it
+        assert s.last_layer_lr(it) == pytest.approx(last_layer_lr[it], rel=1e-12, abs=1e-15), it
+        assert s.weight_decay(it) == pytest.approx(wd[it], rel=1e-12), it
+        assert s.momentum(it) == pytest.approx(mom[it], rel=1e-12), it
+        assert s.teacher_temp(it) == pytest.approx(temp[it] if it < 30 else 0.07, rel=1e-12), it
+    assert s.lr(19) == pytest.approx(0.01) and s.teacher_temp(29) == pytest.approx(0.07)  # peak at the warmup's end
+    assert s.lr(100) == pytest.approx(0.001) and s.momentum(100) == pytest.approx(0.999)
     const = Schedules(apply_overrides(cfg, ["optim.schedule=constant"]))
     assert const.lr(20) == const.lr(99) == pytest.approx(0.01)
     sq = Schedules(apply_overrides(cfg, ["optim.scaling_rule=sqrt_wrt_1024", "train.batch_size_per_gpu=64"]), world_size=4)
@@ -253,7 +267,6 @@ def test_batch_dataclass_to():
 
 def _dinov3_linear_warmup_cosine_decay(start, peak, end, warmup_iterations, total_iterations, cosine_iterations=None):
     """DINOv3's dinov3/train/cosine_lr_scheduler.py, as the oracle."""
-    import numpy as np
     linear = np.linspace(start, peak, warmup_iterations, endpoint=False)
     if cosine_iterations is None:
         cosine_iterations = total_iterations - warmup_iterations

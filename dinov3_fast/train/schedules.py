@@ -13,9 +13,10 @@ from dinov3_fast.train.config import Config, WeightSchedule
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup from `start_warmup_value` to `base_value` over `warmup_iters`, then
-    cosine to `final_value` at `total_iters` ("cosine"), or held at `base_value` ("constant"); `final_value` afterwards.
-    Iterations below `zero_iters` give 0 (the frozen last layer)."""
+    """DINOv3's `CosineScheduler`: linear warmup `linspace(start_warmup_value, base_value, warmup_iters)`
+    (endpoint included: the last warmup iteration is at `base_value`), then cosine to `final_value` at
+    `total_iters` ("cosine"), or held at `base_value` ("constant"); `final_value` afterwards. Iterations
+    below `zero_iters` give 0 (the frozen last layer)."""
     base_value: float
     final_value: float
     total_iters: int
@@ -28,7 +29,9 @@ class Schedule:
         if it < self.zero_iters:
             return 0.0
         if it < self.warmup_iters:
-            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / self.warmup_iters
+            if self.warmup_iters == 1:  # linspace(a, b, 1) == [a]
+                return self.start_warmup_value
+            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / (self.warmup_iters - 1)
         if self.kind == "constant":
             return self.base_value
         if it >= self.total_iters:
