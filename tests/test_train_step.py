@@ -147,6 +147,7 @@ def test_schedules_follow_dinov3():
     sq = Schedules(apply_overrides(cfg, ["optim.scaling_rule=sqrt_wrt_1024", "train.batch_size_per_gpu=64"]), world_size=4)
     assert sq.lr(20) == pytest.approx(0.01 * 4 * math.sqrt(256 / 1024))  # DINOv3: lr *= 4 * sqrt(B / 1024)
     vitl = get_preset("vitl16_h100")  # DINOv3's default lr 1e-3; batch 64 x 32 = 2048: 1e-3 * 4 * sqrt(2)
+    assert vitl.optim.weight_decay == 0.04 and vitl.optim.weight_decay_end == 0.4  # DINOv3's defaults
     assert vitl.optim.lr == 1e-3 and Schedules(vitl, world_size=32).lr.base_value == pytest.approx(4e-3 * math.sqrt(2))
 
 

@@ -134,7 +134,7 @@ class OptimConfig:
     min_lr: float = 1.0e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
+    weight_decay_end: float = 0.4  # DINOv3's ssl_default_config (its ViT-L recipe)
     clip_grad: float = 3.0
     freeze_last_layer_epochs: float = 1
     scaling_rule: str = "sqrt_wrt_1024"
