@@ -151,6 +151,27 @@ def test_schedules_follow_dinov3():
     assert vitl.optim.lr == 1e-3 and Schedules(vitl, world_size=32).lr.base_value == pytest.approx(4e-3 * math.sqrt(2))
 
 
+def test_vit7b16_preset_follows_dinov3_yaml():
+    """Values of dinov3/configs/train/dinov3_vit7b16_pretrain.yaml (its v2 `schedules:` as constants)."""
+    cfg = get_preset("vit7b16")
+    o, t, d = cfg.optim, cfg.teacher, cfg.dino
+    assert (o.epochs, cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.total_steps) == (1000, 1000, 1_000_000)
+    assert (o.lr, o.warmup_epochs, o.freeze_last_layer_epochs, o.scaling_rule) == (5e-5, 100, 5, "sqrt_wrt_1024")
+    assert (o.weight_decay, o.weight_decay_end, o.clip_grad, o.layerwise_decay, o.adamw_beta2) == (0.04, 0.04, 30.0,
+                                                                                                     0.98, 0.99)
+    assert (t.momentum_teacher, t.final_momentum_teacher) == (0.994, 0.994)
+    assert (t.warmup_teacher_temp, t.teacher_temp, t.warmup_teacher_temp_epochs) == (0.04, 0.07, 100)
+    assert not cfg.crops.horizontal_flips
+    assert (d.koleo_loss_distributed, d.koleo_topk, d.koleo_distributed_loss_group_size) == (False, 1, None)
+    assert cfg.train.batch_size_per_gpu == 16 and cfg.student.norm_layer == "layernormbf16"
+    s = Schedules(cfg, world_size=256)  # global batch 4096: peak 5e-5 * 4 * sqrt(4)
+    assert s.lr(99_999) == s.lr(500_000) == pytest.approx(4e-4) and s.lr(50_000) < 4e-4
+    assert s.last_layer_lr(4_999) == 0 and s.last_layer_lr(5_000) == s.lr(5_000) > 0
+    assert s.momentum(0) == s.momentum(999_999) == pytest.approx(0.994)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(100_000) == pytest.approx(0.07)
+    assert s.weight_decay(0) == s.weight_decay(999_999) == pytest.approx(0.04)
+
+
 def test_param_groups_decay_and_multipliers():
     cfg = apply_overrides(get_preset("debug"), ["optim.layerwise_decay=0.5", "optim.patch_embed_lr_mult=0.2"])
     arch = SSLMetaArch(cfg)

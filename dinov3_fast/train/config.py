@@ -454,19 +454,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(batch_size_per_gpu=64, ac="selective", compile=True, image_size=256),
         "compute_precision": dict(param_dtype="bf16", reduce_dtype="fp32"),
     },
-    # DINOv3's 7B recipe (pretraining stage): 256/112 crops, 262k/98k-prototype heads, betas
-    # (0.9, 0.99), clip 30, layer decay 0.98, constant lr after warmup, KoLeo distributed.
+    # DINOv3's 7B recipe, pretraining stage (dinov3/configs/train/dinov3_vit7b16_pretrain.yaml): 256/112
+    # crops, 262k/98k-prototype heads, betas (0.9, 0.99), clip 30, layer decay 0.98, no horizontal flips,
+    # non-distributed KoLeo; its v2 `schedules:` as constants after warmup: lr 5e-5 (sqrt_wrt_1024-scaled)
+    # warmed up over 100 epochs, last layer frozen 5 epochs, wd 0.04, EMA momentum 0.994, teacher temp
+    # 0.04 -> 0.07 over 100 epochs; 1000 epochs of 1000 iterations.
     "vit7b16": {
         "student": dict(arch="vit_7b", drop_path_rate=0.4, layerscale=1e-5, n_storage_tokens=4, mask_k_bias=True,
-                        qkv_bias=False, ffn_layer="swiglu64", untie_global_and_local_cls_norm=True,
-                        pos_embed_rope_rescale_coords=2.0),
+                        qkv_bias=False, ffn_layer="swiglu64", norm_layer="layernormbf16",
+                        untie_global_and_local_cls_norm=True, pos_embed_rope_rescale_coords=2.0,
+                        pos_embed_rope_dtype="fp32"),
         "dino": dict(head_n_prototypes=262144, head_hidden_dim=8192, head_bottleneck_dim=512,
-                     koleo_loss_distributed=True, koleo_distributed_loss_group_size=16),
+                     koleo_loss_distributed=False, koleo_topk=1, koleo_distributed_loss_group_size=None),
         "ibot": dict(head_n_prototypes=98304, head_hidden_dim=4096, head_bottleneck_dim=384),
-        "crops": dict(global_crops_size=256, local_crops_size=112, local_crops_number=8),
-        "optim": dict(schedule="constant", adamw_beta2=0.99, clip_grad=30.0, layerwise_decay=0.98,
-                      weight_decay_end=0.04),
-        "train": dict(batch_size_per_gpu=16, ac="selective", compile=True, image_size=288),
+        "crops": dict(global_crops_size=256, local_crops_size=112, local_crops_number=8, horizontal_flips=False),
+        "optim": dict(epochs=1000, schedule="constant", lr=5e-5, min_lr=5e-5, warmup_epochs=100,
+                      freeze_last_layer_epochs=5, weight_decay=0.04, weight_decay_end=0.04,
+                      scaling_rule="sqrt_wrt_1024", adamw_beta2=0.99, clip_grad=30.0, layerwise_decay=0.98),
+        "teacher": dict(momentum_teacher=0.994, final_momentum_teacher=0.994, warmup_teacher_temp=0.04,
+                        teacher_temp=0.07, warmup_teacher_temp_epochs=100),
+        "train": dict(batch_size_per_gpu=16, OFFICIAL_EPOCH_LENGTH=1000, ac="selective", compile=True,
+                      image_size=288),
+        "checkpointing": dict(period=1000, max_to_keep=3),
         "compute_precision": dict(param_dtype="bf16", reduce_dtype="fp32"),
     },
 }
