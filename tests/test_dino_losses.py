@@ -121,8 +121,19 @@ def test_center_state_and_softmax_centering(cls, dim_shape):
     torch.testing.assert_close(mod.softmax_center_teacher(y, 0.05), F.softmax((y - want_center) / 0.05, dim=-1))
     assert mod.updated
     torch.testing.assert_close(mod.center, want_center.reshape(dim_shape))
-    out = mod.softmax_center_teacher(y, 0.05, update_centers=False)  # no pending update: unchanged
+    z = torch.randn_like(x) + 1.0  # a pending update that would move the centre
+    mod.update_center(z)
+    assert not mod.updated
+    out = mod.softmax_center_teacher(y, 0.05, update_centers=False)  # pending update not applied
     torch.testing.assert_close(out, F.softmax((y - want_center) / 0.05, dim=-1))
+    torch.testing.assert_close(mod.center, want_center.reshape(dim_shape))
+    assert not mod.updated
+    z_center = z.mean(0, keepdim=True) if cls is dinov3_fast.DINOLoss else z.mean(1).mean(0, keepdim=True)
+    next_center = want_center * 0.8 + z_center * 0.2
+    out = mod.softmax_center_teacher(y, 0.05)  # the next default call applies it
+    torch.testing.assert_close(out, F.softmax((y - next_center) / 0.05, dim=-1))
+    torch.testing.assert_close(mod.center, next_center.reshape(dim_shape))
+    assert mod.updated
 
 
 def test_teacher_methods():
