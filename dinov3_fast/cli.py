@@ -38,8 +38,8 @@ def _bench(args: argparse.Namespace) -> int:
         cases = [c for c in cases if c.op in args.op]
     if args.preset:
         cases = [c for c in cases if c.preset in args.preset]
-    # Whole-block cases (op "vit_*") run only with --model; the default run is the ops.
-    cases = [c for c in cases if c.op.startswith("vit_") == args.model]
+    # Whole-block cases run only with --model; the default run is the ops.
+    cases = [c for c in cases if c.is_model == args.model]
     if not cases:
         print(f"error: no benchmark case matches (device={device.type}, op={args.op}, preset={args.preset})",
               file=sys.stderr)

@@ -117,7 +117,7 @@ def exercise_ops(ops: list[str] | None = None) -> None:
 
     for case in all_cases():
         # Whole-model cases launch only the ops' kernels, already covered by the ops' own presets.
-        if (ops and case.op not in ops) or case.op.startswith("vit_"):
+        if (ops and case.op not in ops) or case.is_model:
             continue
         for name, impl in case.impls.items():
             if not name.startswith("fused"):

@@ -35,6 +35,8 @@ class BenchCase:
         bwd_flops / bwd_bytes: the same for the backward alone (None: not reported).
         backward: whether to also time forward+backward.
         note: one line shown with the case (e.g. which formulation the shapes select).
+        tags: labels; "model" marks a whole-block case (run by `dinov3-fast bench --model`, and
+            skipped by the AOT compile check, whose kernels the op presets already cover).
     """
 
     op: str
@@ -49,3 +51,7 @@ class BenchCase:
     backward: bool = True
     note: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_model(self) -> bool:
+        return "model" in self.tags
