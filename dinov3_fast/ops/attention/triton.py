@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dinov3_fast.ops._precision import dot_precision
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 LOG2E_C = tl.constexpr(LOG2E)
@@ -323,12 +325,6 @@ def _common(qkv, sin, seqinfo, num_heads, max_len):
     return T, C, C // num_heads, S, rope_rows
 
 
-def _dot_precision(qkv: torch.Tensor) -> str:
-    """Exact fp32 dots for fp32 inputs unless torch allows TF32 matmuls (the contract's 1e-5);
-    irrelevant for bf16/fp16 operands."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int):
     """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout."""
     if qkv.stride(1) != 1:
@@ -344,7 +340,7 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
         qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
         T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh),
         H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
-        DOT_PRECISION=_dot_precision(qkv), **cfg)
+        DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return out, lse
 
 
@@ -368,7 +364,7 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
         qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
         T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh),
         H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
-        DOT_PRECISION=_dot_precision(qkv), **cfg)
+        DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return dqkv
 
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dinov3_fast.ops._precision import dot_precision
+
 CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
 NORM_EPS = 1e-12  # F.normalize's default
 NORM_EPS_C = tl.constexpr(NORM_EPS)
@@ -263,14 +265,6 @@ def _gram_identity_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _dot_precision(x: torch.Tensor) -> str:
-    """Precision of dots whose operands are fp32: TF32 for half-precision inputs (their own error
-    dominates) or when torch allows TF32 matmuls; exact fp32 (ieee) otherwise."""
-    if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _block(n: int, cap: int) -> int:
     """Power-of-two tile edge for an extent n: at least 16 (tl.dot's minimum), at most cap."""
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -316,7 +310,7 @@ def gram_fwd_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: 
     xs, xt = _as_pair(xs, xt)
     G, P, D = xs.shape
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
-    prec = _dot_precision(xs)
+    prec = dot_precision(xs.dtype)
     n_entries = G * P * P
     if identity:
         A, B, C = _identity_products(xs, xt, rs, rt, prec)
@@ -339,7 +333,7 @@ def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, stat
     xs, xt = _as_pair(xs, xt)
     G, P, D = xs.shape
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
-    prec = _dot_precision(xs)
+    prec = dot_precision(xs.dtype)
     inv_m = 1.0 / (G * P * P)
     grad = grad.reshape(())
     grads = []

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dinov3_fast.ops._precision import dot_precision
+
 PDIST_EPS = 1e-8
 
 
@@ -194,12 +196,6 @@ def _koleo_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _dot_precision(x: torch.Tensor) -> str:
-    if x.is_cuda and (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32):
-        return "tf32"
-    return "ieee"
-
-
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
@@ -230,7 +226,7 @@ def koleo_fwd_triton(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
     partial = torch.empty(n_prog, device=x.device, dtype=torch.float32)
     _koleo_fwd_kernel[(n_prog,)](
         x, r, idx, stats, partial, M, D, q0, nq, *x.stride(), eps, PDIST_EPS, 1.0 / (nq * topk),
-        TOPK=topk, KP=triton.next_power_of_2(topk), INLINE_NORMS=inline, DOT_PRECISION=_dot_precision(x),
+        TOPK=topk, KP=triton.next_power_of_2(topk), INLINE_NORMS=inline, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=_pow2(D, 16, 64 if x.element_size() == 2 and not inline else 32), BLOCK_D=_pow2(D, 16, 32),
         num_warps=8 if block_m == 128 else 4, num_stages=3)  # tiles chosen for no register spills (AOT, sm_90)
     loss = partial.reshape(()) if inline else partial.sum()
