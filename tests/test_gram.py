@@ -86,6 +86,13 @@ def test_multi_block_shapes(backend, shape):
         check_against_oracle(torch.randn(shape), torch.randn(shape), backend, 1e-5, remove_neg=remove_neg)
 
 
+@pytest.mark.parametrize("shape", [(2, 300, 270), (1, 530, 450)])
+def test_cpu_identity_multi_block(shape):
+    """The cpu identity sweeps: several 256-row blocks with a ragged last one, and symmetric
+    products split into 2 and 4 column blocks (D around 128 k), mirrored afterwards."""
+    check_against_oracle(torch.randn(shape), torch.randn(shape), "cpu", 1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("noise", [5e-2, 1e-3])
 @pytest.mark.parametrize("shape", [(2, 256, 32), (2, 40, 96)], ids=["identity", "tiled"])
@@ -139,18 +146,19 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_without_grad_gets_no_work(backend, monkeypatch):
-    """The backward is told which gradients are needed and computes only those."""
+    """The kernels are told which gradients are needed and compute only those (the cpu backend
+    computes them in its forward, the triton backend in its backward)."""
     import dinov3_fast.ops.gram as gram_pkg
     import dinov3_fast.ops.gram.triton as gram_triton
 
     calls = []
-    target, name = (gram_pkg, "gram_bwd_cpu") if backend == "cpu" else (gram_triton, "gram_bwd_triton")
+    target, name = (gram_pkg, "gram_loss_cpu") if backend == "cpu" else (gram_triton, "gram_bwd_triton")
     original = getattr(target, name)
 
     def spy(*args):
         calls.append(args[-2:])  # (need_student, need_teacher)
         out = original(*args)
-        calls.append(tuple(t.numel() for t in out))
+        calls.append(tuple(t.numel() for t in out[-2:]))
         return out
 
     monkeypatch.setattr(target, name, spy)
@@ -159,6 +167,10 @@ def test_teacher_without_grad_gets_no_work(backend, monkeypatch):
     gram_loss(student, teacher, backend=backend).backward()
     assert calls == [(True, False), (student.numel(), 0)]
     assert student.grad is not None and teacher.grad is None
+    calls.clear()
+    with torch.no_grad():
+        gram_loss(student, teacher, backend=backend)
+    assert calls in ([], [(False, False), (0, 0)])  # no gradient work under no_grad
 
 
 def test_nan_propagates():
@@ -182,7 +194,7 @@ def test_gradcheck_cpu_float64(shape, remove_neg):
 def test_opcheck(backend, shape, layout):
     """Fake (meta) impls agree with the real ones in shape, dtype and strides, for every formulation,
     including permuted inputs and half precision (where the state and empty grads keep their dtype)."""
-    from dinov3_fast.ops.gram import _gram_loss_bwd, _gram_loss_fwd
+    from dinov3_fast.ops.gram import _gram_loss_cpu, _gram_loss_triton_bwd, _gram_loss_triton_fwd
 
     def make():
         if layout == "permuted":
@@ -192,16 +204,22 @@ def test_opcheck(backend, shape, layout):
 
     s, t = make().requires_grad_(), make().requires_grad_()
     for clamp in (0, 1):
-        torch.library.opcheck(_gram_loss_fwd, (s, t, True, clamp, backend))
-        _, state = _gram_loss_fwd(s.detach(), t.detach(), True, clamp, backend)
+        if backend == "cpu":
+            for need_s, need_t in ((True, True), (True, False), (False, False)):
+                args = (s.detach().requires_grad_(need_s), t.detach().requires_grad_(need_t))
+                torch.library.opcheck(_gram_loss_cpu, (*args, True, clamp, need_s, need_t))
+            continue
+        torch.library.opcheck(_gram_loss_triton_fwd, (s, t, True, clamp))
+        _, state = _gram_loss_triton_fwd(s.detach(), t.detach(), True, clamp)
         for need_s, need_t in ((True, True), (True, False)):
-            torch.library.opcheck(_gram_loss_bwd, (torch.tensor(1.0), s.detach(), t.detach(), state, True, clamp,
-                                                   backend, need_s, need_t))
+            torch.library.opcheck(_gram_loss_triton_bwd, (torch.tensor(1.0), s.detach(), t.detach(), state, True,
+                                                          clamp, need_s, need_t))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("remove_neg", [False, True], ids=["identity", "tiled"])
+def test_torch_compile_fullgraph(remove_neg):
     def step(s, t):
-        return gram_loss(s, t, remove_neg=True) * 2.0
+        return gram_loss(s, t, remove_neg=remove_neg) * 2.0
 
     compiled = torch.compile(step, fullgraph=True)
     s = torch.randn(2, 12, 8, requires_grad=True)
@@ -299,3 +317,48 @@ def test_fp16_large_values_and_zero_rows(backend):
     gram_loss(s, torch.randn(1, 24, 32).half(), remove_neg=True, backend=backend).backward()
     others = torch.cat([s.grad[0, :5], s.grad[0, 6:]])
     assert torch.isfinite(others).all()
+
+
+def test_cpu_identity_peak_is_one_gradient_plus_scratch():
+    """The cpu identity form keeps only the student's gradient alive between forward and backward:
+    the peak over forward + backward is that gradient plus D x D products and (256, D) row-block
+    scratch, independent of B (one image at a time)."""
+    from dinov3_fast.bench.memory import peak_extra_bytes
+
+    B, P, D = 3, 1024, 64
+    student = torch.randn(B, P, D, requires_grad=True)
+    teacher = torch.randn(B, P, D)
+    grad_bytes = B * P * D * 4
+    # weights (2D, D) + C (D, D); [Sig | Del] (256, 2D) + one (256, D) row buffer; two (P, 1) norms
+    scratch_bytes = 3 * D * D * 4 + 3 * 256 * D * 4 + 2 * P * 4
+
+    def fused():
+        gram_loss(student, teacher, backend="cpu").backward()
+
+    peak = peak_extra_bytes(fused, student.device)
+    assert grad_bytes <= peak <= grad_bytes + scratch_bytes + 64 * 1024, (peak, grad_bytes, scratch_bytes)
+
+
+@pytest.mark.parametrize("remove_neg", [False, True])
+def test_cpu_gradient_scaled_by_upstream_and_retained_graphs(remove_neg):
+    """The cpu backend computes the gradient in the forward at upstream gradient 1; the backward
+    scales it. A weighted loss gets the weighted gradient; a retained graph can be backpropagated
+    twice at weight 1, and a second backward after an in-place rescale is refused, not wrong."""
+    s = torch.randn(2, 40, 12 if remove_neg else 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn_like(s)
+    expected, = torch.autograd.grad(gram_loss_ref(s, t, remove_neg=remove_neg) * 0.3, s)
+
+    (gram_loss(s, t, remove_neg=remove_neg, backend="cpu") * 0.3 + s.sum() * 0).backward()
+    torch.testing.assert_close(s.grad, expected)
+
+    loss = gram_loss(s, t, remove_neg=remove_neg, backend="cpu")
+    first, = torch.autograd.grad(loss, s, retain_graph=True)
+    kept = first.clone()
+    doubled, = torch.autograd.grad(loss * 2.0, s, retain_graph=True)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)  # the handed-out buffer is not rescaled
+    torch.testing.assert_close(doubled, 2 * kept)
+
+    loss = gram_loss(s, t, remove_neg=remove_neg, backend="cpu")
+    torch.autograd.grad(loss * 2.0, s, retain_graph=True)  # scales the saved buffer in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, s)

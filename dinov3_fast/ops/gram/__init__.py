@@ -10,11 +10,12 @@ Both forms are exact in real arithmetic; see cpu.py and triton.py for how each i
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from dinov3_fast.ops._dispatch import (
     check_floating, check_nonempty, check_rank, check_same_device, check_same_shape, select_backend,
 )
-from dinov3_fast.ops.gram.cpu import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, gram_bwd_cpu, gram_fwd_cpu
+from dinov3_fast.ops.gram.cpu import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, gram_loss_cpu
 from dinov3_fast.ops.gram.reference import gram_loss_ref
 
 __all__ = ["gram_loss", "gram_loss_ref", "uses_identity"]
@@ -25,8 +26,10 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
     """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds: 2.5 P D^2
-    forward (three D x D products, two of them symmetric) + 2 P D^2 backward, against 2 P^2 D +
-    3 P^2 D for the tiled form; break-even near D = 1.1 P, rounded to D < P."""
+    (three D x D products, two of them symmetric) + 2 P D^2 for the student's gradient, against
+    2 P^2 D for the two Gram blocks + P^2 D per gradient (cpu; the triton backward re-forms the
+    blocks, + 2 P^2 D). Break-even lies between D = 0.7 P (cpu) and 1.1 P (triton); both backends
+    use D < P so that they agree on the formulation and its rounding."""
     return clamp == CLAMP_NONE and dim < num_rows
 
 
@@ -35,62 +38,118 @@ def _triton():
     return gram_triton
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- custom ops: cpu
+# The cpu backend computes the gradients during the forward (see cpu.py); its backward only
+# scales them by the upstream gradient.
 
-@torch.library.custom_op("dinov3_fast::gram_loss_fwd", mutates_args=())
-def _gram_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("dinov3_fast::gram_loss_cpu", mutates_args=())
+def _gram_loss_cpu(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int,
+                   need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    if backend == "triton":
-        return _triton().gram_fwd_triton(student, teacher, normalize, clamp, identity)
-    return gram_fwd_cpu(student, teacher, normalize, clamp, identity)
+    return gram_loss_cpu(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
-@_gram_loss_fwd.register_fake
-def _(student, teacher, normalize, clamp, backend):
+def _grad_or_empty(x: torch.Tensor, needed: bool) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+
+@_gram_loss_cpu.register_fake
+def _(student, teacher, normalize, clamp, need_student, need_teacher):
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return (student.new_empty((), dtype=dtype), _grad_or_empty(student, need_student),
+            _grad_or_empty(teacher, need_teacher))
+
+
+def _setup_context_cpu(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _scaled_by(ctx, grad_at_one: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The input gradient for upstream gradient `grad_loss`, from the one computed at 1.
+
+    Eager: an upstream gradient of exactly 1 (`loss.backward()`) hands over the saved buffer, and
+    any other scales it in place, so no second (G, P, D) buffer exists. Two guards keep retained
+    graphs correct: once the buffer has been handed out it is never scaled in place (the caller
+    holds it), and after an in-place scale autograd's saved-tensor version check refuses another
+    backward instead of returning a wrong gradient. When traced (torch.compile, AOT / fake tensors)
+    the product is out of place: the value of grad_loss is unknown there."""
+    if torch.compiler.is_compiling() or is_fake(grad_loss):
+        return grad_at_one * grad_loss.to(grad_at_one.dtype)
+    if grad_loss.item() == 1.0:
+        ctx.handed_out = True
+        return grad_at_one
+    if getattr(ctx, "handed_out", False):
+        return grad_at_one * grad_loss.to(grad_at_one.dtype)
+    return grad_at_one.mul_(grad_loss.to(grad_at_one.dtype))
+
+
+def _backward_cpu(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
+    if grad_loss is None:  # grads are not materialised: the loss was not used
+        return None, None, None, None, None, None
+    grads = []
+    for name, saved, needed in zip(("student", "teacher"), ctx.saved_tensors, ctx.needs_input_grad[:2]):
+        if needed and saved.numel() == 0:
+            raise RuntimeError(f"gram_loss_cpu: {name} requires grad but its gradient was not computed in "
+                               f"the forward (need_{name}=False)")
+        grads.append(_scaled_by(ctx, saved, grad_loss) if needed else None)
+    return *grads, None, None, None, None
+
+
+_gram_loss_cpu.register_autograd(_backward_cpu, setup_context=_setup_context_cpu)
+
+
+# ----------------------------------------------------------------------------- custom ops: triton
+
+@torch.library.custom_op("dinov3_fast::gram_loss_triton_fwd", mutates_args=())
+def _gram_loss_triton_fwd(student: torch.Tensor, teacher: torch.Tensor, normalize: bool,
+                          clamp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    identity = uses_identity(clamp, student.shape[1], student.shape[2])
+    return _triton().gram_fwd_triton(student, teacher, normalize, clamp, identity)
+
+
+@_gram_loss_triton_fwd.register_fake
+def _(student, teacher, normalize, clamp):
     G, P, D = student.shape
-    dtype = torch.float64 if student.dtype == torch.float64 and backend == "cpu" else torch.float32
     state_shape = (G, 2, D, D) if uses_identity(clamp, P, D) else (0,)
-    return student.new_empty((), dtype=dtype), student.new_empty(state_shape, dtype=dtype)
+    return student.new_empty((), dtype=torch.float32), student.new_empty(state_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("dinov3_fast::gram_loss_bwd", mutates_args=())
-def _gram_loss_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, state: torch.Tensor,
-                   normalize: bool, clamp: int, backend: str, need_student: bool,
-                   need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("dinov3_fast::gram_loss_triton_bwd", mutates_args=())
+def _gram_loss_triton_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, state: torch.Tensor,
+                          normalize: bool, clamp: int, need_student: bool,
+                          need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
     identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    impl = _triton().gram_bwd_triton if backend == "triton" else gram_bwd_cpu
-    return impl(grad, student, teacher, state, normalize, clamp, identity, need_student, need_teacher)
+    return _triton().gram_bwd_triton(grad, student, teacher, state, normalize, clamp, identity, need_student,
+                                     need_teacher)
 
 
-@_gram_loss_bwd.register_fake
-def _(grad, student, teacher, state, normalize, clamp, backend, need_student, need_teacher):
-    d_student = torch.empty_like(student, memory_format=torch.contiguous_format) if need_student else student.new_empty((0,))
-    d_teacher = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_teacher else teacher.new_empty((0,))
-    return d_student, d_teacher
+@_gram_loss_triton_bwd.register_fake
+def _(grad, student, teacher, state, normalize, clamp, need_student, need_teacher):
+    return _grad_or_empty(student, need_student), _grad_or_empty(teacher, need_teacher)
 
 
-def _setup_context(ctx, inputs, output):
-    student, teacher, normalize, clamp, backend = inputs
+def _setup_context_triton(ctx, inputs, output):
+    student, teacher, normalize, clamp = inputs
     ctx.save_for_backward(student, teacher, output[1])
-    ctx.options = (normalize, clamp, backend)
+    ctx.options = (normalize, clamp)
     # The state is an internal output: no gradient flows to it, and autograd must not allocate a
     # zero (G, 2, D, D) gradient for it on every backward.
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, _grad_state):
+def _backward_triton(ctx, grad_loss, _grad_state):
     if grad_loss is None:  # grads are not materialised: the loss was not used
-        return None, None, None, None, None
+        return None, None, None, None
     student, teacher, state = ctx.saved_tensors
-    normalize, clamp, backend = ctx.options
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_s, d_t = _gram_loss_bwd(grad_loss, student, teacher, state, normalize, clamp, backend, need_s, need_t)
-    return (d_s if need_s else None), (d_t if need_t else None), None, None, None
+    d_s, d_t = _gram_loss_triton_bwd(grad_loss, student, teacher, state, *ctx.options, need_s, need_t)
+    return (d_s if need_s else None), (d_t if need_t else None), None, None
 
 
-_gram_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+_gram_loss_triton_fwd.register_autograd(_backward_triton, setup_context=_setup_context_triton)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -142,5 +201,8 @@ def gram_loss(
         groups = (student, teacher)
     else:
         groups = (student.reshape(1, -1, dim), teacher.reshape(1, -1, dim))
-    loss, _ = _gram_loss_fwd(*groups, normalize, clamp, chosen)
-    return loss
+    if chosen == "triton":
+        return _gram_loss_triton_fwd(*groups, normalize, clamp)[0]
+    grad_enabled = torch.is_grad_enabled()
+    return _gram_loss_cpu(*groups, normalize, clamp, grad_enabled and student.requires_grad,
+                          grad_enabled and teacher.requires_grad)[0]

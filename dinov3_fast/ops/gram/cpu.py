@@ -1,11 +1,17 @@
-"""CPU path of the Gram loss: the best PyTorch formulation, never a P x P matrix per image.
+"""CPU path of the Gram loss: loss and input gradients in one pass, never a P x P matrix per image.
+
+`gram_loss_cpu` returns the loss together with dL/dstudent (and dL/dteacher when asked) at an
+upstream gradient of 1, computed in the same sweep over the rows (the pattern of Liger-Kernel's
+fused linear cross-entropy): the autograd backward then only scales that gradient, so nothing
+but the gradient itself outlives the forward, and no Gram product is formed twice.
 
 Two formulations, both over features grouped as (G, P, D) (G = B images, or G = 1 flattened):
   identity  with Sig = Ys + Yt and Del = Ys - Yt, Ys Ys^T - Yt Yt^T = (Sig Del^T + Del Sig^T) / 2, so
             ||Ys Ys^T - Yt Yt^T||_F^2 = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2:
             O(P D^2) work and D x D state; only valid without clamping. Unlike the expansion
             ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2, no two large terms cancel when the
-            student is close to the teacher (both terms scale with |Del|^2).
+            student is close to the teacher (both terms scale with |Del|^2). Two sweeps over the
+            rows of each image: one accumulates the D x D products, one writes the gradient rows.
   tiled     row blocks of both P x P Grams, formed, clamped, differenced and reduced block by block,
             O(P^2 D) work, block memory bounded by _CHUNK_ELEMS.
 Both run on BLAS (torch.matmul), which beats a hand-written OpenMP loop here; the choice between
@@ -17,7 +23,8 @@ from __future__ import annotations
 import torch
 
 CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
-_CHUNK_ELEMS = 1 << 18  # elements of one (rows, width) row block: 1 MiB in fp32
+_CHUNK_ELEMS = 1 << 18  # elements of one tiled (rows, P) block: 1 MiB in fp32
+_IDENTITY_ROWS = 256  # rows per identity sweep step: (256, D) blocks keep BLAS efficient at small scratch
 _EPS = 1e-12  # F.normalize's default
 
 
@@ -25,14 +32,33 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor | None:
+    """(..., D) -> (..., 1) row norms in the compute dtype, or None without normalisation."""
+    if not normalize:
+        return None
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_compute_dtype(x))
+
+
+def _normalized_into(out: torch.Tensor, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """out = x / max(norms, eps) (F.normalize), or a copy of x without normalisation."""
+    if norms is None:
+        return out.copy_(x)
+    return torch.div(x, norms.clamp_min(_EPS), out=out)
+
+
 def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(..., D) -> (Y, norms) with Y = x / max(||x||, eps) in the compute dtype, norms (..., 1).
     Without normalisation Y may alias x: callers must not modify it in place."""
+    norms = _row_norms(x, normalize)
     x = x.to(_compute_dtype(x))
-    if not normalize:
-        return x, None
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / norms.clamp_min(_EPS), norms
+    return (x, None) if norms is None else (x / norms.clamp_min(_EPS), norms)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., D), (..., D) -> (..., 1) row-wise dot products, as a batched matmul: unlike
+    linalg.vecdot it allocates no (..., D) product."""
+    d = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, d), b.reshape(-1, d, 1)).reshape(*a.shape[:-1], 1)
 
 
 def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
@@ -40,9 +66,130 @@ def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.
     g / eps where the norm was clamped."""
     if norms is None:
         return grad_y
-    radial = torch.linalg.vecdot(y, grad_y).unsqueeze(-1).masked_fill_(norms <= _EPS, 0.0)
+    radial = _row_dot(y, grad_y).masked_fill_(norms <= _EPS, 0.0)
     return grad_y.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min(_EPS))
 
+
+def _empty_grad(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty((0,), dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------- identity form
+
+_SYM_BLOCK = 128  # column block of the symmetric products: wide enough for BLAS, fine enough to skip work
+
+
+def _sym_bounds(D: int) -> list[int]:
+    k = max(1, round(D / _SYM_BLOCK))
+    return [round(i * D / k) for i in range(k + 1)]
+
+
+def _add_sym_product_(out: torch.Tensor, y: torch.Tensor) -> None:
+    """out += the upper block triangle of y^T y (out: (D, D), y: (R, D)) over k x k column blocks
+    of about _SYM_BLOCK, (k + 1) / 2k of a full product's FLOPs (2/3 at D = 384); `_mirror_upper_`
+    fills the rest afterwards. torch exposes no syrk."""
+    b = _sym_bounds(y.shape[1])
+    for i in range(len(b) - 1):
+        for j in range(i, len(b) - 1):
+            out[b[i]:b[i + 1], b[j]:b[j + 1]].addmm_(y[:, b[i]:b[i + 1]].T, y[:, b[j]:b[j + 1]])
+
+
+def _mirror_upper_(g: torch.Tensor) -> None:
+    """Copy the strictly-upper blocks written by `_add_sym_product_` to the lower ones."""
+    b = _sym_bounds(g.shape[-1])
+    for i in range(1, len(b) - 1):
+        g[b[i]:b[i + 1], :b[i]] = g[:b[i], b[i]:b[i + 1]].T
+
+
+class _SigDelRows:
+    """Scratch for the identity sweeps: fills [Sig | Del] of a row block of the current image
+    without materialising its normalised rows. Buffers are allocated once per call."""
+
+    def __init__(self, P: int, D: int, dtype: torch.dtype, normalize: bool):
+        rows = min(_IDENTITY_ROWS, P)
+        self.normalize = normalize
+        self.z = torch.empty((rows, 2 * D), dtype=dtype)  # [Sig | Del]
+        self.y = torch.empty((rows, D), dtype=dtype)      # Yt, then the side's own Y
+
+    def set_image(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
+        """xs, xt: (P, D) student and teacher features of one image."""
+        self.xs, self.xt = xs, xt
+        self.ns, self.nt = _row_norms(xs, self.normalize), _row_norms(xt, self.normalize)
+
+    def fill(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D). Del = Ys - Yt is
+        formed directly from the normalised rows, never as Sig - 2 Yt (which would cancel)."""
+        n, dim = rows.stop - rows.start, self.xs.shape[1]
+        z, yt = self.z[:n], self.y[:n]
+        sig, dlt = z[:, :dim], z[:, dim:]
+        _normalized_into(sig, self.xs[rows], None if self.ns is None else self.ns[rows])
+        _normalized_into(yt, self.xt[rows], None if self.nt is None else self.nt[rows])
+        torch.sub(sig, yt, out=dlt)
+        sig.add_(yt)
+        return z, sig, dlt
+
+    def own(self, rows: slice, student: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Y, norms) of `rows` of the student's (or teacher's) side, for the normalisation backward."""
+        x, norms = (self.xs, self.ns) if student else (self.xt, self.nt)
+        norms = None if norms is None else norms[rows]
+        return _normalized_into(self.y[: rows.stop - rows.start], x[rows], norms), norms
+
+
+def _row_slices(P: int):
+    for r0 in range(0, P, _IDENTITY_ROWS):
+        yield slice(r0, min(P, r0 + _IDENTITY_ROWS))
+
+
+def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torch.Tensor, scale: float,
+                     student: bool) -> None:
+    """out (P, D) = dL/dX of one side: scale * Z W, then through the normalisation, one row block
+    at a time. weights (2D, D) stacks the D x D factors of Sig and Del."""
+    for rows in _row_slices(out.shape[0]):
+        z, _, _ = rows_scratch.fill(rows)
+        # fp32 (fp64) gradients are written in place; half-precision ones are cast per block.
+        grad_y = out[rows] if out.dtype == z.dtype else z.new_empty((z.shape[0], out.shape[1]))
+        torch.mm(z, weights, out=grad_y).mul_(scale)
+        normalize_rows_backward(grad_y, *rows_scratch.own(rows, student))
+        if grad_y.dtype != out.dtype:
+            out[rows].copy_(grad_y)
+
+
+def _identity(xs, xt, normalize, need_student, need_teacher):
+    """Identity form. Returns (M * loss in fp64, dL/dxs, dL/dxt)."""
+    G, P, D = xs.shape
+    inv_m = 1.0 / (G * P * P)
+    d_s = torch.empty((G, P, D), dtype=xs.dtype) if need_student else _empty_grad(xs)
+    d_t = torch.empty((G, P, D), dtype=xt.dtype) if need_teacher else _empty_grad(xt)
+    total = torch.zeros((), dtype=torch.float64)
+    dtype = _compute_dtype(xs)
+    # weights = [B; A] (B = Del^T Del, A = Sig^T Sig), then [B + C^T; A + C]: the student's factors.
+    weights = torch.empty((2 * D, D), dtype=dtype)
+    C = torch.empty((D, D), dtype=dtype)
+    scratch = _SigDelRows(P, D, dtype, normalize)
+    for g in range(G):
+        scratch.set_image(xs[g], xt[g])
+        B, A = weights[:D].zero_(), weights[D:].zero_()
+        C.zero_()
+        for rows in _row_slices(P):
+            _, sig, dlt = scratch.fill(rows)
+            _add_sym_product_(A, sig)
+            _add_sym_product_(B, dlt)
+            C.addmm_(sig.T, dlt)
+        _mirror_upper_(A)
+        _mirror_upper_(B)
+        # M L = (<A, B> + <C, C^T>) / 2: both terms scale with |Del|^2. Row sums in the compute
+        # dtype, the rest in fp64.
+        total += 0.5 * (_row_dot(A, B).double().sum() + _row_dot(C, C.mT).double().sum())
+        if need_teacher:  # M dL/dYt = Sig (B - C^T) - Del (A - C)
+            _write_grad_rows(d_t[g], scratch, torch.cat((B - C.mT, C - A)), inv_m, student=False)
+        if need_student:  # M dL/dYs = Sig (B + C^T) + Del (A + C)
+            B.add_(C.mT)
+            A.add_(C)
+            _write_grad_rows(d_s[g], scratch, weights, inv_m, student=True)
+    return total, d_s, d_t
+
+
+# ----------------------------------------------------------------------------- tiled form
 
 def _student_dead(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor | None:
     """Where the student's similarity is zeroed (and passes no gradient): S < 0 with remove_neg,
@@ -74,113 +221,55 @@ def _row_blocks(G: int, P: int, width: int):
             yield g, slice(r0, min(P, r0 + rows))
 
 
-def _add_sym_product_(out: torch.Tensor, y: torch.Tensor) -> None:
-    """out += upper block triangle of y^T y (out: (D, D), y: (R, D)), 3/4 of a full product's
-    FLOPs; `_mirror_upper_` fills the lower block afterwards. torch exposes no syrk."""
-    h = y.shape[1] // 2
-    out[:h, :h].addmm_(y[:, :h].T, y[:, :h])
-    out[h:, h:].addmm_(y[:, h:].T, y[:, h:])
-    out[:h, h:].addmm_(y[:, :h].T, y[:, h:])
+def _tiled(xs, xt, normalize, clamp, need_student, need_teacher):
+    """Tiled form. Returns (M * loss in fp64, dL/dxs, dL/dxt).
 
-
-def _mirror_upper_(g: torch.Tensor) -> torch.Tensor:
-    h = g.shape[-1] // 2
-    g[..., h:, :h] = g[..., :h, h:].mT
-    return g
-
-
-def _identity_products(xs: torch.Tensor, xt: torch.Tensor, normalize: bool):
-    """A = Sig^T Sig, B = Del^T Del, C = Sig^T Del, each (G, D, D), with Sig = Ys + Yt and
-    Del = Ys - Yt, accumulated over row blocks so no normalised row exists in full."""
-    G, P, D = xs.shape
-    A, B, C = (xs.new_zeros((G, D, D), dtype=_compute_dtype(xs)) for _ in range(3))
-    for g, rows in _row_blocks(G, P, D):
-        ys = normalize_rows(xs[g, rows], normalize)[0]
-        yt = normalize_rows(xt[g, rows], normalize)[0]
-        sig = ys + yt
-        dlt = ys - yt
-        _add_sym_product_(A[g], sig)
-        _add_sym_product_(B[g], dlt)
-        C[g].addmm_(sig.T, dlt)
-    return _mirror_upper_(A), _mirror_upper_(B), C
-
-
-def gram_fwd_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
-    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim, state): for the identity formulation the
-    state is (G, 2, D, D) = [B + C^T, A + C] (see `_identity_products`), what the student's
-    gradient needs; for the tiled one it is empty."""
+    With E = f(S) - g(T), M L = sum E^2 and, E being symmetric, M dL/dYs = 4 (E * f'(S)) Ys and
+    M dL/dYt = -4 (E * g'(T)) Yt: zeroed entries pass no gradient to their own side (f' = 0 where
+    the student is zeroed, g'(T) = [T >= 0])."""
     G, P, _ = xs.shape
-    n_entries = G * P * P
-    if identity:
-        A, B, C = _identity_products(xs, xt, normalize)
-        # M L = (<A, B> + <C, C^T>) / 2: both terms scale with |Ys - Yt|^2, so nothing large cancels
-        # when the student is close to the teacher. Row sums in the compute dtype, the rest in fp64.
-        total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
-        return (total / n_entries).to(A.dtype), torch.stack((B + C.mT, A + C), dim=1)
-    ys, _ = normalize_rows(xs, normalize)
-    yt, _ = normalize_rows(xt, normalize)
-    total = torch.zeros((), dtype=torch.float64)
-    for g, rows in _row_blocks(G, P, P):
-        diff = _clamped_diff_(ys[g, rows] @ ys[g].T, yt[g, rows] @ yt[g].T, clamp)
-        total += diff.pow_(2).sum(dtype=torch.float64)
-    return (total / n_entries).to(ys.dtype), torch.empty((0,), dtype=ys.dtype)
-
-
-def _identity_grad(xa, xb, u, v, scale, normalize):
-    """dL/dXa through the normalisation of scale (Sig U + Del_a V), with Sig = Ya + Yb and
-    Del_a = Ya - Yb, one row block at a time."""
-    G, P, D = xa.shape
-    out = torch.empty((G, P, D), dtype=xa.dtype)
-    for g, rows in _row_blocks(G, P, D):
-        ya, na = normalize_rows(xa[g, rows], normalize)
-        yb, _ = normalize_rows(xb[g, rows], normalize)
-        sig, dlt = ya + yb, ya - yb
-        grad_y = torch.addmm(sig @ u[g], dlt, v[g], beta=scale, alpha=scale)
-        out[g, rows] = normalize_rows_backward(grad_y, ya, na)
-    return out
-
-
-def gram_bwd_cpu(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
-                 normalize: bool, clamp: int, identity: bool, need_student: bool, need_teacher: bool):
-    """Backward. grad: 0-dim upstream gradient. Returns (d student, d teacher) as (G, P, D) in the
-    inputs' dtypes; an empty tensor for a gradient that is not needed.
-
-    With E = 2/M (f(S) - g(T)) the loss gradient w.r.t. the Gram entries, dL/dYs = 2 (E * f'(S)) Ys
-    and dL/dYt = -2 (E * g'(T)) Yt, since E is symmetric. In the identity form (Sig = Ys + Yt,
-    Del = Ys - Yt, A = Sig^T Sig, B = Del^T Del, C = Sig^T Del), M dL/dYs = Sig (B + C^T) + Del (A + C)
-    and M dL/dYt = Sig (B - C^T) - Del (A - C).
-    """
-    G, P, _ = xs.shape
-    scale = float(grad) / (G * P * P)
-    empty_s = torch.empty((0,), dtype=xs.dtype)
-    empty_t = torch.empty((0,), dtype=xt.dtype)
-    if identity:
-        d_student = _identity_grad(xs, xt, state[:, 0], state[:, 1], scale, normalize) if need_student else empty_s
-        d_teacher = empty_t
-        if need_teacher:
-            A, B, C = _identity_products(xs, xt, normalize)
-            # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
-            d_teacher = _identity_grad(xt, xs, B - C.mT, A - C, scale, normalize)
-        return d_student, d_teacher
-    scale = 2 * scale
+    inv_m = 1.0 / (G * P * P)
     ys, ns = normalize_rows(xs, normalize)
     yt, nt = normalize_rows(xt, normalize)
-    dys = torch.empty(ys.shape, dtype=ys.dtype) if need_student else None  # contiguous, as the fake says
+    dys = torch.empty(ys.shape, dtype=ys.dtype) if need_student else None
     dyt = torch.empty(yt.shape, dtype=yt.dtype) if need_teacher else None
+    total = torch.zeros((), dtype=torch.float64)
     for g, rows in _row_blocks(G, P, P):
         s = ys[g, rows] @ ys[g].T
         t = yt[g, rows] @ yt[g].T
-        # Zeroed entries pass no gradient to their own side (f' = 0 where the student is zeroed,
-        # g'(T) = [T >= 0]).
         s_dead = _student_dead(s, t, clamp) if need_student else None
         t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
         diff = _clamped_diff_(s, t, clamp)
+        total += diff.square().sum(dtype=torch.float64)
         if need_student:
-            ds = diff if s_dead is None else diff.masked_fill(s_dead, 0)
-            torch.mm(ds, ys[g], out=dys[g, rows])
+            torch.mm(diff if s_dead is None else diff.masked_fill(s_dead, 0), ys[g], out=dys[g, rows])
         if need_teacher:
-            dt = diff if t_dead is None else diff.masked_fill_(t_dead, 0)
-            torch.mm(dt, yt[g], out=dyt[g, rows])
-    d_student = normalize_rows_backward(dys.mul_(2 * scale), ys, ns).to(xs.dtype) if need_student else empty_s
-    d_teacher = normalize_rows_backward(dyt.mul_(-2 * scale), yt, nt).to(xt.dtype) if need_teacher else empty_t
-    return d_student, d_teacher
+            torch.mm(diff if t_dead is None else diff.masked_fill_(t_dead, 0), yt[g], out=dyt[g, rows])
+    d_s = normalize_rows_backward(dys.mul_(4.0 * inv_m), ys, ns).to(xs.dtype) if need_student else _empty_grad(xs)
+    d_t = normalize_rows_backward(dyt.mul_(-4.0 * inv_m), yt, nt).to(xt.dtype) if need_teacher else _empty_grad(xt)
+    return total, d_s, d_t
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def gram_loss_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool,
+                  need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and its input gradients in one pass.
+
+    Args:
+        xs, xt: (G, P, D) student and teacher features, any strides and float dtype.
+        normalize, clamp: as `dinov3_fast.ops.gram_loss` (clamp: CLAMP_NONE / _BOTH / _TEACHER).
+        identity: use the D x D identity (caller guarantees clamp == CLAMP_NONE).
+        need_student, need_teacher: which gradients to compute; the others cost nothing.
+
+    Returns:
+        (loss, d_student, d_teacher): loss 0-dim in the compute dtype (fp32, fp64 for fp64 input);
+        dL/dxs and dL/dxt for an upstream gradient of 1, contiguous (G, P, D) in the inputs' dtypes,
+        or empty (0,) tensors when not needed.
+    """
+    G, P, _ = xs.shape
+    if identity:
+        total, d_s, d_t = _identity(xs, xt, normalize, need_student, need_teacher)
+    else:
+        total, d_s, d_t = _tiled(xs, xt, normalize, clamp, need_student, need_teacher)
+    return (total / (G * P * P)).to(_compute_dtype(xs)), d_s, d_t
