@@ -26,16 +26,30 @@ def _cfg(tmp_path, *extra):
 
 
 def test_smoke_run_losses_finite_and_falling(tmp_path):
-    cfg = _cfg(tmp_path, "train.steps=20", "train.log_every=10", "checkpointing.period=-1")
+    """The synthetic-data smoke run: 50 steps of vit_small at 64 px (the `cpu` preset: 2 x 64 px
+    global + 4 x 32 px local crops, 4096-prototype heads) with losses finite and falling.
+
+    Batch 2, the smallest the recipe accepts (KoLeo needs two samples): the loss falls as at the
+    preset's 16 (first/last-10 means 13.34 -> 12.42 at 2, 13.42 -> 12.52 at 16) while the 50 steps take
+    ~20 s instead of ~70 s on 2 idle cores. The kNN probe is cut to 64/32 images (~1 s instead of ~12 s);
+    with 32 validation images its accuracy is noise, so only its range is checked."""
+    cfg = apply_overrides(get_preset("cpu"), [
+        f"train.output_dir={tmp_path}", "student.arch=vit_small", "crops.global_crops_size=64",
+        "crops.local_crops_size=32", "train.batch_size_per_gpu=2", "train.steps=50", "train.log_every=10",
+        "checkpointing.period=-1", "evaluation.knn_train_samples=64", "evaluation.knn_val_samples=32"])
     hist = train(cfg, progress=False, log_fn=None)
     losses = [s["total_loss"] for s in hist["steps"]]
-    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert len(losses) == 50 and all(torch.isfinite(torch.tensor(losses))), losses
+    # Measured first-10 minus last-10 mean: 0.88-0.94 over seeds 0-3 and batches 2/4/16, and 0.04 with
+    # optim.lr=0 (teacher temperature and EMA alone do not lower it). A 0.5 margin sits between the two,
+    # far above the ~0.1 step-to-step noise on the plateau, so it fails only when training does not learn.
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.5, (first, last, losses)
     logged = [s for s in hist["steps"] if "img_per_s" in s]
-    assert [s["step"] for s in logged] == [10, 20]
+    assert [s["step"] for s in logged] == [10, 20, 30, 40, 50]
     for k in ("lr", "teacher_temp", "step_time", "peak_mem_gib", "dino_local_crops_loss", "ibot_loss", "koleo_loss"):
         assert k in logged[-1]
-    assert hist["checkpoint"] is None and 0.0 <= hist["knn"][-1][1] <= 1.0
+    assert hist["checkpoint"] is None and [it for it, _ in hist["knn"]] == [50] and 0.0 <= hist["knn"][-1][1] <= 1.0
 
 
 def test_resume_gives_identical_next_step_loss(tmp_path):
