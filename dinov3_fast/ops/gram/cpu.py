@@ -39,11 +39,17 @@ def _row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor | None:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_compute_dtype(x))
 
 
-def _normalized_into(out: torch.Tensor, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-    """out = x / max(norms, eps) (F.normalize), or a copy of x without normalisation."""
-    if norms is None:
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1 / max(norms, eps), the scale F.normalize divides by (as a reciprocal: multiplying beats
+    dividing, and differs from x / n by at most one rounding)."""
+    return norms.clamp_min(_EPS).reciprocal_()
+
+
+def _normalized_into(out: torch.Tensor, x: torch.Tensor, inv_norms: torch.Tensor | None) -> torch.Tensor:
+    """out = x * inv_norms, or a copy of x without normalisation."""
+    if inv_norms is None:
         return out.copy_(x)
-    return torch.div(x, norms.clamp_min(_EPS), out=out)
+    return torch.mul(x, inv_norms, out=out)
 
 
 def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -67,7 +73,7 @@ def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.
     if norms is None:
         return grad_y
     radial = _row_dot(y, grad_y).masked_fill_(norms <= _EPS, 0.0)
-    return grad_y.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min(_EPS))
+    return grad_y.addcmul_(y, radial, value=-1.0).mul_(_inverse(norms))
 
 
 def _empty_grad(x: torch.Tensor) -> torch.Tensor:
@@ -109,30 +115,36 @@ class _SigDelRows:
         rows = min(_IDENTITY_ROWS, P)
         self.normalize = normalize
         self.z = torch.empty((rows, 2 * D), dtype=dtype)  # [Sig | Del]
-        self.y = torch.empty((rows, D), dtype=dtype)      # Yt, then the side's own Y
+        self.y = torch.empty((rows, D), dtype=dtype)      # Ys of the last filled rows
 
     def set_image(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
         """xs, xt: (P, D) student and teacher features of one image."""
         self.xs, self.xt = xs, xt
         self.ns, self.nt = _row_norms(xs, self.normalize), _row_norms(xt, self.normalize)
+        self.rs, self.rt = (None, None) if self.ns is None else (_inverse(self.ns), _inverse(self.nt))
 
     def fill(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D). Del = Ys - Yt is
-        formed directly from the normalised rows, never as Sig - 2 Yt (which would cancel)."""
+        """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D), and keeps their Ys.
+        Del = Ys - Yt is formed directly from the normalised rows, never as Sig - 2 Yt (which
+        would cancel)."""
         n, dim = rows.stop - rows.start, self.xs.shape[1]
-        z, yt = self.z[:n], self.y[:n]
+        z, ys = self.z[:n], self.y[:n]
         sig, dlt = z[:, :dim], z[:, dim:]
-        _normalized_into(sig, self.xs[rows], None if self.ns is None else self.ns[rows])
-        _normalized_into(yt, self.xt[rows], None if self.nt is None else self.nt[rows])
-        torch.sub(sig, yt, out=dlt)
-        sig.add_(yt)
+        _normalized_into(ys, self.xs[rows], None if self.rs is None else self.rs[rows])
+        _normalized_into(dlt, self.xt[rows], None if self.rt is None else self.rt[rows])  # Yt for now
+        torch.add(ys, dlt, out=sig)
+        torch.sub(ys, dlt, out=dlt)
         return z, sig, dlt
 
     def own(self, rows: slice, student: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Y, norms) of `rows` of the student's (or teacher's) side, for the normalisation backward."""
-        x, norms = (self.xs, self.ns) if student else (self.xt, self.nt)
+        """(Y, norms) of the last filled `rows` on the student's (or teacher's) side, for the
+        normalisation backward. The teacher's Yt is recomputed into the Ys buffer."""
+        norms = self.ns if student else self.nt
         norms = None if norms is None else norms[rows]
-        return _normalized_into(self.y[: rows.stop - rows.start], x[rows], norms), norms
+        y = self.y[: rows.stop - rows.start]
+        if not student:
+            _normalized_into(y, self.xt[rows], None if self.rt is None else self.rt[rows])
+        return y, norms
 
 
 def _row_slices(P: int):
