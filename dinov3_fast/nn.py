@@ -185,7 +185,8 @@ class SinkhornKnoppTeacher(nn.Module):
 
     forward(teacher_output (B, K), teacher_temp, n_masked_patches_tensor, n_iterations=3) -> (B, K)
     fp32. As in DINOv3, `n_masked_patches_tensor` is all-reduced in place when a process group is
-    active; the assignment itself does not depend on it (see `sinkhorn_knopp`).
+    active; the assignment itself does not depend on it (see `sinkhorn_knopp`). B may be 0: the
+    rank still joins every all-reduce and gets a (0, K) result.
     """
 
     def __init__(self, backend: str | None = None, group=None):
@@ -244,7 +245,9 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
 
     forward(student_patch_tokens (B, N, K), teacher_patch_tokens (B, N, K), student_masks_flat (B, N))
     forward_masked(student (M, K), teacher (M, K), student_masks_flat (B, N), n_masked_patches=None,
-                   masks_weight=None (M,)) -> 0-dim fp32.
+                   masks_weight=None (M,)) -> 0-dim fp32. M = 0 (no masked patch on this rank) gives
+                   DINOv3's empty sum, 0, still computed from the student tokens: the iBOT head
+                   gets zero gradients, so its backward (and FSDP's collectives) run as on other ranks.
     `sinkhorn_knopp_teacher` is a SinkhornKnoppTeacher module, as in DINOv3 (which compiles it;
     the fused op needs no compilation).
     """
@@ -276,6 +279,8 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         if n_masked_patches is not None:  # DINOv3 slices the per-token losses; slicing first is equal
             n = int(n_masked_patches)
             s, t = s[:n], t[:n]
+        if s.shape[0] == 0:
+            return s.sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
         weights = masks_weight / student_masks_flat.shape[0]
         return soft_cross_entropy(s, t, student_temp=self.student_temp, weights=weights, backend=self.backend)
 

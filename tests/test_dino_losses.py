@@ -106,6 +106,24 @@ def test_ibot_forward_masked(backend, variant):
     assert rel_err(g, g_ref) < 1e-5 and (g[n:] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_ibot_forward_masked_without_masked_patch(backend, padded):
+    """A rank with no masked patch: DINOv3's empty sum, 0, still differentiable back through the
+    head (zero gradients, not None), so the head's backward runs on this rank as on the others."""
+    B, N, K = 4, 6, 75
+    head = torch.nn.Linear(16, K)
+    rows = 3 if padded else 0  # DINOv3 pads the gathered tokens to an upper bound
+    s, t = head(torch.randn(rows, 16)), probs((rows, K))
+    masks = torch.zeros(B, N, dtype=torch.bool)
+    kwargs = {"n_masked_patches": torch.tensor([0]), "masks_weight": torch.rand(0)} if padded else {}
+    out = dinov3_fast.iBOTPatchLoss(K, backend=backend).forward_masked(s, t, masks, **kwargs)
+    assert out.shape == () and out.dtype == torch.float32 and out.item() == 0.0
+    out.backward()
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+    assert torch.equal(head.bias.grad, torch.zeros_like(head.bias))
+
+
 @pytest.mark.parametrize("cls,dim_shape", [(dinov3_fast.DINOLoss, (1, 40)), (dinov3_fast.iBOTPatchLoss, (1, 1, 40))])
 def test_center_state_and_softmax_centering(cls, dim_shape):
     mod = cls(40, center_momentum=0.8)

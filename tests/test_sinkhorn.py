@@ -152,6 +152,20 @@ def test_n_samples_accepted_by_every_backend():
             assert rel_err(sinkhorn_knopp(logits, 0.07, n_samples=n, backend=backend), want) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_input(backend):
+    """No row on this rank (iBOT with no masked patch), single process: an empty (0, K) result,
+    whatever the (global) count says, with no division by it."""
+    for n in (None, 0, torch.tensor([0])):
+        out = sinkhorn_knopp(torch.randn(0, 64), 0.07, n_samples=n, backend=backend)
+        assert out.shape == (0, 64) and out.dtype == torch.float32
+    if backend != "triton":
+        assert sinkhorn_knopp(torch.randn(0, 64, dtype=torch.float64), 0.07, backend=backend).dtype == torch.float64
+    n_masked = torch.tensor([0])
+    out = dinov3_fast.SinkhornKnoppTeacher(backend=backend)(torch.randn(0, 64), 0.07, n_masked)
+    assert out.shape == (0, 64) and n_masked.item() == 0
+
+
 def test_no_grad():
     logits = torch.randn(3, 64, requires_grad=True)
     assert not sinkhorn_knopp(logits, 0.07).requires_grad
@@ -184,12 +198,15 @@ def test_module_drop_in():
     ({"logits": torch.randn(3, 4), "teacher_temp": -0.1}, ValueError, "teacher_temp must be > 0"),
     ({"logits": torch.randn(2, 3, 4)}, ValueError, r"teacher_logits must be 2-D \(B, K\), got shape \(2, 3, 4\)"),
     ({"logits": torch.randn(4)}, ValueError, "teacher_logits must be 2-D"),
-    ({"logits": torch.randn(0, 4)}, ValueError, "non-empty"),
+    ({"logits": torch.randn(3, 0)}, ValueError, r"teacher_logits must have K >= 1 prototypes, got shape \(3, 0\)"),
+    ({"logits": torch.randn(0, 4, 2)}, ValueError, r"teacher_logits must be 2-D \(B, K\), got shape \(0, 4, 2\)"),
+    ({"logits": torch.ones(0, 4, dtype=torch.int32)}, TypeError, "teacher_logits must be a floating-point.*int32"),
     ({"logits": torch.ones(3, 4, dtype=torch.int32)}, TypeError, "floating-point.*int32"),
     ({"n_iterations": 0}, ValueError, "n_iterations must be >= 1, got 0"),
     ({"n_iterations": 2.0}, TypeError, "n_iterations must be an int"),
     ({"n_samples": torch.ones(2)}, ValueError, "n_samples must be an int or a 1-element tensor"),
     ({"n_samples": 0}, ValueError, "n_samples must be >= 1"),
+    ({"logits": torch.randn(0, 4), "n_samples": -1}, ValueError, "n_samples must be >= 0"),
     ({"backend": "tpu"}, ValueError, "backend must be one of"),
 ])
 def test_bad_input(kwargs, error, match):

@@ -1,6 +1,7 @@
 """FSDP2 on 2 gloo ranks against a single process on the same global batch (fp32, 3 steps, AC
 none / full / selective), and the activation memory each AC mode keeps."""
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -24,7 +25,9 @@ def _cfg():
                                                  f"train.batch_size_per_gpu={GLOBAL_BATCH}"])
 
 
-def _run(ac: str, rank: int, world: int) -> list[float]:
+def _run(ac: str, rank: int, world: int, unmasked_half: bool = False) -> list[float]:
+    """STEPS steps on the global batch (this rank's shard); with `unmasked_half`, the second half of
+    the images (rank 1's shard on 2 ranks) has no masked patch."""
     cfg = _cfg()
     torch.manual_seed(0)
     arch = SSLMetaArch(cfg)
@@ -38,7 +41,10 @@ def _run(ac: str, rank: int, world: int) -> list[float]:
     opt, sched = build_optimizer(cfg, arch.student), Schedules(cfg)
     losses = []
     for step in range(STEPS):
-        batch = synthetic_batch(cfg, GLOBAL_BATCH, seed=step).shard(rank, world)
+        batch = synthetic_batch(cfg, GLOBAL_BATCH, seed=step)
+        if unmasked_half:
+            batch.masks[:, GLOBAL_BATCH // 2:] = False
+        batch = batch.shard(rank, world)
         values = sched.at(step)
         apply_schedule(opt, values)
         opt.zero_grad(set_to_none=True)
@@ -54,12 +60,14 @@ def _run(ac: str, rank: int, world: int) -> list[float]:
     return losses
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, runs: tuple[tuple[str, bool], ...]) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective one rank skips fails after the timeout instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
-        results = {ac: _run(ac, rank, world) for ac in ("none", "full", "selective")}
+        results = {(ac, unmasked): _run(ac, rank, world, unmasked) for ac, unmasked in runs}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "losses.pt"))
     finally:
@@ -69,13 +77,26 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    runs = tuple((ac, False) for ac in ("none", "full", "selective"))
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), runs), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "losses.pt")
     single = _run("none", 0, 1)
     assert all(torch.isfinite(torch.tensor(single)))
-    for ac, losses in sharded.items():
+    for (ac, _), losses in sharded.items():
         for a, b in zip(losses, single):
             assert abs(a - b) <= 1e-5 * abs(b), (ac, losses, single)
+
+
+@pytest.mark.distributed
+def test_fsdp2_rank_without_masked_patch(tmp_path):
+    """Rank 1's crops hold no masked patch: it joins iBOT's Sinkhorn all-reduces and FSDP2's
+    reduce-scatters (its iBOT head gets zero gradients), and the run matches the single process."""
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), (("none", True),)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "losses.pt")[("none", True)]
+    single = _run("none", 0, 1, unmasked_half=True)
+    assert all(torch.isfinite(torch.tensor(single)))
+    for a, b in zip(sharded, single):
+        assert abs(a - b) <= 1e-5 * abs(b), (sharded, single)
 
 
 def test_selective_ac_keeps_less_than_none_and_more_than_full():

@@ -58,6 +58,20 @@ def test_ssl_step_fused_matches_reference(gram):
         assert err < 1e-4, (k, err)
 
 
+def test_ssl_step_without_masked_patch():
+    """No masked patch anywhere (e.g. ibot.mask_sample_probability * 2B < 1): Sinkhorn gets (0, K),
+    iBOT is 0, and the iBOT head still gets (zero) gradients."""
+    cfg = get_preset("debug")
+    batch = _batch(cfg)
+    batch.masks.zero_()
+    arch = _arch(cfg)
+    loss, logs = arch.forward_backward(batch, teacher_temp=0.05)
+    assert torch.isfinite(loss) and logs["ibot_loss"].item() == 0.0
+    grads = [p.grad for p in arch.student.ibot_head.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+    assert all(torch.isfinite(p.grad).all() for p in arch.student.parameters() if p.grad is not None)
+
+
 def test_ema_update_and_gram_refresh():
     cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.it_load_ema_teacher=0",
                                                 "crops.gram_teacher_crops_size=64"])

@@ -69,7 +69,12 @@ class MaskingGenerator:
 
 def sample_masks(n_images: int, grid: tuple[int, int], mask_ratio_min_max: tuple[float, float],
                  mask_probability: float, generator: MaskingGenerator) -> torch.Tensor:
-    """DINOv3's collate-time masks for `n_images` global crops: bool [n_images, H*W]."""
+    """DINOv3's collate-time masks for `n_images` global crops: bool [n_images, H*W].
+
+    A rank can get no masked patch at all: always when int(n_images * mask_probability) == 0,
+    and by chance when every drawn count int(H*W * r) is 0 (mask_ratio_min_max[0] < 1 / (H*W)).
+    The iBOT path handles it (an empty Sinkhorn input that still joins the all-reduces, a zero
+    iBOT loss with zero head gradients)."""
     n_tokens = grid[0] * grid[1]
     n_masked = int(n_images * mask_probability)
     probs = torch.linspace(*mask_ratio_min_max, n_masked + 1).tolist()

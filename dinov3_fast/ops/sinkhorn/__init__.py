@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dinov3_fast.ops._dispatch import check_floating, check_nonempty, check_positive, check_rank, select_backend
+from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend
 from dinov3_fast.ops.sinkhorn.cpu import sinkhorn_cpu
 from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
 
@@ -37,7 +37,7 @@ def _impl(backend: str):
 
 
 def _out_dtype(logits: torch.Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 and backend == "cpu" else torch.float32
+    return torch.float64 if logits.dtype == torch.float64 and backend in ("cpu", "reference") else torch.float32
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -54,7 +54,8 @@ def _(logits, teacher_temp, n_iterations, backend):
 
 # ----------------------------------------------------------------------------- public API
 
-def _check_n_samples(n_samples) -> None:
+def _check_n_samples(n_samples, n_rows: int) -> None:
+    """n_samples is the global count: 0 only where this rank has no row either."""
     if n_samples is None:
         return
     if isinstance(n_samples, torch.Tensor):
@@ -63,8 +64,10 @@ def _check_n_samples(n_samples) -> None:
         return
     if isinstance(n_samples, bool) or not isinstance(n_samples, int):
         raise TypeError(f"n_samples must be an int or a 1-element tensor, got {type(n_samples).__name__}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    least = 1 if n_rows else 0
+    if n_samples < least:
+        raise ValueError(f"n_samples must be >= {least} (the global sample count; teacher_logits has {n_rows} rows), "
+                         f"got {n_samples}")
 
 
 def sinkhorn_knopp(
@@ -79,7 +82,10 @@ def sinkhorn_knopp(
     """Sinkhorn-Knopp teacher assignment, the same function as DINOv3's `sinkhorn_knopp_teacher`.
 
     Args:
-        teacher_logits: (B, K) teacher logits of this rank (fp32, bf16, fp16; fp64 on cpu).
+        teacher_logits: (B, K) teacher logits of this rank (fp32, bf16, fp16; fp64 on cpu), K >= 1.
+            B may be 0 (iBOT: a rank whose crops hold no masked patch): with a group, the rank
+            still joins every all-reduce, contributing nothing, so the other ranks get the
+            assignment of their rows alone; without one, the result is empty at once.
         teacher_temp: teacher temperature, > 0.
         n_iterations: normalisation rounds, >= 1.
         n_samples: global sample count B_total (DINO: B * world; iBOT: the all-reduced masked-token
@@ -92,21 +98,24 @@ def sinkhorn_knopp(
         backend: force "triton", "cuda", "cpu" or "reference"; default: fastest for the device.
 
     Returns:
-        (B, K) fp32 assignment (each row sums to 1), no grad. fp64 for fp64 input on the cpu and
-        reference backends.
+        (B, K) fp32 assignment (each row sums to 1; (0, K) when B is 0), no grad. fp64 for fp64
+        input on the cpu and reference backends.
     """
     check_floating("teacher_logits", teacher_logits)
     check_rank("teacher_logits", teacher_logits, 2, "(B, K)")
-    check_nonempty("teacher_logits", teacher_logits)
+    if teacher_logits.shape[1] == 0:
+        raise ValueError(f"teacher_logits must have K >= 1 prototypes, got shape {tuple(teacher_logits.shape)}")
     check_positive("teacher_temp", teacher_temp)
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int):
         raise TypeError(f"n_iterations must be an int, got {type(n_iterations).__name__}")
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-    _check_n_samples(n_samples)
+    _check_n_samples(n_samples, teacher_logits.shape[0])
 
     chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, PREFERENCE)
     temp = float(teacher_temp)
+    if teacher_logits.shape[0] == 0 and group is None:  # nothing to normalise, no rank to join
+        return teacher_logits.new_empty(teacher_logits.shape, dtype=_out_dtype(teacher_logits, chosen))
     with torch.no_grad():
         if chosen == "reference":
             return sinkhorn_knopp_ref(teacher_logits, temp, n_iterations, n_samples, group)

@@ -8,6 +8,8 @@ Both compute Q = diag(v) E diag(u) with the same fixed points as triton.py (DINO
   * log domain (robust): potentials a = -logsumexp_b(y + beta), beta = -logsumexp_k(y + a).
     Used when a sample's scaled mass leaves the safe fp32 range (a sample beaten by > ~80 nats in
     every prototype underflows in E); the decision is all-reduced so ranks agree.
+A rank with no sample (B = 0) runs the same steps on empty tensors, so it joins every all-reduce
+with neutral terms (max -inf, sums 0, no bad mass).
 fp32 math (fp64 for fp64 input).
 """
 from __future__ import annotations
@@ -26,7 +28,9 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 
 def _prototype_shift(y: torch.Tensor, group) -> torch.Tensor:
-    shift = _all_reduce(y.amax(0), dist.ReduceOp.MAX, group)
+    """(K,) global per-prototype max of y (B, K); a rank with B = 0 contributes -inf."""
+    local = y.amax(0) if y.shape[0] else y.new_full(y.shape[1:], NEG_INF)
+    shift = _all_reduce(local, dist.ReduceOp.MAX, group)
     return torch.where(shift == NEG_INF, 0.0, shift)
 
 

@@ -174,6 +174,14 @@ def sinkhorn_triton(logits: torch.Tensor, teacher_temp: float, n_iterations: int
         logits = logits.contiguous()
     B, K = logits.shape
     dev = logits.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    if B == 0:  # no sample on this rank (reached with a group only): join each round's all-reduces
+        # with neutral partials, shift -inf and sum 0, so the other ranks reduce their own terms
+        m, s = torch.full((1, K), NEG_INF, **f32), torch.zeros((1, K), **f32)
+        a = None
+        for _ in range(n_iterations):
+            a = _combine_proto(m, s, a, group)
+        return torch.empty((0, K), **f32)
     scale = LOG2E / teacher_temp
     block = _block_k()
     n_kblocks = triton.cdiv(K, block)
@@ -187,7 +195,6 @@ def sinkhorn_triton(logits: torch.Tensor, teacher_temp: float, n_iterations: int
     proto_final = bsplit == 1 and group is None
     sample_final = nsplit == 1
 
-    f32 = dict(device=dev, dtype=torch.float32)
     a = torch.empty(K, **f32)
     beta = torch.zeros(B, **f32)
     empty = torch.empty((0,), **f32)
