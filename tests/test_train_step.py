@@ -283,6 +283,17 @@ def test_config_errors_and_yaml(tmp_path):
         validate(get_preset(name), world_size=8)
 
 
+@pytest.mark.parametrize("key", ["param_dtype", "reduce_dtype"])
+def test_fp16_is_rejected_with_a_bf16_hint(key):
+    """The loop has no GradScaler, so fp16 would underflow gradients silently: refused up front."""
+    cfg = apply_overrides(get_preset("debug"), [f"compute_precision.{key}=fp16"])
+    with pytest.raises(ValueError, match=rf"compute_precision.{key}=fp16 is not supported: .*loss scaling.*use bf16"):
+        validate(cfg)
+    with pytest.raises(ValueError, match=rf"compute_precision.{key} must be one of \('fp32', 'bf16'\), got 'fp8'"):
+        validate(apply_overrides(get_preset("debug"), [f"compute_precision.{key}=fp8"]))
+    validate(apply_overrides(get_preset("debug"), [f"compute_precision.{key}=bf16"]))
+
+
 def test_image_folder(tmp_path):
     with pytest.raises(ValueError, match="contains no images"):
         ImageFolder(tmp_path, 32)

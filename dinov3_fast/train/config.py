@@ -24,7 +24,7 @@ from typing import Any
 
 AC_MODES = ("none", "full", "selective")
 OPS_MODES = ("fused", "reference")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16")  # no fp16: it needs loss scaling, which the loop does not do (see validate)
 
 
 @dataclass
@@ -387,6 +387,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(f"optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_256 or none, got {cfg.optim.scaling_rule!r}")
     for name, v in (("compute_precision.param_dtype", cfg.compute_precision.param_dtype),
                     ("compute_precision.reduce_dtype", cfg.compute_precision.reduce_dtype)):
+        if v == "fp16":
+            raise ValueError(f"{name}=fp16 is not supported: the loop has no loss scaling (GradScaler), so "
+                             "fp16 gradients would underflow silently; use bf16 (DINOv3's precision, fp32's range)")
         if v not in DTYPES:
             raise ValueError(f"{name} must be one of {DTYPES}, got {v!r}")
     for name, ws, on in (("dino.local_loss_weight_schedule", cfg.dino.local_loss_weight_schedule,

@@ -33,7 +33,7 @@ from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradie
 from dinov3_fast.train.parallelize import parallelize
 from dinov3_fast.train.schedules import Schedules
 
-DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense bf16 peak FLOP/s per card, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from dinov3_fast.train.config import Config, apply_overrides, validate
 
 GIB = 2**30
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_BYTES = {"fp32": 4, "bf16": 2}
 
 
 class StorageTracker(TorchDispatchMode):
@@ -134,7 +134,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         mesh = init_device_mesh("cpu", (world_size,))
         with torch.device("meta"):
             arch = SSLMetaArch(cfg, device="meta")
-        p_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.compute_precision.param_dtype]
+        p_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.compute_precision.param_dtype]
         parallelize(arch, ac="none", mesh=mesh, param_dtype=p_dtype, shard=True)
         student_local = _local_numel(arch.student)
         teacher_local = _local_numel(arch.teacher) + (_local_numel(arch.gram_teacher) if arch.gram_teacher else 0)
