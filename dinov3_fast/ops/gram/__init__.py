@@ -25,8 +25,9 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 
 def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
-    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds: 2.5 P D^2
-    (three D x D products, two of them symmetric) + 2 P D^2 for the student's gradient, against
+    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds: 2.33-2.5
+    P D^2 (three D x D products, two of them symmetric and computed over their upper blocks) +
+    2 P D^2 for the student's gradient, against
     2 P^2 D for the two Gram blocks + P^2 D per gradient (cpu; the triton backward re-forms the
     blocks, + 2 P^2 D). Break-even lies between D = 0.7 P (cpu) and 1.1 P (triton); both backends
     use D < P so that they agree on the formulation and its rounding."""
@@ -49,52 +50,71 @@ def _gram_loss_cpu(student: torch.Tensor, teacher: torch.Tensor, normalize: bool
     return gram_loss_cpu(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
-def _grad_or_empty(x: torch.Tensor, needed: bool) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not needed:
+        return x.new_empty((0,), dtype=dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @_gram_loss_cpu.register_fake
 def _(student, teacher, normalize, clamp, need_student, need_teacher):
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    return (student.new_empty((), dtype=dtype), _grad_or_empty(student, need_student),
-            _grad_or_empty(teacher, need_teacher))
+    return (student.new_empty((), dtype=_cpu_compute_dtype(student)),
+            _grad_or_empty(student, need_student, _cpu_compute_dtype(student)),
+            _grad_or_empty(teacher, need_teacher, _cpu_compute_dtype(teacher)))
 
 
 def _setup_context_cpu(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    student, teacher, normalize, clamp, _, _ = inputs
+    ctx.save_for_backward(student, teacher)  # only read by a second backward (retained graph)
+    ctx.options = (normalize, clamp)
+    # The gradient buffers are kept as attributes, not saved tensors: the first backward hands
+    # them over (or scales them in place), so they must bypass saved-tensor hooks and checks.
+    ctx.grads = (output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
 
 
-def _scaled_by(ctx, grad_at_one: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """The input gradient for upstream gradient `grad_loss`, from the one computed at 1.
-
-    Eager: an upstream gradient of exactly 1 (`loss.backward()`) hands over the saved buffer, and
-    any other scales it in place, so no second (G, P, D) buffer exists. Two guards keep retained
-    graphs correct: once the buffer has been handed out it is never scaled in place (the caller
-    holds it), and after an in-place scale autograd's saved-tensor version check refuses another
-    backward instead of returning a wrong gradient. When traced (torch.compile, AOT / fake tensors)
-    the product is out of place: the value of grad_loss is unknown there."""
-    if torch.compiler.is_compiling() or is_fake(grad_loss):
-        return grad_at_one * grad_loss.to(grad_at_one.dtype)
-    if grad_loss.item() == 1.0:
-        ctx.handed_out = True
-        return grad_at_one
-    if getattr(ctx, "handed_out", False):
-        return grad_at_one * grad_loss.to(grad_at_one.dtype)
-    return grad_at_one.mul_(grad_loss.to(grad_at_one.dtype))
-
-
 def _backward_cpu(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
+    """Apply the upstream gradient to the gradients computed in the forward.
+
+    Eager, first backward: the buffers are consumed, handed over as they are for an upstream
+    gradient of exactly 1 (`loss.backward()`) or scaled in place by it (a weighted loss, a loss
+    scale), so no second (G, P, D) buffer exists. A later backward through a retained graph
+    recomputes them from the saved inputs, so every call returns a correct gradient that no other
+    call shares. Traced (torch.compile, fake tensors) the product is out of place. Gradients of
+    gradients (create_graph=True) are refused: nothing here is differentiable."""
     if grad_loss is None:  # grads are not materialised: the loss was not used
         return None, None, None, None, None, None
-    grads = []
-    for name, saved, needed in zip(("student", "teacher"), ctx.saved_tensors, ctx.needs_input_grad[:2]):
-        if needed and saved.numel() == 0:
+    if torch.is_grad_enabled():
+        raise RuntimeError("gram_loss with backend='cpu' computes its gradient in the forward and has no "
+                           "double backward (create_graph=True); use backend='reference' for that")
+    traced = torch.compiler.is_compiling() or is_fake(grad_loss)
+    needed = ctx.needs_input_grad[:2]
+    student, teacher = ctx.saved_tensors
+    grads = ctx.grads
+    if grads is None:  # the first backward consumed the buffers
+        identity = uses_identity(ctx.options[1], student.shape[1], student.shape[2])
+        grads = gram_loss_cpu(student, teacher, *ctx.options, identity, *needed)[1:]
+    elif not traced:
+        ctx.grads = None
+    out = []
+    for name, grad, need, x in zip(("student", "teacher"), grads, needed, (student, teacher)):
+        if not need:
+            out.append(None)
+            continue
+        if grad.numel() == 0:
             raise RuntimeError(f"gram_loss_cpu: {name} requires grad but its gradient was not computed in "
                                f"the forward (need_{name}=False)")
-        grads.append(_scaled_by(ctx, saved, grad_loss) if needed else None)
-    return *grads, None, None, None, None
+        if traced:
+            grad = grad * grad_loss
+        elif grad_loss.item() != 1.0:
+            grad = grad.mul_(grad_loss)  # the fp32 upstream value, not rounded to a half dtype
+        out.append(grad.to(x.dtype))
+    return *out, None, None, None, None
 
 
 _gram_loss_cpu.register_autograd(_backward_cpu, setup_context=_setup_context_cpu)

@@ -76,8 +76,10 @@ def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.
     return grad_y.addcmul_(y, radial, value=-1.0).mul_(_inverse(norms))
 
 
-def _empty_grad(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty((0,), dtype=x.dtype)
+def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
+    """A contiguous gradient buffer for x in the compute dtype (so fp16 gradients cannot underflow
+    before the upstream gradient, e.g. a loss scale, is applied), or an empty one if not needed."""
+    return torch.empty(x.shape if needed else (0,), dtype=_compute_dtype(x))
 
 
 # ----------------------------------------------------------------------------- identity form
@@ -154,24 +156,19 @@ def _row_slices(P: int):
 
 def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torch.Tensor, scale: float,
                      student: bool) -> None:
-    """out (P, D) = dL/dX of one side: scale * Z W, then through the normalisation, one row block
-    at a time. weights (2D, D) stacks the D x D factors of Sig and Del."""
+    """out (P, D) = dL/dY of one side, scale * Z W, taken through the normalisation in place, one
+    row block at a time. weights (2D, D) stacks the D x D factors of Sig and Del."""
     for rows in _row_slices(out.shape[0]):
         z, _, _ = rows_scratch.fill(rows)
-        # fp32 (fp64) gradients are written in place; half-precision ones are cast per block.
-        grad_y = out[rows] if out.dtype == z.dtype else z.new_empty((z.shape[0], out.shape[1]))
-        torch.mm(z, weights, out=grad_y).mul_(scale)
+        grad_y = torch.mm(z, weights, out=out[rows]).mul_(scale)
         normalize_rows_backward(grad_y, *rows_scratch.own(rows, student))
-        if grad_y.dtype != out.dtype:
-            out[rows].copy_(grad_y)
 
 
 def _identity(xs, xt, normalize, need_student, need_teacher):
     """Identity form. Returns (M * loss in fp64, dL/dxs, dL/dxt)."""
     G, P, D = xs.shape
     inv_m = 1.0 / (G * P * P)
-    d_s = torch.empty((G, P, D), dtype=xs.dtype) if need_student else _empty_grad(xs)
-    d_t = torch.empty((G, P, D), dtype=xt.dtype) if need_teacher else _empty_grad(xt)
+    d_s, d_t = _grad_buffer(xs, need_student), _grad_buffer(xt, need_teacher)
     total = torch.zeros((), dtype=torch.float64)
     dtype = _compute_dtype(xs)
     # weights = [B; A] (B = Del^T Del, A = Sig^T Sig), then [B + C^T; A + C]: the student's factors.
@@ -193,7 +190,11 @@ def _identity(xs, xt, normalize, need_student, need_teacher):
         # dtype, the rest in fp64.
         total += 0.5 * (_row_dot(A, B).double().sum() + _row_dot(C, C.mT).double().sum())
         if need_teacher:  # M dL/dYt = Sig (B - C^T) - Del (A - C)
-            _write_grad_rows(d_t[g], scratch, torch.cat((B - C.mT, C - A)), inv_m, student=False)
+            teacher_weights = torch.empty_like(weights)
+            torch.sub(B, C.mT, out=teacher_weights[:D])
+            torch.sub(C, A, out=teacher_weights[D:])
+            _write_grad_rows(d_t[g], scratch, teacher_weights, inv_m, student=False)
+            del teacher_weights
         if need_student:  # M dL/dYs = Sig (B + C^T) + Del (A + C)
             B.add_(C.mT)
             A.add_(C)
@@ -257,8 +258,8 @@ def _tiled(xs, xt, normalize, clamp, need_student, need_teacher):
             torch.mm(diff if s_dead is None else diff.masked_fill(s_dead, 0), ys[g], out=dys[g, rows])
         if need_teacher:
             torch.mm(diff if t_dead is None else diff.masked_fill_(t_dead, 0), yt[g], out=dyt[g, rows])
-    d_s = normalize_rows_backward(dys.mul_(4.0 * inv_m), ys, ns).to(xs.dtype) if need_student else _empty_grad(xs)
-    d_t = normalize_rows_backward(dyt.mul_(-4.0 * inv_m), yt, nt).to(xt.dtype) if need_teacher else _empty_grad(xt)
+    d_s = normalize_rows_backward(dys.mul_(4.0 * inv_m), ys, ns) if need_student else _grad_buffer(xs, False)
+    d_t = normalize_rows_backward(dyt.mul_(-4.0 * inv_m), yt, nt) if need_teacher else _grad_buffer(xt, False)
     return total, d_s, d_t
 
 
@@ -276,8 +277,9 @@ def gram_loss_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: in
 
     Returns:
         (loss, d_student, d_teacher): loss 0-dim in the compute dtype (fp32, fp64 for fp64 input);
-        dL/dxs and dL/dxt for an upstream gradient of 1, contiguous (G, P, D) in the inputs' dtypes,
-        or empty (0,) tensors when not needed.
+        dL/dxs and dL/dxt for an upstream gradient of 1, contiguous (G, P, D) in the compute dtype
+        (the caller casts after applying the upstream gradient), or empty (0,) tensors when not
+        needed.
     """
     G, P, _ = xs.shape
     if identity:
