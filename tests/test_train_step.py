@@ -58,15 +58,23 @@ def test_ssl_step_fused_matches_reference(gram):
         assert err < 1e-4, (k, err)
 
 
-def test_ssl_step_without_masked_patch():
+@pytest.mark.parametrize("gram", [False, True], ids=["no_gram", "gram_on_masked_tokens"])
+def test_ssl_step_without_masked_patch(gram):
     """No masked patch anywhere (e.g. ibot.mask_sample_probability * 2B < 1): Sinkhorn gets (0, K),
-    iBOT is 0, and the iBOT head still gets (zero) gradients."""
+    iBOT is 0, and the iBOT head still gets (zero) gradients. A Gram loss on the masked tokens
+    (gram.tokens_used=masked) sees no token: it is 0, not an error."""
     cfg = get_preset("debug")
+    if gram:
+        cfg = apply_overrides(cfg, ["gram.use_loss=true", "gram.it_load_ema_teacher=0", "gram.tokens_used=masked",
+                                    "gram.img_level=false", "crops.gram_teacher_crops_size=64"])
     batch = _batch(cfg)
     batch.masks.zero_()
     arch = _arch(cfg)
+    if gram:
+        arch.update_gram(0.0)  # the Gram teacher loads the EMA teacher (it_load_ema_teacher=0)
     loss, logs = arch.forward_backward(batch, teacher_temp=0.05)
     assert torch.isfinite(loss) and logs["ibot_loss"].item() == 0.0
+    assert logs.get("gram_loss", torch.tensor(0.0)).item() == 0.0 and ("gram_loss" in logs) == gram
     grads = [p.grad for p in arch.student.ibot_head.parameters() if p.requires_grad]
     assert grads and all(g is not None and not g.any() for g in grads)
     assert all(torch.isfinite(p.grad).all() for p in arch.student.parameters() if p.grad is not None)

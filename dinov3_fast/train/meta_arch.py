@@ -239,8 +239,12 @@ class SSLMetaArch(nn.Module):
         loss_dict.update(dino_local_crops_loss=dino_local, dino_global_crops_loss=dino_global, koleo_loss=koleo,
                          ibot_loss=ibot)
         if self.gram_use_loss:
-            gram = self.gram_loss(gram_global["student_patches"], gram_global["teacher_patches"],
-                                  img_level=self.cfg.gram.img_level)
+            student_patches = gram_global["student_patches"]
+            if student_patches.numel() == 0:  # tokens_used=masked on a batch without a masked patch
+                gram = student_patches.float().sum()  # 0, and the student still joins the backward
+            else:
+                gram = self.gram_loss(student_patches, gram_global["teacher_patches"],
+                                      img_level=self.cfg.gram.img_level)
             gram_weight = (self.cfg.gram.loss_weight if self.gram_loss_schedule is None
                            else self.gram_loss_schedule(iteration))
             loss = loss + gram_weight * gram
