@@ -214,9 +214,9 @@ def _student_dead(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor 
     return None
 
 
-def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor:
-    """f(S) - g(T), computed in place in `s` (t is clamped in place too): block memory stays low."""
-    dead = _student_dead(s, t, clamp)
+def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int, dead: torch.Tensor | None) -> torch.Tensor:
+    """f(S) - g(T), computed in place in `s` (t is clamped in place too): block memory stays low.
+    dead: `_student_dead(s, t, clamp)`, computed by the caller before t is clamped."""
     if dead is not None:
         s.masked_fill_(dead, 0)
     if clamp != CLAMP_NONE:
@@ -224,42 +224,41 @@ def _clamped_diff_(s: torch.Tensor, t: torch.Tensor, clamp: int) -> torch.Tensor
     return s.sub_(t)
 
 
-def _row_blocks(G: int, P: int, width: int):
-    """(group, row slice) pairs covering all rows, such that a (rows, width) block holds about
-    _CHUNK_ELEMS elements. One group at a time keeps every block contiguous: strided multi-group
-    slices send CPU matmuls and reductions down slow paths (measured ~6x)."""
-    rows = max(1, _CHUNK_ELEMS // max(1, width))
-    for g in range(G):
-        for r0 in range(0, P, rows):
-            yield g, slice(r0, min(P, r0 + rows))
-
-
 def _tiled(xs, xt, normalize, clamp, need_student, need_teacher):
-    """Tiled form. Returns (M * loss in fp64, dL/dxs, dL/dxt).
+    """Tiled form, one image at a time, in (rows, P) blocks of about _CHUNK_ELEMS elements (per
+    image and contiguous: strided multi-image slices sent matmuls and reductions down slow paths,
+    ~6x). Returns (M * loss in fp64, dL/dxs, dL/dxt).
 
     With E = f(S) - g(T), M L = sum E^2 and, E being symmetric, M dL/dYs = 4 (E * f'(S)) Ys and
     M dL/dYt = -4 (E * g'(T)) Yt: zeroed entries pass no gradient to their own side (f' = 0 where
     the student is zeroed, g'(T) = [T >= 0])."""
     G, P, _ = xs.shape
     inv_m = 1.0 / (G * P * P)
-    ys, ns = normalize_rows(xs, normalize)
-    yt, nt = normalize_rows(xt, normalize)
-    dys = torch.empty(ys.shape, dtype=ys.dtype) if need_student else None
-    dyt = torch.empty(yt.shape, dtype=yt.dtype) if need_teacher else None
+    d_s, d_t = _grad_buffer(xs, need_student), _grad_buffer(xt, need_teacher)
     total = torch.zeros((), dtype=torch.float64)
-    for g, rows in _row_blocks(G, P, P):
-        s = ys[g, rows] @ ys[g].T
-        t = yt[g, rows] @ yt[g].T
-        s_dead = _student_dead(s, t, clamp) if need_student else None
-        t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
-        diff = _clamped_diff_(s, t, clamp)
-        total += diff.square().sum(dtype=torch.float64)
+    block_rows = max(1, _CHUNK_ELEMS // P)
+    for g in range(G):
+        ys, ns = normalize_rows(xs[g], normalize)
+        yt, nt = normalize_rows(xt[g], normalize)
+        for r0 in range(0, P, block_rows):
+            rows = slice(r0, min(P, r0 + block_rows))
+            s = ys[rows] @ ys.T
+            t = yt[rows] @ yt.T
+            s_dead = _student_dead(s, t, clamp)
+            t_dead = t < 0 if need_teacher and clamp != CLAMP_NONE else None
+            diff = _clamped_diff_(s, t, clamp, s_dead)
+            total += _row_dot(diff, diff).double().sum()
+            if need_student:
+                # The teacher's gradient needs diff unmasked by the student's dead entries.
+                student_e = diff if s_dead is None else diff.masked_fill(s_dead, 0) if need_teacher \
+                    else diff.masked_fill_(s_dead, 0)
+                torch.mm(student_e, ys, out=d_s[g, rows])
+            if need_teacher:
+                torch.mm(diff if t_dead is None else diff.masked_fill_(t_dead, 0), yt, out=d_t[g, rows])
         if need_student:
-            torch.mm(diff if s_dead is None else diff.masked_fill(s_dead, 0), ys[g], out=dys[g, rows])
+            normalize_rows_backward(d_s[g].mul_(4.0 * inv_m), ys, ns)
         if need_teacher:
-            torch.mm(diff if t_dead is None else diff.masked_fill_(t_dead, 0), yt[g], out=dyt[g, rows])
-    d_s = normalize_rows_backward(dys.mul_(4.0 * inv_m), ys, ns) if need_student else _grad_buffer(xs, False)
-    d_t = normalize_rows_backward(dyt.mul_(-4.0 * inv_m), yt, nt) if need_teacher else _grad_buffer(xt, False)
+            normalize_rows_backward(d_t[g].mul_(-4.0 * inv_m), yt, nt)
     return total, d_s, d_t
 
 
