@@ -25,12 +25,11 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 
 def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
-    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds: 2.33-2.5
-    P D^2 (three D x D products, two of them symmetric and computed over their upper blocks) +
-    2 P D^2 for the student's gradient, against
-    2 P^2 D for the two Gram blocks + P^2 D per gradient (cpu; the triton backward re-forms the
-    blocks, + 2 P^2 D). Break-even lies between D = 0.7 P (cpu) and 1.1 P (triton); both backends
-    use D < P so that they agree on the formulation and its rounding."""
+    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds:
+    2.33-3 P D^2 for the three D x D products (two of them symmetric) + 2 P D^2 for the student's
+    gradient, against 2 P^2 D for the two Gram blocks (halved by symmetry on triton) + P^2 D for
+    the gradient. Break-even lies between D = 0.7 P and 1.1 P; both backends use D < P so that
+    they agree on the formulation and its rounding."""
     return clamp == CLAMP_NONE and dim < num_rows
 
 
@@ -39,38 +38,43 @@ def _triton():
     return gram_triton
 
 
-# ----------------------------------------------------------------------------- custom ops: cpu
-# The cpu backend computes the gradients during the forward (see cpu.py); its backward only
-# scales them by the upstream gradient.
+# ----------------------------------------------------------------------------- custom op
+# Every backend computes the input gradients during the forward (cpu.py, triton.py); the
+# backward only applies the upstream gradient.
 
-@torch.library.custom_op("dinov3_fast::gram_loss_cpu", mutates_args=())
-def _gram_loss_cpu(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int,
-                   need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _impl(backend: str):
+    return _triton().gram_loss_triton if backend == "triton" else gram_loss_cpu
+
+
+@torch.library.custom_op("dinov3_fast::gram_loss", mutates_args=())
+def _gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int, backend: str,
+                  need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    return gram_loss_cpu(student, teacher, normalize, clamp, identity, need_student, need_teacher)
+    return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
-def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _compute_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs on the cpu backend (triton computes fp64 inputs in fp32)."""
+    return torch.float64 if x.dtype == torch.float64 and backend == "cpu" else torch.float32
+
+
+def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.Tensor:
     if not needed:
         return x.new_empty((0,), dtype=dtype)
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
-def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+@_gram_loss_op.register_fake
+def _(student, teacher, normalize, clamp, backend, need_student, need_teacher):
+    return (student.new_empty((), dtype=_compute_dtype(student, backend)),
+            _grad_or_empty(student, need_student, _compute_dtype(student, backend)),
+            _grad_or_empty(teacher, need_teacher, _compute_dtype(teacher, backend)))
 
 
-@_gram_loss_cpu.register_fake
-def _(student, teacher, normalize, clamp, need_student, need_teacher):
-    return (student.new_empty((), dtype=_cpu_compute_dtype(student)),
-            _grad_or_empty(student, need_student, _cpu_compute_dtype(student)),
-            _grad_or_empty(teacher, need_teacher, _cpu_compute_dtype(teacher)))
-
-
-def _setup_context_cpu(ctx, inputs, output):
-    student, teacher, normalize, clamp, _, _ = inputs
+def _setup_context(ctx, inputs, output):
+    student, teacher, normalize, clamp, backend, _, _ = inputs
     ctx.save_for_backward(student, teacher)  # only read by a second backward (retained graph)
-    ctx.options = (normalize, clamp)
+    ctx.options = (normalize, clamp, backend)
     # The gradient buffers are kept as attributes, not saved tensors: the first backward hands
     # them over (or scales them in place), so they must bypass saved-tensor hooks and checks.
     ctx.grads = (output[1], output[2])
@@ -78,27 +82,29 @@ def _setup_context_cpu(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward_cpu(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
+def _backward(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
     """Apply the upstream gradient to the gradients computed in the forward.
 
-    Eager, first backward: the buffers are consumed, handed over as they are for an upstream
-    gradient of exactly 1 (`loss.backward()`) or scaled in place by it (a weighted loss, a loss
-    scale), so no second (G, P, D) buffer exists. A later backward through a retained graph
-    recomputes them from the saved inputs, so every call returns a correct gradient that no other
-    call shares. Traced (torch.compile, fake tensors) the product is out of place. Gradients of
-    gradients (create_graph=True) are refused: nothing here is differentiable."""
+    Eager, first backward: the buffers are consumed, scaled in place by the upstream gradient
+    (a loss weight, a loss scale; read in fp32, before the cast to the input dtype) or, on the
+    CPU, handed over as they are when it is exactly 1, so no second (G, P, D) buffer exists. A
+    later backward through a retained graph recomputes them from the saved inputs, so every call
+    returns a correct gradient that no other call shares. Traced (torch.compile, fake tensors)
+    the product is out of place. Gradients of gradients (create_graph=True) are refused: nothing
+    here is differentiable twice."""
     if grad_loss is None:  # grads are not materialised: the loss was not used
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if torch.is_grad_enabled():
-        raise RuntimeError("gram_loss with backend='cpu' computes its gradient in the forward and has no "
-                           "double backward (create_graph=True); use backend='reference' for that")
+        raise RuntimeError("gram_loss computes its gradient in the forward and has no double backward "
+                           "(create_graph=True); use backend='reference' for that")
     traced = torch.compiler.is_compiling() or is_fake(grad_loss)
     needed = ctx.needs_input_grad[:2]
     student, teacher = ctx.saved_tensors
+    normalize, clamp, backend = ctx.options
     grads = ctx.grads
     if grads is None:  # the first backward consumed the buffers
-        identity = uses_identity(ctx.options[1], student.shape[1], student.shape[2])
-        grads = gram_loss_cpu(student, teacher, *ctx.options, identity, *needed)[1:]
+        identity = uses_identity(clamp, student.shape[1], student.shape[2])
+        grads = _impl(backend)(student, teacher, normalize, clamp, identity, *needed)[1:]
     elif not traced:
         ctx.grads = None
     out = []
@@ -107,69 +113,17 @@ def _backward_cpu(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
             out.append(None)
             continue
         if grad.numel() == 0:
-            raise RuntimeError(f"gram_loss_cpu: {name} requires grad but its gradient was not computed in "
-                               f"the forward (need_{name}=False)")
+            raise RuntimeError(f"gram_loss: {name} requires grad but its gradient was not computed in the "
+                               f"forward (need_{name}=False)")
         if traced:
             grad = grad * grad_loss
-        elif grad_loss.item() != 1.0:
-            grad = grad.mul_(grad_loss)  # the fp32 upstream value, not rounded to a half dtype
+        elif grad.is_cuda or grad_loss.item() != 1.0:  # no host sync on the GPU: always scale
+            grad = grad.mul_(grad_loss)
         out.append(grad.to(x.dtype))
-    return *out, None, None, None, None
+    return *out, None, None, None, None, None
 
 
-_gram_loss_cpu.register_autograd(_backward_cpu, setup_context=_setup_context_cpu)
-
-
-# ----------------------------------------------------------------------------- custom ops: triton
-
-@torch.library.custom_op("dinov3_fast::gram_loss_triton_fwd", mutates_args=())
-def _gram_loss_triton_fwd(student: torch.Tensor, teacher: torch.Tensor, normalize: bool,
-                          clamp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    return _triton().gram_fwd_triton(student, teacher, normalize, clamp, identity)
-
-
-@_gram_loss_triton_fwd.register_fake
-def _(student, teacher, normalize, clamp):
-    G, P, D = student.shape
-    state_shape = (G, 2, D, D) if uses_identity(clamp, P, D) else (0,)
-    return student.new_empty((), dtype=torch.float32), student.new_empty(state_shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("dinov3_fast::gram_loss_triton_bwd", mutates_args=())
-def _gram_loss_triton_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, state: torch.Tensor,
-                          normalize: bool, clamp: int, need_student: bool,
-                          need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    return _triton().gram_bwd_triton(grad, student, teacher, state, normalize, clamp, identity, need_student,
-                                     need_teacher)
-
-
-@_gram_loss_triton_bwd.register_fake
-def _(grad, student, teacher, state, normalize, clamp, need_student, need_teacher):
-    return _grad_or_empty(student, need_student), _grad_or_empty(teacher, need_teacher)
-
-
-def _setup_context_triton(ctx, inputs, output):
-    student, teacher, normalize, clamp = inputs
-    ctx.save_for_backward(student, teacher, output[1])
-    ctx.options = (normalize, clamp)
-    # The state is an internal output: no gradient flows to it, and autograd must not allocate a
-    # zero (G, 2, D, D) gradient for it on every backward.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward_triton(ctx, grad_loss, _grad_state):
-    if grad_loss is None:  # grads are not materialised: the loss was not used
-        return None, None, None, None
-    student, teacher, state = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_s, d_t = _gram_loss_triton_bwd(grad_loss, student, teacher, state, *ctx.options, need_s, need_t)
-    return (d_s if need_s else None), (d_t if need_t else None), None, None
-
-
-_gram_loss_triton_fwd.register_autograd(_backward_triton, setup_context=_setup_context_triton)
+_gram_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -221,8 +175,6 @@ def gram_loss(
         groups = (student, teacher)
     else:
         groups = (student.reshape(1, -1, dim), teacher.reshape(1, -1, dim))
-    if chosen == "triton":
-        return _gram_loss_triton_fwd(*groups, normalize, clamp)[0]
     grad_enabled = torch.is_grad_enabled()
-    return _gram_loss_cpu(*groups, normalize, clamp, grad_enabled and student.requires_grad,
-                          grad_enabled and teacher.requires_grad)[0]
+    return _gram_loss_op(*groups, normalize, clamp, chosen, grad_enabled and student.requires_grad,
+                         grad_enabled and teacher.requires_grad)[0]

@@ -5,21 +5,27 @@ Row normalisation is never materialised: a first kernel writes one inverse norm 
 (r = 1 / max(||x||, eps)), and every later kernel applies it as a scale. Notation: Y = diag(r) X,
 S = Ys Ys^T and T = Yt Yt^T (P x P per group, never stored), M = G * P * P.
 
-Tiled formulation (any clamping), after the flash-attention pattern:
-  _gram_tiled_fwd_kernel  one program per (row block, col block >= row block, group): forms both
-                          Gram tiles on chip, clamps, and writes the tile's sum of squared
-                          differences (off-diagonal tiles count twice, by symmetry).
-  _gram_tiled_bwd_kernel  one program per (row block, feature block, group): re-forms the Gram
-                          tiles of its rows, forms E = dL/dGram on chip and accumulates E @ Y for
-                          its feature block. The normalisation backward is fused in: its radial
-                          term y_i . g_i equals 2 sum_j E_ij Own_ij, available from the tiles.
+Every launcher returns the loss and the input gradients at upstream gradient 1 from one pass
+(see cpu.py: the autograd backward only applies the upstream gradient).
+
+Tiled formulation (any clamping, or D >= P):
+  _gram_tiled_kernel  one program per (row block m, col block n >= m, group): forms both Gram
+                      tiles on chip over the full D, clamps, writes the tile's sum of squared
+                      differences (off-diagonal tiles count twice, by symmetry), and, for each
+                      side that needs a gradient, adds E Y[n] to rows m and E^T Y[m] to rows n of
+                      an fp32 accumulator with atomics (plus the radial terms sum_j E_ij Own_ij).
+                      Each Gram tile is formed once: a backward that re-formed the tiles of its
+                      rows per feature block cost D / BLOCK_D times the forward's tile FLOPs (8x at
+                      D = 1024, 32x at ViT-7B's 4096).
+  then the normalisation backward, elementwise in PyTorch on the (G, P, D) accumulator.
 Identity formulation (no clamping, wins when D < P), with Sig = Ys + Yt and Del = Ys - Yt:
   M L = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2, whose terms both scale with |Del|^2,
   so nothing large cancels when the student is close to the teacher (see cpu.py).
   _gram_sigdel_kernel        one of A = Sig^T Sig, B = Del^T Del, C = Sig^T Del (D x D per group);
                              Sig / Del are formed from both inputs' tiles on chip.
   _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C), then the
-                             normalisation backward over the same rows in a second sweep.
+                             normalisation backward over the same rows in a second sweep; launched
+                             right after the products, in the same forward.
 Products of two input tiles run on tensor cores in the input dtype with fp32 accumulation (the
 products of bf16 values are exact); everything elementwise is fp32.
 """
@@ -75,13 +81,54 @@ def _gram_tile(x_ptr, r_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd,
 
 
 @triton.jit
-def _gram_tiled_fwd_kernel(
-    xs_ptr, xt_ptr,  # (G, P, D) student / teacher features, same strides
-    rs_ptr, rt_ptr,  # (G * P,) fp32 inverse row norms
-    partial_ptr,     # (G, n_blocks, n_blocks) fp32 out: per-tile sum of squared differences
+def _gram_accumulate_side(
+    e,                 # (BLOCK, BLOCK) fp32: dL/dGram tile (without 2/M) for this side, rows m x cols n
+    own,               # (BLOCK, BLOCK) fp32: this side's Gram tile
+    x_ptr, r_ptr,      # this side's (G, P, D) features and (G * P,) inverse row norms
+    gy_ptr, rad_ptr,   # (G, P, D) and (G * P,) fp32 accumulators
+    g, rows_m, rows_n, off_diagonal, P, D, sxg, sxp, sxd,
+    DOT_PRECISION: tl.constexpr, WIDE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """gy[m] += E Y[n] and, for an off-diagonal tile, gy[n] += E^T Y[m] (E is a tile of a symmetric
+    matrix); rad[i] += sum_j E_ij own_ij over the same entries (the normalisation backward's
+    radial term). The row scales r are applied to E's columns, so the feature tiles stay exact in
+    their input dtype for the tensor cores."""
+    r_m = tl.load(r_ptr + g * P + rows_m, mask=rows_m < P, other=0.0)
+    r_n = tl.load(r_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
+    tl.atomic_add(rad_ptr + g * P + rows_m, tl.sum(e * own, axis=1), mask=rows_m < P)
+    if off_diagonal:
+        tl.atomic_add(rad_ptr + g * P + rows_n, tl.sum(e * own, axis=0), mask=rows_n < P)
+    e_cols = e * r_n[None, :]  # E diag(r_n): times raw rows n gives E Y[n]
+    e_rows = e * r_m[:, None]  # diag(r_m) E: its transpose times raw rows m gives E^T Y[m]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask_m = (rows_m[:, None] < P) & (cols[None, :] < D)
+        mask_n = (rows_n[:, None] < P) & (cols[None, :] < D)
+        x_n = tl.load(x_ptr + g * sxg + rows_n[:, None] * sxp + cols[None, :] * sxd, mask=mask_n, other=0.0)
+        if WIDE_DOT:  # fp16 inputs: dL/dGram * r can exceed fp16's range, keep both operands fp32
+            acc_m = tl.dot(e_cols, x_n.to(tl.float32), input_precision=DOT_PRECISION)
+        else:         # bf16 (fp32's range) and fp32 inputs
+            acc_m = tl.dot(e_cols.to(x_n.dtype), x_n, input_precision=DOT_PRECISION)
+        tl.atomic_add(gy_ptr + (g * P + rows_m[:, None]) * D + cols[None, :], acc_m, mask=mask_m)
+        if off_diagonal:
+            x_m = tl.load(x_ptr + g * sxg + rows_m[:, None] * sxp + cols[None, :] * sxd, mask=mask_m, other=0.0)
+            if WIDE_DOT:
+                acc_n = tl.dot(tl.trans(e_rows), x_m.to(tl.float32), input_precision=DOT_PRECISION)
+            else:
+                acc_n = tl.dot(tl.trans(e_rows.to(x_m.dtype)), x_m, input_precision=DOT_PRECISION)
+            tl.atomic_add(gy_ptr + (g * P + rows_n[:, None]) * D + cols[None, :], acc_n, mask=mask_n)
+
+
+@triton.jit
+def _gram_tiled_kernel(
+    xs_ptr, xt_ptr,    # (G, P, D) student / teacher features, same strides
+    rs_ptr, rt_ptr,    # (G * P,) fp32 inverse row norms
+    partial_ptr,       # (G, n_blocks, n_blocks) fp32 out: per-tile sum of squared differences
+    gys_ptr, rads_ptr,  # student accumulators (G, P, D), (G * P,) fp32, zeroed; unused without NEED_S
+    gyt_ptr, radt_ptr,  # teacher accumulators, likewise
     P, D, sxg, sxp, sxd,
-    CLAMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    CLAMP: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -93,85 +140,35 @@ def _gram_tiled_fwd_kernel(
     else:
         rows_m = pid_m * BLOCK + tl.arange(0, BLOCK)
         rows_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        off_diagonal = pid_n != pid_m
         s = _gram_tile(xs_ptr, rs_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
         t = _gram_tile(xt_ptr, rt_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
         if CLAMP == 1:
-            s = tl.maximum(s, 0.0)
-        if CLAMP == 2:  # the student is zeroed where both are negative (unclamped teacher)
-            s = tl.where((s < 0) & (t < 0), 0.0, s)
-        if CLAMP != 0:
-            t = tl.maximum(t, 0.0)
-        d = s - t
-        total = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        tl.store(out, tl.where(pid_n == pid_m, total, 2.0 * total))
-
-
-@triton.jit
-def _gram_tiled_bwd_kernel(
-    xa_ptr, xb_ptr,  # (G, P, D) features of the side being differentiated (a) and the other (b)
-    ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
-    dx_ptr,          # (G, P, D) out, contiguous, dtype of xa: dL/dXa
-    grad_ptr,        # () upstream gradient of the loss
-    P, D, sxg, sxp, sxd, two_over_m,
-    IS_STUDENT: tl.constexpr, CLAMP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WIDE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    g = tl.program_id(2)
-    scale = tl.load(grad_ptr).to(tl.float32) * two_over_m
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # sum_j E_ij Ya_j[cols], E without 2/M
-    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)       # sum_j E_ij Own_ij
-    for n0 in range(0, P, BLOCK_N):
-        rows_n = n0 + tl.arange(0, BLOCK_N)
-        own = _gram_tile(xa_ptr, ra_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        other = _gram_tile(xb_ptr, rb_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if IS_STUDENT:
-            s, t = own, other
-        else:
-            s, t = other, own
+            s_dead = s < 0
+        else:  # CLAMP == 2: zeroed where both are negative (unclamped teacher); unused without clamping
+            s_dead = (s < 0) & (t < 0)
         s_c = s
         t_c = t
-        if CLAMP == 1:
-            s_dead = s < 0
-        else:  # CLAMP == 2: zeroed where both are negative; unused without clamping
-            s_dead = (s < 0) & (t < 0)
         if CLAMP != 0:
             s_c = tl.where(s_dead, 0.0, s)
             t_c = tl.maximum(t, 0.0)
         diff = s_c - t_c
-        if IS_STUDENT:
-            e = diff
+        total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        tl.store(out, tl.where(off_diagonal, 2.0 * total, total))
+        # E = f(S) - g(T); the student's dL/dS is E where the student is alive, the teacher's dL/dT
+        # is -E where T >= 0 (clamped entries pass no gradient to their own side).
+        if NEED_S:
+            e_s = diff
             if CLAMP != 0:
-                e = tl.where(s_dead, 0.0, diff)
-        else:
-            e = -diff
+                e_s = tl.where(s_dead, 0.0, diff)
+            _gram_accumulate_side(e_s, s, xs_ptr, rs_ptr, gys_ptr, rads_ptr, g, rows_m, rows_n, off_diagonal,
+                                  P, D, sxg, sxp, sxd, DOT_PRECISION, WIDE_DOT, BLOCK, BLOCK_D)
+        if NEED_T:
+            e_t = -diff
             if CLAMP != 0:
-                e = tl.where(t < 0, 0.0, e)
-        radial += tl.sum(e * own, axis=1)
-        r_n = tl.load(ra_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
-        xa_n = tl.load(xa_ptr + g * sxg + rows_n[:, None] * sxp + cols[None, :] * sxd,
-                       mask=(rows_n[:, None] < P) & (cols[None, :] < D), other=0.0)
-        p = e * r_n[None, :]
-        if WIDE_DOT:  # fp16 inputs: dL/dGram * r can exceed fp16's range, keep both operands fp32
-            acc = tl.dot(p, xa_n.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        else:         # bf16 (fp32's range) and fp32 inputs
-            acc = tl.dot(p.to(xa_n.dtype), xa_n, acc, input_precision=DOT_PRECISION)
-    # g_i = 2 * scale * acc (gradient w.r.t. the normalised rows); then through the normalisation.
-    grad_y = 2.0 * scale * acc
-    mask = (rows_m[:, None] < P) & (cols[None, :] < D)
-    x = tl.load(xa_ptr + g * sxg + rows_m[:, None] * sxp + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-    r_m = tl.load(ra_ptr + g * P + rows_m, mask=rows_m < P, other=0.0)
-    if NORMALIZE:
-        projected = tl.where(r_m * NORM_EPS_C < 1.0, 2.0 * scale * radial, 0.0)  # 0 where ||x|| <= eps
-        dx = r_m[:, None] * (grad_y - x * r_m[:, None] * projected[:, None])
-    else:
-        dx = grad_y
-    tl.store(dx_ptr + (g * P + rows_m[:, None]) * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
+                e_t = tl.where(t < 0, 0.0, e_t)
+            _gram_accumulate_side(e_t, t, xt_ptr, rt_ptr, gyt_ptr, radt_ptr, g, rows_m, rows_n, off_diagonal,
+                                  P, D, sxg, sxp, sxd, DOT_PRECISION, WIDE_DOT, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -304,63 +301,78 @@ def _identity_products(xs, xt, rs, rt, prec):
     return products.unbind(0)
 
 
-def gram_fwd_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool):
-    """Forward. xs, xt: (G, P, D). Returns (loss 0-dim fp32, state), state as in the cpu path:
-    (G, 2, D, D) fp32 [B + C^T, A + C] for the identity formulation, else empty."""
+def _identity_gradient(xa, xb, ra, rb, u, v, normalize, prec):
+    """dL/dXa (G, P, D) fp32 at upstream gradient 1 for the identity form, from the D x D factors
+    u (of Sig) and v (of Ya - Yb)."""
+    G, P, D = xa.shape
+    dx = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
+    scratch = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
+    bm = _block(P, 64)
+    _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
+        xa, xb, ra, rb, u, v, dx, scratch, torch.ones((), device=xa.device), P, D, *xa.stride(), *u.stride(),
+        1.0 / (G * P * P), NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64),
+        BLOCK_K=_block(D, 32), num_warps=8)
+    return dx
+
+
+def _normalisation_backward_(gy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, radial: torch.Tensor,
+                             scale: float, normalize: bool) -> torch.Tensor:
+    """In place: gy (G, P, D) fp32 = sum_j E_ij Y_j becomes dL/dX = r (g - y (y.g)) with g = scale * gy,
+    y = r x and y.g = scale * radial (0 where ||x|| <= eps, as F.normalize's clamp)."""
+    gy.mul_(scale)
+    if not normalize:
+        return gy
+    G, P, _ = gy.shape
+    r = r.view(G, P, 1)
+    projected = torch.where(r * NORM_EPS < 1.0, r * (scale * radial.view(G, P, 1)), 0.0)
+    return gy.addcmul_(x, projected, value=-1.0).mul_(r)
+
+
+def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool,
+                     need_student: bool, need_teacher: bool):
+    """Loss and its input gradients in one pass, as `gram_loss_cpu`.
+
+    Args:
+        xs, xt: (G, P, D) student / teacher features, any strides, bf16 / fp16 / fp32 (fp64 runs in fp32).
+        identity: the D x D formulation (the caller guarantees clamp == CLAMP_NONE).
+        need_student, need_teacher: which gradients to compute.
+
+    Returns:
+        (loss 0-dim fp32, d_student, d_teacher): gradients at upstream gradient 1, (G, P, D) fp32
+        (the caller applies the upstream gradient, then casts), or empty when not needed.
+        The tiled gradients are summed with fp32 atomics, so their last bits depend on the order
+        in which tiles finish.
+    """
     xs, xt = _as_pair(xs, xt)
     G, P, D = xs.shape
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
     prec = dot_precision(xs.dtype)
     n_entries = G * P * P
+    def empty():  # distinct tensors: a custom op's outputs may not alias each other
+        return xs.new_empty((0,), dtype=torch.float32)
+
     if identity:
         A, B, C = _identity_products(xs, xt, rs, rt, prec)
         total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
-        return (total / n_entries).float(), torch.stack((B + C.mT, A + C), dim=1)
-    block, bk = _block(P, 64), _block(D, 32)
+        d_s = _identity_gradient(xs, xt, rs, rt, B + C.mT, A + C, normalize, prec) if need_student else empty()
+        # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
+        d_t = _identity_gradient(xt, xs, rt, rs, (B - C.mT).contiguous(), A - C, normalize, prec) \
+            if need_teacher else empty()
+        return (total / n_entries).float(), d_s, d_t
+    # fp32 tiles at 64 spill on sm_90 (exact-fp32 dots hold three (64, 64) fp32 tiles live).
+    block = _block(P, 32 if xs.dtype == torch.float32 else 64)
     nb = triton.cdiv(P, block)
     partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
-    _gram_tiled_fwd_kernel[(nb, nb, G)](
-        xs, xt, rs, rt, partial, P, D, *xs.stride(),
-        CLAMP=clamp, DOT_PRECISION=prec, BLOCK=block, BLOCK_K=bk, num_warps=8)
-    return (partial.double().sum() / n_entries).float(), xs.new_empty((0,), dtype=torch.float32)
-
-
-def gram_bwd_triton(grad: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
-                    normalize: bool, clamp: int, identity: bool, need_student: bool, need_teacher: bool):
-    """Backward. Returns (d student, d teacher), (G, P, D) in the inputs' dtypes, or empty tensors
-    for gradients that are not needed."""
-    out_dtypes = (xs.dtype, xt.dtype)
-    xs, xt = _as_pair(xs, xt)
-    G, P, D = xs.shape
-    rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
-    prec = dot_precision(xs.dtype)
-    inv_m = 1.0 / (G * P * P)
-    grad = grad.reshape(())
     grads = []
-    for is_student, need, dtype in ((True, need_student, out_dtypes[0]), (False, need_teacher, out_dtypes[1])):
-        if not need:
-            grads.append(torch.empty((0,), device=xs.device, dtype=dtype))
-            continue
-        xa, ra, xb, rb = (xs, rs, xt, rt) if is_student else (xt, rt, xs, rs)
-        dx = torch.empty((G, P, D), device=xs.device, dtype=dtype)
-        if identity:
-            if is_student:
-                u, v = state[:, 0], state[:, 1]              # B + C^T, A + C
-            else:
-                A, B, C = _identity_products(xs, xt, rs, rt, prec)
-                u, v = B - C.mT, (A - C)                     # with Del_teacher = Yt - Ys = -Del
-                u = u.contiguous()
-            scratch = torch.empty((G, P, D), device=xs.device, dtype=torch.float32)
-            bm = _block(P, 64)
-            _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
-                xa, xb, ra, rb, u, v, dx, scratch, grad, P, D, *xs.stride(), *u.stride(), inv_m,
-                NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32),
-                num_warps=8)
-        else:
-            bm, bd = _block(P, 64), _block(D, 128)
-            _gram_tiled_bwd_kernel[(triton.cdiv(P, bm), triton.cdiv(D, bd), G)](
-                xa, xb, ra, rb, dx, grad, P, D, *xs.stride(), 2.0 * inv_m,
-                IS_STUDENT=is_student, CLAMP=clamp, NORMALIZE=normalize, DOT_PRECISION=prec,
-                WIDE_DOT=xs.dtype == torch.float16, BLOCK_M=bm, BLOCK_N=_block(P, 32), BLOCK_K=_block(D, 32), BLOCK_D=bd, num_warps=8)
-        grads.append(dx)
-    return grads[0], grads[1]
+    for need in (need_student, need_teacher):
+        grads.append((torch.zeros((G, P, D), device=xs.device, dtype=torch.float32),
+                      torch.zeros((G * P,), device=xs.device, dtype=torch.float32)) if need else (empty(), empty()))
+    (gys, rads), (gyt, radt) = grads
+    _gram_tiled_kernel[(nb, nb, G)](
+        xs, xt, rs, rt, partial, gys, rads, gyt, radt, P, D, *xs.stride(),
+        CLAMP=clamp, NEED_S=need_student, NEED_T=need_teacher, DOT_PRECISION=prec,
+        WIDE_DOT=xs.dtype == torch.float16, BLOCK=block, BLOCK_K=_block(D, 32), BLOCK_D=_block(D, 64), num_warps=8)
+    scale = 4.0 / n_entries  # dL/dY = 2 (dL/dS) Y, dL/dS = 2 E / M
+    d_s = _normalisation_backward_(gys, xs, rs, rads, scale, normalize) if need_student else empty()
+    d_t = _normalisation_backward_(gyt, xt, rt, radt, scale, normalize) if need_teacher else empty()
+    return (partial.double().sum() / n_entries).float(), d_s, d_t
