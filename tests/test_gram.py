@@ -402,3 +402,21 @@ def test_half_gradients_take_the_upstream_value_unrounded(backend, dtype, remove
 @pytest.mark.parametrize("remove_neg", [False, True], ids=["identity", "tiled"])
 def test_gpu_half_gradients_take_the_upstream_value_unrounded(dtype, remove_neg, poisoned_cuda_cache):
     check_half_gradient_scaling("triton", dtype, remove_neg, "cuda")
+
+
+def test_triton_tiled_gradient_honours_deterministic_mode(monkeypatch):
+    """The tiled triton gradient sums tiles with atomic adds: under
+    torch.use_deterministic_algorithms it raises (or warns with warn_only) and names the way out;
+    the identity form and gradient-free calls are unaffected."""
+    s = torch.randn(1, 20, 30, requires_grad=True)  # D >= P: tiled
+    t = torch.randn(1, 20, 30)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="atomic adds.*backend='reference'"):
+        gram_loss(s, t, backend="triton")
+    with torch.no_grad():
+        gram_loss(s, t, backend="triton")
+    gram_loss(torch.randn(1, 30, 20, requires_grad=True), torch.randn(1, 30, 20), backend="triton")  # identity
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: True)
+    with pytest.warns(UserWarning, match="atomic adds"):
+        gram_loss(s, t, backend="triton")

@@ -116,10 +116,13 @@ def _backward(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
             raise RuntimeError(f"gram_loss: {name} requires grad but its gradient was not computed in the "
                                f"forward (need_{name}=False)")
         if traced:
-            grad = grad * grad_loss
+            out.append((grad * grad_loss).to(x.dtype))
+        elif grad.dtype != x.dtype:  # half inputs: scale and cast in one pass
+            out.append(torch.mul(grad, grad_loss, out=torch.empty_like(grad, dtype=x.dtype)))
         elif grad.is_cuda or grad_loss.item() != 1.0:  # no host sync on the GPU: always scale
-            grad = grad.mul_(grad_loss)
-        out.append(grad.to(x.dtype))
+            out.append(grad.mul_(grad_loss))
+        else:
+            out.append(grad)
     return *out, None, None, None, None, None
 
 

@@ -27,9 +27,12 @@ Identity formulation (no clamping, wins when D < P), with Sig = Ys + Yt and Del 
                              normalisation backward over the same rows in a second sweep; launched
                              right after the products, in the same forward.
 Products of two input tiles run on tensor cores in the input dtype with fp32 accumulation (the
-products of bf16 values are exact); everything elementwise is fp32.
+products of bf16 values are exact); E = dL/dGram is rounded to the input dtype (fp32 for fp16,
+whose range it can exceed) for the E Y products; everything elementwise is fp32.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -92,12 +95,13 @@ def _gram_accumulate_side(
     """gy[m] += E Y[n] and, for an off-diagonal tile, gy[n] += E^T Y[m] (E is a tile of a symmetric
     matrix); rad[i] += sum_j E_ij own_ij over the same entries (the normalisation backward's
     radial term). The row scales r are applied to E's columns, so the feature tiles stay exact in
-    their input dtype for the tensor cores."""
+    their input dtype for the tensor cores. The adds are relaxed: nothing reads the accumulators
+    before the kernel ends (acq_rel would fence and invalidate L1 around every add)."""
     r_m = tl.load(r_ptr + g * P + rows_m, mask=rows_m < P, other=0.0)
     r_n = tl.load(r_ptr + g * P + rows_n, mask=rows_n < P, other=0.0)
-    tl.atomic_add(rad_ptr + g * P + rows_m, tl.sum(e * own, axis=1), mask=rows_m < P)
+    tl.atomic_add(rad_ptr + g * P + rows_m, tl.sum(e * own, axis=1), mask=rows_m < P, sem="relaxed")
     if off_diagonal:
-        tl.atomic_add(rad_ptr + g * P + rows_n, tl.sum(e * own, axis=0), mask=rows_n < P)
+        tl.atomic_add(rad_ptr + g * P + rows_n, tl.sum(e * own, axis=0), mask=rows_n < P, sem="relaxed")
     e_cols = e * r_n[None, :]  # E diag(r_n): times raw rows n gives E Y[n]
     e_rows = e * r_m[:, None]  # diag(r_m) E: its transpose times raw rows m gives E^T Y[m]
     for d0 in range(0, D, BLOCK_D):
@@ -109,14 +113,14 @@ def _gram_accumulate_side(
             acc_m = tl.dot(e_cols, x_n.to(tl.float32), input_precision=DOT_PRECISION)
         else:         # bf16 (fp32's range) and fp32 inputs
             acc_m = tl.dot(e_cols.to(x_n.dtype), x_n, input_precision=DOT_PRECISION)
-        tl.atomic_add(gy_ptr + (g * P + rows_m[:, None]) * D + cols[None, :], acc_m, mask=mask_m)
+        tl.atomic_add(gy_ptr + (g * P + rows_m[:, None]) * D + cols[None, :], acc_m, mask=mask_m, sem="relaxed")
         if off_diagonal:
             x_m = tl.load(x_ptr + g * sxg + rows_m[:, None] * sxp + cols[None, :] * sxd, mask=mask_m, other=0.0)
             if WIDE_DOT:
                 acc_n = tl.dot(tl.trans(e_rows), x_m.to(tl.float32), input_precision=DOT_PRECISION)
             else:
                 acc_n = tl.dot(tl.trans(e_rows.to(x_m.dtype)), x_m, input_precision=DOT_PRECISION)
-            tl.atomic_add(gy_ptr + (g * P + rows_n[:, None]) * D + cols[None, :], acc_n, mask=mask_n)
+            tl.atomic_add(gy_ptr + (g * P + rows_n[:, None]) * D + cols[None, :], acc_n, mask=mask_n, sem="relaxed")
 
 
 @triton.jit
@@ -211,17 +215,15 @@ def _gram_sigdel_kernel(
 def _gram_identity_bwd_kernel(
     xa_ptr, xb_ptr,  # (G, P, D) features of the differentiated side (a) and the other (b)
     ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
-    u_ptr, v_ptr,    # (G, D, D) fp32: dL/dYa = (Sig U + (Ya - Yb) V) * grad / M; strides (scg, scr, scc)
-    dx_ptr,          # (G, P, D) out, contiguous, dtype of xa
-    gy_ptr,          # (G, P, D) fp32 scratch: the gradient w.r.t. Ya before the normalisation
-    grad_ptr,        # () upstream gradient of the loss
+    u_ptr, v_ptr,    # (G, D, D) fp32: dL/dYa = (Sig U + (Ya - Yb) V) / M; strides (scg, scr, scc)
+    dx_ptr,          # (G, P, D) fp32 out, contiguous: first dL/dYa, then (in place, per row block) dL/dXa
     P, D, sxg, sxp, sxd, scg, scr, scc, inv_m,
     NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
-    scale = tl.load(grad_ptr).to(tl.float32) * inv_m
+    scale = inv_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     r_a = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
     r_b = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
@@ -245,19 +247,19 @@ def _gram_identity_bwd_kernel(
         omask = (rows[:, None] < P) & (cols[None, :] < D)
         xa_c = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
         radial += tl.sum(grad_y * xa_c.to(tl.float32), axis=1) * r_a
-        tl.store(gy_ptr + (g * P + rows[:, None]) * D + cols[None, :], grad_y, mask=omask)
+        tl.store(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], grad_y, mask=omask)
     projected = tl.where(r_a * NORM_EPS_C < 1.0, radial, 0.0)
-    tl.debug_barrier()  # the scratch rows below were written by other threads of this program
+    tl.debug_barrier()  # the rows below were written by other threads of this program
     for n0 in range(0, D, BLOCK_D):
         cols = n0 + tl.arange(0, BLOCK_D)
         omask = (rows[:, None] < P) & (cols[None, :] < D)
-        grad_y = tl.load(gy_ptr + (g * P + rows[:, None]) * D + cols[None, :], mask=omask, other=0.0)
+        grad_y = tl.load(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], mask=omask, other=0.0)
         if NORMALIZE:
             x = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
             dx = r_a[:, None] * (grad_y - x.to(tl.float32) * r_a[:, None] * projected[:, None])
         else:
             dx = grad_y
-        tl.store(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=omask)
+        tl.store(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], dx, mask=omask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -306,11 +308,9 @@ def _identity_gradient(xa, xb, ra, rb, u, v, normalize, prec):
     u (of Sig) and v (of Ya - Yb)."""
     G, P, D = xa.shape
     dx = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
-    scratch = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
     bm = _block(P, 64)
     _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
-        xa, xb, ra, rb, u, v, dx, scratch, torch.ones((), device=xa.device), P, D, *xa.stride(), *u.stride(),
-        1.0 / (G * P * P), NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64),
+        xa, xb, ra, rb, u, v, dx, P, D, *xa.stride(), *u.stride(), 1.0 / (G * P * P), NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64),
         BLOCK_K=_block(D, 32), num_warps=8)
     return dx
 
@@ -318,14 +318,24 @@ def _identity_gradient(xa, xb, ra, rb, u, v, normalize, prec):
 def _normalisation_backward_(gy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, radial: torch.Tensor,
                              scale: float, normalize: bool) -> torch.Tensor:
     """In place: gy (G, P, D) fp32 = sum_j E_ij Y_j becomes dL/dX = r (g - y (y.g)) with g = scale * gy,
-    y = r x and y.g = scale * radial (0 where ||x|| <= eps, as F.normalize's clamp)."""
-    gy.mul_(scale)
+    y = r x and y.g = scale * radial (0 where ||x|| <= eps, as F.normalize's clamp): two
+    elementwise passes, scale * r * (gy - x * (r * radial))."""
     if not normalize:
-        return gy
+        return gy.mul_(scale)
     G, P, _ = gy.shape
     r = r.view(G, P, 1)
-    projected = torch.where(r * NORM_EPS < 1.0, r * (scale * radial.view(G, P, 1)), 0.0)
-    return gy.addcmul_(x, projected, value=-1.0).mul_(r)
+    projected = torch.where(r * NORM_EPS < 1.0, r * radial.view(G, P, 1), 0.0)
+    return gy.addcmul_(x, projected, value=-1.0).mul_(scale * r)
+
+
+def _alert_not_deterministic() -> None:
+    """Honour torch.use_deterministic_algorithms like PyTorch's own atomic-add kernels do."""
+    msg = ("gram_loss (triton backend, tiled form) sums its gradient with atomic adds, whose order is not "
+           "deterministic; use backend='reference' where bitwise reproducibility is required")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: int, identity: bool,
@@ -348,6 +358,7 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
     rs, rt = inverse_row_norms(xs, normalize), inverse_row_norms(xt, normalize)
     prec = dot_precision(xs.dtype)
     n_entries = G * P * P
+
     def empty():  # distinct tensors: a custom op's outputs may not alias each other
         return xs.new_empty((0,), dtype=torch.float32)
 
@@ -360,6 +371,8 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
             if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
     # fp32 tiles at 64 spill on sm_90 (exact-fp32 dots hold three (64, 64) fp32 tiles live).
+    if (need_student or need_teacher) and torch.are_deterministic_algorithms_enabled():
+        _alert_not_deterministic()
     block = _block(P, 32 if xs.dtype == torch.float32 else 64)
     nb = triton.cdiv(P, block)
     partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
