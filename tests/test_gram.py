@@ -117,6 +117,14 @@ def test_student_close_to_teacher(backend, noise, shape):
     assert rel_err(g, ref_g) <= max(1e-5, 3 * rel_err(torch_g, ref_g))
 
 
+@pytest.mark.parametrize("shape", [(2, 33, 48), (2, 70, 150)], ids=["identity", "tiled"])
+def test_bf16_inputs_triton(shape, interpreter_bf16_dots):
+    """bf16 through the Triton kernels on CPU (see the interpreter_bf16_dots fixture)."""
+    for remove_neg in (False, True):
+        check_against_oracle(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16(), "triton", 1e-2,
+                             remove_neg=remove_neg)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_inputs(backend):
     shape = (2, 33, 48)
@@ -389,11 +397,11 @@ def check_half_gradient_scaling(backend, dtype, remove_neg, device):
     assert rel_err(student.grad, want) < 1e-2
 
 
-@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float16), ("cpu", torch.bfloat16), ("triton", torch.float16)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("remove_neg", [False, True], ids=["identity", "tiled"])
-def test_half_gradients_take_the_upstream_value_unrounded(backend, dtype, remove_neg):
-    """See check_half_gradient_scaling. (bf16 triton runs in the GPU test below: the Triton
-    interpreter's bf16 dots are wrong on CPU, numpy having no bf16.)"""
+def test_half_gradients_take_the_upstream_value_unrounded(backend, dtype, remove_neg, interpreter_bf16_dots):
+    """See check_half_gradient_scaling."""
     check_half_gradient_scaling(backend, dtype, remove_neg, "cpu")
 
 
