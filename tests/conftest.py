@@ -39,11 +39,15 @@ def poisoned_cuda_cache():
 
 @pytest.fixture
 def interpreter_bf16_dots(monkeypatch):
-    """Make the Triton interpreter's tl.dot correct for bf16 operands, so bf16 kernels can be
-    checked on CPU. Triton 3.9's interpreter keeps bf16 tensors as their raw uint16 bits (numpy has
-    no bf16) and its dot multiplies those bits as integers; widening to fp32 first is exact (a bf16
-    is the top half of an fp32), which is what a tensor-core bf16 dot computes before accumulating.
-    Elementwise bf16 arithmetic and casts are already correct in the interpreter."""
+    """Make the Triton interpreter's bf16 dots and fp32 -> bf16 casts match the GPU, so bf16 kernels
+    can be checked on CPU. Triton 3.9's interpreter keeps bf16 tensors as their raw uint16 bits (numpy
+    has no bf16):
+    - its dot multiplies those bits as integers; widening to fp32 first is exact (a bf16 is the top
+      half of an fp32), which is what a tensor-core bf16 dot computes before accumulating;
+    - its fp32 -> bf16 cast (`.to(tl.bfloat16)`, and the implicit one of a bf16 tl.store) drops the
+      low 16 bits, i.e. rounds toward zero: every rounding then shrinks the value (mean -0.28%), and
+      the biases add up instead of averaging out (RoPE attention erred 3x PyTorch's bf16 error with
+      it). The GPU rounds to nearest even (cvt.rn), as done here."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     import numpy as np
@@ -60,4 +64,17 @@ def interpreter_bf16_dots(monkeypatch):
     def create_dot(self, a, b, d, *args):
         return original(self, widen(a), widen(b), d, *args)
 
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+            one = np.uint32(1)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & one)) >> np.uint32(16)
+            nan = np.isnan(src.data)  # keep NaN a (quiet) NaN: rounding could carry it into inf
+            rounded = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
+            return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)

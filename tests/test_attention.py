@@ -70,22 +70,35 @@ def dinov3_compute_attention(qkv, rope, num_heads):
 
 
 def check_against_oracle(qkv, rope, num_heads, backend, tol):
-    """Output and the q, k, v parts of the packed gradient against float64 DINOv3."""
+    """Output and the q, k, v parts of the packed gradient against float64 DINOv3. tol: a number, or
+    "half" for bf16/fp16 inputs: max(1e-2, 2x the error of PyTorch's own computation in qkv's dtype
+    (rope_attention_ref, same upstream gradient rounded to that dtype)), per output and gradient,
+    the 2x-PyTorch rule of the contract (../shared/DESIGN.md)."""
     q64 = qkv.detach().double().requires_grad_()
     rope64 = None if rope is None else tuple(t.double() for t in rope)
     ref = rope_attention_ref(q64, rope64, num_heads)
     grad = torch.randn_like(ref)
     (ref_g,) = torch.autograd.grad(ref, q64, grad)
+    B, N = qkv.shape[:2]
+
+    def errors(out, g):  # out, dq, dk, dv
+        parts = [(g.view(B, N, 3, -1)[:, :, i], ref_g.view(B, N, 3, -1)[:, :, i]) for i in range(3)]
+        return [rel_err(out, ref)] + [rel_err(a, b) for a, b in parts]
+
     qkv = qkv.detach().requires_grad_()
     out = rope_attention(qkv, rope, num_heads=num_heads, backend=backend)
     (g,) = torch.autograd.grad(out, qkv, grad.to(out.dtype))
     assert out.dtype == qkv.dtype and out.shape == ref.shape and g.shape == qkv.shape
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
-    assert rel_err(out, ref) < tol
-    B, N = qkv.shape[:2]
-    for i, name in enumerate("qkv"):
-        got, want = g.view(B, N, 3, -1)[:, :, i], ref_g.view(B, N, 3, -1)[:, :, i]
-        assert rel_err(got, want) < tol, f"d{name}: {rel_err(got, want)}"
+    if tol == "half":
+        assert qkv.dtype in (torch.bfloat16, torch.float16)
+        out_t = rope_attention_ref(qkv, rope, num_heads)
+        (g_t,) = torch.autograd.grad(out_t, qkv, grad.to(qkv.dtype))
+        tols = [max(1e-2, 2 * e) for e in errors(out_t, g_t)]
+    else:
+        tols = [tol] * 4
+    for name, err, t in zip(("out", "dq", "dk", "dv"), errors(out, g), tols):
+        assert err < t, f"{name}: {err} (bound {t})"
 
 
 @pytest.mark.parametrize("prefix", [5, 0])
@@ -120,11 +133,24 @@ def test_matches_oracle_fp16_triton(head_dim, n, prefix):
     check_against_oracle(qkv, rope, heads, "triton", 1e-2)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n,prefix", [(6, 5), (54, 5), (261, 5), (19, None)])
+def test_matches_oracle_bf16_triton(head_dim, n, prefix, interpreter_bf16_dots):
+    """bf16 through the Triton kernels on CPU, within 2x PyTorch's own bf16 error (at least 1e-2).
+    Measured: 0.8-1.0x PyTorch's error on out, dq, dk and dv. (Before the fixture rounded fp32 ->
+    bf16 casts to nearest, the interpreter's truncation made it 2-3.4x, dq 1.5e-2 at 261 tokens.)"""
+    heads, batch = (1, 1) if n > 100 else (2, 2)
+    qkv = torch.randn(batch, n, 3 * heads * head_dim).bfloat16()
+    rope = None if prefix is None else dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale())
+    check_against_oracle(qkv, rope, heads, "triton", "half")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_rope_and_bf16_cpu(backend):
     qkv = torch.randn(2, 19, 3 * 2 * 64)
     check_against_oracle(qkv, None, 2, backend, 1e-5)
-    if backend == "cpu":  # bf16 arithmetic is wrong under the Triton interpreter: bf16 runs on the GPU test
+    if backend == "cpu":  # triton bf16 needs the interpreter_bf16_dots fixture: test_matches_oracle_bf16_triton
         check_against_oracle(qkv.bfloat16(), dinov3_rope(2, 7, 64), 2, "cpu", 1e-2)
 
 
@@ -272,7 +298,7 @@ def test_bad_input():
 def test_gpu_matches_oracle(head_dim, heads, n, prefix, batch, dtype):
     qkv = torch.randn(batch, n, 3 * heads * head_dim, device="cuda", dtype=dtype)
     rope = dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale(), device="cuda")
-    check_against_oracle(qkv, rope, heads, "triton", 1e-2)
+    check_against_oracle(qkv, rope, heads, "triton", "half")
 
 
 @pytest.mark.gpu
