@@ -53,7 +53,7 @@ def _gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, normalize: bool,
     return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
-def _compute_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
+def _result_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
     """fp32, or fp64 for fp64 inputs on the cpu backend (triton computes fp64 inputs in fp32)."""
     return torch.float64 if x.dtype == torch.float64 and backend == "cpu" else torch.float32
 
@@ -66,9 +66,9 @@ def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.T
 
 @_gram_loss_op.register_fake
 def _(student, teacher, normalize, clamp, backend, need_student, need_teacher):
-    return (student.new_empty((), dtype=_compute_dtype(student, backend)),
-            _grad_or_empty(student, need_student, _compute_dtype(student, backend)),
-            _grad_or_empty(teacher, need_teacher, _compute_dtype(teacher, backend)))
+    return (student.new_empty((), dtype=_result_dtype(student, backend)),
+            _grad_or_empty(student, need_student, _result_dtype(student, backend)),
+            _grad_or_empty(teacher, need_teacher, _result_dtype(teacher, backend)))
 
 
 def _setup_context(ctx, inputs, output):
