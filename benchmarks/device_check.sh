@@ -2,7 +2,7 @@
 # The one GPU-machine script: build with nvcc, run every GPU test, run the benchmarks with the
 # baselines re-measured in the same run, and write JSON (with card, driver, versions, git revision)
 # to $OUT. Designed for one device call well inside 10 minutes:
-#   device run: bash benchmarks/device_check.sh
+#   device run: GIT_REV=<this checkout's HEAD> bash benchmarks/device_check.sh
 # On a machine without a GPU it still runs (dry run): it builds, skips the GPU tests and benches the
 # CPU presets, so the script itself is exercised in CI-like conditions.
 set -uo pipefail
@@ -16,7 +16,13 @@ step() { echo "== $*" | tee -a "$OUT/log.txt"; }
 
 step "environment"
 "$PY" - <<'PYEOF' > "$OUT/env.json"
-import json, subprocess, torch
+import json, os, subprocess, torch
+def out(cmd):  # a command's stdout, or None where it is missing or fails
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "driver": None}
 try:
     import triton; info["triton"] = triton.__version__
@@ -24,9 +30,9 @@ except ImportError:
     info["triton"] = None
 if torch.cuda.is_available():
     info["gpu"] = torch.cuda.get_device_name()
-    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True).stdout.strip()
-info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    info["driver"] = out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+# The device gets a copy of the tree, maybe without .git or git: the caller may pass GIT_REV.
+info["git"] = os.environ.get("GIT_REV") or out(["git", "rev-parse", "HEAD"])
 print(json.dumps(info, indent=1))
 PYEOF
 cat "$OUT/env.json"

@@ -5,7 +5,7 @@
 # the same run, the memory planner's prediction for exactly those configs, and (if time is left) the
 # largest batch each setting trains. JSON (with card, driver, versions, git revision) goes to $OUT and
 # the summary (tools/train_results.py) is printed last:
-#   device run (timeout_s 330): bash benchmarks/train_check.sh
+#   device run (timeout_s 330): GIT_REV=<this checkout's HEAD> bash benchmarks/train_check.sh
 #   then here:  python tools/train_results.py <files_at> --save benchmarks/results/train/h100_<date>.json
 #               python tools/benchmarks_md.py      # BENCHMARKS.md marks issue #7's goals
 # No build step: on CUDA every op the trainer uses prefers its Triton backend (dinov3_fast._C is
@@ -72,7 +72,13 @@ run_opts=(checkpointing.period=-1 evaluation.knn_val_samples=0 "${OPTS[@]}")
 step "environment"
 timeout 60 "$PY" - "$PRESET" "$BATCH" "$STEPS" "$LOG_EVERY" "$COMPILE" "$ARCH" "${TRAIN_CHECK_OPTS:-}" \
   <<'PYEOF' > "$OUT/env.json"
-import json, subprocess, sys, torch
+import json, os, subprocess, sys, torch
+def out(cmd):  # a command's stdout, or None where it is missing or fails
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 preset, batch, steps, log_every, compile_, arch, opts = sys.argv[1:8]
 info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "gpu_mem_gib": None, "driver": None}
 try:
@@ -82,11 +88,11 @@ except ImportError:
 if torch.cuda.is_available():
     info["gpu"] = torch.cuda.get_device_name()
     info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True).stdout.strip()
-info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True).stdout.strip())
+    info["driver"] = out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+# The device gets a copy of the tree, maybe without .git or git: the caller may pass GIT_REV.
+info["git"] = os.environ.get("GIT_REV") or out(["git", "rev-parse", "HEAD"])
+dirty = out(["git", "status", "--porcelain", "--untracked-files=no"]) if info["git"] else None
+info["git_dirty"] = None if dirty is None else bool(dirty)
 import dinov3_fast
 info["backends"] = dinov3_fast.backends()
 info["check"] = {"preset": preset, "batch": int(batch), "steps": int(steps), "log_every": int(log_every),

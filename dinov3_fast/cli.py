@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -85,15 +86,22 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.compile={args.compile}")
     cfg = apply_overrides(cfg, overrides + list(args.opts or []))
     from dinov3_fast.train.loop import train
+
+    def write_json(history: dict) -> None:  # after every logged interval and at the end, atomically
+        out = {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
+               "checkpoint": history["checkpoint"], "torch": torch.__version__}
+        tmp = Path(f"{args.json}.tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, args.json)
+
     try:
-        history = train(cfg, resume=args.resume, progress=not args.no_progress)
+        history = train(cfg, resume=args.resume, progress=not args.no_progress,
+                        on_log=write_json if args.json else None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json and history["state"].rank == 0:
-        out = {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
-               "checkpoint": history["checkpoint"], "torch": torch.__version__}
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(history)
     return 0
 
 

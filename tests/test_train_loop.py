@@ -115,11 +115,25 @@ def test_export_loads_into_a_dinov3_backbone(tmp_path):
     assert set(torch.load(pth)) == set(ref)
 
 
-def test_cli_train_and_clear_errors(tmp_path, capsys):
+def test_cli_train_and_clear_errors(tmp_path, capsys, monkeypatch):
+    """--json is rewritten after every logged interval (a run killed by a time limit keeps what it
+    measured), and once more at the end."""
+    import dinov3_fast.train.loop as loop
+
+    seen = []
+    original = loop.train
+
+    def spy_train(cfg, **kwargs):
+        def on_log(history):
+            kwargs["on_log"](history)
+            seen.append(len(json.loads((tmp_path / "h.json").read_text())["steps"]))
+        return original(cfg, **{**kwargs, "on_log": on_log})
+
+    monkeypatch.setattr(loop, "train", spy_train)
     rc = cli_main(["train", "--preset", "debug", "--steps", "2", "--batch", "4", "--ops", "reference",
                    "--output-dir", str(tmp_path), "--no-progress", "--json", str(tmp_path / "h.json"),
-                   "evaluation.knn_val_samples=0", "checkpointing.period=-1"])
-    assert rc == 0
+                   "--log-every", "1", "evaluation.knn_val_samples=0", "checkpointing.period=-1"])
+    assert rc == 0 and seen == [1, 2]
     hist = json.loads((tmp_path / "h.json").read_text())
     assert len(hist["steps"]) == 2 and hist["config"]["train"]["ops"] == "reference"
     assert cli_main(["train", "--preset", "debug", "--arch", "vit_nope", "--steps", "1"]) == 2

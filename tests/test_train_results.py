@@ -166,3 +166,18 @@ def test_benchmarks_md_shows_issue_7_as_not_measured_without_records():
     text = md.render([])
     assert "| 7 | ViT-L/16 training MFU >= 40% on H100 (fused) | vitl16_h100 | - | not measured" in text
     assert "No GPU training run committed yet." in text
+
+
+def test_single_interval_and_unreadable_files_are_not_measured(tr, tmp_path):
+    """A run with one logged interval has no steady rate (it would count the warm-up); an env.json
+    or train JSON cut short by a time limit is listed as missing, not a crash."""
+    one = tr.summarise_train(_train("fused", 240.0, 50.0, steps=4))
+    assert one["img_per_s"] is None and one["mfu"] is None
+    out = _out_dir(tmp_path)
+    (out / "train_fused.json").write_text(json.dumps(_train("fused", 240.0, 50.0, steps=4)))
+    assert _goal(tr, tr.build_record(out), "speedup") == (None, "not measured (a run has no interval after its warm-up)")
+    (out / "env.json").write_text("")
+    (out / "train_reference.json").write_text('{"config": ')
+    record = tr.build_record(out)
+    assert set(record["missing"]) == {"env.json", "train_reference.json"}
+    assert _goal(tr, record, "mfu")[1].startswith("not measured")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     results[args.ops] = entry
 
     def save() -> None:
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        tmp = path.with_name(path.name + ".tmp")  # atomic: a timeout kill never leaves half a file
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, path)
 
     state = build_state(copy.deepcopy(cfg))
     dev = state.device

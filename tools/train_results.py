@@ -38,7 +38,9 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
     logged = [s for s in data["steps"] if s.get("img_per_s") is not None and s.get("step_time") is not None]
     if not logged:
         raise ValueError("the train JSON has no logged step (img_per_s / step_time); was --log-every > --steps?")
-    steady = logged[1:] if len(logged) > 1 else logged
+    # The first interval holds compilation and warm-up: the rates come from the later ones only,
+    # and a run with a single interval has no steady rate (None: the goals read "not measured").
+    steady = logged[1:]
     prev = {id(s): (logged[i - 1]["step"] if i else 0) for i, s in enumerate(logged)}
     n = [s["step"] - prev[id(s)] for s in steady]
     seconds = sum(s["step_time"] * k for s, k in zip(steady, n))
@@ -51,7 +53,7 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         "arch": st["arch"], "patch_size": st["patch_size"], "batch": t["batch_size_per_gpu"], "ops": t["ops"],
         "ac": t["ac"], "compile": t["compile"], "param_dtype": cfg["compute_precision"]["param_dtype"],
         "crops": [c["global_crops_size"], c["local_crops_size"], c["local_crops_number"]],
-        "steps": logged[-1]["step"], "warmup_steps": logged[0]["step"] if len(logged) > 1 else 0,
+        "steps": logged[-1]["step"], "warmup_steps": logged[0]["step"],
         "img_per_s": img_s, "step_time_ms": 1e3 * seconds / sum(n) if sum(n) else None, "mfu": mfu,
         "peak_mem_gib": max(s["peak_mem_gib"] for s in logged),
         "intervals": [{k: s.get(k) for k in ("step", "img_per_s", "step_time", "peak_mem_gib", "mfu", "total_loss")}
@@ -61,17 +63,18 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_record(out_dir: str | Path) -> dict[str, Any]:
-    """The compact record of one train_check.sh output folder; missing files are listed, not fatal."""
+    """The compact record of one train_check.sh output folder; missing or unreadable files (a step
+    killed mid-write) are listed, not fatal."""
     out = Path(out_dir)
     record: dict[str, Any] = {"kind": KIND, "version": 1, "env": {}, "runs": {}, "plans": {}, "probe": None,
                               "missing": []}
 
     def read(name: str) -> Any:
-        path = out / name
-        if not path.is_file():
+        try:
+            return json.loads((out / name).read_text())
+        except (OSError, ValueError):
             record["missing"].append(name)
             return None
-        return json.loads(path.read_text())
 
     record["env"] = read("env.json") or {}
     for ops in OPS:
@@ -160,8 +163,8 @@ def evaluate(goal: TrainGoal, record: dict[str, Any]) -> tuple[float | str | Non
         value = max(abs(e) for e in errors)
     elif goal.key == "mfu":
         fused = runs.get("fused")
-        if "H100" not in record["env"]["gpu"]:
-            return None, f"not measured (not an H100: {record['env']['gpu']})"
+        if "H100" not in (record["env"].get("gpu") or ""):
+            return None, f"not measured (not an H100: {record['env'].get('gpu')})"
         if fused is None or fused["mfu"] is None:
             return None, "not measured (no fused run with an MFU figure)"
         value = fused["mfu"]
@@ -173,6 +176,8 @@ def evaluate(goal: TrainGoal, record: dict[str, Any]) -> tuple[float | str | Non
         if any(fused[k] != ref[k] for k in same):
             return None, "not measured (the two runs differ in more than ops)"
         if goal.key == "speedup":
+            if not (fused["img_per_s"] and ref["img_per_s"]):
+                return None, "not measured (a run has no interval after its warm-up)"
             value = fused["img_per_s"] / ref["img_per_s"]
         else:
             value = 1 - fused["peak_mem_gib"] / ref["peak_mem_gib"]

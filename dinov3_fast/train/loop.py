@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,11 @@ def _reduce_logs(logs: dict[str, torch.Tensor], world: int) -> dict[str, float]:
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, device=None,
-          log_fn=print) -> dict[str, Any]:
+          log_fn=print, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run cfg.total_steps iterations (from a checkpoint with `resume`). Returns the history:
-    per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint."""
+    per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint.
+    on_log(history) is called on rank 0 after every logged interval, e.g. to persist the figures
+    so far: a run killed by a time limit keeps what it measured."""
     from tqdm import tqdm
     state = build_state(cfg, device)
     out_dir = Path(cfg.train.output_dir)
@@ -235,6 +238,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
                        f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
                        f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+            if state.rank == 0 and on_log is not None:
+                on_log(history)
         if period > 0 and it % period == 0 and it < total:
             history["checkpoint"] = str(save_checkpoint(ckpt_root, it, state.arch, state.optimizer, state.rank_state(),
                                                         config_yaml, cfg.checkpointing.max_to_keep))
