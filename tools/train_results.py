@@ -139,8 +139,11 @@ def _recipe_problem(record: dict[str, Any]) -> str | None:
         return "no GPU in this run"
     for ops, run in record["runs"].items():
         g, loc, n = run["crops"]
-        if run["arch"] != "vit_large" or run["patch_size"] != 16 or g not in (224, 256) or n != 8:
-            return f"the {ops} run is not ViT-L/16 with 2 x 224/256 + 8 local crops"
+        if run["arch"] != "vit_large" or run["patch_size"] != 16 or g not in (224, 256) or n != 8 \
+                or loc not in (96, 112):
+            return f"the {ops} run is not ViT-L/16 with 2 x 224/256 + 8 x 96/112 local crops"
+        if run["param_dtype"] != "bf16":
+            return f"the {ops} run is not in bf16 (DINOv3's recipe)"
     return None
 
 
