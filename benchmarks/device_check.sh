@@ -15,26 +15,7 @@ status=0
 step() { echo "== $*" | tee -a "$OUT/log.txt"; }
 
 step "environment"
-"$PY" - <<'PYEOF' > "$OUT/env.json"
-import json, os, subprocess, torch
-def out(cmd):  # a command's stdout, or None where it is missing or fails
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError:
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "driver": None}
-try:
-    import triton; info["triton"] = triton.__version__
-except ImportError:
-    info["triton"] = None
-if torch.cuda.is_available():
-    info["gpu"] = torch.cuda.get_device_name()
-    info["driver"] = out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-# The device gets a copy of the tree, maybe without .git or git: the caller may pass GIT_REV.
-info["git"] = os.environ.get("GIT_REV") or out(["git", "rev-parse", "HEAD"])
-print(json.dumps(info, indent=1))
-PYEOF
+"$PY" -m dinov3_fast.bench.environment > "$OUT/env.json" || status=1
 cat "$OUT/env.json"
 
 step "build (nvcc for sm_80;sm_90a when present)"

@@ -72,28 +72,11 @@ run_opts=(checkpointing.period=-1 evaluation.knn_val_samples=0 "${OPTS[@]}")
 step "environment"
 timeout 60 "$PY" - "$PRESET" "$BATCH" "$STEPS" "$LOG_EVERY" "$COMPILE" "$ARCH" "${TRAIN_CHECK_OPTS:-}" \
   <<'PYEOF' > "$OUT/env.json"
-import json, os, subprocess, sys, torch
-def out(cmd):  # a command's stdout, or None where it is missing or fails
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError:
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-preset, batch, steps, log_every, compile_, arch, opts = sys.argv[1:8]
-info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "gpu_mem_gib": None, "driver": None}
-try:
-    import triton; info["triton"] = triton.__version__
-except ImportError:
-    info["triton"] = None
-if torch.cuda.is_available():
-    info["gpu"] = torch.cuda.get_device_name()
-    info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    info["driver"] = out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-# The device gets a copy of the tree, maybe without .git or git: the caller may pass GIT_REV.
-info["git"] = os.environ.get("GIT_REV") or out(["git", "rev-parse", "HEAD"])
-dirty = out(["git", "status", "--porcelain", "--untracked-files=no"]) if info["git"] else None
-info["git_dirty"] = None if dirty is None else bool(dirty)
+import json, sys
 import dinov3_fast
+from dinov3_fast.bench.environment import run_environment
+preset, batch, steps, log_every, compile_, arch, opts = sys.argv[1:8]
+info = run_environment()
 info["backends"] = dinov3_fast.backends()
 info["check"] = {"preset": preset, "batch": int(batch), "steps": int(steps), "log_every": int(log_every),
                  "compile": compile_ or "preset", "arch": arch or "preset", "opts": opts}

@@ -27,6 +27,7 @@ def _cpu_name() -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     from dinov3_fast.bench.cases import all_cases
+    from dinov3_fast.bench.environment import triton_version
     from dinov3_fast.bench.roofline import measure_roofline
     from dinov3_fast.bench.runner import format_table, run_cases
 
@@ -58,11 +59,7 @@ def _bench(args: argparse.Namespace) -> int:
                 "torch": torch.__version__, "date": datetime.date.today().isoformat(),
                 "threads": torch.get_num_threads(),
                 "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version()}
-        try:
-            import triton
-            meta["triton"] = triton.__version__
-        except ImportError:
-            meta["triton"] = None
+        meta["triton"] = triton_version()
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
         print(f"wrote {args.json}")
     if args.plot:

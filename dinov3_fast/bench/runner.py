@@ -75,11 +75,7 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time) if has_grad else None
-        # The CPU figure comes from the profiler's allocation events, which now and then miss a
-        # torch.compile'd graph's buffers (seen: 280 B for a step that returns a 1 MiB gradient);
-        # the largest of three runs is the step's peak.
-        step = fwd_bwd_step(impl, args, kwargs) if has_grad else fwd
-        peak = max(peak_extra_bytes(step, device) for _ in range(1 if device.type == "cuda" else 3))
+        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device)
         tflops = case.flops / fwd_s / 1e12 if case.flops else None
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None
