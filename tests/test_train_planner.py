@@ -74,3 +74,30 @@ def test_planner_orders_ac_modes_and_ops():
 def test_plan_cli(capsys):
     assert cli_main(["plan", "--preset", "debug", "--gpus", "4", "--ac", "full"]) == 0
     assert "4 ranks" in capsys.readouterr().out
+
+
+def test_planner_attention_keeps_what_a_gpu_kernel_keeps():
+    """On meta tensors SDPA takes its math path and keeps the N x N probabilities; the planner
+    measures the fused kernel a GPU runs, which keeps only out and logsumexp."""
+    import torch.nn.functional as F
+
+    from dinov3_fast.train.planner import kernels_as_on_gpu, saved_activation_bytes
+
+    B, H, N, Dh = 2, 4, 261, 64
+    q, k, v = (torch.empty(B, H, N, Dh, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out_and_lse = B * H * N * Dh * 2 + B * H * N * 4
+    assert saved_activation_bytes(lambda: F.scaled_dot_product_attention(q, k, v)) > B * H * N * N * 2
+    with kernels_as_on_gpu():
+        # plus flash's two RNG-state scalars
+        assert saved_activation_bytes(lambda: F.scaled_dot_product_attention(q, k, v)) == pytest.approx(out_and_lse, abs=64)
+
+
+def test_planner_sees_the_fused_attention():
+    """Without AC the reference attention keeps its rotated q and k for the backward and the fused
+    op does not (it keeps the packed qkv that the Linear's output already holds); with selective
+    AC both keep only the attention op's output and logsumexp (the rest differs by RoPE tables)."""
+    cfg = apply_overrides(get_preset("debug"), ["student.num_heads=2"])  # head dim 32: a Triton shape
+    act = {(ac, ops): plan_memory(apply_overrides(cfg, [f"train.ac={ac}", f"train.ops={ops}"]), world_size=1).activations
+           for ac in ("none", "selective") for ops in ("fused", "reference")}
+    assert act["none", "fused"] < act["none", "reference"]
+    assert act["selective", "fused"] == pytest.approx(act["selective", "reference"], rel=0.01)

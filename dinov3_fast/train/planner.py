@@ -14,7 +14,11 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
 - **activations**: measured, not modelled: the student backbone runs forward on meta tensors at
   the per-rank batch (2 global + n local crops) with the chosen AC mode, under a dispatch mode
   that records every storage created; what is still alive after the forward is what the backward
-  will read. Two depths (1 and 2 blocks) give the per-block and the fixed part.
+  will read. Two depths (1 and 2 blocks) give the per-block and the fixed part. The kernels are
+  the ones a GPU runs (`kernels_as_on_gpu`): our ops' Triton backends (their fake kernels), and
+  SDPA's fused flash / memory-efficient kernel rather than the math path meta tensors would take,
+  which keeps every crop's N x N attention probabilities (0.8 of ViT-L's 2.2 GiB per block at
+  batch 96).
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
   with `--ops reference`, the fp32 log-softmax copies the reference losses keep for backward.
@@ -22,15 +26,20 @@ The sum leaves out the CUDA context and the allocator's fragmentation (a few GiB
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
 from dinov3_fast.train.config import Config, apply_overrides, validate
 
 GIB = 2**30
@@ -55,6 +64,32 @@ class StorageTracker(TorchDispatchMode):
 
     def alive_bytes(self) -> int:
         return sum(n for ref, n in self.refs.values() if not ref.expired())
+
+
+class _FusedSDPAOnMeta(TorchFunctionMode):
+    """Runs `F.scaled_dot_product_attention` on meta tensors as a GPU does: SDPA's flash kernel for
+    bf16/fp16 and its memory-efficient kernel for fp32, whose backward keeps out and logsumexp.
+    (On meta, SDPA falls back to its math path, which keeps the N x N probabilities.) Calls with
+    a mask, dropout or causal masking are left alone."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = len(args) == 3 and set(kwargs) <= {"scale"}
+        if func is not F.scaled_dot_product_attention or not plain or args[0].device.type != "meta":
+            return func(*args, **kwargs)
+        q, k, v = args
+        if q.dtype in (torch.bfloat16, torch.float16):
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, **kwargs)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, **kwargs)[0]
+
+
+@contextlib.contextmanager
+def kernels_as_on_gpu() -> Iterator[None]:
+    """Meta-device forwards dispatch to the kernels a CUDA run uses, so that what autograd saves is
+    what it saves on the GPU: our ops pick their Triton backend (run as their fake kernels), SDPA
+    its fused kernel."""
+    with simulate_cuda_dispatch(), _FusedSDPAOnMeta():
+        yield
 
 
 def saved_activation_bytes(fn) -> int:
@@ -106,13 +141,15 @@ def _measure_student(cfg: Config, depth: int, dtype: torch.dtype) -> tuple[int, 
     apply_ac(backbone.blocks, cfg.train.ac)
     g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=dtype)
     loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta", dtype=dtype)
-    act = saved_activation_bytes(lambda: backbone([g, loc], is_training=True))
+    with kernels_as_on_gpu():
+        act = saved_activation_bytes(lambda: backbone([g, loc], is_training=True))
     hw = (c.global_crops_size // cfg.student.patch_size) ** 2
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
     cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
     tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
-    head = saved_activation_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
+    with kernels_as_on_gpu():
+        head = saved_activation_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
     return act, head, masked
 
 
