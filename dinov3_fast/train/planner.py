@@ -8,9 +8,11 @@ Nothing is allocated. The models are built on the meta device and sharded with t
 so the sharded state is exactly what FSDP2 keeps on a rank (padding included). Terms:
 - **sharded state**: fp32 parameter shards of student, teacher and Gram teacher; fp32 gradient
   shards and AdamW's two fp32 moments for the student.
-- **transient all-gather buffers**: the largest FSDP unit unsharded in the param dtype, twice
-  (the running unit and the prefetched one), plus its unsharded fp32 gradient for the
-  reduce-scatter, twice.
+- **transient buffers**: with FSDP (world_size > 1), the largest FSDP unit unsharded in the
+  param dtype, twice (the running unit and the prefetched one), plus its unsharded fp32 gradient
+  for the reduce-scatter, twice. A single process is not sharded (see `loop.py`): it keeps fp32
+  parameters and runs under autocast, whose cache holds a low-precision copy of every student
+  parameter through the forward and backward.
 - **activations**: measured, not modelled: the student backbone runs forward on meta tensors at
   the per-rank batch (2 global + n local crops) with the chosen AC mode, under a dispatch mode
   that records every storage created; what is still alive after the forward is what the backward
@@ -18,7 +20,9 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   the ones a GPU runs (`kernels_as_on_gpu`): our ops' Triton backends (their fake kernels), and
   SDPA's fused flash / memory-efficient kernel rather than the math path meta tensors would take,
   which keeps every crop's N x N attention probabilities (0.8 of ViT-L's 2.2 GiB per block at
-  batch 96).
+  batch 96). The dtypes are the trainer's: with FSDP the modules run in the param dtype (its
+  MixedPrecisionPolicy); a single process runs fp32 modules under autocast's casts, so the
+  residual stream that AC keeps at each block's input is fp32.
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
   with `--ops reference`, the fp32 log-softmax copies the reference losses keep for backward.
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
 from dinov3_fast.train.config import Config, apply_overrides, validate
@@ -46,8 +50,15 @@ GIB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2}
 
 
+def _storages(tree) -> list:
+    return [t.untyped_storage() for t in tree_flatten(tree)[0]
+            if isinstance(t, torch.Tensor) and not hasattr(t, "to_local")]
+
+
 class StorageTracker(TorchDispatchMode):
-    """Records every storage an op creates; `alive_bytes()` sums those still referenced."""
+    """Records every storage an op creates; `alive_bytes()` sums those still referenced. An output
+    that aliases an input (a view, an in-place op) creates none: a view of a parameter is not an
+    activation."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,10 +66,10 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not hasattr(t, "to_local"):
-                s = t.untyped_storage()
-                ref = StorageWeakRef(s)
+        inputs = {StorageWeakRef(s).cdata for s in _storages((args, kwargs))}
+        for s in _storages(out):
+            ref = StorageWeakRef(s)
+            if ref.cdata not in inputs:
                 self.refs.setdefault(ref.cdata, (ref, s.nbytes()))
         return out
 
@@ -83,12 +94,53 @@ class _FusedSDPAOnMeta(TorchFunctionMode):
         return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, **kwargs)[0]
 
 
+_AUTOCAST_LOW = {F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.addmm, F.scaled_dot_product_attention}
+_AUTOCAST_FP32 = {F.layer_norm, F.softmax, F.log_softmax, F.normalize}
+
+
+class _AutocastOnMeta(TorchFunctionMode):
+    """torch.autocast's casts for meta tensors, which autocast does not see: the matmul-like
+    functions run in `dtype`, the normalisations and softmaxes in fp32, everything else in its
+    inputs' dtypes. As with autocast, the casts happen above autograd (autograd keeps the cast
+    copies), and the cast of a leaf that requires grad (a parameter) is made once and cached."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.cache: dict[torch.Tensor, torch.Tensor] = {}
+
+    def cached_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.cache.values())
+
+    def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not (t.is_leaf and t.requires_grad):
+            return t.to(dtype)
+        if t not in self.cache:
+            self.cache[t] = t.to(dtype)
+        return self.cache[t]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _AUTOCAST_LOW:
+            src, dst = (torch.float32,), self.dtype
+        elif func in _AUTOCAST_FP32:
+            src, dst = (torch.bfloat16, torch.float16), torch.float32
+        else:
+            return func(*args, **kwargs)
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: self._cast(t, dst) if t.dtype in src else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def kernels_as_on_gpu() -> Iterator[None]:
+def kernels_as_on_gpu(autocast: _AutocastOnMeta | None = None) -> Iterator[None]:
     """Meta-device forwards dispatch to the kernels a CUDA run uses, so that what autograd saves is
     what it saves on the GPU: our ops pick their Triton backend (run as their fake kernels), SDPA
-    its fused kernel."""
-    with simulate_cuda_dispatch(), _FusedSDPAOnMeta():
+    its fused kernel; with `autocast`, under that emulation of autocast's casts."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(simulate_cuda_dispatch())
+        stack.enter_context(_FusedSDPAOnMeta())
+        if autocast is not None:
+            stack.enter_context(autocast)  # innermost: casts before SDPA is routed
         yield
 
 
@@ -129,27 +181,38 @@ def _local_numel(module: torch.nn.Module) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
 
 
-def _measure_student(cfg: Config, depth: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(backbone, heads) saved bytes on meta for a student of `depth` blocks at the per-rank batch."""
+def _measure_student(cfg: Config, depth: int, dtype: torch.dtype, autocast: bool) -> tuple[int, int, int]:
+    """(backbone bytes, heads bytes, masked tokens): what autograd keeps, on meta, for a student of
+    `depth` blocks at the per-rank batch. Modules in `dtype`; with `autocast`, fp32 modules under
+    autocast's casts to `dtype` instead (the single-process trainer), not counting autocast's
+    cache of the parameters' casts (a transient buffer in the plan)."""
     from dinov3_fast.train.meta_arch import _heads, build_backbone
     from dinov3_fast.train.parallelize import apply_ac
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
+    module_dtype = torch.float32 if autocast else dtype
     small = apply_overrides(cfg, [f"student.depth={depth}"])
     with torch.device("meta"):
-        backbone = build_backbone(small, drop_path_rate=0.0, device="meta").to(dtype)
-        heads = {k: v.to(dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
+        backbone = build_backbone(small, drop_path_rate=0.0, device="meta").to(module_dtype)
+        heads = {k: v.to(module_dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
     apply_ac(backbone.blocks, cfg.train.ac)
-    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=dtype)
-    loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta", dtype=dtype)
-    with kernels_as_on_gpu():
-        act = saved_activation_bytes(lambda: backbone([g, loc], is_training=True))
+
+    def saved_bytes(fn) -> int:
+        casts = _AutocastOnMeta(dtype) if autocast and dtype != torch.float32 else None
+        with kernels_as_on_gpu(casts):
+            return saved_activation_bytes(fn) - (casts.cached_bytes() if casts else 0)
+
+    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=module_dtype)
+    loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta",
+                      dtype=module_dtype)
+    act = saved_bytes(lambda: backbone([g, loc], is_training=True))
     hw = (c.global_crops_size // cfg.student.patch_size) ** 2
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
-    cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
-    tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=dtype, requires_grad=True)
-    with kernels_as_on_gpu():
-        head = saved_activation_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
+    # the heads' inputs: the backbone's output tokens (fp32 under autocast: its last norm runs in fp32)
+    cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=module_dtype,
+                      requires_grad=True)
+    tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=module_dtype, requires_grad=True)
+    head = saved_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
     return act, head, masked
 
 
@@ -183,10 +246,14 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             dist.destroy_process_group()
     pb = _BYTES[cfg.compute_precision.param_dtype]
     sharded = 4 * student_local * 4 + 4 * teacher_local  # params + grads + 2 moments; teachers' params
-    transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
+    single = world_size == 1  # the trainer does not shard one process: fp32 modules under autocast
+    if single:
+        transient = total * pb if p_dtype != torch.float32 else 0  # autocast's cache of the student's casts
+    else:
+        transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
     depth = arch.student.backbone.n_blocks
-    a1, head, masked = _measure_student(cfg, 1, p_dtype)
-    a2, _, _ = _measure_student(cfg, 2, p_dtype)
+    a1, head, masked = _measure_student(cfg, 1, p_dtype, autocast=single)
+    a2, _, _ = _measure_student(cfg, 2, p_dtype, autocast=single)
     per_block = a2 - a1
     activations = a1 - per_block + depth * per_block
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
@@ -200,7 +267,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
 
 def format_plan(plan: MemoryPlan) -> str:
     rows = [("sharded state (params, grads, AdamW; teachers)", plan.sharded_state),
-            ("transient all-gather / reduce-scatter buffers", plan.transient_buffers),
+            ("transient all-gather / reduce-scatter buffers" if plan.world_size > 1
+             else "transient buffers (autocast's parameter casts)", plan.transient_buffers),
             (f"activations (AC {plan.ac})", plan.activations),
             (f"heads and losses (ops {plan.ops})", plan.heads_and_losses),
             ("total per rank", plan.total)]
