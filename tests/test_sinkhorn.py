@@ -137,6 +137,25 @@ def test_dominated_sample_stays_finite(backend):
     assert rel_err(out[2], want[2]) < 1e-5
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_cpu_non_finite_scaling_result_falls_back_to_log_domain(monkeypatch, bad):
+    """The cpu scaling form's last guard: a non-finite entry in its result (inf from u * v past
+    fp32's range, with every sample mass in range) sends the call to the log domain."""
+    from dinov3_fast.ops.sinkhorn import cpu
+
+    scaling = cpu._sinkhorn_scaling
+
+    def poisoned(*args):
+        out = scaling(*args)
+        out[1, 3] = bad
+        return out
+
+    monkeypatch.setattr(cpu, "_sinkhorn_scaling", poisoned)
+    logits = torch.randn(4, 100)
+    out = sinkhorn_knopp(logits, 0.07, backend="cpu")
+    assert torch.isfinite(out).all() and rel_err(out, log_domain_oracle(logits, 0.07)) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates(backend):
     logits = torch.randn(4, 100)
