@@ -14,30 +14,31 @@
 # Knobs (environment; defaults are the GPU run):
 #   PYTHON=python3            interpreter
 #   TRAIN_CHECK_PRESET=vitl16_h100   TRAIN_CHECK_ARCH=  (student.arch override, e.g. vit_small)
-#   TRAIN_CHECK_BATCH=112     batch per GPU, the same for both ops settings (see below)
+#   TRAIN_CHECK_BATCH=128     batch per GPU, the same for both ops settings (see below)
 #   TRAIN_CHECK_STEPS=20      TRAIN_CHECK_LOG_EVERY=4: the first logged interval (compile, Triton JIT) is
 #                             warm-up; img/s and MFU are over the other 16 steps
 #   TRAIN_CHECK_COMPILE=      "" the preset's (vitl16_h100: on), 0 eager, 1 compiled
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
-#   TRAIN_CHECK_PROBE_BATCHES="128 144 160 176"  ascending batches for the probe ("" skips it)
+#   TRAIN_CHECK_PROBE_BATCHES="144 160 176 192"  ascending batches for the probe ("" skips it)
 #   TRAIN_CHECK_BUDGET_S=285  wall-clock budget of the whole script; every step's `timeout` is cut to
 #                             what is left of it, and the probe runs only if >= 50 s are left
 # CPU dry run (30-45 s on 2 cores; exercises every step and file, judges no goal):
 #   OUT=/tmp/train_check PYTHON=.venv/bin/python TRAIN_CHECK_PRESET=debug TRAIN_CHECK_BATCH=4 \
 #   TRAIN_CHECK_STEPS=4 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
 #
-# Batch 112 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
-# --batch B --ops O`, on a CPU; it measures what the GPU kernels keep under the single-process
-# trainer's autocast, see planner.py): total fused / reference 34.9 / 36.0 GiB at 64 (the preset's),
-# 55.7 / 57.6 at 112, 62.6 / 64.8 at 128, 69.5 / 72.0 at 144, 76.5 / 79.2 at 160. An H100 80GB holds
-# 79.6 GiB. 112 leaves ~28% headroom for what the plan leaves out (the backward's transient block
-# gradients and recompute, fragmentation) and for the plan's own error, which issue #7 allows to be
-# 10%: one OOM would lose the equal-batch comparison. The probe then walks up from 128 to find each
-# setting's actual limit.
+# Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
+# --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the single-process trainer's
+# eager run, autocast and stochastic depth included, see planner.py): total fused / reference
+# 28.4 / 30.0 GiB at 64 (the preset's), 44.4 / 47.1 at 112, 49.7 / 52.8 at 128, 55.0 / 58.5 at 144,
+# 60.4 / 64.3 at 160, 65.7 / 69.9 at 176. An H100 80GB holds 79.6 GiB. 128 leaves ~1/3 headroom for
+# what the plan leaves out (the backward's transient block gradients and recompute, fragmentation,
+# what the compiled blocks keep instead of the eager ones) and for the plan's own error, which issue
+# #7 allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
+# 144 to find each setting's actual limit.
 #
 # Time (estimates, not yet measured on the device): env ~5 s; the two plans ~10 s each; each train run
 # ~60-100 s (start-up, cold per-block compile of the student fwd+bwd and the teacher forward, Triton
-# JIT, then 20 steps of ~0.5-1.1 s: 1.6 TFLOP per image, 112 images); the probe ~20-40 s per setting
+# JIT, then 20 steps of ~0.5-1.1 s: 1.6 TFLOP per image, 128 images); the probe ~20-40 s per setting
 # (eager, models built once, 2 steps per batch). Files back: at most 8 (env, log, 2 plans, 2 runs,
 # probe, summary), so the trainer's output dir (config.yaml) lives outside $OUT.
 set -uo pipefail
@@ -50,12 +51,12 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 PRESET="${TRAIN_CHECK_PRESET:-vitl16_h100}"
 ARCH="${TRAIN_CHECK_ARCH:-}"
-BATCH="${TRAIN_CHECK_BATCH:-112}"
+BATCH="${TRAIN_CHECK_BATCH:-128}"
 STEPS="${TRAIN_CHECK_STEPS:-20}"
 LOG_EVERY="${TRAIN_CHECK_LOG_EVERY:-4}"
 COMPILE="${TRAIN_CHECK_COMPILE:-}"
 read -r -a OPTS <<< "${TRAIN_CHECK_OPTS:-}"
-PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-128 144 160 176}"
+PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-144 160 176 192}"
 BUDGET="${TRAIN_CHECK_BUDGET_S:-285}"
 RUN_DIR="$(mktemp -d)"
 trap 'rm -rf "$RUN_DIR"' EXIT

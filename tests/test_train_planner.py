@@ -76,7 +76,7 @@ def test_plan_cli(capsys):
     assert "4 ranks" in capsys.readouterr().out
 
 
-def test_planner_attention_keeps_what_a_gpu_kernel_keeps():
+def test_planner_routes_meta_attention_to_a_fused_kernel():
     """On meta tensors SDPA takes its math path and keeps the N x N probabilities; the planner
     measures the fused kernel a GPU runs, which keeps only out and logsumexp."""
     import torch.nn.functional as F
@@ -107,8 +107,10 @@ def test_planner_sees_the_fused_attention():
 def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
     """One process trains fp32 modules under autocast, which meta tensors do not see: the planner
     emulates its casts. Against a real CPU autocast forward of the same backbone (autocast's cache
-    of the bf16 parameter copies left out of both), the saved bytes agree within 2%; the
-    residual stream AC keeps is fp32, so a bf16-module plan would be smaller."""
+    of the bf16 parameter copies left out of both), the saved bytes agree to a few hundred bytes
+    (CPU autocast casts the matmuls as CUDA's does, but not the norms to fp32: that half of the
+    emulation is not checked here); the residual stream AC keeps is fp32, so a bf16-module plan
+    would be smaller."""
     import torch.nn as nn
 
     from dinov3_fast.train.meta_arch import build_backbone
@@ -128,5 +130,19 @@ def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
         measured = saved_activation_bytes(lambda: backbone(crops, is_training=True))
     cast_cache = sum(2 * p.numel() for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                      for p in m.parameters())
-    assert planned == pytest.approx(measured - cast_cache, rel=0.02)
+    assert planned == pytest.approx(measured - cast_cache, abs=256)
     assert _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=False)[0] < planned
+
+
+def test_planner_storage_rules_and_stochastic_depth():
+    """Views of existing storage are not activations, a torch.tensor() literal is; stochastic
+    depth runs each branch on a fixed-size subset of the batch, so it shrinks the plan."""
+    from dinov3_fast.train.planner import saved_activation_bytes
+
+    weight = torch.empty(64, 32)
+    assert saved_activation_bytes(lambda: (weight.t(), weight[:8])) == 0
+    assert saved_activation_bytes(lambda: torch.tensor([1.0, 2.0, 3.0])) == 12
+    cfg = apply_overrides(get_preset("debug"), ["student.num_heads=2"])
+    act = {r: plan_memory(apply_overrides(cfg, [f"student.drop_path_rate={r}"]), world_size=1).activations
+           for r in (0.0, 0.5)}
+    assert act[0.5] < act[0.0]

@@ -12,20 +12,24 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   param dtype, twice (the running unit and the prefetched one), plus its unsharded fp32 gradient
   for the reduce-scatter, twice. A single process is not sharded (see `loop.py`): it keeps fp32
   parameters and runs under autocast, whose cache holds a low-precision copy of every student
-  parameter through the forward and backward.
+  Linear and Conv parameter through the forward and backward. (This plans an eager run: inside
+  torch.compile'd blocks autocast does not cache, and the compiled graphs choose what to keep.)
 - **activations**: measured, not modelled: the student backbone runs forward on meta tensors at
   the per-rank batch (2 global + n local crops) with the chosen AC mode, under a dispatch mode
   that records every storage created; what is still alive after the forward is what the backward
-  will read. Two depths (1 and 2 blocks) give the per-block and the fixed part. The kernels are
+  will read. Two depths (1 and 2 blocks) give the per-block and the fixed part; stochastic depth
+  at the configured rate (its branches run on a fixed-size subset of the batch). The kernels are
   the ones a GPU runs (`kernels_as_on_gpu`): our ops' Triton backends (their fake kernels), and
-  SDPA's fused flash / memory-efficient kernel rather than the math path meta tensors would take,
-  which keeps every crop's N x N attention probabilities (0.8 of ViT-L's 2.2 GiB per block at
-  batch 96). The dtypes are the trainer's: with FSDP the modules run in the param dtype (its
+  SDPA's fused kernel (flash; cuDNN, which recent torch prefers on sm_90, keeps the same out and
+  logsumexp) rather than the math path meta tensors would take, which keeps every crop's N x N
+  attention probabilities (0.67 of ViT-L's 2.14 GiB per block in bf16 at batch 96). The dtypes are the trainer's: with FSDP the modules run in the param dtype (its
   MixedPrecisionPolicy); a single process runs fp32 modules under autocast's casts, so the
   residual stream that AC keeps at each block's input is fp32.
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
-  with `--ops reference`, the fp32 log-softmax copies the reference losses keep for backward.
+  with `--ops reference`, what the reference losses keep for backward: the fp32 log-softmax of
+  every student row, and their einsum's copy of the targets (bf16 under autocast, which casts
+  einsum; without autocast only iBOT's weighted targets are a new tensor, in fp32).
 The sum leaves out the CUDA context and the allocator's fragmentation (a few GiB on a GPU).
 """
 from __future__ import annotations
@@ -66,7 +70,9 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {StorageWeakRef(s).cdata for s in _storages((args, kwargs))}
+        # torch.tensor(data) lifts a storage made outside the dispatcher: new all the same
+        lifted = func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+        inputs = set() if lifted else {StorageWeakRef(s).cdata for s in _storages((args, kwargs))}
         for s in _storages(out):
             ref = StorageWeakRef(s)
             if ref.cdata not in inputs:
@@ -102,7 +108,7 @@ class _AutocastOnMeta(TorchFunctionMode):
     """torch.autocast's casts for meta tensors, which autocast does not see: the matmul-like
     functions run in `dtype`, the normalisations and softmaxes in fp32, everything else in its
     inputs' dtypes. As with autocast, the casts happen above autograd (autograd keeps the cast
-    copies), and the cast of a leaf that requires grad (a parameter) is made once and cached."""
+    copies), and the cast of a parameter that requires grad is made once and cached."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -113,7 +119,7 @@ class _AutocastOnMeta(TorchFunctionMode):
         return sum(t.untyped_storage().nbytes() for t in self.cache.values())
 
     def _cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if not (t.is_leaf and t.requires_grad):
+        if not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
             return t.to(dtype)
         if t not in self.cache:
             self.cache[t] = t.to(dtype)
@@ -192,7 +198,7 @@ def _measure_student(cfg: Config, depth: int, dtype: torch.dtype, autocast: bool
     module_dtype = torch.float32 if autocast else dtype
     small = apply_overrides(cfg, [f"student.depth={depth}"])
     with torch.device("meta"):
-        backbone = build_backbone(small, drop_path_rate=0.0, device="meta").to(module_dtype)
+        backbone = build_backbone(small, drop_path_rate=cfg.student.drop_path_rate, device="meta").to(module_dtype)
         heads = {k: v.to(module_dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
     apply_ac(backbone.blocks, cfg.train.ac)
 
@@ -239,6 +245,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         student_local = _local_numel(arch.student)
         teacher_local = _local_numel(arch.teacher) + (_local_numel(arch.gram_teacher) if arch.gram_teacher else 0)
         total = sum(p.numel() for p in arch.student.parameters())
+        cast = sum(p.numel() for m in arch.student.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                   for p in m.parameters(recurse=False))  # what autocast casts, and caches
         units = [*arch.student.backbone.blocks, arch.student.dino_head, arch.student.ibot_head]
         largest = max(sum(p.numel() for p in u.parameters(recurse=True)) for u in units)
     finally:
@@ -248,7 +256,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     sharded = 4 * student_local * 4 + 4 * teacher_local  # params + grads + 2 moments; teachers' params
     single = world_size == 1  # the trainer does not shard one process: fp32 modules under autocast
     if single:
-        transient = total * pb if p_dtype != torch.float32 else 0  # autocast's cache of the student's casts
+        transient = cast * pb if p_dtype != torch.float32 else 0  # autocast's cache of the student's casts
     else:
         transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
     depth = arch.student.backbone.n_blocks
@@ -259,8 +267,12 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
     targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
-    if cfg.train.ops == "reference":  # fp32 log-softmax of every student row kept for backward
-        targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)
+    if cfg.train.ops == "reference":
+        targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)  # fp32 log-softmax of every row
+        if single and p_dtype != torch.float32:  # autocast casts einsum: its bf16 copy of the targets
+            targets += pb * (2 * b * k + masked * ki)
+        else:  # iBOT's targets times the patch weights, a new fp32 tensor
+            targets += 4 * masked * ki
     return MemoryPlan(cfg.student.arch, world_size, b, cfg.train.ac, cfg.train.ops, total, student_local, sharded,
                       transient, activations, head + targets)
 
