@@ -82,7 +82,7 @@ def evaluate(goal: Goal, rows: list[dict]) -> float | None:
         return None
     if goal.metric == "speedup":
         return _time(base) / _time(fused)
-    return base["peak_mb"] / fused["peak_mb"] if fused["peak_mb"] else None
+    return base["peak_mb"] / fused["peak_mb"] if base["peak_mb"] and fused["peak_mb"] else None
 
 
 def _fmt(v, spec: str) -> str:

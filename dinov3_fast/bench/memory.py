@@ -29,11 +29,13 @@ def _quiet_stderr():
 _CPU_RUNS = 3
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device, floor: int = 0) -> int | None:
     """Peak memory of fn() above the starting point, in bytes. CUDA: one run, from the caching
     allocator's statistics. CPU: the largest of _CPU_RUNS profiled runs, since the profiler's
     allocation events now and then miss a torch.compile'd graph's buffers (seen: 280 B for a step
-    that returns a 1 MiB gradient)."""
+    that returns a 1 MiB gradient). `floor`: bytes fn() is known to allocate and keep (the
+    gradients it writes); a CPU peak below it missed allocations in every run and is reported as
+    None (not measured) rather than as a number."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -41,7 +43,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - start)
-    return max(_profiled_peak(fn) for _ in range(_CPU_RUNS))
+    peak = max(_profiled_peak(fn) for _ in range(_CPU_RUNS))
+    return peak if peak >= floor else None
 
 
 def _profiled_peak(fn: Callable[[], object]) -> int:

@@ -21,7 +21,8 @@ class BenchRow:
     impl: str
     fwd_ms: float
     fwd_bwd_ms: float | None
-    peak_mb: float            # peak extra memory of forward+backward (forward alone if no backward)
+    peak_mb: float | None     # peak extra memory of forward+backward (forward alone if no backward);
+                              # None where the CPU profiler missed allocations (see bench/memory.py)
     speedup: float | None     # baseline time / this time (forward+backward when measured)
     mem_ratio: float | None   # baseline peak / this peak
     tflops: float | None      # useful forward FLOPs / forward time
@@ -75,7 +76,8 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time) if has_grad else None
-        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device)
+        grads = sum(t.numel() * t.element_size() for t in _leaves(args, kwargs)) if has_grad else 0
+        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grads)
         tflops = case.flops / fwd_s / 1e12 if case.flops else None
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None
@@ -88,12 +90,12 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
             bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
         rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, fwd_bwd_s * 1e3 if fwd_bwd_s else None,
-                             peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note))
+                             None if peak is None else peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note))
     base = rows[0]
     base_t = base.fwd_bwd_ms or base.fwd_ms
     for row in rows:
         row.speedup = base_t / (row.fwd_bwd_ms or row.fwd_ms)
-        row.mem_ratio = base.peak_mb / row.peak_mb if row.peak_mb > 0 else None
+        row.mem_ratio = base.peak_mb / row.peak_mb if base.peak_mb and row.peak_mb else None
     del args, kwargs
     return rows
 
