@@ -10,7 +10,8 @@ from dinov3_fast.ops.soft_ce import soft_cross_entropy, soft_cross_entropy_ref
 
 # (preset, device, S, T, B, K, student dtype, ignore_diagonal, token form with weights)
 PRESETS = (
-    ("cpu_s4_t2_b4_k16k", "cpu", 4, 2, 4, 16384, torch.float32, True, False),
+    ("cpu_s4_t2_b4_k16k", "cpu", 4, 2, 4, 16384, torch.float32, True, False),     # per-call overhead
+    ("cpu_s10_t2_b16_k64k", "cpu", 10, 2, 16, 65536, torch.float32, True, False),  # DINO head size, CPU batch
     ("dino_student_7b", "cuda", 10, 2, 16, 262144, torch.bfloat16, True, False),   # 2 global + 8 local crops
     ("ibot_student_7b", "cuda", 1, 1, 1274, 98304, torch.bfloat16, False, True),   # masked tokens, weighted
     ("dino_student_vitl", "cuda", 10, 2, 64, 65536, torch.bfloat16, True, False),  # ViT-L recipe
