@@ -93,16 +93,17 @@ def soft_ce_bwd_student_cpu(grad_row: torch.Tensor, student: torch.Tensor, teach
     t = teacher.to(dtype)
     t_all = t.sum(0)                                                # (B, K): every teacher crop
     shift = row_max.to(dtype) / student_temp
-    rest, weight, scale = lse_rest.to(dtype), a.to(dtype), grad_row.to(dtype) / student_temp
+    rest = lse_rest.to(dtype)
+    scale = grad_row.to(dtype)[..., None] / student_temp            # (S, B, 1)
+    softmax_scale = a.to(dtype)[..., None] * scale
     grad = torch.empty((n_s, batch, k), dtype=dtype)
     for s in range(n_s):
         for rows in _row_chunks(batch, k):
             g = grad[s, rows]
             torch.div(student[s, rows], student_temp, out=g).sub_(shift[s, rows, None]).sub_(rest[s, rows, None])
-            g.exp_().mul_(weight[s, rows, None]).sub_(t_all[rows])
+            g.exp_().mul_(softmax_scale[s, rows]).addcmul_(t_all[rows], scale[s, rows], value=-1.0)
             if ignore_diagonal and s < n_t:  # the pair (s, s) is not counted
-                g.add_(t[s, rows])
-            g.mul_(scale[s, rows, None])
+                g.addcmul_(t[s, rows], scale[s, rows])
     return grad.to(student.dtype)
 
 
