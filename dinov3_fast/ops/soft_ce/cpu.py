@@ -32,14 +32,23 @@ def log_softmax_from_state(student: torch.Tensor, row_max: torch.Tensor, lse_res
     return x.sub_((row_max.to(dtype) / student_temp)[..., None]).sub_(lse_rest.to(dtype)[..., None])
 
 
-_CHUNK_ELEMS = 1 << 20  # elements of one row chunk: 4 MiB of fp32 scratch that stays in cache
+_CHUNK_ELEMS = 1 << 20  # elements of one row chunk (4 MiB of fp32), or one row if that is longer
 
 
 def _rows_per_chunk(row_elems: int) -> int:
-    """Rows of row_elems elements in one chunk of about _CHUNK_ELEMS. On the CPU every pass over a
-    (S, B, K) tensor costs a trip to DRAM (and a fresh tensor its page faults), so the passes over
-    one chunk of rows run back to back on cache-resident data instead."""
+    """Rows of row_elems elements in one chunk of about _CHUNK_ELEMS (at least one row). On the
+    CPU every pass over a (S, B, K) tensor costs a trip to DRAM (and a fresh tensor its page
+    faults), so the passes over one chunk of rows run back to back on data that mostly stays in
+    cache instead."""
     return max(1, _CHUNK_ELEMS // row_elems)
+
+
+def _scaled_into(out: torch.Tensor, x: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """out = x / temp in out's (compute) dtype. torch.div(..., out=) would divide in x's dtype
+    first: fp16 7000 / 0.1 is inf."""
+    if x.dtype == out.dtype:
+        return torch.div(x, student_temp, out=out)
+    return out.copy_(x).div_(student_temp)
 
 
 def _row_chunks(n_rows: int, row_elems: int):
@@ -55,7 +64,7 @@ def soft_ce_fwd_cpu(student: torch.Tensor, teacher: torch.Tensor, student_temp: 
     Splitting logsumexp into an exact max and a small rest keeps the backward accurate for large
     logits (a single fp32 logsumexp near 3000 carries a 1e-4 absolute error).
 
-    Per chunk of B rows (all S crops): x = student / temp - row_max / temp (<= 0) into scratch,
+    Per chunk of B rows (all S crops): x = student / temp - row_max / temp (<= 0, fp32) into scratch,
     its dots with the T teacher rows (one batched matmul over b), then exp and the row sums in
     place: the student is read twice (max, chunk) and no (S, B, K) tensor is allocated."""
     dtype = _dtype(student)
@@ -70,7 +79,7 @@ def soft_ce_fwd_cpu(student: torch.Tensor, teacher: torch.Tensor, student_temp: 
     for rows in _row_chunks(batch, n_s * k):
         nb = rows.stop - rows.start
         x = scratch[: n_s * nb * k].view(n_s, nb, k)
-        torch.div(student[:, rows], student_temp, out=x).sub_(shift[:, rows, None])
+        _scaled_into(x, student[:, rows], student_temp).sub_(shift[:, rows, None])
         torch.bmm(x.transpose(0, 1), t_kt[rows], out=dots[rows])
         torch.sum(x.exp_(), dim=-1, out=lse_shifted[:, rows])
     lse_shifted.log_()
@@ -100,7 +109,7 @@ def soft_ce_bwd_student_cpu(grad_row: torch.Tensor, student: torch.Tensor, teach
     for s in range(n_s):
         for rows in _row_chunks(batch, k):
             g = grad[s, rows]
-            torch.div(student[s, rows], student_temp, out=g).sub_(shift[s, rows, None]).sub_(rest[s, rows, None])
+            _scaled_into(g, student[s, rows], student_temp).sub_(shift[s, rows, None]).sub_(rest[s, rows, None])
             g.exp_().mul_(softmax_scale[s, rows]).addcmul_(t_all[rows], scale[s, rows], value=-1.0)
             if ignore_diagonal and s < n_t:  # the pair (s, s) is not counted
                 g.addcmul_(t[s, rows], scale[s, rows])
