@@ -38,6 +38,23 @@ def test_cpu_peak_below_the_known_floor_is_not_a_number():
     assert peak_extra_bytes(lambda: kept.append(x * 2), x.device, floor=10 * x.numel() * 4) is None
 
 
+def test_cpu_peak_does_not_net_out_the_previous_gradient():
+    """A training step frees the last step's gradient as it starts: freed inside the profiled
+    window, it would net out against the new one (a peak of ~0 for a step that keeps a 256 KiB
+    gradient). The runner frees it in `setup`, before the window."""
+    from dinov3_fast.bench.memory import _profiled_peak
+    from dinov3_fast.bench.runner import fwd_bwd_step
+
+    x = torch.randn(256, 256, requires_grad=True)
+    grad_bytes = x.numel() * 4
+    step = fwd_bwd_step(lambda t: (t * 2).sum(), (x,), {})
+    step()
+    _profiled_peak(step)  # its gradient was allocated under the profiler: the next run sees it freed
+    assert _profiled_peak(step) < grad_bytes  # the hazard
+    clear = lambda: setattr(x, "grad", None)  # noqa: E731
+    assert peak_extra_bytes(step, x.device, floor=grad_bytes, setup=clear) >= grad_bytes
+
+
 def _tiny_case():
     def make(device):
         return (torch.randn(64, 32, device=device, requires_grad=True),), {}

@@ -26,16 +26,20 @@ def _quiet_stderr():
         os.close(saved)
 
 
-_CPU_RUNS = 3
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device, floor: int = 0,
+                     setup: Callable[[], object] | None = None) -> int | None:
+    """Peak memory of fn() above the starting point, in bytes: CUDA from the caching allocator's
+    statistics, CPU from the profiler's allocation events.
 
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device, floor: int = 0) -> int | None:
-    """Peak memory of fn() above the starting point, in bytes. CUDA: one run, from the caching
-    allocator's statistics. CPU: the largest of _CPU_RUNS profiled runs, since the profiler's
-    allocation events now and then miss a torch.compile'd graph's buffers (seen: 280 B for a step
-    that returns a 1 MiB gradient). `floor`: bytes fn() is known to allocate and keep (the
-    gradients it writes); a CPU peak below it missed allocations in every run and is reported as
-    None (not measured) rather than as a number."""
+    `setup` runs before the measured run, outside the measurement: what it frees (the last run's
+    gradients) must not count against fn. A step that freed them itself netted that free against
+    its own new gradient, but only when they had been allocated under the profiler, so
+    consecutive profiled runs disagreed (a 1 MiB-gradient step read 280 B) and the CPU figure
+    was once the largest of three runs. `floor`: bytes fn() is known to allocate and keep (the
+    gradients it writes); a CPU peak below it is reported as None (not measured), not as a
+    number that would make a bogus memory ratio."""
+    if setup is not None:
+        setup()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -43,7 +47,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, floor: int 
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - start)
-    peak = max(_profiled_peak(fn) for _ in range(_CPU_RUNS))
+    peak = _profiled_peak(fn)
     return peak if peak >= floor else None
 
 

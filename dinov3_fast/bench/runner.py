@@ -2,6 +2,7 @@
 all measured in the same process so ratios to the baseline (the case's first impl) are fair."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -48,6 +49,11 @@ def _leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def _clear_grads(leaves: list[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
 def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None]:
     """One forward + backward of impl(*args, **kwargs), clearing input grads first; non-scalar
     outputs are back-propagated with a fixed random upstream gradient."""
@@ -56,8 +62,7 @@ def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None
 
     def step():
         nonlocal grad_out
-        for t in leaves:
-            t.grad = None
+        _clear_grads(leaves)
         out = _first(impl(*args, **kwargs))
         if grad_out is None:
             grad_out = torch.randn_like(out) if out.dim() else torch.ones_like(out)
@@ -76,8 +81,11 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time) if has_grad else None
-        grads = sum(t.numel() * t.element_size() for t in _leaves(args, kwargs)) if has_grad else 0
-        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grads)
+        leaves = _leaves(args, kwargs) if has_grad else []
+        grads = sum(t.numel() * t.element_size() for t in leaves)
+        # the last run's gradients are freed before each measured run, not inside it
+        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grads,
+                                setup=functools.partial(_clear_grads, leaves))
         tflops = case.flops / fwd_s / 1e12 if case.flops else None
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None
