@@ -118,6 +118,33 @@ def _check_rank_without_tokens(rank: int, tokens: torch.Tensor, temp: float):
             torch.testing.assert_close(r, g)
 
 
+def _check_one_rank_falls_back(rank: int, logits: torch.Tensor, want: torch.Tensor, temp: float):
+    from dinov3_fast.ops.sinkhorn import cpu, sinkhorn_knopp
+
+    scaling = cpu._sinkhorn_scaling
+
+    def poisoned(*args):  # rank 0's scaling result holds an inf, its masses in range
+        out = scaling(*args)
+        if rank == 0 and out is not None:
+            out[0, 0] = float("inf")
+        return out
+
+    cpu._sinkhorn_scaling = poisoned
+    out = sinkhorn_knopp(logits.chunk(WORLD)[rank], temp, group=dist.group.WORLD, backend="cpu")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want.chunk(WORLD)[rank], rtol=1e-5, atol=1e-7)
+
+
+def test_one_rank_non_finite_result_sends_every_rank_to_the_log_domain():
+    """The cpu backend's last guard is all-reduced: one rank's non-finite scaling result sends
+    both ranks to the log domain together (a local decision left the ranks in different
+    collectives: gloo's size mismatch, then an abort)."""
+    from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
+
+    logits = torch.randn(8, 200, generator=torch.Generator().manual_seed(1))
+    _spawn(_check_one_rank_falls_back, logits, sinkhorn_knopp(logits, 0.07, backend="cpu"), 0.07)
+
+
 def test_rank_without_tokens_joins_the_all_reduces():
     """iBOT on a rank whose crops hold no masked patch: it joins every all-reduce (no hang) and gets
     a (0, K) assignment; the other rank's assignment is the one-process result over all tokens;

@@ -7,7 +7,8 @@ Both compute Q = diag(v) E diag(u) with the same fixed points as triton.py (DINO
     BLAS matrix-vector products: one exp pass instead of one per normalisation.
   * log domain (robust): potentials a = -logsumexp_b(y + beta), beta = -logsumexp_k(y + a).
     Used when a sample's scaled mass leaves the safe fp32 range (a sample beaten by > ~80 nats in
-    every prototype underflows in E); the decision is all-reduced so ranks agree.
+    every prototype underflows in E), or the result holds a non-finite entry; both decisions are
+    all-reduced so ranks agree.
 A rank with no sample (B = 0) runs the same steps on empty tensors, so it joins every all-reduce
 with neutral terms (max -inf, sums 0, no bad mass).
 fp32 math (fp64 for fp64 input).
@@ -64,12 +65,19 @@ def _sinkhorn_log_domain(y: torch.Tensor, n_iterations: int, group) -> torch.Ten
     return torch.add(y, a, out=buf).add_(beta).exp_()
 
 
+def _any_rank_non_finite(q: torch.Tensor, group) -> bool:
+    """Whether any rank's result holds a non-finite entry, all-reduced so every rank takes the same
+    branch (and so the same collectives). Q >= 0, so its max is finite iff every entry is (NaN
+    propagates): one read, where isfinite().all() made four passes and two temporaries (40% of
+    the call at B=128, K=65536)."""
+    bad = q.new_tensor([float(q.numel() > 0 and not torch.isfinite(q.amax()))])
+    return _all_reduce(bad, dist.ReduceOp.MAX, group).item() > 0
+
+
 def sinkhorn_cpu(logits: torch.Tensor, teacher_temp: float, n_iterations: int, group=None) -> torch.Tensor:
     """logits: (B, K). Returns the (B, K) assignment, fp32 (fp64 for fp64 input)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = _sinkhorn_scaling(logits.to(dtype) / teacher_temp, n_iterations, group)
-    # Q >= 0, so its max is finite iff every entry is (NaN propagates): one read, where
-    # isfinite().all() made four passes and two temporaries (40% of the call at B=128, K=65536)
-    if out is None or (out.numel() and not torch.isfinite(out.amax())):
+    if out is None or _any_rank_non_finite(out, group):
         out = _sinkhorn_log_domain(logits.to(dtype) / teacher_temp, n_iterations, group)
     return out
