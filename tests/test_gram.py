@@ -347,10 +347,12 @@ def test_gradient_scaled_by_upstream_and_retained_graphs(backend, remove_neg):
     different weights and saved-tensor hooks all give the reference's gradients, and no two
     returned gradients share memory (cpu: float64; triton computes in fp32)."""
     dtype = torch.float64 if backend == "cpu" else torch.float32
-    close = {} if backend == "cpu" else {"rtol": 1e-4, "atol": 1e-9}
     s = torch.randn(2, 40, 12 if remove_neg else 7, dtype=dtype, requires_grad=True)
     t = torch.randn_like(s)
     expected, = torch.autograd.grad(gram_loss_ref(s.double(), t.double(), remove_neg=remove_neg), s)
+    # fp32 against fp64: absolute error up to ~1e-6 of the largest entry (6e-7 seen over 40 seeds),
+    # so near-zero entries get an absolute bound
+    close = {} if backend == "cpu" else {"rtol": 1e-4, "atol": 1e-5 * expected.abs().max().item()}
 
     (gram_loss(s, t, remove_neg=remove_neg, backend=backend) * 0.3 + s.sum() * 0).backward()
     torch.testing.assert_close(s.grad, 0.3 * expected, **close)
