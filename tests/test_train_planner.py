@@ -119,7 +119,7 @@ def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
 
     cfg = apply_overrides(get_preset("debug"), ["student.num_heads=2", f"train.ac={ac}", "train.batch_size_per_gpu=2",
                                                 "train.ops=reference"])  # SDPA keeps out + lse on both devices
-    planned = _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=True)[0]
+    planned = _measure_student(cfg, cfg.student.depth, torch.float32, autocast=torch.bfloat16)[0]
     torch.manual_seed(0)
     backbone = build_backbone(cfg, drop_path_rate=0.0, device="cpu")
     apply_ac(backbone.blocks, ac)
@@ -131,7 +131,7 @@ def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
     cast_cache = sum(2 * p.numel() for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                      for p in m.parameters())
     assert planned == pytest.approx(measured - cast_cache, abs=256)
-    assert _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=False)[0] < planned
+    assert _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=None)[0] < planned
 
 
 def test_planner_storage_rules_and_stochastic_depth():

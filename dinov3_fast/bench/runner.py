@@ -74,18 +74,19 @@ def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None
 def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
              min_run_time: float = 0.5) -> list[BenchRow]:
     args, kwargs = case.make_inputs(device)
-    has_grad = bool(_leaves(args, kwargs)) and case.backward
+    leaves = _leaves(args, kwargs) if case.backward else []
+    has_grad = bool(leaves)
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves)  # what each fwd+bwd run keeps
+    clear_grads = functools.partial(_clear_grads, leaves)
     rows: list[BenchRow] = []
     for name, impl in case.impls.items():
         fwd = (lambda impl=impl: impl(*args, **kwargs))
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time) if has_grad else None
-        leaves = _leaves(args, kwargs) if has_grad else []
-        grads = sum(t.numel() * t.element_size() for t in leaves)
-        # the last run's gradients are freed before each measured run, not inside it
-        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grads,
-                                setup=functools.partial(_clear_grads, leaves))
+        # the last run's gradients are freed before the measured run, not inside it
+        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grad_bytes,
+                                setup=clear_grads)
         tflops = case.flops / fwd_s / 1e12 if case.flops else None
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None
@@ -97,8 +98,9 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         bwd_tflops = None
         if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
             bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
+        peak_mb = None if peak is None else peak / 2**20
         rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, fwd_bwd_s * 1e3 if fwd_bwd_s else None,
-                             None if peak is None else peak / 2**20, None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note))
+                             peak_mb, None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note))
     base = rows[0]
     base_t = base.fwd_bwd_ms or base.fwd_ms
     for row in rows:

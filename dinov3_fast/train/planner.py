@@ -22,9 +22,10 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   the ones a GPU runs (`kernels_as_on_gpu`): our ops' Triton backends (their fake kernels), and
   SDPA's fused kernel (flash; cuDNN, which recent torch prefers on sm_90, keeps the same out and
   logsumexp) rather than the math path meta tensors would take, which keeps every crop's N x N
-  attention probabilities (0.67 of ViT-L's 2.14 GiB per block in bf16 at batch 96). The dtypes are the trainer's: with FSDP the modules run in the param dtype (its
-  MixedPrecisionPolicy); a single process runs fp32 modules under autocast's casts, so the
-  residual stream that AC keeps at each block's input is fp32.
+  attention probabilities (0.67 of ViT-L's 2.14 GiB per block in bf16 at batch 96). The dtypes
+  are the trainer's: with FSDP the modules run in the param dtype (its MixedPrecisionPolicy); a
+  single process runs fp32 modules under autocast's casts, so the residual stream that AC keeps
+  at each block's input is fp32.
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
   with `--ops reference`, what the reference losses keep for backward: the fp32 log-softmax of
@@ -133,7 +134,8 @@ class _AutocastOnMeta(TorchFunctionMode):
             src, dst = (torch.bfloat16, torch.float16), torch.float32
         else:
             return func(*args, **kwargs)
-        args, kwargs = tree_map_only(torch.Tensor, lambda t: self._cast(t, dst) if t.dtype in src else t, (args, kwargs))
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: self._cast(t, dst) if t.dtype in src else t,
+                                     (args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -187,15 +189,15 @@ def _local_numel(module: torch.nn.Module) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
 
 
-def _measure_student(cfg: Config, depth: int, dtype: torch.dtype, autocast: bool) -> tuple[int, int, int]:
+def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype,
+                     autocast: torch.dtype | None) -> tuple[int, int, int]:
     """(backbone bytes, heads bytes, masked tokens): what autograd keeps, on meta, for a student of
-    `depth` blocks at the per-rank batch. Modules in `dtype`; with `autocast`, fp32 modules under
-    autocast's casts to `dtype` instead (the single-process trainer), not counting autocast's
-    cache of the parameters' casts (a transient buffer in the plan)."""
+    `depth` blocks at the per-rank batch. Modules in `module_dtype`; with `autocast` (a dtype),
+    under autocast's casts to it (the single-process trainer), not counting autocast's cache of
+    the parameters' casts (a transient buffer in the plan)."""
     from dinov3_fast.train.meta_arch import _heads, build_backbone
     from dinov3_fast.train.parallelize import apply_ac
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
-    module_dtype = torch.float32 if autocast else dtype
     small = apply_overrides(cfg, [f"student.depth={depth}"])
     with torch.device("meta"):
         backbone = build_backbone(small, drop_path_rate=cfg.student.drop_path_rate, device="meta").to(module_dtype)
@@ -203,7 +205,7 @@ def _measure_student(cfg: Config, depth: int, dtype: torch.dtype, autocast: bool
     apply_ac(backbone.blocks, cfg.train.ac)
 
     def saved_bytes(fn) -> int:
-        casts = _AutocastOnMeta(dtype) if autocast and dtype != torch.float32 else None
+        casts = _AutocastOnMeta(autocast) if autocast is not None else None
         with kernels_as_on_gpu(casts):
             return saved_activation_bytes(fn) - (casts.cached_bytes() if casts else 0)
 
@@ -255,13 +257,15 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     pb = _BYTES[cfg.compute_precision.param_dtype]
     sharded = 4 * student_local * 4 + 4 * teacher_local  # params + grads + 2 moments; teachers' params
     single = world_size == 1  # the trainer does not shard one process: fp32 modules under autocast
+    module_dtype = torch.float32 if single else p_dtype
+    autocast = p_dtype if single and p_dtype != torch.float32 else None
     if single:
-        transient = cast * pb if p_dtype != torch.float32 else 0  # autocast's cache of the student's casts
+        transient = cast * pb if autocast is not None else 0  # autocast's cache of the student's casts
     else:
         transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
     depth = arch.student.backbone.n_blocks
-    a1, head, masked = _measure_student(cfg, 1, p_dtype, autocast=single)
-    a2, _, _ = _measure_student(cfg, 2, p_dtype, autocast=single)
+    a1, head, masked = _measure_student(cfg, 1, module_dtype, autocast)
+    a2, _, _ = _measure_student(cfg, 2, module_dtype, autocast)
     per_block = a2 - a1
     activations = a1 - per_block + depth * per_block
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
@@ -269,7 +273,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
     if cfg.train.ops == "reference":
         targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)  # fp32 log-softmax of every row
-        if single and p_dtype != torch.float32:  # autocast casts einsum: its bf16 copy of the targets
+        if autocast is not None:  # autocast casts einsum: its bf16 copy of the targets
             targets += pb * (2 * b * k + masked * ki)
         else:  # iBOT's targets times the patch weights, a new fp32 tensor
             targets += 4 * masked * ki
