@@ -1,14 +1,12 @@
 """Distributed KoLeo on CPU (gloo): each rank's loss and gradient equal a single-process evaluation
 of the same global batch, for every loss-group layout, backend and topk."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dinov3_fast.ops.koleo.reference import koleo_group_loss_ref
+from gloo_ranks import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -27,60 +25,45 @@ def single_process(x_global: torch.Tensor, n: int, loss_group_size: int, topk: i
     return torch.stack(losses).detach(), grad
 
 
-def _worker(rank: int, world: int, init_file: str, layouts, queue) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _check_layouts(rank: int, world: int, layouts) -> None:
+    """Every backend and the drop-in module, for each (loss_group_size, topk) layout, against the
+    single process; then the layout validation. Collects every mismatch before failing."""
     import dinov3_fast
     from dinov3_fast.ops import koleo_loss
 
     errors = []
-    try:
-        torch.manual_seed(1234)  # the same global batch on every rank
-        for loss_group_size, topk in layouts:
-            x_global = torch.randn(world * N_LOCAL, DIM)
-            want_loss, want_grad = single_process(x_global, N_LOCAL, loss_group_size, topk)
-            rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-            runs = {b: (lambda x, b=b: koleo_loss(x, topk=topk, group=dist.group.WORLD, loss_group_size=loss_group_size,
-                                                  backend=b)) for b in ("cpu", "triton", "reference")}
-            runs["module"] = dinov3_fast.KoLeoLossDistributed(topk=topk, loss_group_size=loss_group_size)
-            for name, fn in runs.items():
-                x = x_global[rows].clone().requires_grad_()
-                loss = fn(x)
-                loss.backward()
-                tag = f"rank {rank} L={loss_group_size} topk={topk} {name}"
-                loss_err = abs(loss.item() - want_loss[rank].item()) / abs(want_loss[rank].item())
-                grad_err = ((x.grad.double() - want_grad[rows]).norm() / want_grad[rows].norm()).item()
-                if not (loss_err < 1e-5 and grad_err < 1e-5):
-                    errors.append(f"{tag}: loss err {loss_err:.2e}, grad err {grad_err:.2e}")
-        for bad, match in ((3, "must be a multiple of local batch size"), (4 * world, "must be divisible by loss group size")):
-            try:
-                koleo_loss(torch.randn(N_LOCAL, DIM), group=dist.group.WORLD, loss_group_size=bad)
-                errors.append(f"rank {rank}: loss_group_size={bad} did not raise")
-            except ValueError as exc:
-                if match not in str(exc):
-                    errors.append(f"rank {rank}: loss_group_size={bad}: unexpected message {exc}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-    queue.put(errors)
+    torch.manual_seed(1234)  # the same global batch on every rank
+    for loss_group_size, topk in layouts:
+        x_global = torch.randn(world * N_LOCAL, DIM)
+        want_loss, want_grad = single_process(x_global, N_LOCAL, loss_group_size, topk)
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        runs = {b: (lambda x, b=b: koleo_loss(x, topk=topk, group=dist.group.WORLD, loss_group_size=loss_group_size,
+                                              backend=b)) for b in ("cpu", "triton", "reference")}
+        runs["module"] = dinov3_fast.KoLeoLossDistributed(topk=topk, loss_group_size=loss_group_size)
+        for name, fn in runs.items():
+            x = x_global[rows].clone().requires_grad_()
+            loss = fn(x)
+            loss.backward()
+            tag = f"rank {rank} L={loss_group_size} topk={topk} {name}"
+            loss_err = abs(loss.item() - want_loss[rank].item()) / abs(want_loss[rank].item())
+            grad_err = ((x.grad.double() - want_grad[rows]).norm() / want_grad[rows].norm()).item()
+            if not (loss_err < 1e-5 and grad_err < 1e-5):
+                errors.append(f"{tag}: loss err {loss_err:.2e}, grad err {grad_err:.2e}")
+    for bad, match in ((3, "must be a multiple of local batch size"), (4 * world, "must be divisible by loss group size")):
+        try:
+            koleo_loss(torch.randn(N_LOCAL, DIM), group=dist.group.WORLD, loss_group_size=bad)
+            errors.append(f"rank {rank}: loss_group_size={bad} did not raise")
+        except ValueError as exc:
+            if match not in str(exc):
+                errors.append(f"rank {rank}: loss_group_size={bad}: unexpected message {exc}")
+    assert not errors, "\n".join(errors)
 
 
-def _run(world: int, layouts, tmp_path) -> list[str]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), layouts, queue), nprocs=world,
-                       start_method="spawn")
-    return [e for _ in range(world) for e in queue.get()]
-
-
-def test_two_ranks_match_single_process(tmp_path):
+def test_two_ranks_match_single_process():
     """2 ranks x 2 samples: loss groups of 2 (each rank searches its own rows) and 4 (the world)."""
-    errors = _run(2, [(2, 1), (4, 1), (4, 3)], tmp_path)
-    assert not errors, "\n".join(errors)
+    run_on_ranks(_check_layouts, [(2, 1), (4, 1), (4, 3)], world=2)
 
 
-def test_four_ranks_two_loss_groups(tmp_path):
+def test_four_ranks_two_loss_groups():
     """4 ranks x 2 samples, loss groups of 4: ranks {0, 1} and {2, 3} gather within a subgroup."""
-    errors = _run(4, [(4, 1), (8, 3)], tmp_path)
-    assert not errors, "\n".join(errors)
+    run_on_ranks(_check_layouts, [(4, 1), (8, 3)], world=4)

@@ -1,49 +1,20 @@
 """Distributed Sinkhorn-Knopp (2 ranks, gloo on CPU) against one process on the whole batch."""
-import os
-import tempfile
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_ranks import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 2
 
-
-def _worker(rank: int, init_file: str, timeout_s: float, check, *args):
-    """One rank: join the gloo group, run check(rank, *args), leave together. A rank that fails
-    leaves at once (mp.spawn then stops the other and reports the failure); a collective that one
-    rank skips fails after the timeout instead of hanging the suite."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=timeout_s))
-    try:
-        check(rank, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # Passed: leave without the interpreter's teardown. A rank has been seen to abort after its
-    # check passed ('terminate called without an active exception', about 1 run in 80, cause not
-    # found; gloo's threads at exit are the suspect).
-    os._exit(0)
-
-
-def _spawn(check, *args, timeout_s: float = 120):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), timeout_s, check, *args), nprocs=WORLD, join=True)
-
-
-def _check_split_batch(rank: int, full: torch.Tensor, temp: float):
+def _check_split_batch(rank: int, world: int, full: torch.Tensor, temp: float):
     import dinov3_fast
     from dinov3_fast.ops import sinkhorn_knopp
     from dinov3_fast.ops.sinkhorn import sinkhorn_knopp_ref
 
     group = dist.group.WORLD
-    local = full.chunk(WORLD)[rank]
+    local = full.chunk(world)[rank]
     rows = slice(rank * local.shape[0], (rank + 1) * local.shape[0])
     want = sinkhorn_knopp_ref(full.double(), temp)[rows]
     for backend in ("cpu", "triton", "reference"):
@@ -54,7 +25,7 @@ def _check_split_batch(rank: int, full: torch.Tensor, temp: float):
     big = full * 40.0
     want_big = sinkhorn_knopp_ref((big - big.amax(0)).double(), temp)[rows]
     for backend in ("cpu", "triton"):
-        out = sinkhorn_knopp(big.chunk(WORLD)[rank], temp, group=group, backend=backend)
+        out = sinkhorn_knopp(big.chunk(world)[rank], temp, group=group, backend=backend)
         assert torch.isfinite(out).all()
         assert ((out.double() - want_big).norm() / want_big.norm()).item() < 2e-4
     # drop-ins use the world group when torch.distributed is initialised
@@ -73,10 +44,10 @@ def _check_split_batch(rank: int, full: torch.Tensor, temp: float):
 
 
 def test_two_ranks_match_single_process():
-    _spawn(_check_split_batch, torch.randn(10, 300), 0.06)
+    run_on_ranks(_check_split_batch, torch.randn(10, 300), 0.06)
 
 
-def _check_rank_without_tokens(rank: int, tokens: torch.Tensor, temp: float):
+def _check_rank_without_tokens(rank: int, world: int, tokens: torch.Tensor, temp: float):
     import dinov3_fast
     from dinov3_fast.ops import sinkhorn_knopp
 
@@ -122,7 +93,7 @@ def _check_rank_without_tokens(rank: int, tokens: torch.Tensor, temp: float):
             torch.testing.assert_close(r, g)
 
 
-def _check_one_rank_falls_back(rank: int, logits: torch.Tensor, want: torch.Tensor, temp: float):
+def _check_one_rank_falls_back(rank: int, world: int, logits: torch.Tensor, want: torch.Tensor, temp: float):
     """Rank 0's result is poisoned; both ranks hold rows, then rank 1 holds none."""
     from dinov3_fast.ops.sinkhorn import cpu, sinkhorn_knopp
 
@@ -135,9 +106,9 @@ def _check_one_rank_falls_back(rank: int, logits: torch.Tensor, want: torch.Tens
         return out
 
     cpu._sinkhorn_scaling = poisoned
-    out = sinkhorn_knopp(logits.chunk(WORLD)[rank], temp, group=dist.group.WORLD, backend="cpu")
+    out = sinkhorn_knopp(logits.chunk(world)[rank], temp, group=dist.group.WORLD, backend="cpu")
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, want.chunk(WORLD)[rank], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out, want.chunk(world)[rank], rtol=1e-5, atol=1e-7)
     local = logits if rank == 0 else logits[:0]  # rank 1 without rows joins the same collectives
     out = sinkhorn_knopp(local, temp, group=dist.group.WORLD, backend="cpu")
     assert out.shape == local.shape and torch.isfinite(out).all()
@@ -152,11 +123,11 @@ def test_one_rank_non_finite_result_sends_every_rank_to_the_log_domain():
     from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 
     logits = torch.randn(8, 200, generator=torch.Generator().manual_seed(1))
-    _spawn(_check_one_rank_falls_back, logits, sinkhorn_knopp(logits, 0.07, backend="cpu"), 0.07, timeout_s=20)
+    run_on_ranks(_check_one_rank_falls_back, logits, sinkhorn_knopp(logits, 0.07, backend="cpu"), 0.07, timeout_s=20)
 
 
 def test_rank_without_tokens_joins_the_all_reduces():
     """iBOT on a rank whose crops hold no masked patch: it joins every all-reduce (no hang) and gets
     a (0, K) assignment; the other rank's assignment is the one-process result over all tokens;
     the empty rank's iBOT loss is 0 with zero head gradients."""
-    _spawn(_check_rank_without_tokens, torch.randn(10, 300, generator=torch.Generator().manual_seed(0)), 0.06)
+    run_on_ranks(_check_rank_without_tokens, torch.randn(10, 300, generator=torch.Generator().manual_seed(0)), 0.06)

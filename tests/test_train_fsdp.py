@@ -1,12 +1,10 @@
 """FSDP2 on 2 gloo ranks against a single process on the same global batch (fp32, 3 steps, AC
 none / full / selective), and the activation memory each AC mode keeps."""
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dinov3_fast.train.config import apply_overrides, get_preset
 from dinov3_fast.train.data import synthetic_batch
@@ -15,6 +13,7 @@ from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradie
 from dinov3_fast.train.parallelize import apply_ac, parallelize
 from dinov3_fast.train.planner import saved_activation_bytes
 from dinov3_fast.train.schedules import Schedules
+from gloo_ranks import run_on_ranks
 
 STEPS, GLOBAL_BATCH = 3, 8
 
@@ -60,25 +59,17 @@ def _run(ac: str, rank: int, world: int, unmasked_half: bool = False) -> list[fl
     return losses
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, runs: tuple[tuple[str, bool], ...]) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    # a collective one rank skips fails after the timeout instead of hanging the suite
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        results = {(ac, unmasked): _run(ac, rank, world, unmasked) for ac, unmasked in runs}
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "losses.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _save_sharded_losses(rank: int, world: int, out_dir: str, runs: tuple[tuple[str, bool], ...]) -> None:
+    """Each (AC mode, unmasked_half) run on this rank's shard; rank 0 saves the losses."""
+    results = {(ac, unmasked): _run(ac, rank, world, unmasked) for ac, unmasked in runs}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "losses.pt"))
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
     runs = tuple((ac, False) for ac in ("none", "full", "selective"))
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), runs), nprocs=2, join=True)
+    run_on_ranks(_save_sharded_losses, str(tmp_path), runs, world=2)
     sharded = torch.load(tmp_path / "losses.pt")
     single = _run("none", 0, 1)
     assert all(torch.isfinite(torch.tensor(single)))
@@ -91,7 +82,7 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
 def test_fsdp2_rank_without_masked_patch(tmp_path):
     """Rank 1's crops hold no masked patch: it joins iBOT's Sinkhorn all-reduces and FSDP2's
     reduce-scatters (its iBOT head gets zero gradients), and the run matches the single process."""
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), (("none", True),)), nprocs=2, join=True)
+    run_on_ranks(_save_sharded_losses, str(tmp_path), (("none", True),), world=2)
     sharded = torch.load(tmp_path / "losses.pt")[("none", True)]
     single = _run("none", 0, 1, unmasked_half=True)
     assert all(torch.isfinite(torch.tensor(single)))
