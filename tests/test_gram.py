@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import dinov3_fast
 from dinov3_fast.ops import gram_loss
 from dinov3_fast.ops.gram import gram_loss_ref, uses_identity
+from dinov3_fast.ops.gram.cpu import _IDENTITY_ROWS
 
 BACKENDS = ["cpu", "triton"]
 OPTIONS = [  # (remove_neg, remove_only_teacher_neg)
@@ -86,11 +87,15 @@ def test_multi_block_shapes(backend, shape):
         check_against_oracle(torch.randn(shape), torch.randn(shape), backend, 1e-5, remove_neg=remove_neg)
 
 
-@pytest.mark.parametrize("shape", [(2, 300, 270), (1, 530, 450)])
-def test_cpu_identity_multi_block(shape):
-    """The cpu identity sweeps: several 256-row blocks with a ragged last one, and symmetric
-    products split into 2 and 4 column blocks (D around 128 k), mirrored afterwards."""
-    check_against_oracle(torch.randn(shape), torch.randn(shape), "cpu", 1e-5)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("extra_rows,D", [(44, 270), (_IDENTITY_ROWS + 18, 450)])
+def test_cpu_identity_multi_block(extra_rows, D, normalize):
+    """The cpu identity sweeps: two and three row blocks with a ragged last one, and symmetric
+    products split into 2 and 4 column blocks (D around 128 k), mirrored afterwards; both
+    gradients, with and without the normalisation."""
+    shape = (2 if D < 400 else 1, _IDENTITY_ROWS + extra_rows, D)
+    assert uses_identity(0, shape[1], D)
+    check_against_oracle(torch.randn(shape), torch.randn(shape), "cpu", 1e-5, normalize=normalize)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -321,16 +326,16 @@ def test_fp16_large_values_and_zero_rows(backend):
 
 def test_cpu_identity_peak_is_one_gradient_plus_scratch():
     """The cpu identity form keeps only the student's gradient alive between forward and backward:
-    the peak over forward + backward is that gradient plus D x D products and (256, D) row-block
-    scratch, independent of B (one image at a time)."""
+    the peak over forward + backward is that gradient plus D x D products and one (rows, 2D)
+    row-block scratch, independent of B (one image at a time)."""
     from dinov3_fast.bench.memory import peak_extra_bytes
 
     B, P, D = 3, 1024, 64
     student = torch.randn(B, P, D, requires_grad=True)
     teacher = torch.randn(B, P, D)
     grad_bytes = B * P * D * 4
-    # weights (2D, D) + C (D, D); [Sig | Del] (256, 2D) + one (256, D) row buffer; two (P, 1) norms
-    scratch_bytes = 3 * D * D * 4 + 3 * 256 * D * 4 + 2 * P * 4
+    # weights (2D, D) + C (D, D); [Sig | Del] (rows, 2D); two (P, 1) norms
+    scratch_bytes = 3 * D * D * 4 + 2 * min(_IDENTITY_ROWS, P) * D * 4 + 2 * P * 4
 
     def fused():
         gram_loss(student, teacher, backend="cpu").backward()

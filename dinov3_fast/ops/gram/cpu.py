@@ -24,7 +24,7 @@ import torch
 
 CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
 _CHUNK_ELEMS = 1 << 18  # elements of one tiled (rows, P) block: 1 MiB in fp32
-_IDENTITY_ROWS = 256  # rows per identity sweep step: (256, D) blocks keep BLAS efficient at small scratch
+_IDENTITY_ROWS = 384  # rows per identity sweep step: BLAS-efficient blocks at small scratch (docs/architecture.md)
 _EPS = 1e-12  # F.normalize's default
 
 
@@ -67,13 +67,15 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(-1, 1, d), b.reshape(-1, d, 1)).reshape(*a.shape[:-1], 1)
 
 
-def normalize_rows_backward(grad_y: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-    """Gradient through y = x / max(||x||, eps), in place in grad_y: (g - y (y.g)) / ||x||, or
-    g / eps where the norm was clamped."""
+def normalize_rows_backward(grad_y: torch.Tensor, x: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """Gradient through y = x / max(||x||, eps), in place in grad_y, from the raw rows x (so no
+    normalised copy has to be kept): with r = 1 / ||x||, (g - y (y.g)) r = (g - r^2 x (x.g)) r, or
+    g / eps where the norm was clamped. x: (..., D) any float dtype, norms: (..., 1)."""
     if norms is None:
         return grad_y
-    radial = _row_dot(y, grad_y).masked_fill_(norms <= _EPS, 0.0)
-    return grad_y.addcmul_(y, radial, value=-1.0).mul_(_inverse(norms))
+    inv = _inverse(norms)
+    radial = _row_dot(x.to(grad_y.dtype), grad_y).mul_(inv.square()).masked_fill_(norms <= _EPS, 0.0)
+    return grad_y.addcmul_(x, radial, value=-1.0).mul_(inv)
 
 
 def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
@@ -112,13 +114,12 @@ def _mirror_upper_(g: torch.Tensor) -> None:
 
 class _SigDelRows:
     """Scratch for the identity sweeps: fills [Sig | Del] of a row block of the current image
-    without materialising its normalised rows. Buffers are allocated once per call."""
+    straight from the raw rows (no normalised copy of either side is kept). One (rows, 2D) buffer
+    per call."""
 
     def __init__(self, P: int, D: int, dtype: torch.dtype, normalize: bool):
-        rows = min(_IDENTITY_ROWS, P)
         self.normalize = normalize
-        self.z = torch.empty((rows, 2 * D), dtype=dtype)  # [Sig | Del]
-        self.y = torch.empty((rows, D), dtype=dtype)      # Ys of the last filled rows
+        self.z = torch.empty((min(_IDENTITY_ROWS, P), 2 * D), dtype=dtype)  # [Sig | Del]
 
     def set_image(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
         """xs, xt: (P, D) student and teacher features of one image."""
@@ -127,27 +128,29 @@ class _SigDelRows:
         self.rs, self.rt = (None, None) if self.ns is None else (_inverse(self.ns), _inverse(self.nt))
 
     def fill(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D), and keeps their Ys.
-        Del = Ys - Yt is formed directly from the normalised rows, never as Sig - 2 Yt (which
-        would cancel)."""
-        n, dim = rows.stop - rows.start, self.xs.shape[1]
-        z, ys = self.z[:n], self.y[:n]
+        """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D). Del = Ys - Yt is
+        formed directly from the normalised rows, never as Sig - 2 Yt (which would cancel)."""
+        dim = self.xs.shape[1]
+        z = self.z[: rows.stop - rows.start]
         sig, dlt = z[:, :dim], z[:, dim:]
-        _normalized_into(ys, self.xs[rows], None if self.rs is None else self.rs[rows])
-        _normalized_into(dlt, self.xt[rows], None if self.rt is None else self.rt[rows])  # Yt for now
-        torch.add(ys, dlt, out=sig)
-        torch.sub(ys, dlt, out=dlt)
+        xs, xt = self.xs[rows], self.xt[rows]
+        if self.rs is None:
+            sig.copy_(xs)  # widened first: a half-precision sum would round
+            torch.sub(sig, xt, out=dlt)
+            sig.add_(xt)
+        else:
+            rt = self.rt[rows]
+            torch.mul(xs, self.rs[rows], out=sig)  # Ys
+            torch.mul(xt, rt, out=dlt)             # Yt
+            torch.sub(sig, dlt, out=dlt)
+            sig.addcmul_(xt, rt)
         return z, sig, dlt
 
-    def own(self, rows: slice, student: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Y, norms) of the last filled `rows` on the student's (or teacher's) side, for the
-        normalisation backward. The teacher's Yt is recomputed into the Ys buffer."""
-        norms = self.ns if student else self.nt
-        norms = None if norms is None else norms[rows]
-        y = self.y[: rows.stop - rows.start]
-        if not student:
-            _normalized_into(y, self.xt[rows], None if self.rt is None else self.rt[rows])
-        return y, norms
+    def normalize_backward_(self, grad_y: torch.Tensor, rows: slice, student: bool) -> torch.Tensor:
+        """grad_y (R, D) = dL/dY of `rows` on the student's (or teacher's) side, taken through the
+        normalisation in place."""
+        x, norms = (self.xs, self.ns) if student else (self.xt, self.nt)
+        return normalize_rows_backward(grad_y, x[rows], None if norms is None else norms[rows])
 
 
 def _row_slices(P: int):
@@ -155,14 +158,12 @@ def _row_slices(P: int):
         yield slice(r0, min(P, r0 + _IDENTITY_ROWS))
 
 
-def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torch.Tensor, scale: float,
-                     student: bool) -> None:
-    """out (P, D) = dL/dY of one side, scale * Z W, taken through the normalisation in place, one
-    row block at a time. weights (2D, D) stacks the D x D factors of Sig and Del."""
+def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torch.Tensor, student: bool) -> None:
+    """out (P, D) = dL/dX of one side: Z W taken through the normalisation, one row block at a
+    time. weights (2D, D) stacks the D x D factors of Sig and Del, scaled by 1 / M already."""
     for rows in _row_slices(out.shape[0]):
         z, _, _ = rows_scratch.fill(rows)
-        grad_y = torch.mm(z, weights, out=out[rows]).mul_(scale)
-        normalize_rows_backward(grad_y, *rows_scratch.own(rows, student))
+        rows_scratch.normalize_backward_(torch.mm(z, weights, out=out[rows]), rows, student)
 
 
 def _identity(xs, xt, normalize, need_student, need_teacher):
@@ -194,12 +195,12 @@ def _identity(xs, xt, normalize, need_student, need_teacher):
             teacher_weights = torch.empty_like(weights)
             torch.sub(B, C.mT, out=teacher_weights[:D])
             torch.sub(C, A, out=teacher_weights[D:])
-            _write_grad_rows(d_t[g], scratch, teacher_weights, inv_m, student=False)
+            _write_grad_rows(d_t[g], scratch, teacher_weights.mul_(inv_m), student=False)
             del teacher_weights
         if need_student:  # M dL/dYs = Sig (B + C^T) + Del (A + C)
             B.add_(C.mT)
             A.add_(C)
-            _write_grad_rows(d_s[g], scratch, weights, inv_m, student=True)
+            _write_grad_rows(d_s[g], scratch, weights.mul_(inv_m), student=True)
     return total, d_s, d_t
 
 
@@ -257,9 +258,9 @@ def _tiled(xs, xt, normalize, clamp, need_student, need_teacher):
             if need_teacher:
                 torch.mm(diff if t_dead is None else diff.masked_fill_(t_dead, 0), yt, out=d_t[g, rows])
         if need_student:
-            normalize_rows_backward(d_s[g].mul_(4.0 * inv_m), ys, ns)
+            normalize_rows_backward(d_s[g].mul_(4.0 * inv_m), xs[g], ns)
         if need_teacher:
-            normalize_rows_backward(d_t[g].mul_(-4.0 * inv_m), yt, nt)
+            normalize_rows_backward(d_t[g].mul_(-4.0 * inv_m), xt[g], nt)
     return total, d_s, d_t
 
 
