@@ -185,11 +185,18 @@ def test_teacher_without_grad_gets_no_work(backend, monkeypatch):
     assert calls == [(False, False), (0, 0)]  # no gradient work under no_grad
 
 
-def test_nan_propagates():
-    student = torch.randn(1, 8, 4)
-    student[0, 3, 1] = float("nan")
-    for backend in BACKENDS:
-        assert torch.isnan(gram_loss(student, torch.randn(1, 8, 4), backend=backend))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("remove_neg,remove_only_teacher_neg", OPTIONS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_propagates(backend, remove_neg, remove_only_teacher_neg, side):
+    """A NaN on either side gives a NaN loss under every clamping option (a max-based clamp turned a
+    NaN teacher similarity into 0 on the GPU, hiding a broken Gram teacher from the trainer's
+    non-finite guard)."""
+    feats = {"student": torch.randn(1, 8, 4), "teacher": torch.randn(1, 8, 4)}
+    feats[side][0, 3, 1] = float("nan")
+    loss = gram_loss(feats["student"], feats["teacher"], remove_neg=remove_neg,
+                     remove_only_teacher_neg=remove_only_teacher_neg, backend=backend)
+    assert torch.isnan(loss)
 
 
 @pytest.mark.parametrize("shape,remove_neg", [((1, 6, 4), False), ((1, 4, 6), True), ((2, 5, 3), False)])

@@ -155,7 +155,7 @@ def _gram_tiled_kernel(
         t_c = t
         if CLAMP != 0:
             s_c = tl.where(s_dead, 0.0, s)
-            t_c = tl.maximum(t, 0.0)
+            t_c = tl.where(t < 0, 0.0, t)  # not tl.maximum: on the GPU it would turn a NaN into 0
         diff = s_c - t_c
         total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
         tl.store(out, tl.where(off_diagonal, 2.0 * total, total))
@@ -307,6 +307,7 @@ def _identity_gradient(xa, xb, ra, rb, u, v, normalize, prec):
     """dL/dXa (G, P, D) fp32 at upstream gradient 1 for the identity form, from the D x D factors
     u (of Sig) and v (of Ya - Yb)."""
     G, P, D = xa.shape
+    u, v = u.contiguous(), v.contiguous()  # the kernel reads both with u's strides
     dx = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
     bm = _block(P, 64)
     _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
@@ -367,7 +368,7 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
         total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
         d_s = _identity_gradient(xs, xt, rs, rt, B + C.mT, A + C, normalize, prec) if need_student else empty()
         # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
-        d_t = _identity_gradient(xt, xs, rt, rs, (B - C.mT).contiguous(), A - C, normalize, prec) \
+        d_t = _identity_gradient(xt, xs, rt, rs, B - C.mT, A - C, normalize, prec) \
             if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
     # fp32 tiles at 64 spill on sm_90 (exact-fp32 dots hold three (64, 64) fp32 tiles live).
