@@ -4,7 +4,7 @@ import torch
 
 from dinov3_fast.ops import apply_rope
 from dinov3_fast.ops.attention import _apply_rope_fwd, apply_rope_ref
-from test_attention import BACKENDS, HAS_CUDA, dinov3_rope, grid_for, random_rescale, rel_err
+from test_attention import BACKENDS, dinov3_rope, grid_for, random_rescale, rel_err
 
 
 def qk_views(b, n, h, dh, dtype=torch.float32, device="cpu"):

@@ -33,6 +33,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
+_MAX_GRID_AXIS_1 = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 @triton.jit
@@ -101,12 +102,12 @@ def _rope_attn_fwd_kernel(
     seq_ptr,           # (S, 4) int32 sequence table (VARLEN only)
     out_ptr,           # (T, H * DH) out, token stride stride_o
     lse_ptr,           # (H, T) fp32 out, natural-log logsumexp per query row
-    T, seq_len, rope_rows, stride_t, stride_r, stride_o, qk_scale,
+    T, seq_len, rope_rows, stride_t, stride_r, stride_o, qk_scale, s0,
     H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    s = tl.program_id(1)
+    s = s0 + tl.program_id(1)  # launched in chunks of at most 65535 sequences (CUDA's axis-1 limit)
     h = tl.program_id(2)
     tok0, n, r0, prefix = _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN)
     if pid_m * BLOCK_M >= n:
@@ -172,12 +173,12 @@ def _rope_attn_bwd_kernel(
     dout_ptr,             # (T, H * DH) gradient of the output, token stride stride_do
     lse_ptr, delta_ptr,   # (H, T) fp32
     dqkv_ptr,             # (T, 3 * H * DH) out, contiguous
-    T, seq_len, rope_rows, stride_t, stride_r, stride_do, sm_scale,
+    T, seq_len, rope_rows, stride_t, stride_r, stride_do, sm_scale, s0,
     H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    s = tl.program_id(1)
+    s = s0 + tl.program_id(1)  # launched in chunks of at most 65535 sequences (CUDA's axis-1 limit)
     h = tl.program_id(2)
     tok0, n, r0, prefix = _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN)
     if pid * BLOCK >= n:
@@ -268,11 +269,11 @@ def _rope_kernel(
     H, N, prefix, sqb, sqh, sqn, skb, skh, skn,
     DH: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B * H on axis 0: grid axes 1 and 2 stop at 65535 on CUDA
     b = bh // H
     h = bh % H
     HALF: tl.constexpr = DH // 2
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HALF)
     ok = (rows < N)[:, None]
     c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, N, prefix, DH, HALF)
@@ -335,12 +336,13 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
     cfg = fwd_config(max_len, dh)
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
-    grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), S, num_heads)
-    _rope_attn_fwd_kernel[grid](
-        qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
-        T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh),
-        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
-        DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
+    for s0 in range(0, S, _MAX_GRID_AXIS_1):
+        grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), min(S - s0, _MAX_GRID_AXIS_1), num_heads)
+        _rope_attn_fwd_kernel[grid](
+            qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
+            T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh), s0,
+            H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
+            DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return out, lse
 
 
@@ -359,12 +361,13 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
     cfg = bwd_config(max_len, dh)
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
-    grid = (triton.cdiv(max_len, cfg["BLOCK"]), S, num_heads)
-    _rope_attn_bwd_kernel[grid](
-        qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
-        T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh),
-        H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
-        DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
+    for s0 in range(0, S, _MAX_GRID_AXIS_1):
+        grid = (triton.cdiv(max_len, cfg["BLOCK"]), min(S - s0, _MAX_GRID_AXIS_1), num_heads)
+        _rope_attn_bwd_kernel[grid](
+            qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
+            T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh), s0,
+            H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
+            DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return dqkv
 
 
@@ -378,7 +381,7 @@ def apply_rope_triton(q, k, sin, cos, transpose: bool):
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     block_n = 64 if dh <= 64 else 32
-    _rope_kernel[(triton.cdiv(N, block_n), B * H)](
+    _rope_kernel[(B * H, triton.cdiv(N, block_n))](
         q, k, q_out, k_out, sin.contiguous(), cos.contiguous(),
         H, N, N - sin.shape[0], *q.stride()[:3], *k.stride()[:3],
         DH=dh, BLOCK_N=block_n, TRANSPOSE=transpose)

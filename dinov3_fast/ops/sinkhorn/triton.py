@@ -13,7 +13,7 @@ relative to a shift so that nothing overflows or underflows unless the true valu
   * sample steps: the running max over the row (online, per tile).
 Kernels (each reads the (B, K) input once):
   _sinkhorn_proto_kernel   one program per (prototype block, batch split): shifted column sums
-  _sinkhorn_sample_kernel  one program per (K split, sample): shifted row sum (online max)
+  _sinkhorn_sample_kernel  one program per (sample, K split): shifted row sum (online max)
   _sinkhorn_write_kernel   Q = exp2(y + a + beta), fp32
 When a step has a single split (and no process group), the kernel writes the potential itself;
 otherwise it writes per-split partials that `_combine_*` reduce (and all-reduce across ranks).
@@ -83,9 +83,9 @@ def _sinkhorn_sample_kernel(
     K, sxb, scale, cols_per_split,
     FINALIZE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    row = tl.program_id(1)
-    nsplit = tl.num_programs(0)
+    row = tl.program_id(0)  # rows on axis 0: grid axes 1 and 2 stop at 65535 on CUDA
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, K)
     m = float("-inf")
@@ -115,8 +115,8 @@ def _sinkhorn_write_kernel(
     K, sxb, scale,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row = tl.program_id(0)  # rows on axis 0: grid axes 1 and 2 stop at 65535 on CUDA
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     y = tl.load(x_ptr + row.to(tl.int64) * sxb + cols, mask=cmask, other=0.0).to(tl.float32) * scale
     a = tl.load(a_ptr + cols, mask=cmask, other=0.0)
@@ -207,12 +207,12 @@ def sinkhorn_triton(logits: torch.Tensor, teacher_temp: float, n_iterations: int
             FIRST=first, FINALIZE=proto_final, BLOCK_K=block)
         if not proto_final:
             a = _combine_proto(pm, ps, None if first else a, group)
-        _sinkhorn_sample_kernel[(nsplit, B)](
+        _sinkhorn_sample_kernel[(B, nsplit)](
             logits, a, sm, ss, beta, K, logits.stride(0), scale, cols_per_split,
             FINALIZE=sample_final, BLOCK_K=block)
         if not sample_final:
             beta = _combine_sample(sm, ss)
     out = torch.empty((B, K), **f32)
-    _sinkhorn_write_kernel[(n_kblocks, B)](logits, a, beta, out, K, logits.stride(0), scale, BLOCK_K=block)
+    _sinkhorn_write_kernel[(B, n_kblocks)](logits, a, beta, out, K, logits.stride(0), scale, BLOCK_K=block)
     return out
 

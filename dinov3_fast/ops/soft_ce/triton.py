@@ -28,6 +28,16 @@ LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
+def _program_coords(S, nsplit):
+    """(student crop, column split, row) of this program in a flat grid of S * nsplit * B
+    programs, the crop fastest (the S crops of a row share its teacher columns in L2). One flat
+    axis: CUDA caps grid axes 1 and 2 at 65535, and B is the number of iBOT tokens."""
+    pid = tl.program_id(0)
+    rest = pid // S
+    return pid % S, rest % nsplit, rest // nsplit
+
+
+@triton.jit
 def _soft_ce_fwd_kernel(
     s_ptr,   # (S, B, K) student logits, strides (sss, ssb, 1)
     t_ptr,   # (T, B, K) teacher probs, strides (sts, stb, 1)
@@ -35,13 +45,10 @@ def _soft_ce_fwd_kernel(
     l_ptr,   # (S, B, NSPLIT) fp32 out: sum exp2(x - m)
     d_ptr,   # (S, B, NSPLIT, T_PAD) fp32 out: sum_k t_k (x_k - m)
     ts_ptr,  # (T, B, NSPLIT) fp32 out: sum_k t_k (written by the s == 0 programs)
-    B, K, T, sss, ssb, sts, stb, scale, cols_per_split,
+    S, B, K, T, sss, ssb, sts, stb, scale, nsplit, cols_per_split,
     T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    s_idx = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2)
-    nsplit = tl.num_programs(1)
+    s_idx, split, b = _program_coords(S, nsplit)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, K)
     trow = tl.arange(0, T_PAD)
@@ -117,12 +124,10 @@ def _soft_ce_bwd_kernel(
     max_ptr, rest_ptr, a_ptr,  # (S, B) fp32 from the forward
     g_ptr,   # (S, B) fp32 upstream gradient of row_loss
     ds_ptr,  # (S, B, K) out, contiguous, student dtype
-    B, K, T, sss, ssb, sts, stb, scale, inv_temp, cols_per_split,
+    S, B, K, T, sss, ssb, sts, stb, scale, inv_temp, nsplit, cols_per_split,
     IGNORE_DIAGONAL: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    s_idx = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2)
+    s_idx, split, b = _program_coords(S, nsplit)
     row = s_idx * B + b
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, K)
@@ -180,9 +185,9 @@ def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_tem
     f32 = dict(device=dev, dtype=torch.float32)
     m, l = torch.empty((S, B, nsplit), **f32), torch.empty((S, B, nsplit), **f32)
     d, ts = torch.empty((S, B, nsplit, t_pad), **f32), torch.empty((T, B, nsplit), **f32)
-    _soft_ce_fwd_kernel[(S, nsplit, B)](
-        student, teacher, m, l, d, ts, B, K, T, student.stride(0), student.stride(1),
-        teacher.stride(0), teacher.stride(1), LOG2E / student_temp, cols,
+    _soft_ce_fwd_kernel[(S * nsplit * B,)](
+        student, teacher, m, l, d, ts, S, B, K, T, student.stride(0), student.stride(1),
+        teacher.stride(0), teacher.stride(1), LOG2E / student_temp, nsplit, cols,
         T_PAD=t_pad, BLOCK_K=block, num_warps=warps)
     row_loss, row_max, lse_rest, a = (torch.empty((S, B), **f32) for _ in range(4))
     _soft_ce_combine_kernel[(S * B,)](
@@ -202,9 +207,9 @@ def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, te
     T = teacher.shape[0]
     block, warps, nsplit, cols = _config(student.device, S * B, K)
     ds = torch.empty((S, B, K), device=student.device, dtype=out_dtype)
-    _soft_ce_bwd_kernel[(S, nsplit, B)](
+    _soft_ce_bwd_kernel[(S * nsplit * B,)](
         student, teacher, row_max, lse_rest, a, grad_row.to(torch.float32).contiguous(), ds,
-        B, K, T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        LOG2E / student_temp, 1.0 / student_temp, cols,
+        S, B, K, T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        LOG2E / student_temp, 1.0 / student_temp, nsplit, cols,
         IGNORE_DIAGONAL=ignore_diagonal, T_PAD=triton.next_power_of_2(T), BLOCK_K=block, num_warps=warps)
     return ds
