@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from dinov3_fast._json import write_json_atomically
 
 
 def _cpu_name() -> str:
@@ -42,25 +44,36 @@ def _bench(args: argparse.Namespace) -> int:
         cases = [c for c in cases if c.preset in args.preset]
     # Whole-block cases run only with --model; the default run is the ops.
     cases = [c for c in cases if c.is_model == args.model]
+    if args.skip_impl:
+        baselines = sorted({next(iter(c.impls)) for c in cases} & set(args.skip_impl))
+        if baselines:
+            print(f"error: --skip-impl cannot leave out a baseline (every ratio is against it): {baselines}",
+                  file=sys.stderr)
+            return 2
+        cases = [dataclasses.replace(c, impls={k: v for k, v in c.impls.items() if k not in args.skip_impl})
+                 for c in cases]
     if not cases:
         print(f"error: no benchmark case matches (device={device.type}, op={args.op}, preset={args.preset})",
               file=sys.stderr)
         return 2
     roofline = measure_roofline(device) if device.type == "cuda" else None
-    rows = run_cases(cases, device, roofline, min_run_time=args.min_run_time)
-    print(f"dinov3-fast bench on {roofline.device_name if roofline else _cpu_name()} "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads); speedup and mem x are "
-          f"relative to the first impl of each preset, measured in this run")
+    meta = {"device_type": device.type, "device": roofline.device_name if roofline else _cpu_name(),
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "threads": torch.get_num_threads(),
+            "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version(),
+            "triton": triton_version()}
+
+    def write_json(rows) -> None:  # after every case: a run stopped early keeps its rows
+        write_json_atomically(args.json, {"meta": meta, "rows": [r.as_dict() for r in rows]})
+
+    rows = run_cases(cases, device, roofline, min_run_time=args.min_run_time,
+                     on_case=write_json if args.json else None)
+    print(f"dinov3-fast bench on {meta['device']} (torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads); speedup and mem x are relative to the first impl of each preset, measured in this run")
     print(format_table(rows))
     for note in dict.fromkeys(f"  {r.op}/{r.preset}: {r.note}" for r in rows if r.note):
         print(note)
     if args.json:
-        meta = {"device_type": device.type, "device": roofline.device_name if roofline else _cpu_name(),
-                "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                "threads": torch.get_num_threads(),
-                "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version()}
-        meta["triton"] = triton_version()
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         from dinov3_fast.bench.plot import plot_rows
@@ -84,12 +97,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, overrides + list(args.opts or []))
     from dinov3_fast.train.loop import train
 
-    def write_json(history: dict) -> None:  # after every logged interval and at the end, atomically
-        out = {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
-               "checkpoint": history["checkpoint"], "torch": torch.__version__}
-        tmp = Path(f"{args.json}.tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.json)
+    def write_json(history: dict) -> None:  # after every logged interval and at the end
+        write_json_atomically(args.json, {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
+                                          "checkpoint": history["checkpoint"], "torch": torch.__version__})
 
     try:
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--op", action="append", help="only these ops (repeatable), e.g. gram_loss")
     bench.add_argument("--preset", action="append", help="only these presets (repeatable)")
     bench.add_argument("--model", action="store_true", help="only the ViT block benchmarks")
+    bench.add_argument("--skip-impl", action="append", default=[],
+                       help="leave out these implementations (repeatable), e.g. reference+compile; not a baseline")
     bench.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     bench.add_argument("--json", help="write the table and run metadata to this JSON file")
     bench.add_argument("--plot", help="write a speed-up bar chart (PNG) to this path")

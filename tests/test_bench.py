@@ -82,6 +82,28 @@ def test_run_case_rows_and_ratios():
     assert "cpu_tiny" in table and "fused" in table
 
 
+def _traced_or_eager(x: torch.Tensor) -> torch.Tensor:
+    """2 x when run from a dynamo-compiled graph, 3 x when run eagerly."""
+    return x * (2.0 if torch.compiler.is_compiling() else 3.0)
+
+
+def test_compiled_references_are_compiled_in_every_case(monkeypatch):
+    """Compiled references share one code object across presets; without a reset per case they
+    ran into dynamo's recompile limit and later cases timed eager code under the compiled label."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)  # one case: grad mode on and off
+    monkeypatch.setattr(dynamo_config, "automatic_dynamic_shapes", False)
+    compiled = torch.compile(_traced_or_eager, backend="eager")
+    for n in (3, 4, 5):
+        case = BenchCase(op="t", preset=f"cpu_{n}", device="cpu", backward=False,
+                         make_inputs=lambda device, n=n: ((torch.randn(n, device=device),), {}),
+                         impls={"reference": _traced_or_eager, "reference+compile": compiled})
+        run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.001)
+        x = torch.randn(n)
+        assert torch.equal(compiled(x), 2.0 * x), f"preset {n} ran eagerly"
+
+
 def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr("dinov3_fast.bench.cases.all_cases", lambda: [_tiny_case()])
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
@@ -90,6 +112,17 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     data = json.loads(out_json.read_text())
     assert data["meta"]["device_type"] == "cpu" and {r["impl"] for r in data["rows"]} == {"reference", "fused"}
     assert out_png.stat().st_size > 0
+
+
+def test_cli_bench_skip_impl(tmp_path, monkeypatch, capsys):
+    """--skip-impl leaves an implementation out of every case, and refuses to leave out a baseline."""
+    monkeypatch.setattr("dinov3_fast.bench.cases.all_cases", lambda: [_tiny_case()])
+    out_json = tmp_path / "b.json"
+    assert cli.main(["bench", "--device", "cpu", "--min-run-time", "0.01", "--skip-impl", "fused",
+                     "--json", str(out_json)]) == 0
+    assert {r["impl"] for r in json.loads(out_json.read_text())["rows"]} == {"reference"}
+    assert cli.main(["bench", "--device", "cpu", "--skip-impl", "reference"]) == 2
+    assert "cannot leave out a baseline" in capsys.readouterr().err
 
 
 def test_cli_bench_unknown_preset_is_a_clear_error(capsys):

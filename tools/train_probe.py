@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from dinov3_fast._json import write_json_atomically  # noqa: E402
 from dinov3_fast.train.config import apply_overrides, get_preset  # noqa: E402
 
 GIB = 2**30
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     results[args.ops] = entry
 
     def save() -> None:
-        tmp = path.with_name(path.name + ".tmp")  # atomic: a timeout kill never leaves half a file
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomically(path, results)
 
     state = build_state(copy.deepcopy(cfg))
     dev = state.device

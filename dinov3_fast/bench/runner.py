@@ -73,6 +73,9 @@ def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None
 
 def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
              min_run_time: float = 0.5) -> list[BenchRow]:
+    # The compiled references of an op share one code object, so across presets they would run
+    # into dynamo's recompile limit (8) and silently time eager code under the compiled label.
+    torch.compiler.reset()
     args, kwargs = case.make_inputs(device)
     leaves = _leaves(args, kwargs) if case.backward else []
     has_grad = bool(leaves)
@@ -111,13 +114,18 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
 
 
 def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofline | None,
-              min_run_time: float = 0.5) -> list[BenchRow]:
+              min_run_time: float = 0.5,
+              on_case: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
+    """Every case in turn; `on_case(rows so far)` after each (e.g. to save partial results, so a
+    run stopped by a time limit keeps what it measured)."""
     cases = list(cases)
     rows: list[BenchRow] = []
     for case in tqdm(cases, desc="bench", unit="case", leave=False):
         rows.extend(run_case(case, device, roofline, min_run_time))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
