@@ -21,7 +21,10 @@
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
 #   TRAIN_CHECK_PROBE_BATCHES="144 160 176 192"  ascending batches for the probe ("" skips it)
 #   TRAIN_CHECK_BUDGET_S=285  wall-clock budget of the whole script; every step's `timeout` is cut to
-#                             what is left of it, and the probe runs only if >= 50 s are left
+#                             what is left of it, and the probe runs only if >= 50 s are left. After
+#                             device_check.sh in the same session, set it from `status`: the
+#                             budget_left_s, minus ~120 s if the machine went back (a fresh start),
+#                             minus 30 s, and give the call a timeout_s 20 s above it
 # CPU dry run (30-45 s on 2 cores; exercises every step and file, judges no goal):
 #   OUT=/tmp/train_check PYTHON=.venv/bin/python TRAIN_CHECK_PRESET=debug TRAIN_CHECK_BATCH=4 \
 #   TRAIN_CHECK_STEPS=4 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
@@ -72,7 +75,7 @@ case "$COMPILE" in 1) compile_flag=(--compile) ;; 0) compile_flag=(--no-compile)
 run_opts=(checkpointing.period=-1 evaluation.knn_val_samples=0 "${OPTS[@]}")
 
 step "environment"
-timeout 60 "$PY" - "$PRESET" "$BATCH" "$STEPS" "$LOG_EVERY" "$COMPILE" "$ARCH" "${TRAIN_CHECK_OPTS:-}" \
+timeout -k 10 60 "$PY" - "$PRESET" "$BATCH" "$STEPS" "$LOG_EVERY" "$COMPILE" "$ARCH" "${TRAIN_CHECK_OPTS:-}" \
   <<'PYEOF' > "$OUT/env.json"
 import json, sys
 import dinov3_fast
@@ -89,7 +92,7 @@ cat "$OUT/env.json"
 
 for ops in fused reference; do
   step "plan ($ops, batch $BATCH, 1 GPU)"
-  timeout "$(left 60)" "$PY" -m dinov3_fast.cli plan --preset "$PRESET" "${arch_flag[@]}" --gpus 1 --batch "$BATCH" \
+  timeout -k 10 "$(left 60)" "$PY" -m dinov3_fast.cli plan --preset "$PRESET" "${arch_flag[@]}" --gpus 1 --batch "$BATCH" \
     --ops "$ops" --json "$OUT/plan_$ops.json" "${OPTS[@]}" 2>&1 | tee -a "$OUT/log.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
@@ -98,7 +101,7 @@ for ops in fused reference; do
   t=$(left 130)
   if [ "$t" -lt 30 ]; then step "train ($ops) skipped: ${t}s left of the budget"; status=1; continue; fi
   step "train ($ops, batch $BATCH, $STEPS steps, timeout ${t}s)"
-  timeout "$t" "$PY" -m dinov3_fast.cli train --preset "$PRESET" "${arch_flag[@]}" "${compile_flag[@]}" \
+  timeout -k 10 "$t" "$PY" -m dinov3_fast.cli train --preset "$PRESET" "${arch_flag[@]}" "${compile_flag[@]}" \
     --ops "$ops" --batch "$BATCH" --steps "$STEPS" --log-every "$LOG_EVERY" --data synthetic --no-progress \
     --output-dir "$RUN_DIR/$ops" --json "$OUT/train_$ops.json" "${run_opts[@]}" 2>&1 | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
@@ -115,7 +118,7 @@ else
   for ops in fused reference; do
     [ "$ops" = fused ] && t=$((rest / 2)) || t=$((BUDGET - SECONDS - 15))
     step "probe ($ops, batches $PROBE_BATCHES, timeout ${t}s)"
-    timeout "$t" "$PY" tools/train_probe.py --preset "$PRESET" ${ARCH:+--arch "$ARCH"} --ops "$ops" \
+    timeout -k 10 "$t" "$PY" tools/train_probe.py --preset "$PRESET" ${ARCH:+--arch "$ARCH"} --ops "$ops" \
       --batches "$PROBE_BATCHES" --json "$OUT/probe.json" "${OPTS[@]}" 2>&1 | tee -a "$OUT/log.txt"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || echo "probe ($ops) exit $rc (124: timeout; the batches measured so far are kept)" \
@@ -123,8 +126,9 @@ else
   done
 fi
 
+rm -f "$OUT"/*.tmp  # a kill mid-write leaves one; the result files themselves are always whole
 step "summary"
-timeout 30 "$PY" tools/train_results.py "$OUT" --save "$OUT/summary.json" 2>&1 | tee -a "$OUT/log.txt"
+timeout -k 10 30 "$PY" tools/train_results.py "$OUT" --save "$OUT/summary.json" 2>&1 | tee -a "$OUT/log.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done (status $status)"
