@@ -31,12 +31,12 @@
 #
 # Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
 # --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the single-process trainer's
-# eager run, autocast and stochastic depth included, see planner.py): total fused / reference
-# 28.4 / 30.0 GiB at 64 (the preset's), 44.4 / 47.1 at 112, 49.7 / 52.8 at 128, 55.0 / 58.5 at 144,
-# 60.4 / 64.3 at 160, 65.7 / 69.9 at 176. An H100 80GB holds 79.6 GiB. 128 leaves ~1/3 headroom for
-# what the plan leaves out (the backward's transient block gradients and recompute, fragmentation,
-# what the compiled blocks keep instead of the eager ones) and for the plan's own error, which issue
-# #7 allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
+# eager run, autocast, stochastic depth and the backward's working set included, see planner.py):
+# total fused / reference 29.8 / 31.6 GiB at 64 (the preset's), 46.8 / 49.9 at 112, 52.6 / 56.0 at
+# 128, 58.2 / 62.1 at 144, 64.0 / 68.3 at 160, 69.6 / 74.4 at 176, 75.2 / 80.4 at 192. An H100 80GB
+# holds 79.6 GiB. 128 leaves ~30% headroom for what the plan leaves out (fragmentation, what the
+# compiled blocks keep instead of the eager ones) and for the plan's own error, which issue #7
+# allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
 # 144 to find each setting's actual limit.
 #
 # Time (estimates, not yet measured on the device): env ~5 s; the two plans ~10 s each; each train run

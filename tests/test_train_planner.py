@@ -119,7 +119,7 @@ def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
 
     cfg = apply_overrides(get_preset("debug"), ["student.num_heads=2", f"train.ac={ac}", "train.batch_size_per_gpu=2",
                                                 "train.ops=reference"])  # SDPA keeps out + lse on both devices
-    planned = _measure_student(cfg, cfg.student.depth, torch.float32, autocast=torch.bfloat16)[0]
+    planned = _measure_student(cfg, cfg.student.depth, torch.float32, autocast=torch.bfloat16).backbone
     torch.manual_seed(0)
     backbone = build_backbone(cfg, drop_path_rate=0.0, device="cpu")
     apply_ac(backbone.blocks, ac)
@@ -131,7 +131,7 @@ def test_planner_autocast_emulation_matches_a_real_autocast_forward(ac):
     cast_cache = sum(2 * p.numel() for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                      for p in m.parameters())
     assert planned == pytest.approx(measured - cast_cache, abs=256)
-    assert _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=None)[0] < planned
+    assert _measure_student(cfg, cfg.student.depth, torch.bfloat16, autocast=None).backbone < planned
 
 
 def test_planner_storage_rules_and_stochastic_depth():
@@ -146,3 +146,68 @@ def test_planner_storage_rules_and_stochastic_depth():
     act = {r: plan_memory(apply_overrides(cfg, [f"student.drop_path_rate={r}"]), world_size=1).activations
            for r in (0.0, 0.5)}
     assert act[0.5] < act[0.0]
+
+
+def _small_backbone(depth: int, ac: str):
+    from dinov3_fast.train.meta_arch import build_backbone
+    from dinov3_fast.train.parallelize import apply_ac
+    cfg = apply_overrides(get_preset("debug"), [f"student.depth={depth}", "student.embed_dim=64", "student.num_heads=2"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    apply_ac(backbone.blocks, ac)
+    return backbone
+
+
+@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+def test_backward_peak_matches_the_profiler_on_a_real_run(ac):
+    """The tracker's saved bytes + backward excess is the peak the CPU profiler measures for the same
+    forward + backward (checkpoint recomputes included): the planner's backward term is a peak."""
+    from dinov3_fast.bench.memory import peak_extra_bytes
+    from dinov3_fast.train.planner import activation_bytes
+
+    backbone = _small_backbone(2, ac)
+    x = torch.randn(8, 3, 48, 48, requires_grad=True)
+
+    def forward():
+        return backbone(x, is_training=True)["x_norm_patchtokens"]
+
+    def forward_backward():
+        out = forward()
+        torch.autograd.grad(out, (x,), torch.empty_like(out))
+
+    saved, excess = activation_bytes(forward, (x,))
+    assert saved > 0 and excess > 0
+    assert saved + excess == pytest.approx(peak_extra_bytes(forward_backward, torch.device("cpu")), rel=0.01)
+
+
+def test_backward_peak_of_checkpointed_blocks_follows_from_the_plain_one():
+    """What the planner assumes (it cannot replay GPU kernels in a recompute on meta): with AC, the
+    backward's excess over the saved bytes is the plain (no AC) excess plus what a plain block keeps
+    beyond a checkpointed one; and it does not grow with depth. Exact on a real CPU run."""
+    from dinov3_fast.train.planner import activation_bytes
+
+    x = torch.randn(8, 3, 48, 48, requires_grad=True)
+    got = {}
+    for depth in (1, 2, 3):
+        for ac in ("none", "selective", "full"):
+            backbone = _small_backbone(depth, ac)
+            got[depth, ac] = activation_bytes(lambda: backbone(x, is_training=True)["x_norm_patchtokens"], (x,))
+
+    def per_block(ac):
+        return got[2, ac][0] - got[1, ac][0]
+
+    for ac in ("selective", "full"):
+        assert got[3, ac][1] == got[1, ac][1]
+        assert got[3, ac][1] == pytest.approx(per_block("none") - per_block(ac) + got[1, "none"][1], rel=0.02)
+
+
+def test_plan_total_includes_the_backward_working_set():
+    cfg = get_preset("debug")
+    plans = {ac: plan_memory(apply_overrides(cfg, [f"train.ac={ac}"]), world_size=1) for ac in ("none", "full")}
+    for plan in plans.values():
+        assert plan.backward_working_set > 0
+        assert plan.total == (plan.sharded_state + plan.transient_buffers + plan.activations + plan.heads_and_losses
+                              + plan.backward_working_set)
+        assert "backward working set" in format_plan(plan)
+    # full AC recomputes each block in the backward: less kept, more rebuilt at the peak
+    assert plans["full"].backward_working_set > plans["none"].backward_working_set

@@ -31,12 +31,17 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   with `--ops reference`, what the reference losses keep for backward: the fp32 log-softmax of
   every student row, and their einsum's copy of the targets (bf16 under autocast, which casts
   einsum; without autocast only iBOT's weighted targets are a new tensor, in fp32).
+- **backward working set**: the most the backward holds beyond what the forward saved, at its
+  peak: measured on meta by backpropagating a student without AC (the kernel routing cannot
+  reach a checkpoint's recompute on meta), plus, with AC, what a plain block keeps beyond a
+  checkpointed one (its backward rebuilds that); or the heads' backward, if larger.
 The sum leaves out the CUDA context and the allocator's fragmentation (a few GiB on a GPU).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -63,11 +68,13 @@ def _storages(tree) -> list:
 class StorageTracker(TorchDispatchMode):
     """Records every storage an op creates; `alive_bytes()` sums those still referenced. An output
     that aliases an input (a view, an in-place op) creates none: a view of a parameter is not an
-    activation."""
+    activation. `peak` is the most bytes alive after any op since `track_peak` was set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.track_peak = False
+        self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -78,6 +85,8 @@ class StorageTracker(TorchDispatchMode):
             ref = StorageWeakRef(s)
             if ref.cdata not in inputs:
                 self.refs.setdefault(ref.cdata, (ref, s.nbytes()))
+        if self.track_peak:  # after the op: its inputs and its outputs alive together
+            self.peak = max(self.peak, self.alive_bytes())
         return out
 
     def alive_bytes(self) -> int:
@@ -155,12 +164,25 @@ def kernels_as_on_gpu(autocast: _AutocastOnMeta | None = None) -> Iterator[None]
 def saved_activation_bytes(fn) -> int:
     """Bytes of the storages created by fn() that are still alive after it returns (its
     output included): what autograd keeps for the backward."""
+    return activation_bytes(fn)[0]
+
+
+def activation_bytes(fn, backward_inputs: tuple[torch.Tensor, ...] = ()) -> tuple[int, int]:
+    """(saved, backward excess) of fn(): saved as `saved_activation_bytes`; with `backward_inputs`,
+    also the most bytes alive during the backward of fn()'s outputs (to those inputs, seeded with
+    output-shaped gradients) beyond `saved`: the backward's working set (the gradients flowing
+    between ops, each op's backward temporaries, what a checkpointed region recomputes), else 0.
+    Parameter gradients are not computed (they are sharded state, planned apart)."""
     tracker = StorageTracker()
     with tracker:
         out = fn()
-    n = tracker.alive_bytes()
+        saved = tracker.alive_bytes()
+        if backward_inputs:
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            tracker.peak, tracker.track_peak = saved, True
+            torch.autograd.grad(outs, backward_inputs, [torch.empty_like(t) for t in outs])
     del out
-    return n
+    return saved, tracker.peak - saved if backward_inputs else 0
 
 
 @dataclass
@@ -176,10 +198,12 @@ class MemoryPlan:
     transient_buffers: int
     activations: int
     heads_and_losses: int
+    backward_working_set: int
 
     @property
     def total(self) -> int:
-        return self.sharded_state + self.transient_buffers + self.activations + self.heads_and_losses
+        return (self.sharded_state + self.transient_buffers + self.activations + self.heads_and_losses
+                + self.backward_working_set)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -189,12 +213,23 @@ def _local_numel(module: torch.nn.Module) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
 
 
-def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype,
-                     autocast: torch.dtype | None) -> tuple[int, int, int]:
-    """(backbone bytes, heads bytes, masked tokens): what autograd keeps, on meta, for a student of
-    `depth` blocks at the per-rank batch. Modules in `module_dtype`; with `autocast` (a dtype),
-    under autocast's casts to it (the single-process trainer), not counting autocast's cache of
-    the parameters' casts (a transient buffer in the plan)."""
+@dataclass(frozen=True)
+class _StudentMeasure:
+    """What autograd keeps, on meta, for a student at the per-rank batch (bytes), and with
+    `backward`, what its backward needs on top of that at its peak (0 otherwise)."""
+    backbone: int
+    heads: int
+    masked_tokens: int
+    backbone_backward: int = 0
+    heads_backward: int = 0
+
+
+def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocast: torch.dtype | None,
+                     ac: str | None = None, backward: bool = False) -> _StudentMeasure:
+    """Measure a student of `depth` blocks with AC mode `ac` (default: the config's). Modules in
+    `module_dtype`; with `autocast` (a dtype), under autocast's casts to it (the single-process
+    trainer), not counting autocast's cache of the parameters' casts (a transient buffer in the
+    plan). With `backward`, the backbone and the heads are also backpropagated (to their inputs)."""
     from dinov3_fast.train.meta_arch import _heads, build_backbone
     from dinov3_fast.train.parallelize import apply_ac
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
@@ -202,17 +237,19 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype,
     with torch.device("meta"):
         backbone = build_backbone(small, drop_path_rate=cfg.student.drop_path_rate, device="meta").to(module_dtype)
         heads = {k: v.to(module_dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
-    apply_ac(backbone.blocks, cfg.train.ac)
+    apply_ac(backbone.blocks, cfg.train.ac if ac is None else ac)
 
-    def saved_bytes(fn) -> int:
+    def measure(fn, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
         casts = _AutocastOnMeta(autocast) if autocast is not None else None
         with kernels_as_on_gpu(casts):
-            return saved_activation_bytes(fn) - (casts.cached_bytes() if casts else 0)
+            saved, excess = activation_bytes(fn, inputs if backward else ())
+        return saved - (casts.cached_bytes() if casts else 0), excess
 
-    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=module_dtype)
+    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=module_dtype,
+                    requires_grad=backward)
     loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta",
-                      dtype=module_dtype)
-    act = saved_bytes(lambda: backbone([g, loc], is_training=True))
+                      dtype=module_dtype, requires_grad=backward)
+    act, act_bwd = measure(lambda: backbone([g, loc], is_training=True), (g, loc))
     hw = (c.global_crops_size // cfg.student.patch_size) ** 2
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
@@ -220,8 +257,8 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype,
     cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=module_dtype,
                       requires_grad=True)
     tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=module_dtype, requires_grad=True)
-    head = saved_bytes(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
-    return act, head, masked
+    head, head_bwd = measure(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)), (cls, tok))
+    return _StudentMeasure(act, head, masked, act_bwd, head_bwd)
 
 
 def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
@@ -264,10 +301,18 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     else:
         transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
     depth = arch.student.backbone.n_blocks
-    a1, head, masked = _measure_student(cfg, 1, module_dtype, autocast)
-    a2, _, _ = _measure_student(cfg, 2, module_dtype, autocast)
-    per_block = a2 - a1
-    activations = a1 - per_block + depth * per_block
+    measure = functools.partial(_measure_student, cfg, module_dtype=module_dtype, autocast=autocast)
+    one = measure(1)
+    head, masked = one.heads, one.masked_tokens
+    per_block = measure(2).backbone - one.backbone
+    activations = one.backbone - per_block + depth * per_block
+    # The backward's peak, from a student without AC: meta tensors cannot replay the GPU kernels
+    # in a checkpoint's recompute (our kernel routing does not reach it), and a checkpointed block
+    # rebuilds in its backward what the block keeps without AC, so its peak is the same plus the
+    # difference (measured exactly so on the CPU, tests/test_train_planner.py).
+    plain = measure(1, ac="none", backward=True)
+    per_block_plain = per_block if cfg.train.ac == "none" else measure(2, ac="none").backbone - plain.backbone
+    backward = max(per_block_plain - per_block + plain.backbone_backward, plain.heads_backward)
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
     targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
@@ -278,7 +323,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         else:  # iBOT's targets times the patch weights, a new fp32 tensor
             targets += 4 * masked * ki
     return MemoryPlan(cfg.student.arch, world_size, b, cfg.train.ac, cfg.train.ops, total, student_local, sharded,
-                      transient, activations, head + targets)
+                      transient, activations, head + targets, backward)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -287,6 +332,7 @@ def format_plan(plan: MemoryPlan) -> str:
              else "transient buffers (autocast's parameter casts)", plan.transient_buffers),
             (f"activations (AC {plan.ac})", plan.activations),
             (f"heads and losses (ops {plan.ops})", plan.heads_and_losses),
+            ("backward working set (at its peak)", plan.backward_working_set),
             ("total per rank", plan.total)]
     head = (f"memory plan: {plan.arch}, {plan.world_size} ranks, batch {plan.batch_per_rank} per rank; "
             f"student {plan.params_total / 1e9:.3f}B params, {plan.params_per_rank / 1e6:.1f}M per rank")
