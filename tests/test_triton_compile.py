@@ -51,3 +51,16 @@ def test_no_register_spills_in_half_precision_launches_on_hopper(aot_report):
     spills = [f"{r['kernel']} {r['constexprs']}: {r['stack_bytes']} B" for r in report["results"]
               if r["target"] == "sm_90" and r.get("half_inputs") and (r.get("stack_bytes") or 0) > 0]
     assert not spills, spills
+
+
+# Shared memory a block may use (the opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+MAX_SHARED = {"sm_80": 166912, "sm_90": 232448}
+
+
+def test_every_launch_fits_its_targets_shared_memory(aot_report):
+    """A launch whose tiles need more shared memory than the card has compiles, then fails at launch
+    with OutOfResources: the compile check alone does not catch it."""
+    report, _ = aot_report
+    over = [f"{r['kernel']} {r['target']} {r['constexprs']}: {r['shared']} B" for r in report["results"]
+            if (r.get("shared") or 0) > MAX_SHARED[r["target"]]]
+    assert not over, over

@@ -37,6 +37,8 @@ PRESETS = (
     ("vit7b_1029tok", "cuda", "vit7b", ((16, 1029),), torch.bfloat16),
     ("vit7b_4101tok", "cuda", "vit7b", ((4, 4101),), torch.bfloat16),
     ("vit7b_multicrop", "cuda", "vit7b", ((32, 261), (128, 54)), torch.bfloat16),
+    # fp32 tiles, the largest shared-memory footprint (tests/test_triton_compile.py checks it fits an A100)
+    ("vit7b_1029tok_fp32", "cuda", "vit7b", ((4, 1029),), torch.float32),
 )
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 

@@ -297,16 +297,18 @@ def _rope_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def fwd_config(max_len: int, head_dim: int) -> dict:
-    """Forward tiles by sequence length, chosen so that no configuration spills at sm_90 (checked
-    with tools/aot_compile.py; the fp32 rope tables of the key block are what costs registers):
-    one 64-row block covers a local crop; 64-row query blocks waste least on 261-token crops; long
-    sequences take 128-row query blocks over two warpgroups."""
+def fwd_config(max_len: int, head_dim: int, itemsize: int = 2) -> dict:
+    """Forward tiles by sequence length, chosen so that no bf16/fp16 configuration spills at sm_90
+    (checked with tools/aot_compile.py; the fp32 rope tables of the key block are what costs
+    registers): one 64-row block covers a local crop; 64-row query blocks waste least on
+    261-token crops; long sequences take 128-row query blocks over two warpgroups. fp32 tiles
+    (itemsize 4) take twice the shared memory: with 3 stages they outgrew an A100's 163 KiB
+    (180-214 KiB), so they pipeline less."""
     if max_len <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=1)
     if max_len <= 512:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3 if itemsize <= 2 else 2)
+    return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8, num_stages=3 if itemsize <= 2 else 1)
 
 
 def bwd_config(max_len: int, head_dim: int) -> dict:
@@ -333,7 +335,7 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
     T, C, dh, S, rope_rows = _common(qkv, sin, seqinfo, num_heads, max_len)
     out = qkv.new_empty(T, C)
     lse = qkv.new_empty(num_heads, T, dtype=torch.float32)
-    cfg = fwd_config(max_len, dh)
+    cfg = fwd_config(max_len, dh, qkv.element_size())
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
     for s0 in range(0, S, _MAX_GRID_AXIS_1):
