@@ -28,10 +28,15 @@ PY="${PYTHON:-python3}"
 BUDGET="${DEVICE_CHECK_BUDGET_S:-390}"
 status=0
 step() { echo "== [$SECONDS s] $*" | tee -a "$OUT/log.txt"; }
-# seconds a phase may take: its cap, cut to what is left of the budget, >= 1
-left() { local l=$((BUDGET - SECONDS)); l=$(( l < $1 ? l : $1 )); echo $(( l < 1 ? 1 : l )); }
-# run a phase under `timeout` (SIGKILL 10 s after SIGTERM: a process stuck in a CUDA call ignores TERM)
-phase() { local cap=$1; shift; timeout -k 10 "$(left "$cap")" "$@"; }
+# seconds a phase may take: its cap, cut to what is left of the budget (0 when spent)
+left() { local l=$((BUDGET - SECONDS)); l=$(( l < $1 ? l : $1 )); echo $(( l < 0 ? 0 : l )); }
+# run a phase under `timeout` (SIGKILL 10 s after SIGTERM: a process stuck in a CUDA call ignores
+# TERM; exit 124 or 137 then); with under 20 s of the budget left it is skipped (exit 125)
+phase() {
+  local cap=$1 t; shift; t=$(left "$cap")
+  if [ "$t" -lt 20 ]; then step "skipped, ${t}s of the budget left: $*" >&2; return 125; fi
+  timeout -k 10 "$t" "$@"
+}
 
 step "environment"
 phase 30 "$PY" -m dinov3_fast.bench.environment > "$OUT/env.json" || status=1
@@ -56,7 +61,7 @@ pytest_opts=(-q -m gpu tests -p no:cacheprovider -rfE --durations=15 --junitxml=
 "$PY" -c "import pytest_timeout" 2> /dev/null && pytest_opts+=(--timeout=120)
 phase 150 "$PY" -m pytest "${pytest_opts[@]}" > "$OUT/pytest.log" 2>&1
 rc=$?
-[ "$rc" -eq 0 ] || { status=1; step "GPU tests exit $rc (124: timeout)"; }
+[ "$rc" -eq 0 ] || { status=1; step "GPU tests exit $rc (124/137: timeout, 125: skipped)"; }
 tail -40 "$OUT/pytest.log"
 
 bench() {  # bench NAME CAP ARGS...: one bench phase, its table into log.txt, rows into $OUT/NAME.json
@@ -64,14 +69,15 @@ bench() {  # bench NAME CAP ARGS...: one bench phase, its table into log.txt, ro
   step "bench: $name ($*)"
   phase "$cap" "$PY" -m dinov3_fast.cli bench --min-run-time 0.2 --json "$OUT/$name.json" "$@" >> "$OUT/log.txt" 2>&1
   local rc=$?
-  [ "$rc" -eq 0 ] || { status=1; step "bench $name exit $rc (124: timeout; the cases measured so far are in $name.json)"; }
+  [ "$rc" -eq 0 ] || { status=1; step "bench $name exit $rc (124/137: timeout, the cases measured so far are in $name.json; 125: skipped)"; }
 }
 bench bench 600 --skip-impl reference+compile --plot "$OUT/bench.png"
-if command -v nvidia-smi > /dev/null; then  # on a CPU dry run the ops phase has covered these
+if command -v nvidia-smi > /dev/null; then  # GPU presets only: a CPU dry run has none of these
   bench bench_compiled 600 --preset crop512_b16_d1024 --preset dino_teacher_7b
   bench bench_model 600 --model
 fi
 
+rm -f "$OUT"/*.tmp  # a kill mid-write leaves one; the result files themselves are always whole
 step "summary"
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$OUT/log.txt"
 import json, sys

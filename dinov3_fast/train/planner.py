@@ -229,8 +229,10 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
     """Measure a student of `depth` blocks with AC mode `ac` (default: the config's). Modules in
     `module_dtype`; with `autocast` (a dtype), under autocast's casts to it (the single-process
     trainer), not counting autocast's cache of the parameters' casts (a transient buffer in the
-    plan). With `backward`, the backbone and the heads are also backpropagated (to their inputs)."""
-    from dinov3_fast.train.meta_arch import _heads, build_backbone
+    plan). With `backward`, also the backward peaks, backpropagating as the trainer does: the
+    backbone from the outputs the heads read, the heads from the DINO and iBOT losses."""
+    from dinov3_fast.nn import DINOLoss, iBOTPatchLoss
+    from dinov3_fast.train.meta_arch import _heads, build_backbone, ops_backend
     from dinov3_fast.train.parallelize import apply_ac
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     small = apply_overrides(cfg, [f"student.depth={depth}"])
@@ -239,25 +241,45 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
         heads = {k: v.to(module_dtype) for k, v in _heads(cfg, backbone.embed_dim, "meta").items()}
     apply_ac(backbone.blocks, cfg.train.ac if ac is None else ac)
 
-    def measure(fn, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    def measure(fn, backward_inputs: tuple[torch.Tensor, ...] = ()) -> tuple[int, int]:
         casts = _AutocastOnMeta(autocast) if autocast is not None else None
         with kernels_as_on_gpu(casts):
-            saved, excess = activation_bytes(fn, inputs if backward else ())
+            saved, excess = activation_bytes(fn, backward_inputs)
         return saved - (casts.cached_bytes() if casts else 0), excess
 
-    g = torch.empty(2 * b, 3, c.global_crops_size, c.global_crops_size, device="meta", dtype=module_dtype,
-                    requires_grad=backward)
-    loc = torch.empty(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size, device="meta",
-                      dtype=module_dtype, requires_grad=backward)
-    act, act_bwd = measure(lambda: backbone([g, loc], is_training=True), (g, loc))
+    def meta(*shape, dtype=module_dtype, requires_grad=False) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=requires_grad)
+
+    n_crops = 2 + c.local_crops_number
+    g = meta(2 * b, 3, c.global_crops_size, c.global_crops_size)
+    loc = meta(c.local_crops_number * b, 3, c.local_crops_size, c.local_crops_size)
+
+    def backbone_forward():  # what the heads read: global cls and patch tokens, local cls
+        g_out, l_out = backbone([g, loc], is_training=True)
+        return g_out["x_norm_clstoken"], g_out["x_norm_patchtokens"], l_out["x_norm_clstoken"]
+
+    act, act_bwd = measure(backbone_forward, (backbone.patch_embed.proj.weight,) if backward else ())
     hw = (c.global_crops_size // cfg.student.patch_size) ** 2
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
     # the heads' inputs: the backbone's output tokens (fp32 under autocast: its last norm runs in fp32)
-    cls = torch.empty((2 + c.local_crops_number) * b, backbone.embed_dim, device="meta", dtype=module_dtype,
-                      requires_grad=True)
-    tok = torch.empty(max(masked, 1), backbone.embed_dim, device="meta", dtype=module_dtype, requires_grad=True)
-    head, head_bwd = measure(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)), (cls, tok))
+    cls = meta(n_crops * b, backbone.embed_dim, requires_grad=True)
+    tok = meta(max(masked, 1), backbone.embed_dim, requires_grad=True)
+    head, _ = measure(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
+    head_bwd = 0
+    if backward:
+        k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
+        dino, ibot = DINOLoss(k, backend=ops_backend(cfg)), iBOTPatchLoss(ki, backend=ops_backend(cfg))
+        # teacher targets (fp32) are made outside the measurement: the plan counts them apart
+        dino_targets, ibot_targets = meta(2, b, k, dtype=torch.float32), meta(tok.shape[0], ki, dtype=torch.float32)
+        mask_weights, masks = meta(tok.shape[0], dtype=torch.float32), meta(2 * b, hw, dtype=torch.bool)
+
+        def losses():
+            logits = heads["dino_head"](cls).unflatten(0, (n_crops, b))
+            return (dino(logits[2:], dino_targets) + dino(logits[:2], dino_targets, ignore_diagonal=True)
+                    + ibot.forward_masked(heads["ibot_head"](tok), ibot_targets, masks, masks_weight=mask_weights))
+
+        head_bwd = measure(losses, (cls, tok))[1]
     return _StudentMeasure(act, head, masked, act_bwd, head_bwd)
 
 
