@@ -87,21 +87,22 @@ def _traced_or_eager(x: torch.Tensor) -> torch.Tensor:
     return x * (2.0 if torch.compiler.is_compiling() else 3.0)
 
 
-def test_compiled_references_are_compiled_in_every_case(monkeypatch):
+def test_compiled_references_are_compiled_in_every_case():
     """Compiled references share one code object across presets; without a reset per case they
     ran into dynamo's recompile limit and later cases timed eager code under the compiled label."""
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)  # one case: grad mode on and off
-    monkeypatch.setattr(dynamo_config, "automatic_dynamic_shapes", False)
     compiled = torch.compile(_traced_or_eager, backend="eager")
-    for n in (3, 4, 5):
-        case = BenchCase(op="t", preset=f"cpu_{n}", device="cpu", backward=False,
-                         make_inputs=lambda device, n=n: ((torch.randn(n, device=device),), {}),
-                         impls={"reference": _traced_or_eager, "reference+compile": compiled})
-        run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.001)
-        x = torch.randn(n)
-        assert torch.equal(compiled(x), 2.0 * x), f"preset {n} ran eagerly"
+    # one case compiles with grad mode on and off: 2 entries; no shape generalisation
+    with dynamo_config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+        for n in (3, 4, 5):
+            case = BenchCase(op="t", preset=f"cpu_{n}", device="cpu", backward=False,
+                             make_inputs=lambda device, n=n: ((torch.randn(n, device=device),), {}),
+                             impls={"reference": _traced_or_eager, "reference+compile": compiled})
+            run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.001)
+            x = torch.randn(n)
+            assert torch.equal(compiled(x), 2.0 * x), f"preset {n} ran eagerly"
+    torch.compiler.reset()
 
 
 def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
