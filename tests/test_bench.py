@@ -94,15 +94,17 @@ def test_compiled_references_are_compiled_in_every_case():
 
     compiled = torch.compile(_traced_or_eager, backend="eager")
     # one case compiles with grad mode on and off: 2 entries; no shape generalisation
-    with dynamo_config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
-        for n in (3, 4, 5):
-            case = BenchCase(op="t", preset=f"cpu_{n}", device="cpu", backward=False,
-                             make_inputs=lambda device, n=n: ((torch.randn(n, device=device),), {}),
-                             impls={"reference": _traced_or_eager, "reference+compile": compiled})
-            run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.001)
-            x = torch.randn(n)
-            assert torch.equal(compiled(x), 2.0 * x), f"preset {n} ran eagerly"
-    torch.compiler.reset()
+    try:
+        with dynamo_config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+            for n in (3, 4, 5):
+                case = BenchCase(op="t", preset=f"cpu_{n}", device="cpu", backward=False,
+                                 make_inputs=lambda device, n=n: ((torch.randn(n, device=device),), {}),
+                                 impls={"reference": _traced_or_eager, "reference+compile": compiled})
+                run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.001)
+                x = torch.randn(n)
+                assert torch.equal(compiled(x), 2.0 * x), f"preset {n} ran eagerly"
+    finally:
+        torch.compiler.reset()
 
 
 def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):

@@ -276,7 +276,8 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
 
         def losses():
             logits = heads["dino_head"](cls).unflatten(0, (n_crops, b))
-            return (dino(logits[2:], dino_targets) + dino(logits[:2], dino_targets, ignore_diagonal=True)
+            return (dino(logits[2:], dino_targets)
+                    + dino(logits[:2], dino_targets, ignore_diagonal=cfg.dino.global_ignore_diagonal)
                     + ibot.forward_masked(heads["ibot_head"](tok), ibot_targets, masks, masks_weight=mask_weights))
 
         head_bwd = measure(losses, (cls, tok))[1]
