@@ -325,7 +325,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
     depth = arch.student.backbone.n_blocks
     measure = functools.partial(_measure_student, cfg, module_dtype=module_dtype, autocast=autocast)
-    one = measure(1)
+    no_ac = cfg.train.ac == "none"
+    one = measure(1, backward=no_ac)
     head, masked = one.heads, one.masked_tokens
     per_block = measure(2).backbone - one.backbone
     activations = one.backbone - per_block + depth * per_block
@@ -333,8 +334,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     # in a checkpoint's recompute (our kernel routing does not reach it), and a checkpointed block
     # rebuilds in its backward what the block keeps without AC, so its peak is the same plus the
     # difference (measured exactly so on the CPU, tests/test_train_planner.py).
-    plain = measure(1, ac="none", backward=True)
-    per_block_plain = per_block if cfg.train.ac == "none" else measure(2, ac="none").backbone - plain.backbone
+    plain = one if no_ac else measure(1, ac="none", backward=True)
+    per_block_plain = per_block if no_ac else measure(2, ac="none").backbone - plain.backbone
     backward = max(per_block_plain - per_block + plain.backbone_backward, plain.heads_backward)
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes

@@ -328,6 +328,12 @@ def _common(qkv, sin, seqinfo, num_heads, max_len):
     return T, C, C // num_heads, S, rope_rows
 
 
+def _sequence_chunks(S: int):
+    """(first sequence, sequences) of each launch: the kernels keep sequences on grid axis 1."""
+    for s0 in range(0, S, _MAX_GRID_AXIS_1):
+        yield s0, min(S - s0, _MAX_GRID_AXIS_1)
+
+
 def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int):
     """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout."""
     if qkv.stride(1) != 1:
@@ -338,8 +344,8 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
     cfg = fwd_config(max_len, dh, qkv.element_size())
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
-    for s0 in range(0, S, _MAX_GRID_AXIS_1):
-        grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), min(S - s0, _MAX_GRID_AXIS_1), num_heads)
+    for s0, n_seq in _sequence_chunks(S):
+        grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), n_seq, num_heads)
         _rope_attn_fwd_kernel[grid](
             qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
             T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh), s0,
@@ -363,8 +369,8 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
     cfg = bwd_config(max_len, dh)
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
-    for s0 in range(0, S, _MAX_GRID_AXIS_1):
-        grid = (triton.cdiv(max_len, cfg["BLOCK"]), min(S - s0, _MAX_GRID_AXIS_1), num_heads)
+    for s0, n_seq in _sequence_chunks(S):
+        grid = (triton.cdiv(max_len, cfg["BLOCK"]), n_seq, num_heads)
         _rope_attn_bwd_kernel[grid](
             qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
             T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh), s0,
