@@ -16,7 +16,10 @@
 # A phase with under 20 s of the budget left is skipped and listed at the end; only a phase that
 # ran and failed makes the exit status 1.
 # Full logs go to $OUT as they are written (build.log, pytest.log, log.txt), the console shows
-# their tails; the bench JSON is rewritten after every case, so a kill keeps the rows measured.
+# their tails; $OUT holds 8 files at most (the device tool returns no more): env, backends, the
+# three logs and the three bench JSONs (plots are drawn here by
+# tools/benchmarks_md.py); the bench JSON is rewritten after every case, so a kill keeps the rows
+# measured.
 # The device image has no network: pip is never asked to fetch anything.
 # On a machine without a GPU it still runs (dry run, DEVICE_CHECK_BUDGET_S=600 for the 2-core CPU):
 # it builds, skips the GPU tests and benches the CPU presets, so the script itself is exercised.
@@ -74,9 +77,10 @@ judge backends $?
 cat "$OUT/backends.json"
 
 step "GPU tests (pytest -m gpu)"
-pytest_opts=(-q -m gpu tests -p no:cacheprovider -rfE --durations=15 --junitxml="$OUT/gpu_tests.xml")
-# Triton's JIT compiles dominate: spread them over 4 workers; no test may hang the phase
-"$PY" -c "import xdist" 2> /dev/null && pytest_opts+=(-n 4)
+pytest_opts=(-v -m gpu tests -p no:cacheprovider -rfE --durations=15)
+# Triton's JIT compiles dominate: spread them over 8 of the 16 cores; -v prints each result as it
+# comes, so a phase killed at its cap still says which tests passed; no test may hang the phase
+"$PY" -c "import xdist" 2> /dev/null && pytest_opts+=(-n 8)
 "$PY" -c "import pytest_timeout" 2> /dev/null && pytest_opts+=(--timeout=120)
 phase 150 "$PY" -m pytest "${pytest_opts[@]}" > "$OUT/pytest.log" 2>&1
 judge "GPU tests" $?
@@ -88,7 +92,7 @@ bench() {  # bench NAME CAP ARGS...: one bench phase, its table into log.txt, ro
   phase "$cap" "$PY" -m dinov3_fast.cli bench --min-run-time 0.2 --json "$OUT/$name.json" "$@" >> "$OUT/log.txt" 2>&1
   judge "bench $name (the cases measured are in $name.json)" $?
 }
-bench bench 600 --skip-impl reference+compile --plot "$OUT/bench.png"
+bench bench 600 --skip-impl reference+compile
 if command -v nvidia-smi > /dev/null; then  # GPU presets only: a CPU dry run has none of these
   bench bench_compiled 600 --preset crop512_b16_d1024 --preset dino_teacher_7b
   bench bench_model 600 --model
