@@ -240,6 +240,24 @@ def test_cuda_backend_needs_cuda_tensors():
         sinkhorn_knopp(torch.randn(3, 4), 0.07, backend="cuda")
 
 
+@pytest.mark.skipif(not native_has_cuda(), reason="dinov3_fast._C was built without nvcc")
+def test_dispatch_batch_limit_is_the_kernels():
+    from dinov3_fast._ext import native
+    from dinov3_fast.ops.sinkhorn import CUDA_MAX_BATCH
+    assert CUDA_MAX_BATCH == native().sinkhorn_max_batch()
+
+
+@pytest.mark.parametrize("shape,dtype,group,cuda_first", [
+    ((32, 262144), torch.float32, None, True), ((2048, 1024), torch.bfloat16, None, True),
+    ((2049, 1024), torch.float32, None, False), ((512, 98305), torch.float32, None, False),
+    ((32, 1024), torch.float64, None, False), ((32, 1024), torch.float32, "group", False)])
+def test_dispatch_prefers_cuda_only_where_it_is_faster_and_able(shape, dtype, group, cuda_first):
+    """cuda first up to CUDA_MAX_NUMEL elements (the measured crossover), within its batch limit,
+    never for fp64 or with a process group; triton otherwise."""
+    from dinov3_fast.ops.sinkhorn import _cuda_first
+    assert _cuda_first(torch.empty(shape, dtype=dtype, device="meta"), group) is cuda_first
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(32, 262144), (1, 1000), (37, 4099), (1274, 98304)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from dinov3_fast.bench.case import BenchCase
@@ -41,12 +42,13 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Every tensor in the case's arguments, lists of crops included."""
+    return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+
+
 def _leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    vals = list(args) + list(kwargs.values())
-    flat = []
-    for v in vals:
-        flat.extend(v if isinstance(v, (list, tuple)) else [v])
-    return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [t for t in _tensors(args, kwargs) if t.requires_grad]
 
 
 def _clear_grads(leaves: list[torch.Tensor]) -> None:
@@ -94,7 +96,7 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
         flops_frac = bw_frac = None
         if roofline is not None:
-            half = any(t.dtype in (torch.bfloat16, torch.float16) for t in args if isinstance(t, torch.Tensor))
+            half = any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args, kwargs))
             peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
             flops_frac = tflops * 1e12 / peak_flops if tflops else None
             bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None

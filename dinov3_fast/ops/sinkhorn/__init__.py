@@ -6,9 +6,10 @@ backends work on log-domain potentials, one K-vector and one B-vector, recomputi
 pass (see triton.py): two read-only passes of the input per round, then one read + one write. The
 result is exact in real arithmetic and finite wherever the true assignment is.
 
-Backends: triton (GPU default; CPU under TRITON_INTERPRET=1), cuda (one persistent launch with a
-grid-wide barrier, kernels/sinkhorn.cu: opt-in with backend="cuda" until a GPU measurement shows
-it beats triton), cpu (PyTorch log-domain), reference (DINOv3's code).
+Backends: triton (CPU under TRITON_INTERPRET=1; on the GPU the default for large inputs and
+with a process group), cuda (one persistent launch with a grid-wide barrier, kernels/sinkhorn.cu;
+the GPU default for inputs up to CUDA_MAX_NUMEL elements), cpu (PyTorch log-domain), reference
+(DINOv3's code).
 """
 from __future__ import annotations
 
@@ -21,9 +22,17 @@ from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
 
 __all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref"]
 
-# Fastest first, per device type. "cuda" stays behind "triton" until a measured GPU run says
-# otherwise (docs/architecture.md, "Sinkhorn-Knopp"): it is chosen only when forced.
+# Fastest first, per device type and input size (docs/architecture.md, "Sinkhorn-Knopp"). On an
+# H100 (2026-11-26) the multi-launch triton path costs ~0.7 ms of launches plus 0.0076 ns per
+# element, the one-launch cuda kernel 0.0198 ns per element: cuda ran (32, 262144) in 0.14 ms
+# (triton 0.74) and (128, 65536) in 0.18 ms (0.79); triton ran (1274, 98304) in 1.63 ms (cuda
+# 2.48). The lines cross near 56M elements; below CUDA_MAX_NUMEL cuda goes first.
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
+PREFERENCE_SMALL = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
+CUDA_MAX_NUMEL = 48 * 2**20
+# kMaxBatch of kernels/sinkhorn.cu (tested equal to _C.sinkhorn_max_batch()); a Python constant
+# so that torch.compile traces the dispatch without calling into the extension
+CUDA_MAX_BATCH = 2048
 
 
 def _impl(backend: str):
@@ -50,6 +59,14 @@ def _sinkhorn_knopp_fwd(logits: torch.Tensor, teacher_temp: float, n_iterations:
 @_sinkhorn_knopp_fwd.register_fake
 def _(logits, teacher_temp, n_iterations, backend):
     return logits.new_empty(logits.shape, dtype=_out_dtype(logits, backend))
+
+
+def _cuda_first(logits: torch.Tensor, group) -> bool:
+    """Whether the cuda kernel is the faster choice for these logits and can take them: small
+    enough, a dtype it reads, B within its shared-memory batch limit, and no process group (it
+    has no all-reduce between passes)."""
+    return (group is None and logits.numel() <= CUDA_MAX_NUMEL and logits.dtype != torch.float64
+            and logits.shape[0] <= CUDA_MAX_BATCH)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -112,7 +129,8 @@ def sinkhorn_knopp(
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     _check_n_samples(n_samples, teacher_logits.shape[0])
 
-    chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, PREFERENCE)
+    preference = PREFERENCE_SMALL if _cuda_first(teacher_logits, group) else PREFERENCE
+    chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, preference)
     temp = float(teacher_temp)
     if teacher_logits.shape[0] == 0 and group is None:  # nothing to normalise, no rank to join
         return teacher_logits.new_empty(teacher_logits.shape, dtype=_out_dtype(teacher_logits, chosen))

@@ -5,10 +5,17 @@ student row (s, b), with x = student * log2(e) / temp (log2 units, never stored)
     lse2 = log2 sum_k exp2(x_k),   CE(s, t, b) = -ln2 * (sum_k t_k x_k - lse2 * sum_k t_k)
 The forward streams the student row once, with an online max m (tracked in raw logit units, so
 it is exact and the backward recomputes the same scaled value), and accumulates for every
-teacher crop d_t = sum_k t_k (x_k - m) (rescaled when m grows, so nothing cancels badly) and
-tsum_t = sum_k t_k; no log_softmax copy is made. Rows are split along K so that small batches
-still fill the GPU; programs of the same (split, b) are adjacent, so the T teacher chunks they
-share are read from L2. A combine kernel merges the splits per row.
+teacher crop d_t = sum_k t_k (x_k - r) and tsum_t = sum_k t_k; no log_softmax copy is made. The
+shift r is the split's first-tile max and stays fixed, so d needs no rescaling when m grows
+(|x - r| is bounded by the row's range, as |x - m| would be: nothing cancels badly); after the
+loop d_t -= tsum_t (m - r). d and tsum are kept as per-column partial sums, (T_PAD, BLOCK_K),
+and reduced once after the loop, and tsum is never read inside it. Both on purpose: Triton 3.6's
+OptimizeThreadLocality pass rewrites a loop-carried `acc += tl.sum(x, axis=1)` into such
+partials itself, but it then read tsum inside the loop (the rescaling term tsum * (m_old - m_new))
+as its initial zero (a 4.5% low loss on an H100, 2026-11-26, where the interpreter and Triton 3.9
+were right), and it asserts when the reduced result has more than one use after the loop. Rows are split along K so that small
+batches still fill the GPU; programs of the same (split, b) are adjacent, so the T teacher chunks
+they share are read from L2. A combine kernel merges the splits per row.
 Backward, one pass per student row, written in the student dtype: with G = dL/drow_loss (S, B),
     dL/dstudent[s, b, k] = G[s, b] / temp * (softmax_k * A[s, b] - sum_{t ~ s} teacher[t, b, k])
 and A[s, b] = sum_{t ~ s} tsum[t, b] (t ~ s: the pair is counted) from the forward.
@@ -55,23 +62,27 @@ def _soft_ce_fwd_kernel(
     tvalid = trow < T
     s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
     t_rows = t_ptr + b.to(tl.int64) * stb + trow.to(tl.int64)[:, None] * sts  # (T_PAD, 1)
-    m = float("-inf")  # raw units
+    m = float("-inf")  # running max, raw units
+    r = 0.0            # the fixed shift of d: the first tile's max, raw units
     l = 0.0
-    d = tl.zeros((T_PAD,), tl.float32)
-    tsum = tl.zeros((T_PAD,), tl.float32)
+    d_acc = tl.zeros((T_PAD, BLOCK_K), tl.float32)  # per-column partial sums, reduced after the loop
+    t_acc = tl.zeros((T_PAD, BLOCK_K), tl.float32)
     for k0 in range(c0, c1, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < c1
         raw = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + cols[None, :], mask=tvalid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.max(tl.where(cmask, raw, float("-inf")), axis=0))
-        # nothing accumulated before the first tile
-        grow = tl.where(m == float("-inf"), 0.0, m * scale - m_new * scale)
+        first = m == float("-inf")  # nothing accumulated before the first tile
+        r = tl.where(first, m_new, r)
+        grow = tl.where(first, 0.0, m * scale - m_new * scale)
         xc = tl.where(cmask, raw * scale - m_new * scale, float("-inf"))
         l = l * tl.exp2(grow) + tl.sum(tl.exp2(xc), axis=0)
-        d = d + tsum * grow + tl.sum(t * tl.where(cmask, xc, 0.0)[None, :], axis=1)
-        tsum += tl.sum(t, axis=1)
+        d_acc += t * tl.where(cmask, raw * scale - r * scale, 0.0)[None, :]
+        t_acc += t
         m = m_new
+    tsum = tl.sum(t_acc, axis=1)
+    d = tl.sum(d_acc, axis=1) - tsum * (m * scale - r * scale)
     row = s_idx * B + b
     tl.store(m_ptr + row * nsplit + split, m)
     tl.store(l_ptr + row * nsplit + split, l)
@@ -153,14 +164,16 @@ def _soft_ce_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _config(device: torch.device, rows: int, K: int) -> tuple[int, int, int, int]:
+def _config(device: torch.device, rows: int, K: int, T: int) -> tuple[int, int, int, int]:
     """(BLOCK_K, num_warps, nsplit, cols_per_split): split rows along K until ~4 waves of programs
-    (small under the interpreter, so CPU tests exercise the splits)."""
+    (small under the interpreter, so CPU tests exercise the splits). The forward keeps two
+    (T_PAD, BLOCK_K) fp32 accumulators: BLOCK_K shrinks with T_PAD above 2 (DINOv3's T is 1 or 2)
+    so that they stay in registers (90 per thread at T_PAD=2, docs/kernels.md)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         block, warps, target = 128, 4, 4
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        block, warps, target = 2048, 8, 4 * sms
+        block, warps, target = max(256, 4096 // max(2, triton.next_power_of_2(T))), 8, 4 * sms
     n_blocks = triton.cdiv(K, block)
     nsplit = min(n_blocks, max(1, triton.cdiv(target, rows)))
     cols = triton.cdiv(n_blocks, nsplit) * block
@@ -180,7 +193,7 @@ def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_tem
     S, B, K = student.shape
     T = teacher.shape[0]
     dev = student.device
-    block, warps, nsplit, cols = _config(dev, S * B, K)
+    block, warps, nsplit, cols = _config(dev, S * B, K, T)
     t_pad = triton.next_power_of_2(T)
     f32 = dict(device=dev, dtype=torch.float32)
     m, l = torch.empty((S, B, nsplit), **f32), torch.empty((S, B, nsplit), **f32)
@@ -205,7 +218,7 @@ def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, te
     student, teacher = _unit_stride(student), _unit_stride(teacher)
     S, B, K = student.shape
     T = teacher.shape[0]
-    block, warps, nsplit, cols = _config(student.device, S * B, K)
+    block, warps, nsplit, cols = _config(student.device, S * B, K, T)
     ds = torch.empty((S, B, K), device=student.device, dtype=out_dtype)
     _soft_ce_bwd_kernel[(S * nsplit * B,)](
         student, teacher, row_max, lse_rest, a, grad_row.to(torch.float32).contiguous(), ds,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Both GPU checks in ONE device call, for a session whose device minutes fit one more start:
+# benchmarks/device_check.sh (issue #8: build, GPU tests, op benches), then benchmarks/train_check.sh
+# (issue #7: the ViT-L trainer, fused vs reference) with whatever is left of one wall-clock budget.
+#   device run (timeout_s = GPU_SESSION_BUDGET_S + 20): GIT_REV=<HEAD> bash benchmarks/gpu_session.sh
+# The device tool returns at most 8 files, and the two checks write 15, so each check writes into
+# its own folder and leaves there as one tarball: $OUT/device_check.tgz, $OUT/train_check.tgz.
+# Unpack them here and follow each script's own header (results into benchmarks/results/).
+#
+# Knobs: GPU_SESSION_BUDGET_S (default 560: the whole run), DEVICE_CHECK_BUDGET_S (default 300;
+# device_check.sh ran in 242 s on an H100 on 2026-11-26). train_check.sh gets the rest minus 20 s
+# for the tarballs, and is skipped with under 90 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench_out}"
+mkdir -p "$OUT"
+BUDGET="${GPU_SESSION_BUDGET_S:-560}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+status=0
+
+mkdir -p "$work/device_check" "$work/train_check"
+OUT="$work/device_check" DEVICE_CHECK_BUDGET_S="${DEVICE_CHECK_BUDGET_S:-300}" bash benchmarks/device_check.sh \
+  || status=1
+tar czf "$OUT/device_check.tgz" -C "$work/device_check" .
+
+left=$((BUDGET - SECONDS - 20))
+if [ "$left" -lt 90 ]; then
+  echo "== train_check skipped: ${left}s left of the ${BUDGET}s budget"
+  status=1
+else
+  OUT="$work/train_check" TRAIN_CHECK_BUDGET_S="$left" bash benchmarks/train_check.sh || status=1
+  tar czf "$OUT/train_check.tgz" -C "$work/train_check" .
+fi
+echo "== gpu_session done in ${SECONDS}s (status $status)"
+exit $status
