@@ -41,10 +41,28 @@ def dinov3_gram_loss(output_feats, target_feats, img_level, apply_norm, remove_n
     return torch.nn.MSELoss()(student_sim, target_sim)
 
 
-def check_against_oracle(student, teacher, backend, tol, loss_scale=False, **opts):
+def rows_clear_of_clamp_edge(s64, t64, opts, margin):
+    """(rows,) bool over the flattened (B*P) rows: True where no Gram entry of the row, student's
+    or teacher's, lies within margin of the clamp at 0. With remove_neg the loss's gradient jumps
+    where an entry crosses 0, so an entry that rounding puts on the other side than float64 does
+    moves two rows' gradients by O(entry of the other Gram): a fp32 run of any backend disagrees
+    with the oracle there (cpu backend, 2x2048x384, 1 seed in 12: 9e-4 instead of 6e-7)."""
+    rows = []
+    for x in (s64, t64):
+        y = F.normalize(x, dim=-1) if opts.get("normalize", True) else x
+        if not opts.get("img_level", True):
+            y = y.reshape(1, -1, y.shape[-1])
+        near = ((y @ y.transpose(-1, -2)).abs() < margin).reshape(-1, y.shape[-2])
+        rows.append(near.any(-1) | near.reshape(-1, y.shape[-2], y.shape[-2]).any(-2).reshape(-1))
+    return ~(rows[0] | rows[1])
+
+
+def check_against_oracle(student, teacher, backend, tol, loss_scale=False, clamp_margin=None, **opts):
     """Loss and both gradients within tol of the float64 oracle. loss_scale: backpropagate a power
     of two that brings the largest gradient to [1, 2), as fp16 training's loss scaling does; the
-    unscaled gradients of a mean over B*P*P entries (~1e-9) are below fp16's smallest subnormal."""
+    unscaled gradients of a mean over B*P*P entries (~1e-9) are below fp16's smallest subnormal.
+    clamp_margin: compare the gradients on the rows clear of the clamp's edge by that much (see
+    rows_clear_of_clamp_edge), which must be at least 90% of them."""
     s64 = student.detach().double().requires_grad_()
     t64 = teacher.detach().double().requires_grad_()
     ref = gram_loss_ref(s64, t64, opts.get("normalize", True), opts.get("img_level", True),
@@ -59,6 +77,10 @@ def check_against_oracle(student, teacher, backend, tol, loss_scale=False, **opt
     assert torch.isfinite(out) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
     assert gs.dtype == student.dtype and gs.shape == student.shape
     assert rel_err(out, ref) < tol, (out.item(), ref.item())
+    if clamp_margin is not None:
+        keep = rows_clear_of_clamp_edge(s64.detach(), t64.detach(), opts, clamp_margin)
+        assert keep.float().mean() > 0.9
+        gs, ref_gs, gt, ref_gt = (g.reshape(-1, g.shape[-1])[keep] for g in (gs, ref_gs, gt, ref_gt))
     assert rel_err(gs, ref_gs) < tol
     assert rel_err(gt, ref_gt) < tol
 
@@ -317,7 +339,8 @@ GPU_SHAPES = [(4, 256, 1024), (2, 1024, 1024), (2, 2048, 384), (3, 261, 100)]
 def test_gpu_triton_matches_oracle(dtype, tol, shape, remove_neg, poisoned_cuda_cache):
     student = torch.randn(shape, device="cuda").to(dtype)
     teacher = torch.randn(shape, device="cuda").to(dtype)
-    check_against_oracle(student, teacher, "triton", tol, loss_scale=dtype == torch.float16, remove_neg=remove_neg)
+    check_against_oracle(student, teacher, "triton", tol, loss_scale=dtype == torch.float16,
+                         clamp_margin=1e-6 if remove_neg else None, remove_neg=remove_neg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
