@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str]:
@@ -28,7 +30,9 @@ def native_error() -> str:
     return _load()[1]
 
 
+@torch.compiler.assume_constant_result
 def native_has_cuda() -> bool:
-    """True when `_C` was compiled with the CUDA kernels of kernels/."""
+    """True when `_C` was compiled with the CUDA kernels of kernels/. A constant to torch.compile:
+    dispatch asks it inside traced code, and dynamo cannot trace a call into the extension."""
     mod = native()
     return bool(mod is not None and mod.build_info()["cuda"])

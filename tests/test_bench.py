@@ -154,3 +154,19 @@ def test_goal_evaluation():
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
     text = md.render([(Path("gpu_run.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
     assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text
+
+
+def test_latest_run_judges_a_goal():
+    """A run's companion files (`_compiled`, `_model`) are one run; the latest run judges the goal
+    and the earlier runs' figures stand beside it."""
+    md = _benchmarks_md()
+    from dinov3_fast.bench.runner import BenchRow
+
+    def run(fused_ms):
+        rows = [BenchRow("rope_attention", "vitl_261tok", impl, 1.0, ms, 4.0, None, None, None, None, None,
+                         None).as_dict() for impl, ms in (("reference", 3.0), ("fused", fused_ms))]
+        return {"meta": {"device_type": "cuda"}, "rows": rows}
+
+    text = md.render([(Path("h100_run1.json"), run(1.0)), (Path("h100_run1_compiled.json"), run(0.5)),
+                      (Path("h100_run2.json"), run(3.0))])
+    assert "| vitl_261tok | 1.00 (earlier runs: 3.00) | not met | h100_run2.json |" in text

@@ -37,6 +37,14 @@ def test_missing_extension_degrades_to_other_backends(monkeypatch):
     torch.testing.assert_close(gram_loss(s, t), gram_loss(s, t, backend="reference"))
 
 
+def test_cuda_availability_is_a_constant_under_compile():
+    """Dispatch on CUDA tensors asks whether the cuda backend is built (the extension's build info)
+    inside traced code; torch.compile(fullgraph=True) must see a constant, not a call into _C."""
+    fn = torch.compile(lambda x: x + _dispatch.backend_status("cuda", torch.device("cuda"))[0], fullgraph=True,
+                       backend="eager")
+    assert fn(torch.zeros(1)).item() == float(_ext.native_has_cuda())
+
+
 def test_env_forcing_unavailable_backend_raises(monkeypatch):
     monkeypatch.setenv("DINOV3_FAST_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

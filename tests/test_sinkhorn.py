@@ -8,6 +8,11 @@ from dinov3_fast.ops import sinkhorn_knopp
 from dinov3_fast.ops.sinkhorn import _sinkhorn_knopp_fwd, sinkhorn_knopp_ref
 
 BACKENDS = ["cpu", "triton"]
+# (backend, device): the CPU cases run everywhere (triton under the interpreter); the GPU cases
+# cover both GPU backends, the cuda kernel being the default for teacher-sized inputs
+BACKEND_DEVICES = [("cpu", "cpu"), ("triton", "cpu"),
+                   pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda"),
+                   pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda-cuda")]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -61,38 +66,38 @@ def test_constants_cancel():
     torch.testing.assert_close(sinkhorn_knopp_ref(shifted, 0.05), want, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape", [(1, 77), (3, 300), (37, 100), (2, 1000), (16, 257)],
                          ids=["B=1", "ragged", "batch_split", "k_split", "B16"])
 @pytest.mark.parametrize("n_iterations", [1, 3])
-def test_matches_oracle_fp32(backend, shape, n_iterations):
+def test_matches_oracle_fp32(backend, device, shape, n_iterations):
     logits = torch.randn(shape) * 1.5
     temp = 0.07
     want = sinkhorn_knopp_ref(logits.double(), temp, n_iterations)
-    out = sinkhorn_knopp(logits, temp, n_iterations=n_iterations, backend=backend)
+    out = sinkhorn_knopp(logits.to(device), temp, n_iterations=n_iterations, backend=backend).cpu()
     assert out.dtype == torch.float32 and out.shape == shape and torch.isfinite(out).all()
     assert rel_err(out, want) < 1e-5
     torch.testing.assert_close(out.sum(1), torch.ones(shape[0]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_input(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_fp16_input(backend, device):
     logits = torch.randn(4, 333).half()
     want = sinkhorn_knopp_ref(logits.double(), 0.04)
-    assert rel_err(sinkhorn_knopp(logits, 0.04, backend=backend), want) < 1e-5
+    assert rel_err(sinkhorn_knopp(logits.to(device), 0.04, backend=backend).cpu(), want) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_non_contiguous(backend, device):
     base = torch.randn(200, 6)
     for logits in (base.t(), base.t()[:, ::3]):
         assert not logits.is_contiguous()
         want = sinkhorn_knopp_ref(logits.double(), 0.1)
-        assert rel_err(sinkhorn_knopp(logits, 0.1, backend=backend), want) < 1e-5
+        assert rel_err(sinkhorn_knopp(logits.to(device), 0.1, backend=backend).cpu(), want) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_finite_where_fp32_reference_overflows(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_finite_where_fp32_reference_overflows(backend, device):
     """logits / temp up to ~350: exp overflows fp32 (the DINOv3 code returns NaN) but not float64,
     so the plain float64 reference is the oracle."""
     logits = torch.randn(8, 500) * 3.0 + 4.0
@@ -101,12 +106,12 @@ def test_finite_where_fp32_reference_overflows(backend):
     assert torch.isnan(sinkhorn_knopp_ref(logits, temp)).any()  # fp32 DINOv3 code fails here
     want = sinkhorn_knopp_ref(logits.double(), temp)
     assert torch.isfinite(want).all()
-    out = sinkhorn_knopp(logits, temp, backend=backend)
+    out = sinkhorn_knopp(logits.to(device), temp, backend=backend).cpu()
     assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_finite_beyond_float64_range(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_finite_beyond_float64_range(backend, device):
     """logits / temp ~ 2000: float64 overflows too. The oracle is the float64 reference on
     per-prototype-shifted logits (the shift cancels exactly, test_constants_cancel) and the
     log-domain oracle, which agree. At |logits / temp| ~ 2000 any fp32 evaluation errs by about
@@ -116,14 +121,14 @@ def test_finite_beyond_float64_range(backend):
     assert torch.isnan(sinkhorn_knopp_ref(logits.double(), temp)).any()
     want = sinkhorn_knopp_ref((logits - logits.amax(0, keepdim=True)).double(), temp)
     torch.testing.assert_close(log_domain_oracle(logits, temp), want, rtol=1e-8, atol=1e-12)
-    out = sinkhorn_knopp(logits, temp, backend=backend)
+    out = sinkhorn_knopp(logits.to(device), temp, backend=backend).cpu()
     tol = 2 * (logits / temp).abs().max().item() * 2.0**-24
     assert 1e-5 < tol < 1e-3
     assert torch.isfinite(out).all() and rel_err(out, want) < tol
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dominated_sample_stays_finite(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_dominated_sample_stays_finite(backend, device):
     """A sample beaten by > 100 / temp nats in every prototype: exp underflows for it even after
     a per-prototype shift, and any linear-domain scheme divides 0 by 0. Log-domain potentials keep
     its row a proper distribution."""
@@ -132,7 +137,7 @@ def test_dominated_sample_stays_finite(backend):
     temp = 0.04
     want = log_domain_oracle(logits, temp)
     assert torch.isnan(sinkhorn_knopp_ref(logits - logits.amax(0, keepdim=True), temp)).any()  # shift alone
-    out = sinkhorn_knopp(logits, temp, backend=backend)
+    out = sinkhorn_knopp(logits.to(device), temp, backend=backend).cpu()
     assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
     assert rel_err(out[2], want[2]) < 1e-5
 
@@ -156,11 +161,11 @@ def test_cpu_non_finite_scaling_result_falls_back_to_log_domain(monkeypatch, bad
     assert torch.isfinite(out).all() and rel_err(out, log_domain_oracle(logits, 0.07)) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_nan_propagates(backend, device):
     logits = torch.randn(4, 100)
     logits[1, 7] = float("nan")
-    assert torch.isnan(sinkhorn_knopp(logits, 0.07, backend=backend)).any()
+    assert torch.isnan(sinkhorn_knopp(logits.to(device), 0.07, backend=backend).cpu()).any()
 
 
 def test_n_samples_accepted_by_every_backend():
@@ -195,11 +200,13 @@ def test_opcheck(backend):
     torch.library.opcheck(_sinkhorn_knopp_fwd, (torch.randn(3, 50), 0.07, 3, backend))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(device):
+    """Default dispatch under torch.compile, on CUDA too (where it asks for the cuda kernel)."""
     def step(x):
         return sinkhorn_knopp(x, 0.05) * 2.0
 
-    x = torch.randn(4, 96)
+    x = torch.randn(4, 96, device=device)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
 
 

@@ -32,8 +32,22 @@ def check(student, teacher, backend, tol, weights=None, ignore_diagonal=False, t
     assert out.dtype == torch.float32 and torch.isfinite(out)
     assert grads[0].dtype == student.dtype and grads[0].shape == student.shape
     assert rel_err(out, ref) < tol, (out.item(), ref.item())
-    for g, r in zip(grads, ref_grads):
-        assert torch.isfinite(g).all() and rel_err(g, r) < (grad_tol or tol)
+    for name, g, r in zip(("student", "teacher", "weights"), grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, r) < (grad_tol or tol), where_grad_errs(name, g, r, student)
+
+
+def where_grad_errs(name, g, r, student):
+    """Failure message: which row and element err most, and whether that element is its row's
+    largest logit (the softmax's top entry) or not (the teacher term dominates there)."""
+    err = (g.double() - r).reshape(-1, g.shape[-1])
+    row_err = err.norm(dim=-1) / r.reshape(-1, r.shape[-1]).norm(dim=-1).clamp_min(1e-30)
+    row = row_err.argmax().item()
+    k = err[row].abs().argmax().item()
+    top = student.reshape(-1, student.shape[-1])[row].argmax().item() if name == "student" else None
+    return (f"{name} grad: rel err {rel_err(g, r):.2e}; worst row {row} ({row_err[row].item():.2e}); "
+            f"worst element k={k}: {g.reshape(-1, g.shape[-1])[row, k].item():.6e} vs "
+            f"{r.reshape(-1, r.shape[-1])[row, k].item():.6e}; the row's top logit is k={top}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

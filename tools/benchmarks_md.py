@@ -4,10 +4,11 @@
 
 Each results file is the JSON written by `dinov3-fast bench --json` (rows + meta: device, torch,
 triton, measured roofline), usually by benchmarks/device_check.sh on a GPU machine. The goals of
-the issues are listed in GOALS below; each is shown as met / not met with its measured figure, or
-as not measured when no committed run covers its preset. Issue #7's training goals come from the
-records in benchmarks/results/train/ (benchmarks/train_check.sh, then `tools/train_results.py
-OUT --save`); tools/train_results.py defines and judges them.
+the issues are listed in GOALS below; each is judged met / not met on the latest run that
+measured it (earlier runs' figures beside it), or shown as not measured when no committed run
+covers its preset. Issue #7's training goals come from the records in benchmarks/results/train/
+(benchmarks/train_check.sh, then `tools/train_results.py OUT --save`); tools/train_results.py
+defines and judges them.
 """
 from __future__ import annotations
 
@@ -85,18 +86,10 @@ def evaluate(goal: Goal, rows: list[dict]) -> float | None:
     return base["peak_mb"] / fused["peak_mb"] if base["peak_mb"] and fused["peak_mb"] else None
 
 
-def _spread(found: list[tuple[float, str]]) -> str:
-    """One run's figure, or the range over the runs that measured it (runs differ: small GPU cases
-    are bound by the host's launch overhead, which differed 1.5-2x between two H100 machines)."""
-    values = sorted(v for v, _ in found)
-    return f"{values[0]:.2f}" if len(values) == 1 else f"{values[0]:.2f} to {values[-1]:.2f} ({len(values)} runs)"
-
-
-def _status(found: list[tuple[float, str]], threshold: float) -> str:
-    met = sum(v >= threshold for v, _ in found)
-    if met == len(found):
-        return "met"
-    return "not met" if met == 0 else f"met in {met} of {len(found)} runs"
+def _run_id(path: Path) -> str:
+    """One device call writes a main file and its `_compiled` / `_model` companions; they share
+    a run id (the main file's stem), which sorts by date within a card and by run number."""
+    return path.stem.removesuffix("_compiled").removesuffix("_model")
 
 
 def _fmt(v, spec: str) -> str:
@@ -112,20 +105,23 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
            "dense matmul rate), measured at the start of that run.", "", "## Goals", "",
            "| issue | goal | preset | measured | status | run |", "|---|---|---|---|---|---|"]
     for goal in GOALS:
-        found = []  # (value, run name) of every run that covers the goal
+        found = {}  # run id -> (value, file name), files in name order: the run's main file wins
         for path, run in runs:
             is_gpu = run["meta"].get("device_type") == "cuda"
             if (goal.device == "gpu") != is_gpu:
                 continue
             value = evaluate(goal, run["rows"])
-            if value is not None:
-                found.append((value, path.name))
+            if value is not None and _run_id(path) not in found:
+                found[_run_id(path)] = (value, path.name)
         if not found:
             out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | - | not measured "
                        f"({'no GPU run committed yet' if goal.device == 'gpu' else 'no CPU run covers it'}) | - |")
             continue
-        out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {_spread(found)} | "
-                   f"{_status(found, goal.threshold)} | {', '.join(name for _, name in found)} |")
+        value, name = found[max(found)]  # the latest run judges: it ran the current code
+        earlier = [f"{v:.2f}" for run_id, (v, _) in sorted(found.items()) if run_id != max(found)]
+        measured = f"{value:.2f}" + (f" (earlier runs: {', '.join(earlier)})" if earlier else "")
+        status = "met" if value >= goal.threshold else "not met"
+        out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {measured} | {status} | {name} |")
     out += train_results.goal_rows(list(train))
     out += ["", "## Training (issue #7)", "",
             "ViT-L/16 at DINOv3's recipe (preset vitl16_h100), `--ops fused` against `--ops reference` at an equal",

@@ -22,11 +22,12 @@ from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
 
 __all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref"]
 
-# Fastest first, per device type and input size (docs/architecture.md, "Sinkhorn-Knopp"). On an
-# H100 (2026-11-26) the multi-launch triton path costs ~0.7 ms of launches plus 0.0076 ns per
-# element, the one-launch cuda kernel 0.0198 ns per element: cuda ran (32, 262144) in 0.14 ms
-# (triton 0.74) and (128, 65536) in 0.18 ms (0.79); triton ran (1274, 98304) in 1.63 ms (cuda
-# 2.48). The lines cross near 56M elements; below CUDA_MAX_NUMEL cuda goes first.
+# Fastest first, per device type and input size (docs/architecture.md, "Sinkhorn-Knopp"). On two
+# H100s (2026-11-26) the multi-launch triton path cost 0.7-1.2 ms of (host-bound) launches plus
+# 0.0076 ns per element, the one-launch cuda kernel 0.0198 ns per element: cuda ran (32, 262144)
+# in 0.14 ms (triton 0.74 / 1.21) and (128, 65536) in 0.18 ms (0.79 / 1.20); triton ran
+# (1274, 98304) in 1.63 ms (cuda 2.48). The lines cross near 56M-72M elements; up to
+# CUDA_MAX_NUMEL cuda goes first.
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
 PREFERENCE_SMALL = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
 CUDA_MAX_NUMEL = 48 * 2**20
