@@ -64,3 +64,12 @@ def test_every_launch_fits_its_targets_shared_memory(aot_report):
     over = [f"{r['kernel']} {r['target']} {r['constexprs']}: {r['shared']} B" for r in report["results"]
             if (r.get("shared") or 0) > MAX_SHARED[r["target"]]]
     assert not over, over
+
+
+def test_soft_ce_launches_do_not_fuse_multiply_adds(aot_report):
+    """The soft-CE kernels' exponents must round alike in all three kernels (ops/soft_ce/triton.py:
+    fused, they put the backward's softmax ~1e-4 off the forward's logsumexp)."""
+    report, _ = aot_report
+    launches = [r for r in report["results"] if r["kernel"].startswith("_soft_ce_")]
+    assert {r["kernel"] for r in launches} == {"_soft_ce_fwd_kernel", "_soft_ce_combine_kernel", "_soft_ce_bwd_kernel"}
+    assert all(r.get("enable_fp_fusion") is False for r in launches)

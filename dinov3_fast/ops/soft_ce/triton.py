@@ -13,9 +13,10 @@ and reduced once after the loop, and tsum is never read inside it. Both on purpo
 OptimizeThreadLocality pass rewrites a loop-carried `acc += tl.sum(x, axis=1)` into such
 partials itself, but it then read tsum inside the loop (the rescaling term tsum * (m_old - m_new))
 as its initial zero (a 4.5% low loss on an H100, 2026-11-26, where the interpreter and Triton 3.9
-were right), and it asserts when the reduced result has more than one use after the loop. Rows are split along K so that small
-batches still fill the GPU; programs of the same (split, b) are adjacent, so the T teacher chunks
-they share are read from L2. A combine kernel merges the splits per row.
+were right), and it asserts when the reduced result has more than one use after the loop.
+Rows are split along K so that small batches still fill the GPU; programs of the same (split, b)
+are adjacent, so the T teacher chunks they share are read from L2. A combine kernel merges the
+splits per row. No launch fuses multiplies into adds (see the launchers).
 Backward, one pass per student row, written in the student dtype: with G = dL/drow_loss (S, B),
     dL/dstudent[s, b, k] = G[s, b] / temp * (softmax_k * A[s, b] - sum_{t ~ s} teacher[t, b, k])
 and A[s, b] = sum_{t ~ s} tsum[t, b] (t ~ s: the pair is counted) from the forward.
@@ -163,6 +164,15 @@ def _soft_ce_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+# Every launch passes enable_fp_fusion=False. The exponents are differences of products,
+# x * scale - m * scale, with |x * scale| up to ~200 at DINOv3's temperatures; fused, one side
+# of such a difference is exact and the other rounded, differently in the forward's tiles, its
+# rescales, the combine's split shifts and the backward, so the softmax the backward rebuilds
+# disagrees with the logsumexp the forward stored by up to ~1e-4 relative. Measured on an H100
+# (2026-11-26): student gradient 4.7e-5 from the fp64 oracle at S=10 B=16 K=262144 (the loss
+# passed); an fp32 emulation of the kernels' arithmetic gives 3.4e-5 mean / 1.0e-4 max per row
+# softmax error with fusion and 5.3e-7 / 2.4e-6 without. The kernels are memory-bound: the
+# unfused multiply-adds cost no time.
 
 def _config(device: torch.device, rows: int, K: int, T: int) -> tuple[int, int, int, int]:
     """(BLOCK_K, num_warps, nsplit, cols_per_split): split rows along K until ~4 waves of programs
@@ -201,11 +211,11 @@ def soft_ce_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, student_tem
     _soft_ce_fwd_kernel[(S * nsplit * B,)](
         student, teacher, m, l, d, ts, S, B, K, T, student.stride(0), student.stride(1),
         teacher.stride(0), teacher.stride(1), LOG2E / student_temp, nsplit, cols,
-        T_PAD=t_pad, BLOCK_K=block, num_warps=warps)
+        T_PAD=t_pad, BLOCK_K=block, num_warps=warps, enable_fp_fusion=False)
     row_loss, row_max, lse_rest, a = (torch.empty((S, B), **f32) for _ in range(4))
     _soft_ce_combine_kernel[(S * B,)](
         m, l, d, ts, row_loss, row_max, lse_rest, a, B, T, nsplit, LOG2E / student_temp,
-        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=t_pad, NS_PAD=triton.next_power_of_2(nsplit))
+        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=t_pad, NS_PAD=triton.next_power_of_2(nsplit), enable_fp_fusion=False)
     return row_loss, row_max, lse_rest, a
 
 
@@ -224,5 +234,6 @@ def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, te
         student, teacher, row_max, lse_rest, a, grad_row.to(torch.float32).contiguous(), ds,
         S, B, K, T, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         LOG2E / student_temp, 1.0 / student_temp, nsplit, cols,
-        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=triton.next_power_of_2(T), BLOCK_K=block, num_warps=warps)
+        IGNORE_DIAGONAL=ignore_diagonal, T_PAD=triton.next_power_of_2(T), BLOCK_K=block, num_warps=warps,
+        enable_fp_fusion=False)
     return ds
