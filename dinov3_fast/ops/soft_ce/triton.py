@@ -171,8 +171,8 @@ def _soft_ce_bwd_kernel(
 # disagrees with the logsumexp the forward stored by up to ~1e-4 relative. Measured on an H100
 # (2026-11-26): student gradient 4.7e-5 from the fp64 oracle at S=10 B=16 K=262144 (the loss
 # passed); an fp32 emulation of the kernels' arithmetic gives 3.4e-5 mean / 1.0e-4 max per row
-# softmax error with fusion and 5.3e-7 / 2.4e-6 without. The kernels are memory-bound: the
-# unfused multiply-adds cost no time.
+# softmax error with fusion and 5.3e-7 / 2.4e-6 without. The kernels are memory-bound, so the
+# unfused multiply-adds should cost no time (not yet measured on a GPU).
 
 def _config(device: torch.device, rows: int, K: int, T: int) -> tuple[int, int, int, int]:
     """(BLOCK_K, num_warps, nsplit, cols_per_split): split rows along K until ~4 waves of programs
