@@ -9,15 +9,12 @@ import torch.nn.functional as F
 import dinov3_fast
 from dinov3_fast.ops import rope_attention, rope_attention_list
 from dinov3_fast.ops.attention import _rope_attention_fwd, rope_attention_ref
+from oracle import rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 # Triton runs on CPU tensors under the interpreter (tests/conftest.py); on a GPU machine the
 # gpu-marked tests below cover it.
 BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter"))]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def dinov3_rope(h: int, w: int, head_dim: int, rescale: float | None = None, base: float = 100.0,

@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import dinov3_fast
+from oracle import rel_err
 
 BACKENDS = ["cpu", "triton", "reference"]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def dinov3_dino_forward(student_logits, teacher_probs, ignore_diagonal, student_temp=0.1):

@@ -6,6 +6,7 @@ import dinov3_fast
 from dinov3_fast._ext import native_has_cuda
 from dinov3_fast.ops import sinkhorn_knopp
 from dinov3_fast.ops.sinkhorn import _sinkhorn_knopp_fwd, sinkhorn_knopp_ref
+from oracle import rel_err
 
 BACKENDS = ["cpu", "triton"]
 # (backend, device): the CPU cases run everywhere (triton under the interpreter); the GPU cases
@@ -13,10 +14,6 @@ BACKENDS = ["cpu", "triton"]
 BACKEND_DEVICES = [("cpu", "cpu"), ("triton", "cpu"),
                    pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda"),
                    pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda-cuda")]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def dinov3_sinkhorn(teacher_output, teacher_temp, n_iterations=3):

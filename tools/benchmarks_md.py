@@ -117,8 +117,9 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
             out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | - | not measured "
                        f"({'no GPU run committed yet' if goal.device == 'gpu' else 'no CPU run covers it'}) | - |")
             continue
-        value, name = found[max(found)]  # the latest run judges: it ran the current code
-        earlier = [f"{v:.2f}" for run_id, (v, _) in sorted(found.items()) if run_id != max(found)]
+        latest = max(found)  # the latest run judges: it ran the current code
+        value, name = found.pop(latest)
+        earlier = [f"{v:.2f}" for _, (v, _) in sorted(found.items())]
         measured = f"{value:.2f}" + (f" (earlier runs: {', '.join(earlier)})" if earlier else "")
         status = "met" if value >= goal.threshold else "not met"
         out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {measured} | {status} | {name} |")

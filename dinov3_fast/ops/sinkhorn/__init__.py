@@ -29,7 +29,7 @@ __all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref"]
 # (1274, 98304) in 1.63 ms (cuda 2.48). The lines cross near 56M-72M elements; up to
 # CUDA_MAX_NUMEL cuda goes first.
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "triton")}
-PREFERENCE_SMALL = {"cuda": ("cuda", "triton"), "cpu": ("cpu", "triton")}
+PREFERENCE_SMALL = {**PREFERENCE, "cuda": ("cuda", "triton")}
 CUDA_MAX_NUMEL = 48 * 2**20
 # kMaxBatch of kernels/sinkhorn.cu (tested equal to _C.sinkhorn_max_batch()); a Python constant
 # so that torch.compile traces the dispatch without calling into the extension
