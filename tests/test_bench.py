@@ -11,6 +11,7 @@ from dinov3_fast import cli
 from dinov3_fast.bench.case import BenchCase
 from dinov3_fast.bench.memory import peak_extra_bytes
 from dinov3_fast.bench.runner import format_table, run_case
+from dinov3_fast.bench.timing import graph_median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,54 @@ def test_run_case_rows_and_ratios():
     assert [r.peak_mb for r in again] == [r.peak_mb for r in rows]
     table = format_table(rows)
     assert "cpu_tiny" in table and "fused" in table
+
+
+def test_graph_times_on_cpu_are_absent_and_not_shown():
+    """CUDA-graph device times exist only on CUDA; a CPU table shows no graph columns."""
+    rows = run_case(_tiny_case(), torch.device("cpu"), roofline=None, min_run_time=0.01)
+    assert all(r.fwd_graph_ms is None and r.fwd_bwd_graph_ms is None and r.graph_speedup is None for r in rows)
+    assert graph_median_seconds(lambda: None, torch.device("cpu")) is None
+    assert "graph" not in format_table(rows)
+
+
+def test_graph_speedup_compares_the_same_pass_and_needs_both_times(monkeypatch):
+    """graph x is baseline / impl device time of the pass `speedup` compares (fwd+bwd here), and
+    None where either side could not be captured; the graph columns then appear in the table."""
+    device_ms = {"reference": (1.0, 6.0), "fused": (0.5, 2.0)}
+
+    def fake_graph(fn, device, min_run_time=0.5, label=""):
+        impl, pass_ = label.split("/")[-1].split(" ")
+        return device_ms[impl][pass_ == "fwd+bwd"] / 1e3
+
+    monkeypatch.setattr("dinov3_fast.bench.runner.graph_median_seconds", fake_graph)
+    rows = run_case(_tiny_case(), torch.device("cpu"), roofline=None, min_run_time=0.01)
+    assert [r.fwd_graph_ms for r in rows] == pytest.approx([1.0, 0.5])
+    assert [r.fwd_bwd_graph_ms for r in rows] == pytest.approx([6.0, 2.0])
+    assert [r.graph_speedup for r in rows] == pytest.approx([1.0, 3.0])
+    assert "graph x" in format_table(rows)
+    monkeypatch.setattr("dinov3_fast.bench.runner.graph_median_seconds",
+                        lambda fn, device, min_run_time=0.5, label="":
+                        None if label.endswith("fused fwd+bwd") else fake_graph(fn, device, min_run_time, label))
+    rows = run_case(_tiny_case(), torch.device("cpu"), roofline=None, min_run_time=0.01)
+    assert rows[1].graph_speedup is None and rows[1].fwd_graph_ms == pytest.approx(0.5)
+
+
+@pytest.mark.gpu
+def test_graph_timing_on_cuda_times_device_work_and_survives_an_uncapturable_call():
+    device = torch.device("cuda")
+    x = torch.randn(2048, 2048, device=device)
+    seconds = graph_median_seconds(lambda: x @ x, device, min_run_time=0.05)
+    assert seconds is not None and 0 < seconds < 1.0
+    w = torch.randn(256, 256, device=device, requires_grad=True)
+
+    def fwd_bwd():
+        w.grad = None
+        (x[:, :256] @ w).square().mean().backward()
+
+    assert graph_median_seconds(fwd_bwd, device, min_run_time=0.05) is not None
+    with pytest.warns(UserWarning, match="not capturable"):
+        assert graph_median_seconds(lambda: (x @ x).sum().item(), device, min_run_time=0.05, label="sync") is None
+    torch.testing.assert_close((x @ x)[0, :4], (x.double() @ x.double())[0, :4].float(), rtol=1e-2, atol=1e-1)
 
 
 def _traced_or_eager(x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +203,28 @@ def test_goal_evaluation():
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
     text = md.render([(Path("gpu_run.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
     assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text
+
+
+def test_goals_show_the_device_time_ratio_beside_the_judged_one():
+    """A run with CUDA-graph times shows the goal's ratio on device time next to the judged
+    (per-call) figure, and the graph columns in its tables; older runs without them show neither."""
+    md = _benchmarks_md()
+    from dinov3_fast.bench.runner import BenchRow
+
+    def row(impl, fwd_bwd_ms, graph_ms):
+        return BenchRow("soft_cross_entropy", "dino_student_7b", impl, 0.5, fwd_bwd_ms, 8.0, None, None, None,
+                        None, None, None, fwd_graph_ms=0.1, fwd_bwd_graph_ms=graph_ms).as_dict()
+
+    rows = [row("reference", 1.2, 0.9), row("fused", 1.0, 0.3)]
+    goal = next(g for g in md.GOALS if g.op == "soft_cross_entropy" and g.metric == "speedup")
+    assert md.device_speedup(goal, rows) == pytest.approx(3.0)
+    text = md.render([(Path("h100_run3.json"), {"meta": {"device_type": "cuda"}, "rows": rows})])
+    assert "| 1.20 (device time: 3.00) | not met | h100_run3.json |" in text
+    assert "graph ms | graph x |" in text and "| 0.300 | - |" in text
+    for r in rows:
+        del r["fwd_graph_ms"], r["fwd_bwd_graph_ms"], r["graph_speedup"]
+    text = md.render([(Path("h100_run1.json"), {"meta": {"device_type": "cuda"}, "rows": rows})])
+    assert "| 1.20 | not met | h100_run1.json |" in text and "graph ms" not in text
 
 
 def test_latest_run_judges_a_goal():
