@@ -177,6 +177,22 @@ def test_list_form_matches_separate_calls(backend):
         assert rel_err(o, r) < 1e-6 and rel_err(a, b) < 1e-6
 
 
+def test_sequence_table_is_built_once_per_crop_layout():
+    """The list form's sequence table is cached per (layout, device): built fresh, each call would
+    copy it from pageable host memory, which on a GPU makes the host wait for the device in every
+    attention call and cannot be captured in a CUDA graph."""
+    from dinov3_fast.ops.attention import _cached_sequence_table, _sequence_table
+
+    layout = ((2, 54, 49), (3, 6, 1), (1, 21, 0))
+    table = _sequence_table(layout, torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.tolist() == [
+        [0, 54, 0, 49], [54, 54, 0, 49], [108, 6, 49, 1], [114, 6, 49, 1], [120, 6, 49, 1], [126, 21, 50, 0]]
+    hits = _cached_sequence_table.cache_info().hits
+    assert _sequence_table(layout, torch.device("cpu")) is table
+    assert _cached_sequence_table.cache_info().hits == hits + 1
+    assert _sequence_table(layout[:2], torch.device("cpu")).shape == (5, 4)
+
+
 def dinov3_self_attention_forward(m, x, rope):
     """DINOv3's SelfAttention.forward with m's parameters (LinearKMaskedBias included)."""
     p = {k: v.to(x.dtype) for k, v in m.state_dict().items()}

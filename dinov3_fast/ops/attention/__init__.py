@@ -12,6 +12,7 @@ non-trainable buffer): no gradient flows to sin and cos except on the `reference
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -238,6 +239,29 @@ def rope_attention_list(qkv_list: Sequence[torch.Tensor], rope_list: Sequence[Ro
     return [o.view(b, n, three_c // 3) for o, (b, n) in zip(out.split([b * n for b, n in crops]), crops)]
 
 
+def _build_sequence_table(layout: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """int32 [sum_i B_i, 4], one row per sequence: (first token, tokens, first rope row, rope rows),
+    from the crops' (B_i, N_i, HW_i) in packing order."""
+    rows, tok, r0 = [], 0, 0
+    for b, n, hw in layout:
+        rows += [(tok + i * n, n, r0, hw) for i in range(b)]
+        tok, r0 = tok + b * n, r0 + hw
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+_cached_sequence_table = functools.lru_cache(maxsize=64)(_build_sequence_table)
+
+
+def _sequence_table(layout: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """The sequence table of a crop layout, built once per (layout, device) in eager mode: a fresh
+    one per call is a copy from pageable host memory, which makes the host wait for the GPU in
+    every attention call (the host could no longer run ahead of the kernels), and cannot be
+    captured in a CUDA graph. Traced, it is built in the graph, where it is a constant."""
+    if torch.compiler.is_compiling():
+        return _build_sequence_table(layout, device)
+    return _cached_sequence_table(layout, device)
+
+
 def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], rope_list, *, num_heads: int,
                           num_prefix_tokens: int | None = None, backend: str | None = None) -> torch.Tensor:
     """The list form on tokens already packed back to back: qkv [sum B_i N_i, 3C] -> [sum B_i N_i, C].
@@ -259,12 +283,8 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
         parts = qkv.split([b * n for b, n in crops])
         outs = rope_attention_list_ref([p.view(b, n, -1) for p, (b, n) in zip(parts, crops)], rope_list, num_heads)
         return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
-    rows, tok, r0 = [], 0, 0
-    for (b, n), (sin, _) in zip(crops, tables):
-        hw = 0 if sin is None else sin.shape[0]
-        rows += [(tok + i * n, n, r0, hw) for i in range(b)]
-        tok, r0 = tok + b * n, r0 + hw
-    seqinfo = torch.tensor(rows, dtype=torch.int32, device=qkv.device)
+    layout = tuple((b, n, 0 if sin is None else sin.shape[0]) for (b, n), (sin, _) in zip(crops, tables))
+    seqinfo = _sequence_table(layout, qkv.device)
     present = [t for t in tables if t[0] is not None]
     sin = torch.cat([t[0] for t in present]) if present else None
     cos = torch.cat([t[1] for t in present]) if present else None
