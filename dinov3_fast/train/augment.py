@@ -20,6 +20,7 @@ Gg (without the colour ops when crops.gram_teacher_no_distortions).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from dinov3_fast.train.config import CropsConfig
 
 _GRAY = (0.299, 0.587, 0.114)
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 @dataclass
@@ -84,9 +86,17 @@ class ColorParams:
                            _uniform(n, -0.1, 0.1, gen, device), _coin(n, 0.2, gen, device))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype, inverse: bool = False) -> torch.Tensor:
+    """`values` as a tensor on `device` (its matrix inverse if `inverse`), made once per device and
+    dtype: made per call on a GPU, it is a copy from pageable host memory, which waits for every
+    queued kernel (as does linalg.inv's check of its result), several times per crop."""
+    t = torch.tensor(values, dtype=dtype)
+    return (torch.linalg.inv(t) if inverse else t).to(device)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * _constant(_GRAY, x.device, x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
@@ -98,14 +108,12 @@ def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     g = _gray(y)
     y = ((y - g) * v(p.saturation) + g).clamp(0, 1)
     # hue: rotate the chroma (I, Q) plane of YIQ by 2 pi h
-    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                           device=x.device, dtype=x.dtype)
-    yiq = torch.einsum("ij,bjhw->bihw", rgb2yiq, y)
+    yiq = torch.einsum("ij,bjhw->bihw", _constant(_RGB_TO_YIQ, x.device, x.dtype), y)
     ang = 2 * math.pi * p.hue
     c, s = v(ang.cos()), v(ang.sin())
     i, q = yiq[:, 1:2], yiq[:, 2:3]
     yiq = torch.cat([yiq[:, :1], c * i - s * q, s * i + c * q], 1)
-    y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(rgb2yiq), yiq).clamp(0, 1)
+    y = torch.einsum("ij,bjhw->bihw", _constant(_RGB_TO_YIQ, x.device, x.dtype, inverse=True), yiq).clamp(0, 1)
     x = torch.where(v(p.jitter), y, x)
     return torch.where(v(p.gray), _gray(x).expand_as(x), x)
 
@@ -141,8 +149,8 @@ class MultiCropAugmentation:
         self.cfg = crops
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.cfg.rgb_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.cfg.rgb_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = _constant(tuple(self.cfg.rgb_mean), x.device, x.dtype).view(1, 3, 1, 1)
+        std = _constant(tuple(self.cfg.rgb_std), x.device, x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
 
     @torch.no_grad()
