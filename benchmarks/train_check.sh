@@ -15,8 +15,10 @@
 #   PYTHON=python3            interpreter
 #   TRAIN_CHECK_PRESET=vitl16_h100   TRAIN_CHECK_ARCH=  (student.arch override, e.g. vit_small)
 #   TRAIN_CHECK_BATCH=128     batch per GPU, the same for both ops settings (see below)
-#   TRAIN_CHECK_STEPS=20      TRAIN_CHECK_LOG_EVERY=4: the first logged interval (compile, Triton JIT) is
-#                             warm-up; img/s and MFU are over the other 16 steps
+#   TRAIN_CHECK_STEPS=22      TRAIN_CHECK_LOG_EVERY=4: the first logged interval (compile, Triton JIT) is
+#                             warm-up; img/s and MFU are over the other steps but the profiled ones (16)
+#   TRAIN_CHECK_PROFILE_STEPS=2  steps 5-6 run under torch.profiler (train/profiling.py): device busy
+#                             time, time by kind of kernel, host synchronisations; in train_<ops>.json
 #   TRAIN_CHECK_COMPILE=      "" the preset's (vitl16_h100: on), 0 eager, 1 compiled
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
 #   TRAIN_CHECK_PROBE_BATCHES="144 160 176 192"  ascending batches for the probe ("" skips it)
@@ -27,7 +29,7 @@
 #                             minus 30 s, and give the call a timeout_s 20 s above it
 # CPU dry run (30-45 s on 2 cores; exercises every step and file, judges no goal):
 #   OUT=/tmp/train_check PYTHON=.venv/bin/python TRAIN_CHECK_PRESET=debug TRAIN_CHECK_BATCH=4 \
-#   TRAIN_CHECK_STEPS=4 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
+#   TRAIN_CHECK_STEPS=6 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
 #
 # Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
 # --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the single-process trainer's
@@ -41,7 +43,8 @@
 #
 # Time (estimates, not yet measured on the device): env ~5 s; the two plans ~10 s each; each train run
 # ~60-100 s (start-up, cold per-block compile of the student fwd+bwd and the teacher forward, Triton
-# JIT, then 20 steps of ~0.5-1.1 s: 1.6 TFLOP per image, 128 images); the probe ~20-40 s per setting
+# JIT, then 22 steps of ~0.5-1.1 s: 1.6 TFLOP per image, 128 images; the 2 profiled ones add the profiler's
+# post-processing, a few s); the probe ~20-40 s per setting
 # (eager, models built once, 2 steps per batch). Files back: at most 8 (env, log, 2 plans, 2 runs,
 # probe, summary), so the trainer's output dir (config.yaml) lives outside $OUT.
 set -uo pipefail
@@ -55,8 +58,9 @@ PY="${PYTHON:-python3}"
 PRESET="${TRAIN_CHECK_PRESET:-vitl16_h100}"
 ARCH="${TRAIN_CHECK_ARCH:-}"
 BATCH="${TRAIN_CHECK_BATCH:-128}"
-STEPS="${TRAIN_CHECK_STEPS:-20}"
+STEPS="${TRAIN_CHECK_STEPS:-22}"
 LOG_EVERY="${TRAIN_CHECK_LOG_EVERY:-4}"
+PROFILE_STEPS="${TRAIN_CHECK_PROFILE_STEPS:-2}"
 COMPILE="${TRAIN_CHECK_COMPILE:-}"
 read -r -a OPTS <<< "${TRAIN_CHECK_OPTS:-}"
 PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-144 160 176 192}"
@@ -102,7 +106,8 @@ for ops in fused reference; do
   if [ "$t" -lt 30 ]; then step "train ($ops) skipped: ${t}s left of the budget"; status=1; continue; fi
   step "train ($ops, batch $BATCH, $STEPS steps, timeout ${t}s)"
   timeout -k 10 "$t" "$PY" -m dinov3_fast.cli train --preset "$PRESET" "${arch_flag[@]}" "${compile_flag[@]}" \
-    --ops "$ops" --batch "$BATCH" --steps "$STEPS" --log-every "$LOG_EVERY" --data synthetic --no-progress \
+    --ops "$ops" --batch "$BATCH" --steps "$STEPS" --log-every "$LOG_EVERY" --profile-steps "$PROFILE_STEPS" \
+    --data synthetic --no-progress \
     --output-dir "$RUN_DIR/$ops" --json "$OUT/train_$ops.json" "${run_opts[@]}" 2>&1 | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { status=1; echo "train ($ops) exit $rc (124/137: timeout)" | tee -a "$OUT/log.txt"; }

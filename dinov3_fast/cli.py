@@ -91,7 +91,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
     flags = {"student.arch": args.arch, "train.dataset_path": args.data, "train.steps": args.steps,
              "train.batch_size_per_gpu": args.batch, "train.ops": args.ops, "train.ac": args.ac,
-             "train.output_dir": args.output_dir, "train.log_every": args.log_every, "train.device": args.device}
+             "train.output_dir": args.output_dir, "train.log_every": args.log_every, "train.device": args.device,
+             "train.profile_steps": args.profile_steps}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.arch is not None:  # a named arch replaces any trunk override of the preset
         overrides += ["student.embed_dim=null", "student.depth=null", "student.num_heads=null"]
@@ -102,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
 
     def write_json(history: dict) -> None:  # after every logged interval and at the end
         write_json_atomically(args.json, {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
-                                          "checkpoint": history["checkpoint"], "torch": torch.__version__})
+                                          "checkpoint": history["checkpoint"], "torch": torch.__version__,
+                                          "profile": history.get("profile")})
 
     try:
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--output-dir", help="train.output_dir (config, checkpoints)")
     train.add_argument("--resume", help="a checkpoint folder, or a checkpoint root (its newest complete one)")
     train.add_argument("--log-every", type=int)
+    train.add_argument("--profile-steps", type=int,
+                       help="profile this many steps after the first logged interval (torch.profiler); "
+                            "the summary is logged and written to --json")
     train.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     train.add_argument("--json", help="write the logged history to this JSON file")
     train.add_argument("opts", nargs="*", help="DINOv3-style overrides section.key=value")

@@ -11,7 +11,8 @@ benchmarks/results/train/; tools/benchmarks_md.py reads those records and marks 
 met / not met / not measured in BENCHMARKS.md.
 
 Figures: img/s is the time-weighted rate over the logged intervals after the first (the first
-holds the warm-up: compile, Triton JIT, allocator growth); MFU is the trainer's (backbone matmul
+holds the warm-up: compile, Triton JIT, allocator growth; an interval run under the profiler,
+`train.profile_steps`, is left out too, and its summary is shown beside the run); MFU is the trainer's (backbone matmul
 FLOPs over the card's dense bf16 peak) at that rate; peak memory is the largest logged
 `peak_mem_gib` (torch.cuda.max_memory_allocated, so the CUDA context and the allocator's cached
 blocks are out of it, as they are out of the plan); the planner error is plan / measured - 1.
@@ -24,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dinov3_fast.train.profiling import format_summary
 
 GIB = 2**30
 OPS = ("fused", "reference")
@@ -40,7 +43,8 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("the train JSON has no logged step (img_per_s / step_time); was --log-every > --steps?")
     # The first interval holds compilation and warm-up: the rates come from the later ones only,
     # and a run with a single interval has no steady rate (None: the goals read "not measured").
-    steady = logged[1:]
+    # An interval run under the profiler (`profiled`) is left out too.
+    steady = [s for s in logged[1:] if not s.get("profiled")]
     prev = {id(s): (logged[i - 1]["step"] if i else 0) for i, s in enumerate(logged)}
     n = [s["step"] - prev[id(s)] for s in steady]
     seconds = sum(s["step_time"] * k for s, k in zip(steady, n))
@@ -56,9 +60,10 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         "steps": logged[-1]["step"], "warmup_steps": logged[0]["step"],
         "img_per_s": img_s, "step_time_ms": 1e3 * seconds / sum(n) if sum(n) else None, "mfu": mfu,
         "peak_mem_gib": max(s["peak_mem_gib"] for s in logged),
-        "intervals": [{k: s.get(k) for k in ("step", "img_per_s", "step_time", "peak_mem_gib", "mfu", "total_loss")}
-                      for s in logged],
+        "intervals": [{k: s.get(k) for k in ("step", "img_per_s", "step_time", "peak_mem_gib", "mfu", "total_loss",
+                                             "profiled") if k in s} for s in logged],
         "torch": data.get("torch"),
+        "profile": data.get("profile"),
     }
 
 
@@ -245,6 +250,11 @@ def record_lines(name: str, record: dict[str, Any]) -> list[str]:
                    f"{_f(run['mfu'] and 100 * run['mfu'], '.1f')} | {run['peak_mem_gib']:.2f} | "
                    f"{_f(plan and plan['total'] / GIB, '.2f')} | {_f(err if err is None else 100 * err, '+.1f')}"
                    f"{'' if err is None else '%'} |")
+    profiles = [(ops, record["runs"][ops]["profile"]) for ops in OPS
+                if (record["runs"].get(ops) or {}).get("profile")]
+    if profiles:
+        out += ["", "Profiled steps (torch.profiler, after the warm-up interval, not in the rates above):", ""]
+        out += [f"- {ops}: " + format_summary(p, p["steps"]).replace("\n  ", "; ") for ops, p in profiles]
     probe = record.get("probe") or {}
     if any(probe.get(ops) for ops in OPS):
         out += ["", "Batch probe (largest batch that trains; a few eager steps per batch, ascending, stops at "

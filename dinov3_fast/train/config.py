@@ -174,6 +174,9 @@ class TrainConfig:
     ac: str = "none"          # ours: activation checkpointing "none" | "full" | "selective"
     ops: str = "fused"        # ours: "fused" (fastest backend per op) | "reference" (plain PyTorch)
     log_every: int = 10       # ours
+    profile_steps: int = 0    # ours: profile this many steps after the first logged interval
+                              # (train/profiling.py); they form their own logged interval, marked
+                              # "profiled", which throughput figures skip
     image_size: int | None = None  # ours: source image side (synthetic / resized folder images)
     synthetic_classes: int = 8     # ours
     device: str | None = None      # ours: default cuda if present, else cpu
@@ -377,6 +380,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(f"ibot.mask_sample_probability must be in [0, 1], got {cfg.ibot.mask_sample_probability}")
     if t.ac not in AC_MODES:
         raise ValueError(f"train.ac must be one of {AC_MODES}, got {t.ac!r}")
+    if t.profile_steps < 0:
+        raise ValueError(f"train.profile_steps must be >= 0, got {t.profile_steps}")
     if t.ops not in OPS_MODES:
         raise ValueError(f"train.ops must be one of {OPS_MODES}, got {t.ops!r}")
     if t.centering != "sinkhorn_knopp":

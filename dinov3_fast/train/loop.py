@@ -32,6 +32,7 @@ from dinov3_fast.train.masking import MaskingGenerator
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
 from dinov3_fast.train.parallelize import parallelize
+from dinov3_fast.train.profiling import StepProfiler, format_summary
 from dinov3_fast.train.schedules import Schedules
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -215,11 +216,22 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         log_fn = bar.write  # keeps the bar intact
     t_last, n_last = time.perf_counter(), state.step
     period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
+    # profiled: the steps after the first logged interval, logged as an interval of their own
+    profile_from = cfg.train.log_every if cfg.train.profile_steps > 0 and state.step < cfg.train.log_every else None
+    profiler = StepProfiler(state.device) if profile_from is not None else None
     while state.step < total:
+        if state.step == profile_from:
+            profiler.start()
         pending.append(train_step(state))
         bar.update(1)
         it = state.step
-        if it % cfg.train.log_every == 0 or it == total:
+        profiled = profiler is not None and profiler.active and (it == profile_from + cfg.train.profile_steps
+                                                                 or it == total)
+        if profiled:
+            history["profile"] = profiler.stop() | {"steps": it - profile_from, "first_step": profile_from + 1}
+            if state.rank == 0 and log_fn is not None:
+                log_fn(format_summary(history["profile"], it - profile_from))
+        if it % cfg.train.log_every == 0 or it == total or profiled:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             now = time.perf_counter()
@@ -232,6 +244,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             img_s = global_batch / step_time
             mfu = flops * img_s / (peak * state.world) if peak else None
             last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device), mfu=mfu)
+            if profiled:
+                last["profiled"] = True
             bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
             if state.rank == 0 and log_fn is not None:
                 losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
