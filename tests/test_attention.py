@@ -177,6 +177,59 @@ def test_list_form_matches_separate_calls(backend):
         assert rel_err(o, r) < 1e-6 and rel_err(a, b) < 1e-6
 
 
+@pytest.fixture
+def sdpa_route_on_cpu(monkeypatch):
+    """The long-sequence route (fused rotation + SDPA), which default dispatch takes on a GPU at
+    N >= SDPA_ROUTE_MIN_TOKENS with a gradient, enabled on the CPU from 20 tokens; the fused
+    kernels raise if called."""
+    import dinov3_fast.ops.attention as attention
+
+    monkeypatch.setattr(attention, "SDPA_ROUTE_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "SDPA_ROUTE_MIN_TOKENS", 20)
+    monkeypatch.delenv("DINOV3_FAST_BACKEND", raising=False)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the fused attention kernel ran on the SDPA route")
+
+    monkeypatch.setattr(attention, "_rope_attention_fwd", no_kernel)
+    return attention
+
+
+def test_long_sequences_with_gradients_take_the_sdpa_route(sdpa_route_on_cpu):
+    heads, head_dim = 2, 64
+    rope = dinov3_rope(4, 4, head_dim, rescale=random_rescale())
+    qkv = torch.randn(2, 21, 3 * heads * head_dim, requires_grad=True)
+    out = rope_attention(qkv, rope, num_heads=heads)
+    want = dinov3_compute_attention(qkv.detach().double(), tuple(t.double() for t in rope), heads)
+    assert rel_err(out, want) < 1e-5
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, g)
+    (ref,) = torch.autograd.grad(rope_attention(qkv, rope, num_heads=heads, backend="reference"), qkv, g)
+    assert rel_err(got, ref) < 1e-5
+    # the list form: every crop long enough -> routed crop by crop
+    qkv2 = torch.randn(3, 26, 3 * heads * head_dim, requires_grad=True)
+    rope2 = dinov3_rope(3, 7, head_dim)
+    outs = rope_attention_list([qkv, qkv2], [rope, rope2], num_heads=heads)
+    for o, q, r in zip(outs, (qkv, qkv2), (rope, rope2)):
+        assert rel_err(o, rope_attention(q, r, num_heads=heads, backend="reference")) < 1e-5
+
+
+def test_sdpa_route_only_for_long_sequences_with_gradients_and_default_dispatch(sdpa_route_on_cpu, monkeypatch):
+    route = sdpa_route_on_cpu._route_to_sdpa
+    qkv = torch.randn(2, 21, 3 * 2 * 64, requires_grad=True)
+    assert route(qkv, [21], None)
+    assert not route(qkv, [21, 19], None)           # a short crop in the list: the one fused launch
+    assert not route(qkv.detach(), [21], None)       # no gradient: the fused forward is the faster one
+    with torch.no_grad():
+        assert not route(qkv, [21], None)
+    assert not route(qkv, [21], "triton")            # a forced backend is obeyed
+    monkeypatch.setenv("DINOV3_FAST_BACKEND", "triton")
+    assert not route(qkv, [21], None)
+    monkeypatch.delenv("DINOV3_FAST_BACKEND")
+    monkeypatch.setattr(sdpa_route_on_cpu, "SDPA_ROUTE_DEVICES", ("cuda",))
+    assert not route(qkv, [21], None)                # CPU tensors never take it by default
+
+
 def test_sequence_table_is_built_once_per_crop_layout():
     """The list form's sequence table is cached per (layout, device): built fresh, each call would
     copy it from pageable host memory, which on a GPU makes the host wait for the device in every
@@ -312,6 +365,25 @@ def test_gpu_matches_oracle(head_dim, heads, n, prefix, batch, dtype):
     qkv = torch.randn(batch, n, 3 * heads * head_dim, device="cuda", dtype=dtype)
     rope = dinov3_rope(*grid_for(n - prefix), head_dim, rescale=random_rescale(), device="cuda")
     check_against_oracle(qkv, rope, heads, "triton", "half")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,heads", [(64, 16), (128, 4)])
+def test_gpu_long_sequences_train_through_rotation_and_sdpa(head_dim, heads, monkeypatch):
+    """Default dispatch at N >= SDPA_ROUTE_MIN_TOKENS with a gradient: the fused rotation, then
+    SDPA; no fused attention kernel runs, and the oracle's half-precision bounds hold."""
+    import dinov3_fast.ops.attention as attention
+
+    monkeypatch.delenv("DINOV3_FAST_BACKEND", raising=False)
+    n = attention.SDPA_ROUTE_MIN_TOKENS + 5
+    qkv = torch.randn(2, n, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    rope = dinov3_rope(*grid_for(n - 5), head_dim, rescale=random_rescale(), device="cuda")
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the fused attention kernel ran on the SDPA route")
+
+    monkeypatch.setattr(attention, "_rope_attention_fwd", no_kernel)
+    check_against_oracle(qkv, rope, heads, None, "half")
 
 
 @pytest.mark.gpu

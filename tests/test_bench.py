@@ -203,6 +203,14 @@ def test_goal_evaluation():
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
     text = md.render([(Path("gpu_run.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
     assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text
+    # a goal on the Triton kernels reads "fused:kernels" where default dispatch routes to SDPA, and
+    # "fused" in runs from before the route (whose fused row was the kernels)
+    bwd = next(g for g in md.GOALS if g.metric == "bwd_tflops")
+    kernels = BenchRow("rope_attention", bwd.preset, "fused", 1.0, 2.0, 4.0, None, None, None, None, None, None,
+                       bwd_tflops=100.0).as_dict()
+    assert md.evaluate(bwd, [kernels]) == 100.0
+    routed = dict(kernels, bwd_tflops=500.0)
+    assert md.evaluate(bwd, [routed, dict(kernels, impl="fused:kernels")]) == 100.0
 
 
 def test_goals_show_the_device_time_ratio_beside_the_judged_one():

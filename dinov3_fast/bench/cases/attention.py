@@ -8,7 +8,9 @@ Shapes are DINOv3's per-GPU multi-crop batch of 16 images: 2 global crops of 261
 Baselines: DINOv3's path (`rope_attention_ref`: fp32 RoPE with concatenations, then SDPA) with
 torch's default SDPA choice ("reference"), then with each SDPA backend forced in turn
 ("dinov3:flash", "dinov3:cudnn", "dinov3:efficient"; a backend this GPU cannot run at the shape
-is left out). FLOPs: 4 B H N^2 Dh forward, 2.5x that for the backward.
+is left out). FLOPs: 4 B H N^2 Dh forward, 2.5x that for the backward. Where default dispatch
+routes training calls to SDPA (every crop N >= SDPA_ROUTE_MIN_TOKENS), "fused:kernels" forces
+the Triton kernels, so both are timed.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import functools
 import torch
 
 from dinov3_fast.bench.case import BenchCase
-from dinov3_fast.ops.attention import apply_rope, apply_rope_ref, rope_attention, rope_attention_list
+from dinov3_fast.ops.attention import (
+    SDPA_ROUTE_MIN_TOKENS, apply_rope, apply_rope_ref, rope_attention, rope_attention_list,
+)
 from dinov3_fast.ops.attention.reference import rope_attention_list_ref
 
 PREFIX = 5  # cls + 4 storage tokens
@@ -74,10 +78,11 @@ def _dinov3(heads, sdpa_backend, *qkvs, ropes):
     return outs[0] if len(outs) == 1 else torch.cat([o.flatten(0, 1) for o in outs])
 
 
-def _fused(heads, *qkvs, ropes):
+def _fused(heads, *qkvs, ropes, backend=None):
     if len(qkvs) == 1:
-        return rope_attention(qkvs[0], ropes[0], num_heads=heads)
-    return torch.cat([o.flatten(0, 1) for o in rope_attention_list(list(qkvs), ropes, num_heads=heads)])
+        return rope_attention(qkvs[0], ropes[0], num_heads=heads, backend=backend)
+    return torch.cat([o.flatten(0, 1) for o in rope_attention_list(list(qkvs), ropes, num_heads=heads,
+                                                                   backend=backend)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,6 +107,9 @@ def _attention_cases() -> list[BenchCase]:
                 if not torch.cuda.is_available() or all(_sdpa_runs(name, head_dim, dtype, n) for _, n in crops):
                     impls[f"dinov3:{name}"] = functools.partial(_dinov3, heads, name)
         impls["fused"] = functools.partial(_fused, heads)
+        routed = device == "cuda" and min(n for _, n in crops) >= SDPA_ROUTE_MIN_TOKENS
+        if routed:  # default dispatch trains these through SDPA: time the fused kernels too
+            impls["fused:kernels"] = functools.partial(_fused, heads, backend="triton")
         elt = torch.finfo(dtype).bits // 8
         flops = sum(4 * b * heads * n * n * head_dim for b, n in crops)
         tokens = sum(b * n for b, n in crops)
@@ -110,7 +118,11 @@ def _attention_cases() -> list[BenchCase]:
             make_inputs=functools.partial(_inputs, heads, head_dim, crops, dtype),
             impls=impls, flops=flops, bwd_flops=2.5 * flops,
             bytes=4 * tokens * heads * head_dim * elt, bwd_bytes=8 * tokens * heads * head_dim * elt,
-            note=f"{model} H={heads} Dh={head_dim} crops (B, N)={list(crops)} {str(dtype)[6:]}",
+            note=f"{model} H={heads} Dh={head_dim} crops (B, N)={list(crops)} {str(dtype)[6:]}"
+                 + ("; default dispatch trains N >= "
+                    f"{SDPA_ROUTE_MIN_TOKENS} through the fused rotation + SDPA, so the fused row's fwd (no "
+                    "gradient) is the Triton forward and its fwd+bwd that route (its bwd TFLOP/s mixes the two); "
+                    "fused:kernels forces the Triton kernels" if routed else ""),
         ))
     return out
 

@@ -13,11 +13,15 @@ non-trainable buffer): no gradient flows to sin and cos except on the `reference
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from dinov3_fast.ops._dispatch import check_floating, check_nonempty, check_rank, check_same_device, select_backend
+from dinov3_fast.ops._dispatch import (
+    ENV_VAR, check_floating, check_nonempty, check_rank, check_same_device, select_backend,
+)
 from dinov3_fast.ops.attention.cpu import apply_rope_cpu, rope_attention_bwd_cpu, rope_attention_fwd_cpu
 from dinov3_fast.ops.attention.reference import (
     Rope, apply_rope_ref, rope_attention_list_ref, rope_attention_ref,
@@ -32,6 +36,13 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_attention", "rope_attention_lis
 PREFERENCE = {"cuda": ("triton",), "cpu": ("reference", "cpu", "triton")}
 TRITON_HEAD_DIMS = (32, 64, 128)  # attention: Dh / 2 >= 16 for the tensor-core halves
 ROPE_HEAD_DIMS = (4, 8, 16, 32, 64, 128, 256)  # standalone RoPE: power-of-two halves
+# Long sequences with a gradient to compute: the fused rotation, then torch's SDPA (cuDNN, flash).
+# On an H100 (2026-11-26) the fused backward ran at 67 TFLOP/s at N = 4101 against cuDNN's ~250,
+# so fwd+bwd was 0.79-0.89x the DINOv3 path at N = 1029 and 0.33x at 4101 (1.8-2.0x at 261); the
+# fused forward alone was 2.1x / 0.9-1.1x, so forward-only calls (the teachers) stay fused. Any
+# threshold in (261, 1029] splits DINOv3's crop sizes the same way. Default dispatch only.
+SDPA_ROUTE_MIN_TOKENS = 1024
+SDPA_ROUTE_DEVICES = ("cuda",)
 
 
 def _triton():
@@ -180,6 +191,28 @@ def _select(op: str, t: torch.Tensor, head_dim: int, backend: str | None,
     return chosen
 
 
+# ----------------------------------------------------------------------------- long sequences
+
+def _route_to_sdpa(qkv: torch.Tensor, lengths: Sequence[int], backend: str | None) -> bool:
+    """Whether a call goes to `_rope_then_sdpa`: default dispatch (no `backend=`, no
+    DINOV3_FAST_BACKEND), a device in SDPA_ROUTE_DEVICES, every sequence at least
+    SDPA_ROUTE_MIN_TOKENS long, and a gradient to compute."""
+    return (backend is None and not os.environ.get(ENV_VAR) and qkv.device.type in SDPA_ROUTE_DEVICES
+            and min(lengths) >= SDPA_ROUTE_MIN_TOKENS and qkv.requires_grad and torch.is_grad_enabled())
+
+
+def _rope_then_sdpa(qkv: torch.Tensor, sin: torch.Tensor | None, cos: torch.Tensor | None,
+                    num_heads: int) -> torch.Tensor:
+    """[B, N, 3C] -> [B, N, C]: `apply_rope` (fp32 rotation, the fused kernel on a GPU) on q and k,
+    then torch's SDPA, whose backward is the fast one at long N. The same numbers as DINOv3's
+    path with an fp32 rope; keeps the rotated q and k for the backward, as DINOv3's path does."""
+    B, N, three_c = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh] each
+    if sin is not None:
+        q, k = apply_rope(q, k, (sin, cos))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, three_c // 3)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
@@ -193,7 +226,9 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
             tokens of q and k; the first N - HW (prefix) tokens are not rotated. None: no rotation.
         num_heads: H.
         num_prefix_tokens: if given, checked to equal N - HW.
-        backend: force "triton", "cpu" or "reference"; default: fastest available for the device.
+        backend: force "triton", "cpu" or "reference"; default: fastest available for the device,
+            and on a GPU, for N >= SDPA_ROUTE_MIN_TOKENS with a gradient to compute, the fused
+            rotation followed by torch's SDPA (its backward is the faster one there).
 
     Returns:
         [B, N, H * Dh] in qkv's dtype, ready for the proj Linear.
@@ -202,6 +237,8 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
     head_dim = _check_qkv("qkv", qkv, num_heads)
     B, N, three_c = qkv.shape
     sin, cos = _check_rope("rope", rope, qkv, N, head_dim, num_prefix_tokens)
+    if _route_to_sdpa(qkv, [N], backend):
+        return _rope_then_sdpa(qkv, sin, cos, num_heads)
     chosen = _select("rope_attention", qkv, head_dim, backend)
     if chosen == "reference":
         return rope_attention_ref(qkv, rope, num_heads)
@@ -278,6 +315,10 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
         raise ValueError(f"crops {list(crops)} hold {sum(b * n for b, n in crops)} tokens but qkv has {qkv.shape[0]}")
     tables = [_check_rope(f"rope_list[{i}]", r, qkv, n, head_dim, num_prefix_tokens)
               for i, (r, (_, n)) in enumerate(zip(rope_list, crops))]
+    if _route_to_sdpa(qkv, [n for _, n in crops], backend):
+        parts = qkv.split([b * n for b, n in crops])
+        return torch.cat([_rope_then_sdpa(part.view(b, n, -1), sin, cos, num_heads).reshape(b * n, -1)
+                          for part, (b, n), (sin, cos) in zip(parts, crops, tables)])
     chosen = _select("rope_attention_list", qkv, head_dim, backend)
     if chosen == "reference":
         parts = qkv.split([b * n for b, n in crops])
