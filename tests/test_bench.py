@@ -1,7 +1,5 @@
 """The benchmark machinery: memory accounting, the runner, the CLI and the BENCHMARKS.md generator."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,7 @@ from dinov3_fast.bench.case import BenchCase
 from dinov3_fast.bench.memory import peak_extra_bytes
 from dinov3_fast.bench.runner import format_table, run_case
 from dinov3_fast.bench.timing import graph_median_seconds
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools_loader import load_tool
 
 
 def test_cpu_peak_memory_sees_temporaries_inside_a_call():
@@ -182,16 +179,8 @@ def test_cli_bench_unknown_preset_is_a_clear_error(capsys):
     assert "no benchmark case matches" in capsys.readouterr().err
 
 
-def _benchmarks_md():
-    spec = importlib.util.spec_from_file_location("benchmarks_md", ROOT / "tools" / "benchmarks_md.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_md"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_goal_evaluation():
-    md = _benchmarks_md()
+    md = load_tool("benchmarks_md")
     from dinov3_fast.bench.runner import BenchRow
 
     def row(impl, fwd_bwd_ms, peak_mb):
@@ -216,7 +205,7 @@ def test_goal_evaluation():
 def test_goals_show_the_device_time_ratio_beside_the_judged_one():
     """A run with CUDA-graph times shows the goal's ratio on device time next to the judged
     (per-call) figure, and the graph columns in its tables; older runs without them show neither."""
-    md = _benchmarks_md()
+    md = load_tool("benchmarks_md")
     from dinov3_fast.bench.runner import BenchRow
 
     def row(impl, fwd_bwd_ms, graph_ms):
@@ -238,7 +227,7 @@ def test_goals_show_the_device_time_ratio_beside_the_judged_one():
 def test_latest_run_judges_a_goal():
     """A run's companion files (`_compiled`, `_model`) are one run; the latest run judges the goal
     and the earlier runs' figures stand beside it."""
-    md = _benchmarks_md()
+    md = load_tool("benchmarks_md")
     from dinov3_fast.bench.runner import BenchRow
 
     def run(fused_ms):

@@ -1,24 +1,11 @@
 """Profiled training steps (train.profile_steps): where they run, what the summary holds, and that
 throughput figures leave them out."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from tools_loader import load_tool
 
 from dinov3_fast.train.config import apply_overrides, get_preset, validate
 from dinov3_fast.train.loop import train
 from dinov3_fast.train.profiling import _busy_seconds, category, format_summary
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_results():
-    spec = importlib.util.spec_from_file_location("train_results", ROOT / "tools" / "train_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_results"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_profiled_steps_are_their_own_interval_and_left_out_of_the_rate(tmp_path):
@@ -37,7 +24,7 @@ def test_profiled_steps_are_their_own_interval_and_left_out_of_the_rate(tmp_path
     assert prof["categories"]["dinov3_fast"] > 0 and prof["categories"]["matmul"] > 0
     assert "busy_s" not in prof and "host_syncs" not in prof  # CUDA-only figures
 
-    tr = _train_results()
+    tr = load_tool("train_results")
     data = {"config": cfg.to_dict(), "steps": hist["steps"], "profile": prof}
     run = tr.summarise_train(data)
     steady = [s for s in logged[1:] if not s.get("profiled")]

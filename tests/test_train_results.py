@@ -1,27 +1,16 @@
 """tools/train_results.py: issue #7's figures and goals from train_check.sh's JSON (synthetic dicts,
 no training)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from tools_loader import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def tr():
-    return _module("train_results")
+    return load_tool("train_results")
 
 
 def _train(ops, img_s, peak, *, batch=96, arch="vit_large", mfu_per_img_s=0.002, warmup_img_s=10.0, log_every=4,
@@ -162,7 +151,7 @@ def test_goal_rows_and_saved_record(tr, tmp_path):
 
 
 def test_benchmarks_md_shows_issue_7_as_not_measured_without_records():
-    md = _module("benchmarks_md")
+    md = load_tool("benchmarks_md")
     text = md.render([])
     assert "| 7 | ViT-L/16 training MFU >= 40% on H100 (fused) | vitl16_h100 | - | not measured" in text
     assert "No GPU training run committed yet." in text
