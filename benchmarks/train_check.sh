@@ -17,8 +17,8 @@
 #   TRAIN_CHECK_BATCH=128     batch per GPU, the same for both ops settings (see below)
 #   TRAIN_CHECK_STEPS=22      TRAIN_CHECK_LOG_EVERY=4: the first logged interval (compile, Triton JIT) is
 #                             warm-up; img/s and MFU are over the other steps but the profiled ones (16)
-#   TRAIN_CHECK_PROFILE_STEPS=2  steps 5-6 run under torch.profiler (train/profiling.py): device busy
-#                             time, time by kind of kernel, host synchronisations; in train_<ops>.json
+#   TRAIN_CHECK_PROFILE_STEPS=2  the last 2 steps run under torch.profiler (train/profiling.py): device
+#                             busy time, time by kind of kernel, host synchronisations; in train_<ops>.json
 #   TRAIN_CHECK_COMPILE=      "" the preset's (vitl16_h100: on), 0 eager, 1 compiled
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
 #   TRAIN_CHECK_PROBE_BATCHES="144 160 176 192"  ascending batches for the probe ("" skips it)

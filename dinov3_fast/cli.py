@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", help="a checkpoint folder, or a checkpoint root (its newest complete one)")
     train.add_argument("--log-every", type=int)
     train.add_argument("--profile-steps", type=int,
-                       help="profile this many steps after the first logged interval (torch.profiler); "
-                            "the summary is logged and written to --json")
+                       help="profile the last this many steps (torch.profiler), an interval of their own "
+                            "left out of img/s and MFU; the summary is logged and written to --json")
     train.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     train.add_argument("--json", help="write the logged history to this JSON file")
     train.add_argument("opts", nargs="*", help="DINOv3-style overrides section.key=value")

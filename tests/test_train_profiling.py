@@ -1,23 +1,30 @@
 """Profiled training steps (train.profile_steps): where they run, what the summary holds, and that
 throughput figures leave them out."""
+import warnings
+
 import pytest
 from tools_loader import load_tool
 
 from dinov3_fast.train.config import apply_overrides, get_preset, validate
 from dinov3_fast.train.loop import train
-from dinov3_fast.train.profiling import _busy_seconds, category, format_summary
+from dinov3_fast.train.profiling import SyncCounter, _busy_seconds, category, format_summary
 
 
-def test_profiled_steps_are_their_own_interval_and_left_out_of_the_rate(tmp_path):
+def _run(tmp_path, steps, log_every, profile_steps):
     cfg = apply_overrides(get_preset("debug"), [
-        f"train.output_dir={tmp_path}", "train.batch_size_per_gpu=4", "train.steps=7", "train.log_every=2",
-        "train.profile_steps=2", "checkpointing.period=-1", "evaluation.knn_val_samples=0"])
+        f"train.output_dir={tmp_path}", "train.batch_size_per_gpu=4", f"train.steps={steps}",
+        f"train.log_every={log_every}", f"train.profile_steps={profile_steps}", "checkpointing.period=-1",
+        "evaluation.knn_val_samples=0"])
     hist = train(cfg, progress=False, log_fn=None)
-    logged = [s for s in hist["steps"] if "step_time" in s]
-    # warm-up interval 1-2, profiled 3-4, then the log period resumes: 5-6 and the last step
-    assert [(s["step"], s.get("profiled", False)) for s in logged] == [(2, False), (4, True), (6, False), (7, False)]
+    return cfg, hist, [s for s in hist["steps"] if "step_time" in s]
+
+
+def test_the_last_steps_are_profiled_as_their_own_interval_and_left_out_of_the_rate(tmp_path):
+    cfg, hist, logged = _run(tmp_path, steps=7, log_every=2, profile_steps=2)
+    # the log period (2, 4), a log closing the timed steps (5), the profiled steps 6-7
+    assert [(s["step"], s.get("profiled", False)) for s in logged] == [(2, False), (4, False), (5, False), (7, True)]
     prof = hist["profile"]
-    assert (prof["steps"], prof["first_step"]) == (2, 3)
+    assert (prof["steps"], prof["first_step"]) == (2, 6)
     assert prof["wall_s"] > 0 and prof["top"] and set(prof["categories"]) <= {
         "dinov3_fast", "matmul", "attention", "inductor", "communication", "copies", "other"}
     # the fused ops and the model's matmuls are both seen on the CPU
@@ -25,12 +32,18 @@ def test_profiled_steps_are_their_own_interval_and_left_out_of_the_rate(tmp_path
     assert "busy_s" not in prof and "host_syncs" not in prof  # CUDA-only figures
 
     tr = load_tool("train_results")
-    data = {"config": cfg.to_dict(), "steps": hist["steps"], "profile": prof}
-    run = tr.summarise_train(data)
-    steady = [s for s in logged[1:] if not s.get("profiled")]
-    seconds = sum(s["step_time"] * n for s, n in zip(steady, (2, 1)))
+    run = tr.summarise_train({"config": cfg.to_dict(), "steps": hist["steps"], "profile": prof})
+    seconds = logged[1]["step_time"] * 2 + logged[2]["step_time"] * 1  # steps 3-4 and 5
     assert run["img_per_s"] == pytest.approx(4 * 3 / seconds)
-    assert run["profile"] is prof and run["intervals"][1]["profiled"] is True
+    assert run["profile"] is prof and run["intervals"][3]["profiled"] is True
+
+
+def test_no_log_inside_the_profiled_steps(tmp_path):
+    """A log synchronises and would time profiled steps as normal ones: with a log period shorter
+    than the profiled span, the span is still one interval."""
+    _, hist, logged = _run(tmp_path, steps=5, log_every=1, profile_steps=3)
+    assert [(s["step"], s.get("profiled", False)) for s in logged] == [(1, False), (2, False), (5, True)]
+    assert (hist["profile"]["steps"], hist["profile"]["first_step"]) == (3, 3)
 
 
 def test_profile_steps_must_not_be_negative():
@@ -62,3 +75,15 @@ def test_summary_lines_per_step():
     text = format_summary(summary, steps=2)
     assert "200.0 ms/step wall, device busy 150.0 ms/step (75%)" in text
     assert "matmul 100.0, other 50.0" in text and "3.0/step augment.py:90 x6" in text
+
+
+def test_sync_counter_counts_sync_warnings_by_calling_line_and_shows_the_rest(monkeypatch):
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    with SyncCounter() as syncs:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")  # the same line twice
+        warnings.warn("something else")
+    ((where, count),) = syncs.counts.items()
+    assert where.startswith(__file__) and count == 2
+    assert shown == ["something else"]

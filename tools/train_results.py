@@ -253,7 +253,7 @@ def record_lines(name: str, record: dict[str, Any]) -> list[str]:
     profiles = [(ops, record["runs"][ops]["profile"]) for ops in OPS
                 if (record["runs"].get(ops) or {}).get("profile")]
     if profiles:
-        out += ["", "Profiled steps (torch.profiler, after the warm-up interval, not in the rates above):", ""]
+        out += ["", "Profiled steps (torch.profiler, the run's last steps, not in the rates above):", ""]
         out += [f"- {ops}: " + format_summary(p, p["steps"]).replace("\n  ", "; ") for ops, p in profiles]
     probe = record.get("probe") or {}
     if any(probe.get(ops) for ops in OPS):

@@ -174,9 +174,9 @@ class TrainConfig:
     ac: str = "none"          # ours: activation checkpointing "none" | "full" | "selective"
     ops: str = "fused"        # ours: "fused" (fastest backend per op) | "reference" (plain PyTorch)
     log_every: int = 10       # ours
-    profile_steps: int = 0    # ours: profile this many steps after the first logged interval
-                              # (train/profiling.py); they form their own logged interval, marked
-                              # "profiled", which throughput figures skip
+    profile_steps: int = 0    # ours: profile the last this many steps (train/profiling.py); they
+                              # form their own logged interval, marked "profiled", which
+                              # throughput figures skip
     image_size: int | None = None  # ours: source image side (synthetic / resized folder images)
     synthetic_classes: int = 8     # ours
     device: str | None = None      # ours: default cuda if present, else cpu

@@ -216,22 +216,24 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         log_fn = bar.write  # keeps the bar intact
     t_last, n_last = time.perf_counter(), state.step
     period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
-    # profiled: the steps after the first logged interval, logged as an interval of their own
-    profile_from = cfg.train.log_every if cfg.train.profile_steps > 0 and state.step < cfg.train.log_every else None
-    profiler = StepProfiler(state.device) if profile_from is not None else None
+    # Profiled: the last profile_steps steps, logged as an interval of their own (a log right before
+    # them closes the timed interval). Last, not first: the profiler may leave CUPTI attached and
+    # slow what follows (pytorch#144455), which must not reach the timed steps.
+    profile_from = max(state.step, total - cfg.train.profile_steps) if cfg.train.profile_steps > 0 else None
+    profiler = StepProfiler(state.device) if profile_from is not None and profile_from < total else None
     while state.step < total:
-        if state.step == profile_from:
+        if profiler is not None and state.step == profile_from:
             profiler.start()
         pending.append(train_step(state))
         bar.update(1)
         it = state.step
-        profiled = profiler is not None and profiler.active and (it == profile_from + cfg.train.profile_steps
-                                                                 or it == total)
+        profiled = it == total and profiler is not None
         if profiled:
             history["profile"] = profiler.stop() | {"steps": it - profile_from, "first_step": profile_from + 1}
             if state.rank == 0 and log_fn is not None:
                 log_fn(format_summary(history["profile"], it - profile_from))
-        if it % cfg.train.log_every == 0 or it == total or profiled:
+        in_profile = profiler is not None and profiler.active  # no logging (it syncs) inside the window
+        if (it % cfg.train.log_every == 0 or it == total or it == profile_from) and not in_profile:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             now = time.perf_counter()

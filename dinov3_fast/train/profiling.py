@@ -14,13 +14,19 @@ The summary is small enough to travel in the trainer's JSON (no trace file):
                   over kernels (overlapping streams count twice), on CPU over the ops' self time
   top             the 25 largest kernels (CPU: ops) with their calls and seconds
   host_syncs      on CUDA, the synchronising calls torch.cuda.set_sync_debug_mode saw, counted
-                  per Python line that made them
+                  per line of the innermost Python frame outside torch (the backward's are
+                  replayed by the autograd engine when it finishes: they count at the line that
+                  called backward)
+Kernel figures leave out the profiler's user-annotation spans (record_function ranges, which
+Kineto also puts on the GPU timeline and which would count idle gaps as busy).
 """
 from __future__ import annotations
 
 import collections
 import functools
+import os
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -71,6 +77,45 @@ def category(name: str) -> str:
     return "other"
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_SYNC_MESSAGE = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode's warning
+
+
+def _caller_outside_torch() -> str:
+    """'file:line' of the innermost frame of the current stack outside torch, the warnings module
+    and this one."""
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        if not frame.filename.startswith(_TORCH_DIR) and frame.filename not in (__file__, warnings.__file__):
+            return f"{frame.filename}:{frame.lineno}"
+    return "?"
+
+
+class SyncCounter:
+    """While active, counts torch.cuda.set_sync_debug_mode's warnings per calling line (`counts`);
+    every other warning is shown as usual. Does not switch the debug mode itself."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self._guard = warnings.catch_warnings()
+
+    def __enter__(self) -> "SyncCounter":
+        self._guard.__enter__()
+        warnings.filterwarnings("always", message=_SYNC_MESSAGE)
+        show = warnings.showwarning
+
+        def count_or_show(message, category, filename, lineno, file=None, line=None):
+            if _SYNC_MESSAGE in str(message):
+                self.counts[_caller_outside_torch()] += 1
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = count_or_show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._guard.__exit__(*exc)
+
+
 def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals, in the intervals' unit / 1e6 (us -> s)."""
     busy, end = 0.0, float("-inf")
@@ -81,6 +126,11 @@ def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return busy / 1e6
 
 
+def _annotation(event) -> bool:
+    """A record_function span (Kineto lists those on the GPU timeline too), not work."""
+    return bool(getattr(event, "is_user_annotation", False))
+
+
 class StepProfiler:
     """torch.profiler over a span of training steps; `stop()` returns the summary (module docstring)."""
 
@@ -88,8 +138,7 @@ class StepProfiler:
         self.device = device
         self.cuda = device.type == "cuda"
         self._prof: profile | None = None
-        self._warnings: warnings.catch_warnings | None = None
-        self._caught: list[warnings.WarningMessage] = []
+        self._syncs: SyncCounter | None = None
 
     @property
     def active(self) -> bool:
@@ -105,29 +154,26 @@ class StepProfiler:
         self._prof = profile(activities=activities)
         self._prof.__enter__()
         if self.cuda:
-            self._warnings = warnings.catch_warnings(record=True)
-            self._caught = self._warnings.__enter__()
-            warnings.simplefilter("always")
+            self._syncs = SyncCounter().__enter__()
             torch.cuda.set_sync_debug_mode("warn")
         self._t0 = time.perf_counter()
 
     def stop(self) -> dict[str, Any]:
         self._sync()
         wall = time.perf_counter() - self._t0
+        syncs = collections.Counter()
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
-            self._warnings.__exit__(None, None, None)
+            self._syncs.__exit__(None, None, None)
+            syncs, self._syncs = self._syncs.counts, None
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in self._caught
-                                    if "synchroniz" in str(w.message))
-        self._caught = []
         return self._summary(prof, wall, syncs)
 
     def _summary(self, prof: profile, wall: float, syncs: collections.Counter) -> dict[str, Any]:
         want = DeviceType.CUDA if self.cuda else DeviceType.CPU
         rows = [(e.key, e.count, (e.self_device_time_total if self.cuda else e.self_cpu_time_total) / 1e6)
-                for e in prof.key_averages() if e.device_type == want]
+                for e in prof.key_averages() if e.device_type == want and not _annotation(e)]
         rows = [r for r in rows if r[2] > 0]
         categories: dict[str, float] = collections.defaultdict(float)
         for name, _, seconds in rows:
@@ -139,7 +185,8 @@ class StepProfiler:
                     for n, c, s in sorted(rows, key=lambda r: -r[2])[:_TOP]],
         }
         if self.cuda:
-            kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+            kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA and not _annotation(e)]
             summary["busy_s"] = _busy_seconds(kernels)
             summary["host_syncs"] = {"total": sum(syncs.values()), "by_line": dict(syncs.most_common(_TOP))}
         return summary
