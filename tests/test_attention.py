@@ -179,20 +179,37 @@ def test_list_form_matches_separate_calls(backend):
 
 @pytest.fixture
 def sdpa_route_on_cpu(monkeypatch):
-    """The long-sequence route (fused rotation + SDPA), which default dispatch takes on a GPU at
-    N >= SDPA_ROUTE_MIN_TOKENS with a gradient, enabled on the CPU from 20 tokens; the fused
-    kernels raise if called."""
+    """The long-sequence route (fused rotation + SDPA), which default dispatch takes on a GPU for
+    crops of N >= SDPA_ROUTE_MIN_TOKENS with a gradient, enabled on the CPU from 20 tokens; counts
+    the crops it takes in `attention.routed_calls`, and the single-form reference (the CPU's
+    default otherwise) raises, so a test cannot pass without the route."""
     import dinov3_fast.ops.attention as attention
 
     monkeypatch.setattr(attention, "SDPA_ROUTE_DEVICES", ("cpu",))
     monkeypatch.setattr(attention, "SDPA_ROUTE_MIN_TOKENS", 20)
     monkeypatch.delenv("DINOV3_FAST_BACKEND", raising=False)
+    calls = []
+    route = attention._rope_then_sdpa
 
-    def no_kernel(*args, **kwargs):
-        raise AssertionError("the fused attention kernel ran on the SDPA route")
+    def counted(qkv, *args):
+        calls.append(tuple(qkv.shape[:2]))
+        return route(qkv, *args)
 
-    monkeypatch.setattr(attention, "_rope_attention_fwd", no_kernel)
-    return attention
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference ran where the SDPA route was due")
+
+    monkeypatch.setattr(attention, "_rope_then_sdpa", counted)
+    monkeypatch.setattr(attention, "rope_attention_ref", no_reference)
+    attention.routed_calls = calls
+    yield attention
+    del attention.routed_calls
+
+
+def _oracle_out_and_grad(qkv, rope, heads, grad):
+    q64 = qkv.detach().double().requires_grad_()
+    out = dinov3_compute_attention(q64, None if rope is None else tuple(t.double() for t in rope), heads)
+    (g,) = torch.autograd.grad(out, q64, grad.double())
+    return out, g
 
 
 def test_long_sequences_with_gradients_take_the_sdpa_route(sdpa_route_on_cpu):
@@ -200,34 +217,45 @@ def test_long_sequences_with_gradients_take_the_sdpa_route(sdpa_route_on_cpu):
     rope = dinov3_rope(4, 4, head_dim, rescale=random_rescale())
     qkv = torch.randn(2, 21, 3 * heads * head_dim, requires_grad=True)
     out = rope_attention(qkv, rope, num_heads=heads)
-    want = dinov3_compute_attention(qkv.detach().double(), tuple(t.double() for t in rope), heads)
-    assert rel_err(out, want) < 1e-5
-    g = torch.randn_like(out)
-    (got,) = torch.autograd.grad(out, qkv, g)
-    (ref,) = torch.autograd.grad(rope_attention(qkv, rope, num_heads=heads, backend="reference"), qkv, g)
-    assert rel_err(got, ref) < 1e-5
-    # the list form: every crop long enough -> routed crop by crop
-    qkv2 = torch.randn(3, 26, 3 * heads * head_dim, requires_grad=True)
-    rope2 = dinov3_rope(3, 7, head_dim)
-    outs = rope_attention_list([qkv, qkv2], [rope, rope2], num_heads=heads)
-    for o, q, r in zip(outs, (qkv, qkv2), (rope, rope2)):
-        assert rel_err(o, rope_attention(q, r, num_heads=heads, backend="reference")) < 1e-5
+    assert sdpa_route_on_cpu.routed_calls == [(2, 21)]
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    want, want_g = _oracle_out_and_grad(qkv, rope, heads, grad)
+    assert rel_err(out, want) < 1e-5 and rel_err(got, want_g) < 1e-5
 
 
-def test_sdpa_route_only_for_long_sequences_with_gradients_and_default_dispatch(sdpa_route_on_cpu, monkeypatch):
-    route = sdpa_route_on_cpu._route_to_sdpa
+def test_list_form_routes_its_long_crops_and_packs_the_short_ones(sdpa_route_on_cpu):
+    """A mixed list (DINOv3's student at high resolution: long global crops, short local ones):
+    the long crops go through the route one by one, the short ones keep one launch; every output
+    and gradient in packing order."""
+    heads, head_dim = 2, 64
+    crops = [(2, 21, 16), (3, 6, 1), (1, 26, 21), (2, 9, None)]  # (B, N, HW or no rope)
+    qkv_list = [torch.randn(b, n, 3 * heads * head_dim, requires_grad=True) for b, n, _ in crops]
+    rope_list = [None if hw is None else dinov3_rope(*grid_for(hw), head_dim) for _, _, hw in crops]
+    outs = rope_attention_list(qkv_list, rope_list, num_heads=heads)
+    assert sdpa_route_on_cpu.routed_calls == [(2, 21), (1, 26)]
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, qkv_list, grads)
+    for o, g, q, r, up in zip(outs, got, qkv_list, rope_list, grads):
+        want, want_g = _oracle_out_and_grad(q, r, heads, up)
+        assert rel_err(o, want) < 1e-5 and rel_err(g, want_g) < 1e-5
+
+
+def test_sdpa_route_only_with_gradients_and_default_dispatch(sdpa_route_on_cpu, monkeypatch):
+    may_route = sdpa_route_on_cpu._may_route_to_sdpa
     qkv = torch.randn(2, 21, 3 * 2 * 64, requires_grad=True)
-    assert route(qkv, [21], None)
-    assert not route(qkv, [21, 19], None)           # a short crop in the list: the one fused launch
-    assert not route(qkv.detach(), [21], None)       # no gradient: the fused forward is the faster one
+    assert may_route(qkv, None)
+    assert not may_route(qkv.detach(), None)         # no gradient: the fused forward is the faster one
     with torch.no_grad():
-        assert not route(qkv, [21], None)
-    assert not route(qkv, [21], "triton")            # a forced backend is obeyed
+        assert not may_route(qkv, None)
+    assert not may_route(qkv, "triton")              # a forced backend is obeyed
     monkeypatch.setenv("DINOV3_FAST_BACKEND", "triton")
-    assert not route(qkv, [21], None)
+    assert not may_route(qkv, None)
+    monkeypatch.setenv("DINOV3_FAST_BACKEND", "cuda")  # a backend this op lacks: its default stands
+    assert may_route(qkv, None)
     monkeypatch.delenv("DINOV3_FAST_BACKEND")
     monkeypatch.setattr(sdpa_route_on_cpu, "SDPA_ROUTE_DEVICES", ("cuda",))
-    assert not route(qkv, [21], None)                # CPU tensors never take it by default
+    assert not may_route(qkv, None)                  # CPU tensors never take it by default
 
 
 def test_sequence_table_is_built_once_per_crop_layout():
@@ -236,14 +264,28 @@ def test_sequence_table_is_built_once_per_crop_layout():
     attention call and cannot be captured in a CUDA graph."""
     from dinov3_fast.ops.attention import _cached_sequence_table, _sequence_table
 
+    like = torch.empty(0)
     layout = ((2, 54, 49), (3, 6, 1), (1, 21, 0))
-    table = _sequence_table(layout, torch.device("cpu"))
+    table = _sequence_table(layout, like)
     assert table.dtype == torch.int32 and table.tolist() == [
         [0, 54, 0, 49], [54, 54, 0, 49], [108, 6, 49, 1], [114, 6, 49, 1], [120, 6, 49, 1], [126, 21, 50, 0]]
     hits = _cached_sequence_table.cache_info().hits
-    assert _sequence_table(layout, torch.device("cpu")) is table
+    assert _sequence_table(layout, like) is table
     assert _cached_sequence_table.cache_info().hits == hits + 1
-    assert _sequence_table(layout[:2], torch.device("cpu")).shape == (5, 4)
+    assert _sequence_table(layout[:2], like).shape == (5, 4)
+
+
+def test_sequence_table_first_made_in_inference_mode_serves_training():
+    """A layout first seen under inference_mode (feature extraction) must not cache an inference
+    tensor: a later autograd call saves the table for its backward."""
+    heads, head_dim = 2, 64
+    qkv = torch.randn(3 * 17, 3 * heads * head_dim)  # a layout no other test uses: (3, 17)
+    with torch.inference_mode():
+        rope_attention_list([qkv.view(3, 17, -1)], None, num_heads=heads, backend="cpu")
+    q = qkv.view(3, 17, -1).clone().requires_grad_()
+    (out,) = rope_attention_list([q], None, num_heads=heads, backend="cpu")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def dinov3_self_attention_forward(m, x, rope):
@@ -384,6 +426,32 @@ def test_gpu_long_sequences_train_through_rotation_and_sdpa(head_dim, heads, mon
 
     monkeypatch.setattr(attention, "_rope_attention_fwd", no_kernel)
     check_against_oracle(qkv, rope, heads, None, "half")
+
+
+@pytest.mark.gpu
+def test_gpu_list_form_routes_its_long_crops_bf16(monkeypatch):
+    """DINOv3's student at high resolution, default dispatch with a gradient: the 1029-token crops
+    through the rotation + SDPA, the 54-token ones in one fused launch; outputs and gradients
+    against float64."""
+    import dinov3_fast.ops.attention as attention
+
+    monkeypatch.delenv("DINOV3_FAST_BACKEND", raising=False)
+    routed = []
+    route = attention._rope_then_sdpa
+    monkeypatch.setattr(attention, "_rope_then_sdpa", lambda qkv, *a: routed.append(qkv.shape[1]) or route(qkv, *a))
+    crops = [(2, 1029, 1024), (8, 54, 49)]
+    qkv_list = [torch.randn(b, n, 3 * 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for b, n, _ in crops]
+    rope_list = [dinov3_rope(*grid_for(hw), 64, rescale=random_rescale(), device="cuda") for *_, hw in crops]
+    outs = rope_attention_list(qkv_list, rope_list, num_heads=16)
+    assert routed == [1029]
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, qkv_list, grads)
+    for o, g, q, r, up in zip(outs, got, qkv_list, rope_list, grads):
+        q64 = q.detach().double().requires_grad_()
+        want = rope_attention_ref(q64, tuple(t.double() for t in r), 16)
+        (want_g,) = torch.autograd.grad(want, q64, up.double())
+        assert rel_err(o, want) < 1e-2 and rel_err(g, want_g) < 2e-2
 
 
 @pytest.mark.gpu

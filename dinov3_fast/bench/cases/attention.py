@@ -9,8 +9,8 @@ Baselines: DINOv3's path (`rope_attention_ref`: fp32 RoPE with concatenations, t
 torch's default SDPA choice ("reference"), then with each SDPA backend forced in turn
 ("dinov3:flash", "dinov3:cudnn", "dinov3:efficient"; a backend this GPU cannot run at the shape
 is left out). FLOPs: 4 B H N^2 Dh forward, 2.5x that for the backward. Where default dispatch
-routes training calls to SDPA (every crop N >= SDPA_ROUTE_MIN_TOKENS), "fused:kernels" forces
-the Triton kernels, so both are timed.
+routes training calls to SDPA (crops of N >= SDPA_ROUTE_MIN_TOKENS), "fused:kernels" forces the
+Triton kernels, so both are timed.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def _attention_cases() -> list[BenchCase]:
                 if not torch.cuda.is_available() or all(_sdpa_runs(name, head_dim, dtype, n) for _, n in crops):
                     impls[f"dinov3:{name}"] = functools.partial(_dinov3, heads, name)
         impls["fused"] = functools.partial(_fused, heads)
-        routed = device == "cuda" and min(n for _, n in crops) >= SDPA_ROUTE_MIN_TOKENS
+        routed = device == "cuda" and max(n for _, n in crops) >= SDPA_ROUTE_MIN_TOKENS
         if routed:  # default dispatch trains these through SDPA: time the fused kernels too
             impls["fused:kernels"] = functools.partial(_fused, heads, backend="triton")
         elt = torch.finfo(dtype).bits // 8

@@ -193,12 +193,14 @@ def _select(op: str, t: torch.Tensor, head_dim: int, backend: str | None,
 
 # ----------------------------------------------------------------------------- long sequences
 
-def _route_to_sdpa(qkv: torch.Tensor, lengths: Sequence[int], backend: str | None) -> bool:
-    """Whether a call goes to `_rope_then_sdpa`: default dispatch (no `backend=`, no
-    DINOV3_FAST_BACKEND), a device in SDPA_ROUTE_DEVICES, every sequence at least
-    SDPA_ROUTE_MIN_TOKENS long, and a gradient to compute."""
-    return (backend is None and not os.environ.get(ENV_VAR) and qkv.device.type in SDPA_ROUTE_DEVICES
-            and min(lengths) >= SDPA_ROUTE_MIN_TOKENS and qkv.requires_grad and torch.is_grad_enabled())
+def _may_route_to_sdpa(qkv: torch.Tensor, backend: str | None) -> bool:
+    """Whether sequences of at least SDPA_ROUTE_MIN_TOKENS in this call go to `_rope_then_sdpa`:
+    default dispatch (no `backend=`, and no DINOV3_FAST_BACKEND naming a backend this op has for
+    the device), a device in SDPA_ROUTE_DEVICES, and a gradient to compute."""
+    forced = os.environ.get(ENV_VAR)
+    forced_here = forced == "reference" or forced in PREFERENCE.get(qkv.device.type, ())
+    return (backend is None and not forced_here and qkv.device.type in SDPA_ROUTE_DEVICES
+            and qkv.requires_grad and torch.is_grad_enabled())
 
 
 def _rope_then_sdpa(qkv: torch.Tensor, sin: torch.Tensor | None, cos: torch.Tensor | None,
@@ -237,7 +239,7 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
     head_dim = _check_qkv("qkv", qkv, num_heads)
     B, N, three_c = qkv.shape
     sin, cos = _check_rope("rope", rope, qkv, N, head_dim, num_prefix_tokens)
-    if _route_to_sdpa(qkv, [N], backend):
+    if N >= SDPA_ROUTE_MIN_TOKENS and _may_route_to_sdpa(qkv, backend):
         return _rope_then_sdpa(qkv, sin, cos, num_heads)
     chosen = _select("rope_attention", qkv, head_dim, backend)
     if chosen == "reference":
@@ -286,17 +288,22 @@ def _build_sequence_table(layout: tuple[tuple[int, int, int], ...], device: torc
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-_cached_sequence_table = functools.lru_cache(maxsize=64)(_build_sequence_table)
-
-
-def _sequence_table(layout: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
-    """The sequence table of a crop layout, built once per (layout, device) in eager mode: a fresh
-    one per call is a copy from pageable host memory, which makes the host wait for the GPU in
-    every attention call (the host could no longer run ahead of the kernels), and cannot be
-    captured in a CUDA graph. Traced, it is built in the graph, where it is a constant."""
-    if torch.compiler.is_compiling():
+@functools.lru_cache(maxsize=64)
+def _cached_sequence_table(layout: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a table first made under inference mode must serve autograd later
         return _build_sequence_table(layout, device)
-    return _cached_sequence_table(layout, device)
+
+
+def _sequence_table(layout: tuple[tuple[int, int, int], ...], like: torch.Tensor) -> torch.Tensor:
+    """The sequence table of a crop layout on `like`'s device, built once per (layout, device) for
+    plain tensors in eager mode: a fresh one per call is a copy from pageable host memory, which
+    makes the host wait for the GPU in every attention call (the host could no longer run ahead
+    of the kernels), and cannot be captured in a CUDA graph. Traced, it is built in the graph,
+    where Inductor makes it a constant; for tensor subclasses (fake, functional) it is built
+    per call, so no such tensor is ever cached."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
+        return _build_sequence_table(layout, like.device)
+    return _cached_sequence_table(layout, like.device)
 
 
 def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], rope_list, *, num_heads: int,
@@ -304,7 +311,9 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
     """The list form on tokens already packed back to back: qkv [sum B_i N_i, 3C] -> [sum B_i N_i, C].
 
     `crops` lists (B_i, N_i) in packing order (crop 0's B_0 sequences first); this is the layout of
-    DINOv3's forward_list, which runs the qkv Linear on the concatenated tokens of all crops.
+    DINOv3's forward_list, which runs the qkv Linear on the concatenated tokens of all crops. With
+    default dispatch on a GPU and a gradient to compute, crops of N_i >= SDPA_ROUTE_MIN_TOKENS go
+    through the fused rotation + SDPA one by one and the others keep one fused launch.
     """
     check_rank("qkv", qkv, 2, "[sum_i B_i * N_i, 3 * num_heads * head_dim]")
     head_dim = _check_qkv("qkv", qkv, num_heads)
@@ -315,22 +324,45 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
         raise ValueError(f"crops {list(crops)} hold {sum(b * n for b, n in crops)} tokens but qkv has {qkv.shape[0]}")
     tables = [_check_rope(f"rope_list[{i}]", r, qkv, n, head_dim, num_prefix_tokens)
               for i, (r, (_, n)) in enumerate(zip(rope_list, crops))]
-    if _route_to_sdpa(qkv, [n for _, n in crops], backend):
-        parts = qkv.split([b * n for b, n in crops])
-        return torch.cat([_rope_then_sdpa(part.view(b, n, -1), sin, cos, num_heads).reshape(b * n, -1)
-                          for part, (b, n), (sin, cos) in zip(parts, crops, tables)])
-    chosen = _select("rope_attention_list", qkv, head_dim, backend)
+    routed = [n >= SDPA_ROUTE_MIN_TOKENS for _, n in crops] if _may_route_to_sdpa(qkv, backend) else []
+    if any(routed):
+        return _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed, num_heads, head_dim, backend)
+    return _packed(qkv, crops, tables, rope_list, num_heads, _select("rope_attention_list", qkv, head_dim, backend))
+
+
+def _packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], tables, rope_list, num_heads: int,
+            chosen: str) -> torch.Tensor:
+    """`rope_attention_packed` on backend `chosen`, once its arguments are checked: one fused launch,
+    or the per-crop reference."""
     if chosen == "reference":
         parts = qkv.split([b * n for b, n in crops])
         outs = rope_attention_list_ref([p.view(b, n, -1) for p, (b, n) in zip(parts, crops)], rope_list, num_heads)
         return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
     layout = tuple((b, n, 0 if sin is None else sin.shape[0]) for (b, n), (sin, _) in zip(crops, tables))
-    seqinfo = _sequence_table(layout, qkv.device)
+    seqinfo = _sequence_table(layout, qkv)
     present = [t for t in tables if t[0] is not None]
     sin = torch.cat([t[0] for t in present]) if present else None
     cos = torch.cat([t[1] for t in present]) if present else None
     out, _ = _rope_attention_fwd(qkv, sin, cos, seqinfo, num_heads, max(n for _, n in crops), chosen)
     return out
+
+
+def _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed: Sequence[bool], num_heads: int,
+                                   head_dim: int, backend: str | None) -> torch.Tensor:
+    """The long crops (routed[i]) through `_rope_then_sdpa` one by one, the others in one `_packed`
+    launch on their concatenated tokens; outputs back in packing order."""
+    parts = list(qkv.split([b * n for b, n in crops]))
+    outs = [_rope_then_sdpa(part.view(b, n, -1), *table, num_heads).reshape(b * n, -1) if long_ else None
+            for part, (b, n), table, long_ in zip(parts, crops, tables, routed)]
+    short = [i for i, long_ in enumerate(routed) if not long_]
+    if short:
+        packed = torch.cat([parts[i] for i in short])
+        chosen = _select("rope_attention_list", qkv, head_dim, backend)
+        out = _packed(packed, [crops[i] for i in short], [tables[i] for i in short],
+                      [rope_list[i] for i in short], num_heads, chosen)
+        for i, o in zip(short, out.split([crops[i][0] * crops[i][1] for i in short])):
+            outs[i] = o
+    return torch.cat(outs)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope, *,
