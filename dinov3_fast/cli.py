@@ -71,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"dinov3-fast bench on {meta['device']} (torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads); speedup and mem x are relative to the first impl of each preset, measured in this run")
     print(format_table(rows))
-    if any(r.fwd_graph_ms is not None for r in rows):
+    if any(r.graph_ms is not None for r in rows):
         print("  graph ms: device time of the compared pass (fwd+bwd, else fwd) replayed from a CUDA graph, "
               "L2 warm, no host time; graph x: its ratio to the baseline's")
     for note in dict.fromkeys(f"  {r.op}/{r.preset}: {r.note}" for r in rows if r.note):

@@ -75,7 +75,7 @@ def _time(row: dict) -> float:
 def _graph_time(row: dict) -> float | None:
     """The same pass's device time from the CUDA-graph replay; None where not captured (and in
     runs from before the harness measured it)."""
-    return row.get("fwd_bwd_graph_ms") if row["fwd_bwd_ms"] else row.get("fwd_graph_ms")
+    return row.get("graph_ms")
 
 
 def _compared(goal: Goal, rows: list[dict], time) -> tuple[dict | None, dict | None]:
@@ -177,7 +177,7 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
             out.append("")
         out.append(f"![speed-ups]({path.stem}.png)")
         ops = dict.fromkeys(r["op"] for r in run["rows"])
-        graphs = any(r.get("fwd_graph_ms") is not None for r in run["rows"])
+        graphs = any(r.get("graph_ms") is not None for r in run["rows"])
         for op in ops:
             out += ["", f"### {op}", "",
                     "| preset | impl | fwd ms | fwd+bwd ms | peak MiB | speed-up | mem x | TFLOP/s | % peak | GB/s | % bw |"

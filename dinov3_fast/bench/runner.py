@@ -33,11 +33,11 @@ class BenchRow:
     bw_frac: float | None     # gbps / measured copy bandwidth
     bwd_tflops: float | None = None  # useful backward FLOPs / (fwd+bwd time - fwd time)
     note: str = ""
-    # device time per call, replayed from a CUDA graph with the L2 warm (bench/timing.py); None on
-    # CPU or where the call cannot be captured
-    fwd_graph_ms: float | None = None
-    fwd_bwd_graph_ms: float | None = None
-    graph_speedup: float | None = None  # baseline graph time / this graph time, same pass as speedup
+    # device time per call of the pass `speedup` compares (fwd+bwd where measured, else fwd),
+    # replayed from a CUDA graph with the L2 warm (bench/timing.py); None on CPU or where the call
+    # cannot be captured
+    graph_ms: float | None = None
+    graph_speedup: float | None = None  # baseline graph_ms / this graph_ms
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,14 +82,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
 
-def _per_call_ms(row: BenchRow) -> tuple[float, float | None]:
-    """(time, graph time) of the pass a row is compared on: forward+backward where measured, else
-    the forward; the graph time is None unless that pass was captured."""
-    if row.fwd_bwd_ms is not None:
-        return row.fwd_bwd_ms, row.fwd_bwd_graph_ms
-    return row.fwd_ms, row.fwd_graph_ms
-
-
 def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
              min_run_time: float = 0.5) -> list[BenchRow]:
     # The compiled references of an op share one code object, so across presets they would run
@@ -106,12 +98,14 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         label = f"{case.op}/{case.preset}/{name}"
         with torch.no_grad():
             fwd_s = median_seconds(fwd, device, min_run_time)
-            fwd_graph_s = graph_median_seconds(fwd, device, min_run_time, label=f"{label} fwd")
-        fwd_bwd_s = fwd_bwd_graph_s = None
+        fwd_bwd_s = None
         if has_grad:
             fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time)
-            fwd_bwd_graph_s = graph_median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time,
-                                                   label=f"{label} fwd+bwd")
+            graph_s = graph_median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time,
+                                           label=f"{label} fwd+bwd")
+        else:
+            with torch.no_grad():
+                graph_s = graph_median_seconds(fwd, device, min_run_time, label=f"{label} fwd")
         # the last run's gradients are freed before the measured run, not inside it
         peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grad_bytes,
                                 setup=clear_grads)
@@ -131,13 +125,11 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         peak_mb = None if peak is None else peak / 2**20
         rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, _ms(fwd_bwd_s), peak_mb, None, None,
                              tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note,
-                             fwd_graph_ms=_ms(fwd_graph_s), fwd_bwd_graph_ms=_ms(fwd_bwd_graph_s)))
+                             graph_ms=_ms(graph_s)))
     base = rows[0]
-    base_t, base_graph_t = _per_call_ms(base)
     for row in rows:
-        t, graph_t = _per_call_ms(row)
-        row.speedup = base_t / t
-        row.graph_speedup = base_graph_t / graph_t if base_graph_t and graph_t else None
+        row.speedup = (base.fwd_bwd_ms or base.fwd_ms) / (row.fwd_bwd_ms or row.fwd_ms)
+        row.graph_speedup = base.graph_ms / row.graph_ms if base.graph_ms and row.graph_ms else None
         row.mem_ratio = base.peak_mb / row.peak_mb if base.peak_mb and row.peak_mb else None
     del args, kwargs
     return rows
@@ -165,7 +157,7 @@ def format_table(rows: list[BenchRow]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    graphs = any(r.fwd_graph_ms is not None for r in rows)
+    graphs = any(r.graph_ms is not None for r in rows)
     header = f"{'op':<20}{'preset':<24}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
              f"{'speedup':>9}{'mem x':>8}{'TFLOP/s':>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}" \
              + (f"{'graph ms':>10}{'graph x':>9}" if graphs else "")
@@ -176,5 +168,5 @@ def format_table(rows: list[BenchRow]) -> str:
             f"{f(r.peak_mb, '.1f'):>10}{f(r.speedup, '.2f'):>9}{f(r.mem_ratio, '.1f'):>8}"
             f"{f(r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
             f"{f(r.gbps, '.0f'):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}"
-            + (f"{f(_per_call_ms(r)[1], '.3f'):>10}{f(r.graph_speedup, '.2f'):>9}" if graphs else ""))
+            + (f"{f(r.graph_ms, '.3f'):>10}{f(r.graph_speedup, '.2f'):>9}" if graphs else ""))
     return "\n".join(lines)
