@@ -224,10 +224,13 @@ def test_long_sequences_with_gradients_take_the_sdpa_route(sdpa_route_on_cpu):
     assert rel_err(out, want) < 1e-5 and rel_err(got, want_g) < 1e-5
 
 
-def test_list_form_routes_its_long_crops_and_packs_the_short_ones(sdpa_route_on_cpu):
+@pytest.mark.parametrize("short_backend", ["reference", "cpu"])
+def test_list_form_routes_its_long_crops_and_packs_the_short_ones(sdpa_route_on_cpu, monkeypatch, short_backend):
     """A mixed list (DINOv3's student at high resolution: long global crops, short local ones):
-    the long crops go through the route one by one, the short ones keep one launch; every output
-    and gradient in packing order."""
+    the long crops go through the route one by one, the short ones keep one launch (the CPU's
+    default reference, or the packed cpu kernel with a sequence table of the short crops alone);
+    every output and gradient in packing order."""
+    monkeypatch.setitem(sdpa_route_on_cpu.PREFERENCE, "cpu", (short_backend,))
     heads, head_dim = 2, 64
     crops = [(2, 21, 16), (3, 6, 1), (1, 26, 21), (2, 9, None)]  # (B, N, HW or no rope)
     qkv_list = [torch.randn(b, n, 3 * heads * head_dim, requires_grad=True) for b, n, _ in crops]
@@ -278,8 +281,11 @@ def test_sequence_table_is_built_once_per_crop_layout():
 def test_sequence_table_first_made_in_inference_mode_serves_training():
     """A layout first seen under inference_mode (feature extraction) must not cache an inference
     tensor: a later autograd call saves the table for its backward."""
+    from dinov3_fast.ops.attention import _cached_sequence_table
+
+    _cached_sequence_table.cache_clear()
     heads, head_dim = 2, 64
-    qkv = torch.randn(3 * 17, 3 * heads * head_dim)  # a layout no other test uses: (3, 17)
+    qkv = torch.randn(3 * 17, 3 * heads * head_dim)
     with torch.inference_mode():
         rope_attention_list([qkv.view(3, 17, -1)], None, num_heads=heads, backend="cpu")
     q = qkv.view(3, 17, -1).clone().requires_grad_()
@@ -373,6 +379,8 @@ def test_bad_input():
     qkv = torch.randn(2, 54, 3 * 2 * 64)
     with pytest.raises(ValueError, match=r"qkv last dim must be divisible by 3 \* num_heads = 9"):
         rope_attention(qkv, rope, num_heads=3)
+    with pytest.raises(ValueError, match=r"every crop needs B >= 1 sequences"):
+        rope_attention_list([qkv, qkv[:0]], [rope, rope], num_heads=2)
     with pytest.raises(ValueError, match="HW = 49 rows but the sequence has only N = 40"):
         rope_attention(qkv[:, :40], rope, num_heads=2)
     with pytest.raises(ValueError, match="rope last dim must equal head_dim = 64"):

@@ -1,8 +1,11 @@
 """Profiled training steps (train.profile_steps): where they run, what the summary holds, and that
 throughput figures leave them out."""
+import os
+import sys
 import warnings
 
 import pytest
+import torch
 from tools_loader import load_tool
 
 from dinov3_fast.train.config import apply_overrides, get_preset, validate
@@ -25,6 +28,7 @@ def test_the_last_steps_are_profiled_as_their_own_interval_and_left_out_of_the_r
     assert [(s["step"], s.get("profiled", False)) for s in logged] == [(2, False), (4, False), (5, False), (7, True)]
     prof = hist["profile"]
     assert (prof["steps"], prof["first_step"]) == (2, 6)
+    assert logged[-1]["step_time"] == pytest.approx(prof["wall_s"] / 2)  # not the summary's own work
     assert prof["wall_s"] > 0 and prof["top"] and set(prof["categories"]) <= {
         "dinov3_fast", "matmul", "attention", "inductor", "communication", "copies", "other"}
     # the fused ops and the model's matmuls are both seen on the CPU
@@ -84,6 +88,14 @@ def test_sync_counter_counts_sync_warnings_by_calling_line_and_shows_the_rest(mo
         for _ in range(2):
             warnings.warn("called a synchronizing CUDA operation")  # the same line twice
         warnings.warn("something else")
+        # raised by code in torch's folder (as torch's Python wrappers do): counted at this caller
+        in_torch = compile('warnings.warn("called a synchronizing CUDA operation")',
+                           os.path.join(os.path.dirname(torch.__file__), "fake_wrapper.py"), "exec")
+        exec(in_torch, {"warnings": warnings})
+        line = sys._getframe().f_lineno - 1
+    assert syncs.counts.pop(f"{__file__}:{line}") == 1
     ((where, count),) = syncs.counts.items()
     assert where.startswith(__file__) and count == 2
     assert shown == ["something else"]
+    warnings.warn("after")  # the hook is gone after the block
+    assert shown == ["something else", "after"]

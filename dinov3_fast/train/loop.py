@@ -224,7 +224,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     while state.step < total:
         if profiler is not None and state.step == profile_from:
             profiler.start()
-        pending.append(train_step(state))
+        try:
+            pending.append(train_step(state))
+        except BaseException:
+            if profiler is not None:
+                profiler.abort()
+            raise
         bar.update(1)
         it = state.step
         profiled = it == total and profiler is not None
@@ -236,7 +241,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         if (it % cfg.train.log_every == 0 or it == total or it == profile_from) and not in_profile:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
-            now = time.perf_counter()
+            # the profiled span's time is the profiler's own wall time (without its summary work)
+            now = t_last + history["profile"]["wall_s"] if profiled else time.perf_counter()
             step_time = (now - t_last) / max(it - n_last, 1)
             t_last, n_last = now, it
             for logs in pending:

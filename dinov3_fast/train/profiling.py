@@ -25,8 +25,8 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import sys
 import time
-import traceback
 import warnings
 from typing import Any
 
@@ -77,16 +77,20 @@ def category(name: str) -> str:
     return "other"
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # with the separator: not torchvision
 _SYNC_MESSAGE = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode's warning
 
 
 def _caller_outside_torch() -> str:
     """'file:line' of the innermost frame of the current stack outside torch, the warnings module
     and this one."""
-    for frame in reversed(traceback.extract_stack()[:-1]):
-        if not frame.filename.startswith(_TORCH_DIR) and frame.filename not in (__file__, warnings.__file__):
-            return f"{frame.filename}:{frame.lineno}"
+    frame = sys._getframe(1)  # frames only: extract_stack would read every source line
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_TORCH_DIR) and name != __file__ and \
+                frame.f_globals.get("__name__") not in ("warnings", "_py_warnings"):
+            return f"{name}:{frame.f_lineno}"
+        frame = frame.f_back
     return "?"
 
 
@@ -157,6 +161,16 @@ class StepProfiler:
             self._syncs = SyncCounter().__enter__()
             torch.cuda.set_sync_debug_mode("warn")
         self._t0 = time.perf_counter()
+
+    def abort(self) -> None:
+        """Leave profiling after an error, restoring the sync debug mode and the warnings hooks."""
+        if self.cuda and self._syncs is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._syncs.__exit__(None, None, None)
+            self._syncs = None
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
 
     def stop(self) -> dict[str, Any]:
         self._sync()

@@ -251,7 +251,9 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
 def rope_attention_list(qkv_list: Sequence[torch.Tensor], rope_list: Sequence[Rope | None] | None, *,
                         num_heads: int, num_prefix_tokens: int | None = None,
                         backend: str | None = None) -> list[torch.Tensor]:
-    """`rope_attention` for several crop sizes (DINOv3's forward_list), all in one kernel launch.
+    """`rope_attention` for several crop sizes (DINOv3's forward_list), all in one kernel launch
+    (when training on a GPU, crops of N >= SDPA_ROUTE_MIN_TOKENS go through the rotation + SDPA
+    instead, see `rope_attention_packed`).
 
     Args:
         qkv_list: crops [B_i, N_i, 3 * H * Dh], same H * Dh and dtype.
@@ -320,6 +322,8 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
     rope_list = [None] * len(crops) if rope_list is None else list(rope_list)
     if len(rope_list) != len(crops):
         raise ValueError(f"rope_list must have one entry per crop ({len(crops)}), got {len(rope_list)}")
+    if any(b < 1 or n < 1 for b, n in crops):
+        raise ValueError(f"every crop needs B >= 1 sequences of N >= 1 tokens, got crops {list(crops)}")
     if sum(b * n for b, n in crops) != qkv.shape[0]:
         raise ValueError(f"crops {list(crops)} hold {sum(b * n for b, n in crops)} tokens but qkv has {qkv.shape[0]}")
     tables = [_check_rope(f"rope_list[{i}]", r, qkv, n, head_dim, num_prefix_tokens)
@@ -336,7 +340,7 @@ def _packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], tables, rope_li
     or the per-crop reference."""
     if chosen == "reference":
         parts = qkv.split([b * n for b, n in crops])
-        outs = rope_attention_list_ref([p.view(b, n, -1) for p, (b, n) in zip(parts, crops)], rope_list, num_heads)
+        outs = rope_attention_list_ref([p.view(b, n, qkv.shape[-1]) for p, (b, n) in zip(parts, crops)], rope_list, num_heads)
         return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
     layout = tuple((b, n, 0 if sin is None else sin.shape[0]) for (b, n), (sin, _) in zip(crops, tables))
     seqinfo = _sequence_table(layout, qkv)
@@ -352,7 +356,7 @@ def _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed: Sequen
     """The long crops (routed[i]) through `_rope_then_sdpa` one by one, the others in one `_packed`
     launch on their concatenated tokens; outputs back in packing order."""
     parts = list(qkv.split([b * n for b, n in crops]))
-    outs = [_rope_then_sdpa(part.view(b, n, -1), *table, num_heads).reshape(b * n, -1) if long_ else None
+    outs = [_rope_then_sdpa(part.view(b, n, qkv.shape[-1]), *table, num_heads).reshape(b * n, qkv.shape[-1] // 3) if long_ else None
             for part, (b, n), table, long_ in zip(parts, crops, tables, routed)]
     short = [i for i, long_ in enumerate(routed) if not long_]
     if short:
