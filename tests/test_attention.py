@@ -261,6 +261,28 @@ def test_sdpa_route_only_with_gradients_and_default_dispatch(sdpa_route_on_cpu, 
     assert not may_route(qkv, None)                  # CPU tensors never take it by default
 
 
+def test_simulated_gpu_dispatch_takes_the_route_so_the_planner_plans_it(monkeypatch):
+    """The memory planner's meta-device forward dispatches as on a GPU (simulate_cuda_dispatch):
+    it must take the route where a GPU run would, or it plans the fused op's smaller saved set."""
+    import dinov3_fast.ops.attention as attention
+    from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
+
+    monkeypatch.delenv("DINOV3_FAST_BACKEND", raising=False)
+    routed = []
+    route = attention._rope_then_sdpa
+    monkeypatch.setattr(attention, "_rope_then_sdpa", lambda qkv, *a: routed.append(qkv.shape[1]) or route(qkv, *a))
+    n = attention.SDPA_ROUTE_MIN_TOKENS + 5
+    qkv = [torch.empty(2, n, 3 * 128, device="meta", requires_grad=True),
+           torch.empty(4, 54, 3 * 128, device="meta", requires_grad=True)]
+    ropes = [dinov3_rope(32, 32, 64, device="meta"), dinov3_rope(7, 7, 64, device="meta")]
+    with simulate_cuda_dispatch():
+        outs = rope_attention_list(qkv, ropes, num_heads=2)
+    assert routed == [n] and [tuple(o.shape) for o in outs] == [(2, n, 128), (4, 54, 128)]
+    routed.clear()
+    rope_attention_list(qkv, ropes, num_heads=2)  # meta tensors, no simulated GPU: no route
+    assert routed == []
+
+
 def test_sequence_table_is_built_once_per_crop_layout():
     """The list form's sequence table is cached per (layout, device): built fresh, each call would
     copy it from pageable host memory, which on a GPU makes the host wait for the device in every

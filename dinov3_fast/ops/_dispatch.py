@@ -29,10 +29,12 @@ _simulating_cuda = False
 
 @contextlib.contextmanager
 def simulate_cuda_dispatch() -> Iterator[None]:
-    """Dispatch CPU tensors as if they lived on a GPU (triton first).
+    """Dispatch CPU (and meta) tensors as if they lived on a GPU: backends, and each op's other
+    device-dependent choices (`dispatch_device_type`).
 
-    Only for the ahead-of-time compile check (tests/aot_compile.py), which records every Triton
-    launch the ops make at real shapes, without running them, and compiles each for sm_90/sm_80.
+    For the ahead-of-time compile check (tools/aot_compile.py), which records every Triton launch
+    the ops make at real shapes, without running them, and compiles each for sm_90/sm_80; and for
+    the memory planner (train/planner.py), whose meta-device forward keeps what a GPU run keeps.
     """
     global _simulating_cuda
     _simulating_cuda = True
@@ -40,6 +42,11 @@ def simulate_cuda_dispatch() -> Iterator[None]:
         yield
     finally:
         _simulating_cuda = False
+
+
+def dispatch_device_type(device: torch.device) -> str:
+    """The device type dispatch decides for: "cuda" while `simulate_cuda_dispatch` is active."""
+    return "cuda" if _simulating_cuda else device.type
 
 
 def triton_interpreting() -> bool:
@@ -102,7 +109,7 @@ def select_backend(
         preference: device type ("cuda" / "cpu") -> backends this op implements there, fastest first.
             "reference" is always implemented and always last.
     """
-    implemented = preference.get("cuda" if _simulating_cuda else device.type, ("reference",))
+    implemented = preference.get(dispatch_device_type(device), ("reference",))
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")

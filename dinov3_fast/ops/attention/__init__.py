@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_fast.ops._dispatch import (
-    ENV_VAR, check_floating, check_nonempty, check_rank, check_same_device, select_backend,
+    ENV_VAR, check_floating, check_nonempty, check_rank, check_same_device, dispatch_device_type, select_backend,
 )
 from dinov3_fast.ops.attention.cpu import apply_rope_cpu, rope_attention_bwd_cpu, rope_attention_fwd_cpu
 from dinov3_fast.ops.attention.reference import (
@@ -197,9 +197,10 @@ def _may_route_to_sdpa(qkv: torch.Tensor, backend: str | None) -> bool:
     """Whether sequences of at least SDPA_ROUTE_MIN_TOKENS in this call go to `_rope_then_sdpa`:
     default dispatch (no `backend=`, and no DINOV3_FAST_BACKEND naming a backend this op has for
     the device), a device in SDPA_ROUTE_DEVICES, and a gradient to compute."""
+    device_type = dispatch_device_type(qkv.device)  # "cuda" in the planner's simulated GPU forward too
     forced = os.environ.get(ENV_VAR)
-    forced_here = forced == "reference" or forced in PREFERENCE.get(qkv.device.type, ())
-    return (backend is None and not forced_here and qkv.device.type in SDPA_ROUTE_DEVICES
+    forced_here = forced == "reference" or forced in PREFERENCE.get(device_type, ())
+    return (backend is None and not forced_here and device_type in SDPA_ROUTE_DEVICES
             and qkv.requires_grad and torch.is_grad_enabled())
 
 
