@@ -12,8 +12,8 @@ met / not met / not measured in BENCHMARKS.md.
 
 Figures: img/s is the time-weighted rate over the logged intervals after the first (the first
 holds the warm-up: compile, Triton JIT, allocator growth; an interval run under the profiler,
-`train.profile_steps`, is left out too, and its summary is shown beside the run); MFU is the trainer's (backbone matmul
-FLOPs over the card's dense bf16 peak) at that rate; peak memory is the largest logged
+`train.profile_steps`, is left out too, and its summary is shown beside the run); MFU is the
+trainer's (backbone matmul FLOPs over the card's dense bf16 peak) at that rate; peak memory is the largest logged
 `peak_mem_gib` (torch.cuda.max_memory_allocated, so the CUDA context and the allocator's cached
 blocks are out of it, as they are out of the plan); the planner error is plan / measured - 1.
 """

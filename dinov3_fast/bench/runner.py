@@ -100,9 +100,9 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = None
         if has_grad:
-            fwd_bwd_s = median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time)
-            graph_s = graph_median_seconds(fwd_bwd_step(impl, args, kwargs), device, min_run_time,
-                                           label=f"{label} fwd+bwd")
+            step = fwd_bwd_step(impl, args, kwargs)
+            fwd_bwd_s = median_seconds(step, device, min_run_time)
+            graph_s = graph_median_seconds(step, device, min_run_time, label=f"{label} fwd+bwd")
         else:
             with torch.no_grad():
                 graph_s = graph_median_seconds(fwd, device, min_run_time, label=f"{label} fwd")

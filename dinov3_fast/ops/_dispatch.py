@@ -94,6 +94,18 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def forced_by_env(device: torch.device, preference: dict[str, Sequence[str]]) -> str | None:
+    """The backend DINOV3_FAST_BACKEND forces on an op with `preference` for `device`, or None:
+    unset, or naming a backend the op lacks there (it keeps its default)."""
+    forced = os.environ.get(ENV_VAR)
+    if not forced:
+        return None
+    if forced not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {forced!r}")
+    implemented = preference.get(dispatch_device_type(device), ("reference",))
+    return forced if forced in implemented or forced == "reference" else None
+
+
 def select_backend(
     op: str,
     device: torch.device,
@@ -121,15 +133,12 @@ def select_backend(
         if not ok:
             raise RuntimeError(f"{op}: backend {requested!r} unavailable: {why}")
         return requested
-    forced = os.environ.get(ENV_VAR)
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {forced!r}")
-        if forced in implemented or forced == "reference":
-            ok, why = backend_status(forced, device)
-            if not ok:
-                raise RuntimeError(f"{op}: {ENV_VAR}={forced} unavailable: {why}")
-            return forced
+    forced = forced_by_env(device, preference)
+    if forced is not None:
+        ok, why = backend_status(forced, device)
+        if not ok:
+            raise RuntimeError(f"{op}: {ENV_VAR}={forced} unavailable: {why}")
+        return forced
     for name in implemented:
         if backend_status(name, device)[0]:
             return name

@@ -13,14 +13,13 @@ non-trainable buffer): no gradient flows to sin and cos except on the `reference
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dinov3_fast.ops._dispatch import (
-    ENV_VAR, check_floating, check_nonempty, check_rank, check_same_device, dispatch_device_type, select_backend,
+    check_floating, check_nonempty, check_rank, check_same_device, dispatch_device_type, forced_by_env, select_backend,
 )
 from dinov3_fast.ops.attention.cpu import apply_rope_cpu, rope_attention_bwd_cpu, rope_attention_fwd_cpu
 from dinov3_fast.ops.attention.reference import (
@@ -197,10 +196,8 @@ def _may_route_to_sdpa(qkv: torch.Tensor, backend: str | None) -> bool:
     """Whether sequences of at least SDPA_ROUTE_MIN_TOKENS in this call go to `_rope_then_sdpa`:
     default dispatch (no `backend=`, and no DINOV3_FAST_BACKEND naming a backend this op has for
     the device), a device in SDPA_ROUTE_DEVICES, and a gradient to compute."""
-    device_type = dispatch_device_type(qkv.device)  # "cuda" in the planner's simulated GPU forward too
-    forced = os.environ.get(ENV_VAR)
-    forced_here = forced == "reference" or forced in PREFERENCE.get(device_type, ())
-    return (backend is None and not forced_here and device_type in SDPA_ROUTE_DEVICES
+    return (backend is None and forced_by_env(qkv.device, PREFERENCE) is None
+            and dispatch_device_type(qkv.device) in SDPA_ROUTE_DEVICES  # the planner's simulated GPU too
             and qkv.requires_grad and torch.is_grad_enabled())
 
 
@@ -341,7 +338,8 @@ def _packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], tables, rope_li
     or the per-crop reference."""
     if chosen == "reference":
         parts = qkv.split([b * n for b, n in crops])
-        outs = rope_attention_list_ref([p.view(b, n, qkv.shape[-1]) for p, (b, n) in zip(parts, crops)], rope_list, num_heads)
+        outs = rope_attention_list_ref([p.view(b, n, qkv.shape[-1]) for p, (b, n) in zip(parts, crops)], rope_list,
+                                       num_heads)
         return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
     layout = tuple((b, n, 0 if sin is None else sin.shape[0]) for (b, n), (sin, _) in zip(crops, tables))
     seqinfo = _sequence_table(layout, qkv)
@@ -357,8 +355,9 @@ def _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed: Sequen
     """The long crops (routed[i]) through `_rope_then_sdpa` one by one, the others in one `_packed`
     launch on their concatenated tokens; outputs back in packing order."""
     parts = list(qkv.split([b * n for b, n in crops]))
-    outs = [_rope_then_sdpa(part.view(b, n, qkv.shape[-1]), *table, num_heads).reshape(b * n, qkv.shape[-1] // 3) if long_ else None
-            for part, (b, n), table, long_ in zip(parts, crops, tables, routed)]
+    three_c = qkv.shape[-1]
+    outs = [_rope_then_sdpa(part.view(b, n, three_c), *table, num_heads).reshape(b * n, three_c // 3)
+            if long_ else None for part, (b, n), table, long_ in zip(parts, crops, tables, routed)]
     short = [i for i, long_ in enumerate(routed) if not long_]
     if short:
         packed = torch.cat([parts[i] for i in short])
