@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #7 on a GPU machine in ONE device call of about 5 minutes: the trainer at DINOv3's ViT-L/16
 # recipe (preset vitl16_h100: 2 x 224 global + 8 x 96 local crops, 65k-prototype heads, selective
-# AC, per-block compile, bf16 autocast), `--ops fused` against `--ops reference` at an equal batch in
+# AC, per-block compile, bf16 params under 1-rank FSDP2), `--ops fused` against `--ops reference` at an equal batch in
 # the same run, the memory planner's prediction for exactly those configs, and (if time is left) the
 # largest batch each setting trains. JSON (with card, driver, versions, git revision) goes to $OUT and
 # the summary (tools/train_results.py) is printed last:
@@ -21,7 +21,7 @@
 #                             busy time, time by kind of kernel, host synchronisations; in train_<ops>.json
 #   TRAIN_CHECK_COMPILE=      "" the preset's (vitl16_h100: on), 0 eager, 1 compiled
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
-#   TRAIN_CHECK_PROBE_BATCHES="144 160 176 192"  ascending batches for the probe ("" skips it)
+#   TRAIN_CHECK_PROBE_BATCHES="160 192 208 224"  ascending batches for the probe ("" skips it)
 #   TRAIN_CHECK_BUDGET_S=285  wall-clock budget of the whole script; every step's `timeout` is cut to
 #                             what is left of it, and the probe runs only if >= 50 s are left. After
 #                             device_check.sh in the same session, set it from `status`: the
@@ -32,14 +32,15 @@
 #   TRAIN_CHECK_STEPS=6 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
 #
 # Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
-# --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the single-process trainer's
-# eager run, autocast, stochastic depth and the backward's working set included, see planner.py):
-# total fused / reference 29.5 / 31.2 GiB at 64 (the preset's), 46.3 / 49.3 at 112, 51.9 / 55.4 at
-# 128, 57.5 / 61.4 at 144, 63.1 / 67.5 at 160, 68.7 / 73.4 at 176, 74.2 / 79.4 at 192. An H100 80GB
-# holds 79.6 GiB. 128 leaves ~30% headroom for what the plan leaves out (fragmentation, what the
-# compiled blocks keep instead of the eager ones) and for the plan's own error, which issue #7
-# allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
-# 144 to find each setting's actual limit.
+# --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the one-GPU trainer's eager
+# run, bf16 modules under 1-rank FSDP2, stochastic depth and the backward's working set included, see
+# planner.py): total fused / reference 26.4 / 28.6 GiB at 64 (the preset's), 46.1 / 50.5 at 128,
+# 56.0 / 61.4 at 160, 65.7 / 72.3 at 192, 75.6 / 83.2 at 224. An H100 80GB holds 79.6 GiB. 128 is
+# the batch of the committed autocast-path runs (plan 51.9 / 55.4 GiB, measured 50.0 / 54.0), so the
+# two paths compare at an equal batch, and it leaves room for what the plan leaves out (fragmentation,
+# what the compiled blocks keep instead of the eager ones) and for the plan's own error, which issue
+# #7 allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
+# 160 to find each setting's actual limit.
 #
 # Time (estimates, not yet measured on the device): env ~5 s; the two plans ~10 s each; each train run
 # ~60-100 s (start-up, cold per-block compile of the student fwd+bwd and the teacher forward, Triton
@@ -63,7 +64,7 @@ LOG_EVERY="${TRAIN_CHECK_LOG_EVERY:-4}"
 PROFILE_STEPS="${TRAIN_CHECK_PROFILE_STEPS:-2}"
 COMPILE="${TRAIN_CHECK_COMPILE:-}"
 read -r -a OPTS <<< "${TRAIN_CHECK_OPTS:-}"
-PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-144 160 176 192}"
+PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-160 192 208 224}"
 BUDGET="${TRAIN_CHECK_BUDGET_S:-285}"
 RUN_DIR="$(mktemp -d)"
 trap 'rm -rf "$RUN_DIR"' EXIT

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dinov3_fast._json import write_json_atomically
 
@@ -112,6 +113,9 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # the process group train set up (torchrun's ranks, or one CUDA rank under FSDP2)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if args.json and history["state"].rank == 0:
         write_json(history)
     return 0

@@ -204,9 +204,25 @@ def test_backward_peak_of_checkpointed_blocks_follows_from_the_plain_one():
 
 @pytest.mark.parametrize("ops", ["fused", "reference"])
 def test_plan_reports_the_backward_working_set(ops):
-    """One process in bf16 (autocast emulated on meta, the losses backpropagated through their
-    fused or reference backends); full AC rebuilds each block in its backward, so it needs more."""
-    cfg = apply_overrides(get_preset("debug"), ["compute_precision.param_dtype=bf16", f"train.ops={ops}"])
+    """One unsharded process in bf16 (autocast emulated on meta, the losses backpropagated through
+    their fused or reference backends); full AC rebuilds each block in its backward, so it needs more."""
+    cfg = apply_overrides(get_preset("debug"), ["compute_precision.param_dtype=bf16", f"train.ops={ops}",
+                                                "compute_precision.single_rank_fsdp=false"])
     plans = {ac: plan_memory(apply_overrides(cfg, [f"train.ac={ac}"]), world_size=1) for ac in ("none", "full")}
     assert plans["full"].backward_working_set > plans["none"].backward_working_set > 0
     assert "backward working set" in format_plan(plans["none"])
+
+
+def test_one_gpu_plan_follows_the_trainer_onto_a_one_rank_group():
+    """With a bf16 param dtype one GPU trains under FSDP2 on a 1-rank group (`shards_single_process`):
+    modules in bf16 as on two ranks, so the same activations and transient buffers per rank, and
+    fewer activations than fp32 modules under autocast (`single_rank_fsdp=false`), whose residual
+    stream is fp32."""
+    cfg = apply_overrides(get_preset("debug"), ["compute_precision.param_dtype=bf16", "student.num_heads=2"])
+    one, two = plan_memory(cfg, world_size=1), plan_memory(cfg, world_size=2)
+    autocast = plan_memory(apply_overrides(cfg, ["compute_precision.single_rank_fsdp=false"]), world_size=1)
+    assert one.fsdp and two.fsdp and not autocast.fsdp
+    assert one.activations == two.activations and one.transient_buffers == two.transient_buffers
+    assert one.activations < autocast.activations
+    assert one.sharded_state == autocast.sharded_state > two.sharded_state
+    assert "all-gather" in format_plan(one) and "autocast" in format_plan(autocast)

@@ -139,6 +139,38 @@ def test_meta_init_leaves_no_nan_in_gram_teacher():
     check()
 
 
+
+def test_sharded_meta_init_defines_every_tensor():
+    """What a GPU run does (build on meta, shard -- on one GPU over a 1-rank group --, to_empty,
+    init_weights), here on a 1-rank gloo group: after NaN in every parameter and buffer shard,
+    init_weights defines them all, and the teacher starts as a copy of the student."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from dinov3_fast.train.parallelize import parallelize
+    cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "crops.gram_teacher_crops_size=64"])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        arch = SSLMetaArch(cfg, device="meta")
+        parallelize(arch, ac="selective", param_dtype=torch.bfloat16, shard=True)
+        arch.to_empty(device="cpu")
+
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+        with torch.no_grad():
+            for t in [*arch.parameters(), *arch.buffers()]:
+                if t.is_floating_point():
+                    local(t).fill_(float("nan"))
+        arch.init_weights()
+        assert isinstance(next(arch.student.backbone.parameters()), DTensor)
+        for name, t in arch.state_dict().items():
+            assert not local(t).isnan().any(), name
+        teacher = arch.teacher.state_dict()
+        for name, t in arch.student.state_dict().items():
+            assert torch.equal(local(t), local(teacher[name])), name
+    finally:
+        dist.destroy_process_group()
+
 def test_schedules_follow_dinov3():
     cfg = apply_overrides(get_preset("debug"), ["optim.lr=0.01", "optim.min_lr=0.001", "optim.warmup_epochs=0.2",
                                                 "optim.freeze_last_layer_epochs=0.1", "train.OFFICIAL_EPOCH_LENGTH=100",

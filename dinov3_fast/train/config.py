@@ -187,6 +187,10 @@ class ComputePrecisionConfig:
     """DINOv3 `compute_precision:`: FSDP2 mixed precision (param dtype, gradient reduce dtype)."""
     param_dtype: str = "bf16"
     reduce_dtype: str = "fp32"
+    single_rank_fsdp: bool = True  # ours: one CUDA process with a low-precision param_dtype still
+                                   # runs FSDP2 (on a 1-rank group), so its modules and residual
+                                   # stream are in param_dtype, as DINOv3's are at any world size;
+                                   # false: fp32 modules under torch.autocast (torchtitan's way)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
     history = train(get_preset("debug"), steps=20)
 
-Runs single-process (no FSDP; autocast to compute_precision.param_dtype on CUDA) or under
-`torchrun` (FSDP2 over all ranks: nccl on CUDA, gloo on CPU). Per iteration, DINOv3's order:
+Runs under `torchrun` (FSDP2 over all ranks: nccl on CUDA, gloo on CPU) or in one process: on
+CUDA with a low-precision compute_precision.param_dtype, FSDP2 on a 1-rank group (modules in that
+dtype, as on many ranks; `compute_precision.single_rank_fsdp=false`: fp32 modules under autocast
+instead); on the CPU, or in fp32, plain fp32 modules. Per iteration, DINOv3's order:
 Gram-teacher load/refresh, schedules -> optimizer groups, batch (augmentation on the device),
 forward_backward, per-sub-model gradient clipping, AdamW step, EMA update.
 """
@@ -31,7 +33,7 @@ from dinov3_fast.train.knn import knn_probe
 from dinov3_fast.train.masking import MaskingGenerator
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
-from dinov3_fast.train.parallelize import parallelize
+from dinov3_fast.train.parallelize import parallelize, shards_single_process
 from dinov3_fast.train.profiling import StepProfiler, format_summary
 from dinov3_fast.train.schedules import Schedules
 
@@ -58,14 +60,19 @@ def train_flops_per_image(arch: SSLMetaArch, cfg: Config) -> float:
     return float(total)
 
 
-def setup_distributed(device_type: str) -> tuple[int, int]:
-    """Initialise the process group under torchrun (RANK / WORLD_SIZE set); returns (rank, world)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def setup_distributed(cfg: Config, device_type: str) -> tuple[int, int]:
+    """The run's process group, initialised unless one exists; returns (rank, world). Under torchrun
+    (WORLD_SIZE > 1): every rank, nccl on CUDA, gloo on CPU. One process that
+    `shards_single_process`: a 1-rank nccl group over an in-memory store. Otherwise none (0, 1).
+    The group lives until the process ends or its owner destroys it (the CLI does, after train)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        elif shards_single_process(cfg, device_type):
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -88,6 +95,7 @@ class TrainState:
     device: torch.device
     rank: int
     world: int
+    sharded: bool  # FSDP2 (a process group exists); else plain modules (autocast on CUDA)
     step: int = 0
     gram_updates: int = 0
 
@@ -115,20 +123,22 @@ class TrainState:
 def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainState:
     """Models (initialised, parallelised), optimizer, schedules and data pipeline for `cfg`."""
     device = torch.device(device or cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = setup_distributed(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    rank, world = setup_distributed(cfg, device.type)
     validate(cfg, world)
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    meta_init = device.type == "cuda" and world > 1
+    sharded = dist.is_available() and dist.is_initialized()  # see setup_distributed
+    meta_init = device.type == "cuda" and sharded
     arch = SSLMetaArch(cfg, device="meta" if meta_init else device)
     if not meta_init:
         arch.init_weights()
     cp = cfg.compute_precision
-    parallelize(arch, ac=t.ac, compile=t.compile, param_dtype=DTYPE[cp.param_dtype] if world > 1 else None,
-                reduce_dtype=DTYPE[cp.reduce_dtype])
+    parallelize(arch, ac=t.ac, compile=t.compile, param_dtype=DTYPE[cp.param_dtype] if sharded else None,
+                reduce_dtype=DTYPE[cp.reduce_dtype], shard=sharded)
     if meta_init:
         arch.to_empty(device=device)
         arch.init_weights()
@@ -141,7 +151,7 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
     masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(t.seed * 1000 + rank))
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank streams from here on (drop path, RoPE jitter)
     return TrainState(cfg, arch, optimizer, Schedules(cfg, world), source, MultiCropAugmentation(cfg.crops), gen,
-                      masker, device, rank, world)
+                      masker, device, rank, world, sharded)
 
 
 def next_batch(state: TrainState):
@@ -163,7 +173,7 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     batch = next_batch(state)
     state.optimizer.zero_grad(set_to_none=True)
     autocast = (torch.autocast("cuda", dtype=DTYPE[cfg.compute_precision.param_dtype])
-                if state.device.type == "cuda" and state.world == 1 and cfg.compute_precision.param_dtype != "fp32"
+                if state.device.type == "cuda" and not state.sharded and cfg.compute_precision.param_dtype != "fp32"
                 else contextlib.nullcontext())
     with autocast:
         loss, logs = arch.forward_backward(batch, teacher_temp=values.teacher_temp, iteration=it)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from dinov3_fast.train.config import AC_MODES
+from dinov3_fast.train.config import AC_MODES, Config
 
 
 def _sac_save_list() -> set:
@@ -75,6 +75,14 @@ def _shard_backbone(backbone: nn.Module, **kw) -> None:
     for block in backbone.blocks:
         fully_shard(block, **kw)
     fully_shard(backbone, **kw)
+
+
+def shards_single_process(cfg: Config, device_type: str) -> bool:
+    """Whether one process of `cfg` on `device_type` trains under FSDP2 on a 1-rank group (see
+    ComputePrecisionConfig.single_rank_fsdp): on CUDA, with a low-precision param_dtype, so the
+    modules run in that dtype as on many ranks."""
+    cp = cfg.compute_precision
+    return device_type == "cuda" and cp.single_rank_fsdp and cp.param_dtype != "fp32"
 
 
 def parallelize(arch: nn.Module, *, ac: str = "none", compile: bool = False, mesh=None,

@@ -8,12 +8,13 @@ Nothing is allocated. The models are built on the meta device and sharded with t
 so the sharded state is exactly what FSDP2 keeps on a rank (padding included). Terms:
 - **sharded state**: fp32 parameter shards of student, teacher and Gram teacher; fp32 gradient
   shards and AdamW's two fp32 moments for the student.
-- **transient buffers**: with FSDP (world_size > 1), the largest FSDP unit unsharded in the
-  param dtype, twice (the running unit and the prefetched one), plus its unsharded fp32 gradient
-  for the reduce-scatter, twice. A single process is not sharded (see `loop.py`): it keeps fp32
-  parameters and runs under autocast, whose cache holds a low-precision copy of every student
-  Linear and Conv parameter through the forward and backward. (This plans an eager run: inside
-  torch.compile'd blocks autocast does not cache, and the compiled graphs choose what to keep.)
+- **transient buffers**: with FSDP (world_size > 1, or one GPU that `shards_single_process`),
+  the largest FSDP unit unsharded in the param dtype, twice (the running unit and the prefetched
+  one), plus its unsharded fp32 gradient for the reduce-scatter, twice. A single process that is
+  not sharded keeps fp32 parameters and runs under autocast (see `loop.py`), whose cache holds a
+  low-precision copy of every student Linear and Conv parameter through the forward and
+  backward. (This plans an eager run: inside torch.compile'd blocks autocast does not cache, and
+  the compiled graphs choose what to keep.)
 - **activations**: measured, not modelled: the student backbone runs forward on meta tensors at
   the per-rank batch (2 global + n local crops) with the chosen AC mode, under a dispatch mode
   that records every storage created; what is still alive after the forward is what the backward
@@ -23,8 +24,8 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   SDPA's fused kernel (flash; cuDNN, which recent torch prefers on sm_90, keeps the same out and
   logsumexp) rather than the math path meta tensors would take, which keeps every crop's N x N
   attention probabilities (0.67 of ViT-L's 2.14 GiB per block in bf16 at batch 96). The dtypes
-  are the trainer's: with FSDP the modules run in the param dtype (its MixedPrecisionPolicy); a
-  single process runs fp32 modules under autocast's casts, so the residual stream that AC keeps
+  are the trainer's: with FSDP the modules run in the param dtype (its MixedPrecisionPolicy); an
+  unsharded process runs fp32 modules under autocast's casts, so the residual stream that AC keeps
   at each block's input is fp32.
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
@@ -189,6 +190,7 @@ def activation_bytes(fn, backward_inputs: tuple[torch.Tensor, ...] = ()) -> tupl
 class MemoryPlan:
     arch: str
     world_size: int
+    fsdp: bool                 # sharded by FSDP2 (else fp32 modules under autocast)
     batch_per_rank: int
     ac: str
     ops: str
@@ -290,7 +292,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from dinov3_fast.train.meta_arch import SSLMetaArch
-    from dinov3_fast.train.parallelize import parallelize
+    from dinov3_fast.train.parallelize import parallelize, shards_single_process
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     validate(cfg, world_size)
@@ -316,13 +318,13 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             dist.destroy_process_group()
     pb = _BYTES[cfg.compute_precision.param_dtype]
     sharded = 4 * student_local * 4 + 4 * teacher_local  # params + grads + 2 moments; teachers' params
-    single = world_size == 1  # the trainer does not shard one process: fp32 modules under autocast
-    module_dtype = torch.float32 if single else p_dtype
-    autocast = p_dtype if single and p_dtype != torch.float32 else None
-    if single:
-        transient = cast * pb if autocast is not None else 0  # autocast's cache of the student's casts
-    else:
+    fsdp = world_size > 1 or shards_single_process(cfg, "cuda")  # else fp32 modules under autocast
+    module_dtype = p_dtype if fsdp else torch.float32
+    autocast = p_dtype if not fsdp and p_dtype != torch.float32 else None
+    if fsdp:
         transient = 2 * largest * pb + 2 * largest * _BYTES[cfg.compute_precision.reduce_dtype]
+    else:
+        transient = cast * pb if autocast is not None else 0  # autocast's cache of the student's casts
     depth = arch.student.backbone.n_blocks
     measure = functools.partial(_measure_student, cfg, module_dtype=module_dtype, autocast=autocast)
     no_ac = cfg.train.ac == "none"
@@ -346,13 +348,13 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             targets += pb * (2 * b * k + masked * ki)
         else:  # iBOT's targets times the patch weights, a new fp32 tensor
             targets += 4 * masked * ki
-    return MemoryPlan(cfg.student.arch, world_size, b, cfg.train.ac, cfg.train.ops, total, student_local, sharded,
-                      transient, activations, head + targets, backward)
+    return MemoryPlan(cfg.student.arch, world_size, fsdp, b, cfg.train.ac, cfg.train.ops, total, student_local,
+                      sharded, transient, activations, head + targets, backward)
 
 
 def format_plan(plan: MemoryPlan) -> str:
     rows = [("sharded state (params, grads, AdamW; teachers)", plan.sharded_state),
-            ("transient all-gather / reduce-scatter buffers" if plan.world_size > 1
+            ("transient all-gather / reduce-scatter buffers" if plan.fsdp
              else "transient buffers (autocast's parameter casts)", plan.transient_buffers),
             (f"activations (AC {plan.ac})", plan.activations),
             (f"heads and losses (ops {plan.ops})", plan.heads_and_losses),
