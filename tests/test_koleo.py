@@ -50,14 +50,24 @@ def oracle(x: torch.Tensor, eps: float, topk: int):
 
 
 def check_against_oracle(x, backend, tol, topk=1, eps=1e-8):
+    """Loss, gradient and neighbours against the oracle. The loss is a mean of -log d terms of
+    either sign, and a random draw can make them cancel (|mean| below 1e-3 of the terms' mean
+    magnitude in about 1 draw in 100 at n = 37): there ||out - ref|| / ||ref|| measures the
+    cancellation, not the kernel. So the loss error is held to tol times the terms' mean
+    magnitude, the scale every term's rounding is relative to (= the contract's ratio wherever
+    the terms share a sign)."""
     x64 = x.detach().double().requires_grad_()
     ref, ref_idx = oracle(x64, eps, topk)
     (ref_grad,) = torch.autograd.grad(ref, x64)
+    with torch.no_grad():
+        y = F.normalize(x64, dim=-1, eps=eps)
+        d = F.pairwise_distance(y[:, None, :].expand(-1, topk, -1), y[ref_idx], eps=1e-8)
+        scale = torch.log(d + eps).abs().mean().item()
     loss, grad, idx = run_backend(x, backend, topk, eps)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad.dtype == x.dtype and grad.shape == x.shape
     assert torch.equal(idx, ref_idx)
-    assert rel_err(loss, ref) < tol, (loss.item(), ref.item())
+    assert abs(loss.item() - ref.item()) < tol * scale, (loss.item(), ref.item(), scale)
     assert rel_err(grad, ref_grad) < tol
 
 
@@ -289,7 +299,8 @@ def test_gpu_triton_matches_float64(n, D, dtype, topk):
     ref_grad = ref_grad * scale
     tol = 1e-5 if dtype == torch.float32 and not tf32 else 1e-2
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.dtype == dtype
-    assert rel_err(loss, ref) < tol and rel_err(grad, ref_grad) < tol
+    assert abs(loss.item() - ref.item()) < tol * torch.log(d + 1e-8).abs().mean().item()  # see check_against_oracle
+    assert rel_err(grad, ref_grad) < tol
 
 
 @pytest.mark.gpu
