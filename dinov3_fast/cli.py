@@ -107,15 +107,17 @@ def _train(args: argparse.Namespace) -> int:
                                           "checkpoint": history["checkpoint"], "torch": torch.__version__,
                                           "profile": history.get("profile")})
 
+    had_group = dist.is_available() and dist.is_initialized()
     try:
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
                         on_log=write_json if args.json else None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:  # the process group train set up (torchrun's ranks, or one CUDA rank under FSDP2)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    # The process group train set up (torchrun's ranks, or one CUDA rank under FSDP2), after a
+    # success only: after an error a rank would wait here for its peers' collectives.
+    if not had_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if args.json and history["state"].rank == 0:
         write_json(history)
     return 0

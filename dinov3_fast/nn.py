@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3_fast.ops import gram_loss
+from dinov3_fast.ops._dispatch import single_rank_as_none
 from dinov3_fast.ops.koleo import koleo_loss
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
@@ -129,13 +130,14 @@ class SelfAttention(nn.Module):
 # DINOv3's dinov3/loss/dino_clstoken_loss.py and ibot_patch_loss.py, on sinkhorn_knopp and
 # soft_cross_entropy. Centre EMA and softmax centring stay in PyTorch (one softmax pass each).
 # Distributed: DINOv3 reduces over its process subgroup whenever torch.distributed is initialised;
-# these modules use `group` (default: the world group when initialised).
+# these modules use `group` (default: the world group when initialised; a group of one rank, as
+# one GPU's FSDP2 group, counts as none: nothing to reduce, and the single-process kernels run).
 
 
 def _loss_group(group):
-    if group is not None:
-        return group
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    return single_rank_as_none(group)
 
 
 class _CenterEMA(nn.Module):

@@ -161,3 +161,32 @@ def test_teacher_methods():
     out = ibot.sinkhorn_knopp_teacher(logits, 0.07, n_masked_patches_tensor=torch.tensor([6]), n_iterations=3)
     assert rel_err(out, want) < 1e-5
     assert math.isclose(out.sum().item(), 6.0, rel_tol=1e-5)
+
+
+def test_a_one_rank_group_runs_the_single_process_paths(monkeypatch):
+    """One GPU trains under FSDP2 on a group of one rank: the losses treat it as no group (nothing to
+    reduce), so Sinkhorn keeps its one-launch cuda kernel on a GPU and no collective runs."""
+    import torch.distributed as dist
+
+    from dinov3_fast.nn import _loss_group
+    from dinov3_fast.ops.koleo import koleo_loss
+    from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective ran on a 1-rank group")
+
+    logits, x = torch.randn(12, 40), torch.randn(10, 16)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        world = dist.group.WORLD
+        assert _loss_group(None) is None and _loss_group(world) is None
+        expected = [sinkhorn_knopp(logits, 0.07, backend=b) for b in BACKENDS]
+        expected_koleo = koleo_loss(x)
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor"):
+            monkeypatch.setattr(dist, name, no_collective)
+        for b, want in zip(BACKENDS, expected):
+            assert torch.equal(sinkhorn_knopp(logits, 0.07, group=world, backend=b), want), b
+        assert torch.equal(koleo_loss(x, group=world), expected_koleo)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

@@ -146,7 +146,8 @@ def test_trainer_on_a_one_rank_group_matches_the_plain_process(tmp_path):
     within ~1e-5 of the others, a distance below bf16's resolution, so only its finiteness is checked.)"""
     from dinov3_fast.train.parallelize import shards_single_process
     cfg = apply_overrides(get_preset("debug"), [f"train.output_dir={tmp_path}", "train.steps=3", "train.log_every=1",
-                                                "checkpointing.period=-1", "evaluation.knn_val_samples=0"])
+                                                "checkpointing.period=-1", "evaluation.knn_val_samples=0",
+                                                "train.device=cpu"])
     assert not shards_single_process(cfg, "cuda")  # the debug preset trains in fp32
     bf16 = apply_overrides(cfg, ["compute_precision.param_dtype=bf16"])
     assert shards_single_process(bf16, "cuda") and not shards_single_process(bf16, "cpu")

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from dinov3_fast._json import write_json_atomically  # noqa: E402
 from dinov3_fast.train.config import apply_overrides, get_preset  # noqa: E402
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(f"{args.ops} batch {b}: trains, peak {trial['peak_mem_gib']:.2f} GiB (plan {plans[b]:.2f} GiB), "
               f"{trial['img_per_s']:.1f} img/s (last step)", flush=True)
+    if dist.is_initialized():  # one GPU's FSDP2 group, set up by build_state
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Backend selection and the input checks shared by every op.
+"""Backend selection, the input checks and the process-group rule shared by every op.
 
 Backends, in the order an op prefers them by default:
   cuda       our CUDA C++ kernels (dinov3_fast._C built with nvcc), CUDA tensors only
@@ -187,3 +187,15 @@ def check_positive(name: str, value: float) -> None:
         return
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def single_rank_as_none(group):
+    """`group`, or None where it spans one rank (a trainer's 1-rank FSDP2 group): one rank's
+    collectives are identities, and the ops' single-process paths (Sinkhorn's one-launch cuda
+    kernel, KoLeo without an all-gather) are the faster choice. `group` must be usable: None, or a
+    group of an initialised torch.distributed."""
+    if group is not None:
+        import torch.distributed as dist
+        if dist.get_world_size(group) == 1:
+            return None
+    return group

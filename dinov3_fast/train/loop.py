@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from dinov3_fast.models import flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
@@ -137,7 +138,10 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
     if not meta_init:
         arch.init_weights()
     cp = cfg.compute_precision
-    parallelize(arch, ac=t.ac, compile=t.compile, param_dtype=DTYPE[cp.param_dtype] if sharded else None,
+    mesh = None
+    if sharded:
+        mesh = init_device_mesh(device.type, (world,))  # on the training device, whatever the backend
+    parallelize(arch, ac=t.ac, compile=t.compile, mesh=mesh, param_dtype=DTYPE[cp.param_dtype] if sharded else None,
                 reduce_dtype=DTYPE[cp.reduce_dtype], shard=sharded)
     if meta_init:
         arch.to_empty(device=device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend
+from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
 from dinov3_fast.ops.koleo.cpu import koleo_bwd_cpu, koleo_fwd_cpu
 from dinov3_fast.ops.koleo.reference import group_layout, koleo_distributed_ref, koleo_loss_ref
 
@@ -100,7 +100,8 @@ def koleo_loss(
             Among equal dot products the lowest index wins (torch.max's rule).
         group: a torch.distributed process group spanning the global batch (e.g.
             `dist.group.WORLD`): rows are all-gathered with autograd within this rank's loss
-            group and each local row searches that group. None: single process, no gather.
+            group and each local row searches that group. None, or a group of one rank: single
+            process, no gather.
         loss_group_size: samples per loss group (DINOv3's `loss_group_size`); None: the whole
             global batch. Must be a multiple of n and divide the global batch (n * world size).
         backend: force "triton", "cpu" or "reference"; default: fastest available for the device.
@@ -133,6 +134,7 @@ def koleo_loss(
         raise ValueError(f"KoLeo needs at least 2 samples to search, got {search_size} (x has shape {tuple(x.shape)})")
     if topk > search_size:
         raise ValueError(f"topk must be <= the {search_size} samples searched, got topk={topk}")
+    group = single_rank_as_none(group)
 
     chosen = select_backend("koleo_loss", x.device, backend, PREFERENCE)
     if chosen == "reference":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend
+from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
 from dinov3_fast.ops.sinkhorn.cpu import sinkhorn_cpu
 from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
 
@@ -112,7 +112,7 @@ def sinkhorn_knopp(
             B_total only enters as a global scale that the next normalisation cancels exactly.
         group: process group whose ranks hold the rest of the batch; the per-prototype sums are
             all-reduced over it between passes (eagerly: under torch.compile this is a graph
-            break). None: this process only.
+            break). None, or a group of one rank: this process only.
         backend: force "triton", "cuda", "cpu" or "reference"; default: fastest for the device.
 
     Returns:
@@ -129,6 +129,7 @@ def sinkhorn_knopp(
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     _check_n_samples(n_samples, teacher_logits.shape[0])
+    group = single_rank_as_none(group)
 
     preference = PREFERENCE_SMALL if _cuda_first(teacher_logits, group) else PREFERENCE
     chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, preference)
