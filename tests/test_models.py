@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_fast.models import (
-    ARCHS, PRESETS, DINOHead, DinoVisionTransformer, RopePositionEmbedding, build_model, count_params,
-    flops_per_image, meta_model,
+    ARCHS, PRESETS, DINOHead, DinoVisionTransformer, RopePositionEmbedding, block_keep_fraction, build_model,
+    count_params, flops_per_image, meta_model,
 )
 from dinov3_fast.models.ffn import swiglu_hidden_size
 import oracle
@@ -250,6 +250,25 @@ def test_flops_per_image():
     assert abs(f7 / (2 * 6.716e9 * 261) - 1) < 0.15
     with pytest.raises(ValueError, match="not divisible"):
         flops_per_image("vit_small", [100])
+    # stochastic depth: the branches run on the kept images only, the patch embedding on all
+    assert flops_per_image("vit_large", [256], 0.5, n_storage_tokens=4) == 2 * hw * 3 * 256 * d + depth * per_block / 2
+    assert block_keep_fraction(256, 0.3) == 179 / 256 and block_keep_fraction(3, 0.9) == 1 / 3
+    assert block_keep_fraction(7, 0.0) == 1.0
+
+
+def test_training_flops_count_what_stochastic_depth_runs():
+    """MFU's numerator: at vitl16_h100's drop-path rate 0.3 and batch 128 the student's blocks run
+    on 179 of 256 global and 716 of 1024 local crops; the teacher runs every block on every image."""
+    from dinov3_fast.train.config import apply_overrides, get_preset
+    from dinov3_fast.train.loop import train_flops_per_image
+    from dinov3_fast.train.meta_arch import SSLMetaArch
+    cfg = apply_overrides(get_preset("vitl16_h100"), ["train.batch_size_per_gpu=128"])
+    arch = SSLMetaArch(cfg, device="meta")
+    model = arch.student.backbone
+    glob, loc = flops_per_image(model, [224] * 2, 179 / 256), flops_per_image(model, [96] * 8, 716 / 1024)
+    assert train_flops_per_image(arch, cfg) == pytest.approx(3 * (glob + loc) + flops_per_image(model, [224] * 2))
+    full = train_flops_per_image(arch, apply_overrides(cfg, ["student.drop_path_rate=0"]))
+    assert 0.74 < train_flops_per_image(arch, cfg) / full < 0.75
 
 
 # ----------------------------------------------------------------------------- checkpoint

@@ -160,7 +160,9 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
     out += ["", "## Training (issue #7)", "",
             "ViT-L/16 at DINOv3's recipe (preset vitl16_h100), `--ops fused` against `--ops reference` at an equal",
             "batch in one run of benchmarks/train_check.sh, beside the memory planner's prediction; records in",
-            "`benchmarks/results/train/`.", ""]
+            "`benchmarks/results/train/`. MFU counts the backbone matmul FLOPs the GPU runs: stochastic depth's",
+            "dropped images are not counted (records made before that rule keep the old figure as `mfu_all_blocks`).",
+            ""]
     if not train:
         out.append("No GPU training run committed yet.")
     for i, (name, record) in enumerate(train):

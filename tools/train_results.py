@@ -13,7 +13,8 @@ met / not met / not measured in BENCHMARKS.md.
 Figures: img/s is the time-weighted rate over the logged intervals after the first (the first
 holds the warm-up: compile, Triton JIT, allocator growth; an interval run under the profiler,
 `train.profile_steps`, is left out too, and its summary is shown beside the run); MFU is the
-trainer's (backbone matmul FLOPs over the card's dense bf16 peak) at that rate; peak memory is the largest logged
+trainer's at that rate: the backbone matmul FLOPs the GPU runs (stochastic depth's dropped
+images not counted, `train_flops_per_image`) over the card's dense bf16 peak; peak memory is the largest logged
 `peak_mem_gib` (torch.cuda.max_memory_allocated, so the CUDA context and the allocator's cached
 blocks are out of it, as they are out of the plan); the planner error is plan / measured - 1.
 """
@@ -59,6 +60,7 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         "crops": [c["global_crops_size"], c["local_crops_size"], c["local_crops_number"]],
         "steps": logged[-1]["step"], "warmup_steps": logged[0]["step"],
         "img_per_s": img_s, "step_time_ms": 1e3 * seconds / sum(n) if sum(n) else None, "mfu": mfu,
+        "mfu_counts": "executed FLOPs",
         "peak_mem_gib": max(s["peak_mem_gib"] for s in logged),
         "intervals": [{k: s.get(k) for k in ("step", "img_per_s", "step_time", "peak_mem_gib", "mfu", "total_loss",
                                              "profiled") if k in s} for s in logged],

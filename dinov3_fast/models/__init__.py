@@ -6,7 +6,7 @@
 """
 from dinov3_fast.models.block import LayerScale, SelfAttentionBlock
 from dinov3_fast.models.ffn import Mlp, SwiGLUFFN
-from dinov3_fast.models.flops import count_params, flops_per_image, meta_model
+from dinov3_fast.models.flops import block_keep_fraction, count_params, flops_per_image, meta_model
 from dinov3_fast.models.head import DINOHead
 from dinov3_fast.models.norms import RMSNorm
 from dinov3_fast.models.patch_embed import PatchEmbed
@@ -19,6 +19,6 @@ from dinov3_fast.models.vision_transformer import (
 __all__ = [
     "ARCHS", "PRESETS", "DINOHead", "DinoVisionTransformer", "LayerScale", "Mlp", "PatchEmbed", "RMSNorm",
     "RopePositionEmbedding", "SelfAttentionBlock", "SwiGLUFFN", "build_model", "count_params",
-    "flops_per_image", "meta_model", "vit_7b", "vit_base", "vit_giant2", "vit_huge2", "vit_large",
+    "block_keep_fraction", "flops_per_image", "meta_model", "vit_7b", "vit_base", "vit_giant2", "vit_huge2", "vit_large",
     "vit_small", "vit_so400m",
 ]

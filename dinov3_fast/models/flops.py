@@ -4,7 +4,9 @@
 without memory). `flops_per_image` counts the backbone's forward matmul FLOPs (2 per multiply-add)
 for one image seen through a list of crops: patch embedding, qkv, attention (q k^T and p v),
 proj and FFN per block. Norms, softmax, RoPE and elementwise work are left out, as MFU
-conventions do. A training step costs about 3x the forward (forward + backward).
+conventions do. A training step costs about 3x the forward (forward + backward); under
+stochastic depth a block's branches run on a subset of the images (`block_keep_fraction`), and
+only what runs is counted.
 """
 from __future__ import annotations
 
@@ -49,15 +51,17 @@ def _shape(arch: DinoVisionTransformer | str, overrides: dict[str, Any]) -> dict
 
 
 def flops_per_image(arch: DinoVisionTransformer | str, crop_sizes: Iterable[int | Sequence[int]],
-                    **overrides: Any) -> int:
+                    branch_fraction: float = 1.0, **overrides: Any) -> float:
     """Forward FLOPs of the backbone for one image seen as `crop_sizes`.
 
     Args:
         arch: a model, or a name accepted by `build_model` (with `overrides`).
         crop_sizes: one entry per crop of the image, in pixels: an int (square) or (height, width);
             e.g. DINOv3's 7B recipe [256, 256] + [112] * 8.
+        branch_fraction: the fraction of the images each block's attention and FFN branches run
+            on: 1 in eval; under stochastic depth in training, the kept subset (`block_keep_fraction`).
     Returns:
-        FLOPs (int); multiply by 3 for forward + backward.
+        FLOPs; multiply by 3 for forward + backward.
     """
     s = _shape(arch, overrides)
     d, ph, pw = s["D"], *s["patch"]
@@ -73,8 +77,16 @@ def flops_per_image(arch: DinoVisionTransformer | str, crop_sizes: Iterable[int 
                      + 2 * 2 * n * n * d        # q k^T and p v over all heads
                      + 2 * n * d * d            # proj
                      + 2 * n * d * s["hidden"] * ffn_mats)
-        total += 2 * hw * s["chans"] * ph * pw * d + s["depth"] * per_block
+        total += 2 * hw * s["chans"] * ph * pw * d + s["depth"] * per_block * branch_fraction
     return total
+
+
+def block_keep_fraction(batch: int, drop_path_rate: float) -> float:
+    """The fraction of a crop group's `batch` images that a training block's branches run on:
+    stochastic depth runs each branch on max(int(batch * (1 - rate)), 1) of them (`block.py`)."""
+    if drop_path_rate <= 0.0:
+        return 1.0
+    return max(int(batch * (1 - drop_path_rate)), 1) / batch
 
 
 def meta_model(name: str, **overrides: Any) -> DinoVisionTransformer:

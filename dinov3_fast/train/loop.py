@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from dinov3_fast.models import flops_per_image
+from dinov3_fast.models import block_keep_fraction, flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
 from dinov3_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from dinov3_fast.train.config import Config, save_config, validate
@@ -51,10 +51,15 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def train_flops_per_image(arch: SSLMetaArch, cfg: Config) -> float:
-    """Backbone matmul FLOPs per image and step: student fwd + bwd (3x) on all crops, teacher
-    forward on the global crops, Gram teacher forward on its crops (heads not counted)."""
-    c = cfg.crops
-    student = flops_per_image(arch.student.backbone, [c.global_crops_size] * 2 + [c.local_crops_size] * c.local_crops_number)
+    """Backbone matmul FLOPs per image and step that the GPU runs: student fwd + bwd (3x) on all
+    crops, its blocks' branches on the images stochastic depth keeps (at vitl16_h100's rate 0.3,
+    0.7 of them: counting the dropped ones would inflate MFU by a third); teacher forward on the
+    global crops, Gram teacher forward on its crops (heads and activation recompute not counted)."""
+    c, b = cfg.crops, cfg.train.batch_size_per_gpu
+    backbone, rate = arch.student.backbone, cfg.student.drop_path_rate
+    student = (flops_per_image(backbone, [c.global_crops_size] * 2, block_keep_fraction(2 * b, rate))
+               + flops_per_image(backbone, [c.local_crops_size] * c.local_crops_number,
+                                 block_keep_fraction(c.local_crops_number * b, rate)))
     total = 3 * student + flops_per_image(arch.teacher.backbone, [c.global_crops_size] * 2)
     if arch.gram_teacher is not None:
         total += flops_per_image(arch.gram_teacher.backbone, [c.gram_teacher_crops_size] * 2)
