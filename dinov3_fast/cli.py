@@ -60,6 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
     roofline = measure_roofline(device) if device.type == "cuda" else None
     meta = {"device_type": device.type, "device": roofline.device_name if roofline else _cpu_name(),
             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(),
             "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version(),
             "triton": triton_version()}

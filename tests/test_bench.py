@@ -217,12 +217,12 @@ def test_goals_show_the_device_time_ratio_beside_the_judged_one():
     rows = [row("reference", 1.2, 0.9), row("fused", 1.0, 0.3)]
     goal = next(g for g in md.GOALS if g.op == "soft_cross_entropy" and g.metric == "speedup")
     assert md.device_speedup(goal, rows) == pytest.approx(3.0)
-    text = md.render([(Path("h100_run3.json"), {"meta": {"device_type": "cuda"}, "rows": rows})])
+    text = md.render([(Path("h100_run3.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows})])
     assert "| 1.20 (device time: 3.00) | not met | h100_run3.json |" in text
     assert "graph ms | graph x |" in text and "| 0.300 | - |" in text
     for r in rows:
         del r["graph_ms"], r["graph_speedup"]
-    text = md.render([(Path("h100_run1.json"), {"meta": {"device_type": "cuda"}, "rows": rows})])
+    text = md.render([(Path("h100_run1.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows})])
     assert "| 1.20 | not met | h100_run1.json |" in text and "graph ms" not in text
 
 
@@ -235,8 +235,18 @@ def test_latest_run_judges_a_goal():
     def run(fused_ms):
         rows = [BenchRow("rope_attention", "vitl_261tok", impl, 1.0, ms, 4.0, None, None, None, None, None,
                          None).as_dict() for impl, ms in (("reference", 3.0), ("fused", fused_ms))]
-        return {"meta": {"device_type": "cuda"}, "rows": rows}
+        return {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows}
 
     text = md.render([(Path("h100_run1.json"), run(1.0)), (Path("h100_run1_compiled.json"), run(0.5)),
                       (Path("h100_run2.json"), run(3.0))])
     assert "| vitl_261tok | 1.00 (earlier runs: 3.00) | not met | h100_run2.json |" in text
+    # by start time, then run number -- not by name: run10 follows run9, a later torch follows an
+    # earlier one whatever their version strings; a goal naming the H100 ignores other cards
+    dated = [(Path("h100_torch2.9_run9.json"), dict(run(3.0), meta={**run(3.0)["meta"], "time": "2026-12-01T10:00:00"})),
+             (Path("h100_torch2.11_run10.json"), dict(run(1.0), meta={**run(1.0)["meta"], "time": "2026-12-02T10:00:00"})),
+             (Path("h200_run11.json"), dict(run(0.5), meta={"device_type": "cuda", "device": "NVIDIA H200",
+                                                           "time": "2026-12-03T10:00:00"}))]
+    text = md.render(dated)
+    assert "| vitl_261tok | 3.00 (earlier runs: 1.00) | met | h100_torch2.11_run10.json |" in text
+    assert md._run_order(Path("x_run10.json"), {"date": "2026-12-01"}) > md._run_order(Path("x_run9.json"),
+                                                                                       {"date": "2026-12-01"})

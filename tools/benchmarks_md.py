@@ -13,6 +13,7 @@ defines and judges them.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ class Goal:
     metric: str        # speedup | mem_ratio | tflops | bwd_tflops | bw_frac
     against: str       # impl name, "best" (fastest non-fused impl) or "" (absolute metrics)
     threshold: float
-    device: str        # "cpu" or "gpu": which kind of run can judge it
+    device: str        # "cpu", or the GPU a run must have been made on ("H100"): which runs judge it
     text: str
     impl: str = "fused"  # the row judged; "fused:kernels" (the Triton kernels where default dispatch
                          # routes to SDPA) falls back to "fused" in runs from before the route
@@ -46,24 +47,24 @@ class Goal:
 GOALS = (
     Goal(2, "gram_loss", "cpu_b4_p1024_d384", "speedup", "reference", 3.0, "cpu", "CPU fwd+bwd >= 3x reference"),
     Goal(2, "gram_loss", "cpu_b4_p1024_d384", "mem_ratio", "reference", 8.0, "cpu", "CPU peak memory >= 8x less"),
-    Goal(2, "gram_loss", "crop512_b16_d1024", "speedup", "reference", 3.0, "gpu", "H100 fwd+bwd >= 3x eager"),
-    Goal(2, "gram_loss", "crop512_b16_d1024", "speedup", "reference+compile", 1.5, "gpu", "H100 >= 1.5x compiled reference"),
+    Goal(2, "gram_loss", "crop512_b16_d1024", "speedup", "reference", 3.0, "H100", "H100 fwd+bwd >= 3x eager"),
+    Goal(2, "gram_loss", "crop512_b16_d1024", "speedup", "reference+compile", 1.5, "H100", "H100 >= 1.5x compiled reference"),
     Goal(3, "koleo_loss", "cpu_n4096_d384", "speedup", "reference", 1.5, "cpu", "CPU fwd+bwd >= 1.5x reference"),
-    Goal(3, "koleo_loss", "group_n16384_d1024", "speedup", "reference", 2.0, "gpu", "H100 >= 2x eager"),
-    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "speedup", "reference", 4.0, "gpu", "H100 >= 4x eager"),
-    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "speedup", "reference+compile", 1.5, "gpu", "H100 >= 1.5x compiled"),
-    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "bw_frac", "", 0.75, "gpu", ">= 75% of copy bandwidth"),
-    Goal(4, "soft_cross_entropy", "dino_student_7b", "speedup", "reference", 2.0, "gpu", "H100 fwd+bwd >= 2x eager"),
-    Goal(4, "soft_cross_entropy", "dino_student_7b", "mem_ratio", "reference", 2.0, "gpu", ">= 2x less peak memory"),
-    Goal(5, "rope_attention", "vitl_261tok", "speedup", "best", 1.25, "gpu", "N=261 fwd+bwd >= 1.25x best SDPA path"),
-    Goal(5, "rope_attention", "vitl_54tok", "speedup", "best", 1.25, "gpu", "N=54 fwd+bwd >= 1.25x best SDPA path"),
-    Goal(5, "rope_attention", "vit7b_4101tok", "tflops", "", 450.0, "gpu", "N=4101 Dh=128 fwd >= 450 TFLOP/s",
+    Goal(3, "koleo_loss", "group_n16384_d1024", "speedup", "reference", 2.0, "H100", "H100 >= 2x eager"),
+    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "speedup", "reference", 4.0, "H100", "H100 >= 4x eager"),
+    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "speedup", "reference+compile", 1.5, "H100", "H100 >= 1.5x compiled"),
+    Goal(4, "sinkhorn_knopp", "dino_teacher_7b", "bw_frac", "", 0.75, "H100", ">= 75% of copy bandwidth"),
+    Goal(4, "soft_cross_entropy", "dino_student_7b", "speedup", "reference", 2.0, "H100", "H100 fwd+bwd >= 2x eager"),
+    Goal(4, "soft_cross_entropy", "dino_student_7b", "mem_ratio", "reference", 2.0, "H100", ">= 2x less peak memory"),
+    Goal(5, "rope_attention", "vitl_261tok", "speedup", "best", 1.25, "H100", "N=261 fwd+bwd >= 1.25x best SDPA path"),
+    Goal(5, "rope_attention", "vitl_54tok", "speedup", "best", 1.25, "H100", "N=54 fwd+bwd >= 1.25x best SDPA path"),
+    Goal(5, "rope_attention", "vit7b_4101tok", "tflops", "", 450.0, "H100", "N=4101 Dh=128 fwd >= 450 TFLOP/s",
          "fused:kernels"),
-    Goal(5, "rope_attention", "vit7b_4101tok", "bwd_tflops", "", 300.0, "gpu", "N=4101 Dh=128 bwd >= 300 TFLOP/s",
+    Goal(5, "rope_attention", "vit7b_4101tok", "bwd_tflops", "", 300.0, "H100", "N=4101 Dh=128 bwd >= 300 TFLOP/s",
          "fused:kernels"),
-    Goal(5, "rope_attention", "vit7b_4101tok", "speedup", "best", 0.9, "gpu", "N=4101 >= 0.9x best SDPA backend",
+    Goal(5, "rope_attention", "vit7b_4101tok", "speedup", "best", 0.9, "H100", "N=4101 >= 0.9x best SDPA backend",
          "fused:kernels"),
-    Goal(6, "vit_block", "vitl_261tok", "speedup", "reference", 1.15, "gpu", "ViT-L block >= 1.15x with fused ops"),
+    Goal(6, "vit_block", "vitl_261tok", "speedup", "reference", 1.15, "H100", "ViT-L block >= 1.15x with fused ops"),
 )
 
 
@@ -115,10 +116,20 @@ def device_speedup(goal: Goal, rows: list[dict]) -> float | None:
     return _graph_time(base) / _graph_time(fused)
 
 
-def _run_id(path: Path) -> str:
-    """One device call writes a main file and its `_compiled` / `_model` companions; they share
-    a run id (the main file's stem), which sorts by date within a card and by run number."""
-    return path.stem.removesuffix("_compiled").removesuffix("_model")
+def _can_judge(goal: Goal, meta: dict) -> bool:
+    """A CPU goal takes CPU runs; a GPU goal takes runs on the card it names."""
+    if goal.device == "cpu":
+        return meta.get("device_type") == "cpu"
+    return meta.get("device_type") == "cuda" and goal.device in meta.get("device", "")
+
+
+def _run_order(path: Path, meta: dict) -> tuple[str, int, str]:
+    """When a run was made, as a sort key: its start time (`meta["time"]`, UTC ISO; older runs
+    have only `meta["date"]`), then its `_runN` number, then its id. One device call writes a main
+    file and its `_compiled` / `_model` companions: they share the id (the main file's stem)."""
+    run_id = path.stem.removesuffix("_compiled").removesuffix("_model")
+    number = re.search(r"_run(\d+)$", run_id)
+    return meta.get("time") or meta.get("date", ""), int(number.group(1)) if number else 0, run_id
 
 
 def _fmt(v, spec: str) -> str:
@@ -137,20 +148,20 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
            "columns.", "", "## Goals", "",
            "| issue | goal | preset | measured | status | run |", "|---|---|---|---|---|---|"]
     for goal in GOALS:
-        found = {}  # run id -> (value, file name), files in name order: the run's main file wins
+        found = {}  # run order -> (value, file name, device-time ratio); a run's main file comes first
         for path, run in runs:
-            is_gpu = run["meta"].get("device_type") == "cuda"
-            if (goal.device == "gpu") != is_gpu:
+            if not _can_judge(goal, run["meta"]):
                 continue
             value = evaluate(goal, run["rows"])
-            if value is not None and _run_id(path) not in found:
-                found[_run_id(path)] = (value, path.name, device_speedup(goal, run["rows"]))
+            order = _run_order(path, run["meta"])
+            if value is not None and order not in found:
+                found[order] = (value, path.name, device_speedup(goal, run["rows"]))
         if not found:
             out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | - | not measured "
-                       f"({'no GPU run committed yet' if goal.device == 'gpu' else 'no CPU run covers it'}) | - |")
+                       f"({'no CPU run covers it' if goal.device == 'cpu' else f'no {goal.device} run committed yet'})"
+                       " | - |")
             continue
-        latest = max(found)  # the latest run judges: it ran the current code
-        value, name, device = found.pop(latest)
+        value, name, device = found.pop(max(found))  # the latest run judges: it ran the current code
         beside = ([f"device time: {device:.2f}"] if device is not None else []) + \
             ([f"earlier runs: {', '.join(f'{v:.2f}' for _, (v, _, _) in sorted(found.items()))}"] if found else [])
         measured = f"{value:.2f}" + (f" ({'; '.join(beside)})" if beside else "")
