@@ -31,8 +31,10 @@ class BenchCase:
             Conventional names: "reference" (eager DINOv3 formula), "reference+compile",
             "fused" (our op with its default backend), or "fused:<backend>".
         flops: useful forward FLOPs (for TFLOP/s and the compute roofline), or None.
-        bytes: minimal forward memory traffic in bytes (for the bandwidth roofline), or None.
-        bwd_flops / bwd_bytes: the same for the backward alone (None: not reported).
+        bytes: forward memory traffic in bytes (for the bandwidth roofline), or None: the minimal
+            traffic, or where an issue judges a schedule (Sinkhorn-Knopp: "the bytes its schedule
+            must move", issue #4) that schedule's, as the case's note says.
+        bwd_flops: useful FLOPs of the backward alone (None: not reported).
         backward: whether to also time forward+backward.
         note: one line shown with the case (e.g. which formulation the shapes select).
         tags: labels; "model" marks a whole-block case (run by `dinov3-fast bench --model`, and
@@ -47,7 +49,6 @@ class BenchCase:
     flops: float | None = None
     bytes: float | None = None
     bwd_flops: float | None = None
-    bwd_bytes: float | None = None
     backward: bool = True
     note: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)

@@ -106,7 +106,10 @@ def _attention_cases() -> list[BenchCase]:
             for name in SDPA_BACKENDS:
                 if not torch.cuda.is_available() or all(_sdpa_runs(name, head_dim, dtype, n) for _, n in crops):
                     impls[f"dinov3:{name}"] = functools.partial(_dinov3, heads, name)
-        impls["fused"] = functools.partial(_fused, heads)
+        if device == "cpu":  # default dispatch runs the reference there (measured faster): time our cpu path
+            impls["fused:cpu"] = functools.partial(_fused, heads, backend="cpu")
+        else:
+            impls["fused"] = functools.partial(_fused, heads)
         routed = device == "cuda" and max(n for _, n in crops) >= SDPA_ROUTE_MIN_TOKENS
         if routed:  # default dispatch trains these through SDPA: time the fused kernels too
             impls["fused:kernels"] = functools.partial(_fused, heads, backend="triton")
@@ -117,7 +120,7 @@ def _attention_cases() -> list[BenchCase]:
             op="rope_attention", preset=preset, device=device,
             make_inputs=functools.partial(_inputs, heads, head_dim, crops, dtype),
             impls=impls, flops=flops, bwd_flops=2.5 * flops,
-            bytes=4 * tokens * heads * head_dim * elt, bwd_bytes=8 * tokens * heads * head_dim * elt,
+            bytes=4 * tokens * heads * head_dim * elt,
             note=f"{model} H={heads} Dh={head_dim} crops (B, N)={list(crops)} {str(dtype)[6:]}"
                  + ("; default dispatch trains N >= "
                     f"{SDPA_ROUTE_MIN_TOKENS} through the fused rotation + SDPA, so the fused row's fwd (no "
@@ -156,8 +159,11 @@ def _rope_cases() -> list[BenchCase]:
         out.append(BenchCase(
             op="apply_rope", preset=preset, device=device,
             make_inputs=functools.partial(_rope_inputs, heads, head_dim, b, n, dtype),
-            impls={"reference": functools.partial(_both, apply_rope_ref), "fused": functools.partial(_both, apply_rope)},
-            bytes=4 * b * heads * n * head_dim * elt, bwd_bytes=4 * b * heads * n * head_dim * elt,
+            impls={"reference": functools.partial(_both, apply_rope_ref),
+                   # on the CPU default dispatch runs the reference: time our cpu path there
+                   **({"fused:cpu": functools.partial(_both, functools.partial(apply_rope, backend="cpu"))}
+                      if device == "cpu" else {"fused": functools.partial(_both, apply_rope)})},
+            bytes=4 * b * heads * n * head_dim * elt,
             note=f"{model} q, k [B={b}, H={heads}, N={n}, Dh={head_dim}] {str(dtype)[6:]} (strided views)",
         ))
     return out

@@ -52,7 +52,6 @@ def cases() -> list[BenchCase]:
                 "fused": functools.partial(koleo_loss, topk=topk),
             },
             flops=2 * n * n * D, bytes=n * D * elt,
-            bwd_flops=None, bwd_bytes=(1 + 2 * topk) * n * D * elt + n * D * elt,
             note=f"n={n} D={D} {str(dtype)[6:]} topk={topk}; reference forms the n x n dots "
                  f"({n * n * 4 / 2**20:.1f} MiB fp32), the fused op never does",
         ))

@@ -49,7 +49,6 @@ def cases() -> list[BenchCase]:
             flops=(4 + 2 * n_t) * n_s * B * K,
             bytes=n_s * B * K * elt + n_t * B * K * 4,                 # student once, teacher once (L2 reuse)
             bwd_flops=(4 + n_t) * n_s * B * K,
-            bwd_bytes=2 * n_s * B * K * elt + n_t * B * K * 4,         # student in, grad out, teacher
             note=f"S={n_s} T={n_t} B={B} K={K} student {str(dtype)[6:]}, ignore_diagonal={ignore}"
                  + (", per-token weights" if tokens else ""),
         ))
