@@ -122,7 +122,9 @@ def exercise_ops(ops: list[str] | None = None) -> None:
         for name, impl in case.impls.items():
             # "fused" with a gradient at long N is the rotation + SDPA (covered by apply_rope's own
             # presets; SDPA would run for real on the CPU); "fused:kernels" holds the attention kernels
-            if not name.startswith("fused") or (name == "fused" and "fused:kernels" in case.impls):
+            # "fused:cpu" (the CPU presets' explicit cpu path) launches no Triton kernel
+            if (not name.startswith("fused") or name == "fused:cpu"
+                    or (name == "fused" and "fused:kernels" in case.impls)):
                 continue
             args, kwargs = case.make_inputs(torch.device("cpu"))
             with simulate_cuda_dispatch(), torch.no_grad() if not case.backward else torch.enable_grad():

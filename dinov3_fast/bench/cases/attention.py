@@ -41,8 +41,11 @@ PRESETS = (
     ("vit7b_1029tok", "cuda", "vit7b", ((16, 1029),), torch.bfloat16),
     ("vit7b_4101tok", "cuda", "vit7b", ((4, 4101),), torch.bfloat16),
     ("vit7b_multicrop", "cuda", "vit7b", ((32, 261), (128, 54)), torch.bfloat16),
-    # fp32 tiles, the largest shared-memory footprint (tests/test_triton_compile.py checks it fits an A100)
+    # fp32 tiles, the largest shared-memory footprint (tests/test_triton_compile.py checks it fits an A100),
+    # and fp32 at head dim 64, one crop size and a crop list (the AOT check compiles what these launch)
     ("vit7b_1029tok_fp32", "cuda", "vit7b", ((4, 1029),), torch.float32),
+    ("vitl_54tok_fp32", "cuda", "vitl", ((128, 54),), torch.float32),
+    ("vitl_multicrop_fp32", "cuda", "vitl", ((32, 261), (128, 54)), torch.float32),
 )
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
@@ -135,6 +138,7 @@ ROPE_PRESETS = (
     ("cpu_vits_261tok", "cpu", "vits", 4, 261, torch.float32),
     ("vitl_261tok", "cuda", "vitl", 32, 261, torch.bfloat16),
     ("vit7b_261tok", "cuda", "vit7b", 32, 261, torch.bfloat16),
+    ("vitl_261tok_fp32", "cuda", "vitl", 32, 261, torch.float32),
 )
 
 
