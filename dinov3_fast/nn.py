@@ -82,7 +82,9 @@ class SelfAttention(nn.Module):
         returns [B, N, dim].
     forward_list(x_list, attn_bias=None, rope_list=None):
         x_list: crops [B_i, N_i, dim]; rope_list: one rope (or None) per crop.
-        returns [B_i, N_i, dim] per crop; every crop's attention runs in one kernel launch.
+        returns [B_i, N_i, dim] per crop. On a GPU every crop's attention runs in one kernel
+        launch, except that, with a gradient to compute, crops of SDPA_ROUTE_MIN_TOKENS or more go
+        through the fused rotation + SDPA; on the CPU the reference runs per crop (ops/attention).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,

@@ -70,7 +70,7 @@ def check_against_oracle(qkv, rope, num_heads, backend, tol):
     """Output and the q, k, v parts of the packed gradient against float64 DINOv3. tol: a number, or
     "half" for bf16/fp16 inputs: max(1e-2, 2x the error of PyTorch's own computation in qkv's dtype
     (rope_attention_ref, same upstream gradient rounded to that dtype)), per output and gradient,
-    the 2x-PyTorch rule of the contract (../shared/DESIGN.md)."""
+    the 2x-PyTorch rule of the contract (docs/architecture.md, Tests)."""
     q64 = qkv.detach().double().requires_grad_()
     rope64 = None if rope is None else tuple(t.double() for t in rope)
     ref = rope_attention_ref(q64, rope64, num_heads)

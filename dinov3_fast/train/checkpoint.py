@@ -172,8 +172,8 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
 
 def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teacher") -> Path:
     """Write the full backbone state dict (DINOv3's DinoVisionTransformer keys) of the teacher or
-    student: .safetensors when the safetensors package is installed, else torch.save (.pth).
-    Every rank calls it (FSDP gathers); rank 0 writes."""
+    student to `out`: safetensors when its suffix is .safetensors (ImportError, with the install
+    hint, without the package), else torch.save. Every rank calls it (FSDP gathers); rank 0 writes."""
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     backbone = getattr(arch, which).backbone
