@@ -230,6 +230,8 @@ def test_module_drop_in():
     ({"n_samples": torch.ones(2)}, ValueError, "n_samples must be an int or a 1-element tensor"),
     ({"n_samples": 0}, ValueError, "n_samples must be >= 1"),
     ({"logits": torch.randn(0, 4), "n_samples": -1}, ValueError, "n_samples must be >= 0"),
+    ({"n_samples": torch.tensor([0])}, ValueError, "n_samples must be >= 1 .*got 0"),
+    ({"logits": torch.randn(0, 4), "n_samples": torch.tensor([-1])}, ValueError, "n_samples must be >= 0"),
     ({"backend": "tpu"}, ValueError, "backend must be one of"),
 ])
 def test_bad_input(kwargs, error, match):
@@ -239,8 +241,27 @@ def test_bad_input(kwargs, error, match):
         sinkhorn_knopp(logits, temp, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_n_samples_tensor_value_checked_on_cpu(backend):
+    """A CPU tensor count is checked as an int is (the reference backend divided by it: all NaN)."""
+    for n in (0, torch.tensor([0]), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="n_samples must be >= 1"):
+            sinkhorn_knopp(torch.randn(3, 8), 0.1, n_samples=n, backend=backend)
+
+
+def test_n_samples_device_tensor_value_not_read():
+    """Off the CPU only the size is checked: reading a CUDA tensor's value would sync the host
+    (a meta tensor stands in for it; the fused backends never read it)."""
+    logits = torch.randn(3, 8)
+    out = sinkhorn_knopp(logits, 0.1, n_samples=torch.zeros(1, device="meta"), backend="cpu")
+    assert rel_err(out, sinkhorn_knopp_ref(logits.double(), 0.1)) < 1e-5
+    with pytest.raises(ValueError, match="1-element tensor"):
+        sinkhorn_knopp(logits, 0.1, n_samples=torch.zeros(2, device="meta"), backend="cpu")
+
+
 def test_cuda_backend_needs_cuda_tensors():
-    with pytest.raises(ValueError, match="not implemented for cpu"):
+    accepted = r"choose from \('cpu', 'triton', 'reference'\)"  # "reference" is always accepted
+    with pytest.raises(ValueError, match=f"not implemented for cpu tensors; {accepted}"):
         sinkhorn_knopp(torch.randn(3, 4), 0.07, backend="cuda")
 
 

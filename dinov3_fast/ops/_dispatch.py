@@ -94,6 +94,12 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _accepted(implemented: Sequence[str]) -> tuple[str, ...]:
+    """What `backend=` may name for an op implementing `implemented` on a device: those, and
+    "reference" (always available)."""
+    return tuple(implemented) if "reference" in implemented else (*implemented, "reference")
+
+
 def forced_by_env(device: torch.device, preference: dict[str, Sequence[str]]) -> str | None:
     """The backend DINOV3_FAST_BACKEND forces on an op with `preference` for `device`, or None:
     unset, or naming a backend the op lacks there (it keeps its default)."""
@@ -103,7 +109,7 @@ def forced_by_env(device: torch.device, preference: dict[str, Sequence[str]]) ->
     if forced not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {forced!r}")
     implemented = preference.get(dispatch_device_type(device), ("reference",))
-    return forced if forced in implemented or forced == "reference" else None
+    return forced if forced in _accepted(implemented) else None
 
 
 def select_backend(
@@ -125,10 +131,11 @@ def select_backend(
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
-        if requested not in implemented and requested != "reference":
+        accepted = _accepted(implemented)
+        if requested not in accepted:
             raise ValueError(
                 f"{op}: backend {requested!r} is not implemented for {device.type} tensors; "
-                f"choose from {tuple(implemented)}")
+                f"choose from {accepted}")
         ok, why = backend_status(requested, device)
         if not ok:
             raise RuntimeError(f"{op}: backend {requested!r} unavailable: {why}")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dinov3_fast.ops._common import compute_dtype
 from dinov3_fast.ops._dispatch import (
     check_floating, check_nonempty, check_rank, check_same_device, dispatch_device_type, forced_by_env, select_backend,
 )
@@ -62,8 +63,7 @@ def _rope_attention_fwd(qkv: torch.Tensor, sin: torch.Tensor | None, cos: torch.
 @_rope_attention_fwd.register_fake
 def _(qkv, sin, cos, seqinfo, num_heads, max_len, backend):
     T, C = qkv.shape[0], qkv.shape[1] // 3
-    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    return qkv.new_empty(T, C), qkv.new_empty(num_heads, T, dtype=lse_dtype)
+    return qkv.new_empty(T, C), qkv.new_empty(num_heads, T, dtype=compute_dtype(qkv))
 
 
 @torch.library.custom_op("dinov3_fast::rope_attention_bwd", mutates_args=())

@@ -21,9 +21,7 @@ import math
 
 import torch
 
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from dinov3_fast.ops._common import compute_dtype
 
 
 def seq_runs(num_tokens: int, seq_len: int, rope_rows: int, seqinfo: torch.Tensor | None) -> list[list[int]]:

@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dinov3_fast.ops._common import LN2, LOG2E
 from dinov3_fast.ops._precision import dot_precision
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
 _MAX_GRID_AXIS_1 = 65535  # CUDA's limit on grid axes 1 and 2

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from dinov3_fast.ops._common import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, result_dtype
 from dinov3_fast.ops._dispatch import (
     check_floating, check_nonempty, check_rank, check_same_device, check_same_shape, select_backend,
 )
-from dinov3_fast.ops.gram.cpu import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, gram_loss_cpu
+from dinov3_fast.ops.gram.cpu import gram_loss_cpu
 from dinov3_fast.ops.gram.reference import gram_loss_ref
 
 __all__ = ["gram_loss", "gram_loss_ref", "uses_identity"]
@@ -53,11 +54,6 @@ def _gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, normalize: bool,
     return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
-def _result_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs on the cpu backend (triton computes fp64 inputs in fp32)."""
-    return torch.float64 if x.dtype == torch.float64 and backend == "cpu" else torch.float32
-
-
 def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.Tensor:
     if not needed:
         return x.new_empty((0,), dtype=dtype)
@@ -66,9 +62,9 @@ def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.T
 
 @_gram_loss_op.register_fake
 def _(student, teacher, normalize, clamp, backend, need_student, need_teacher):
-    return (student.new_empty((), dtype=_result_dtype(student, backend)),
-            _grad_or_empty(student, need_student, _result_dtype(student, backend)),
-            _grad_or_empty(teacher, need_teacher, _result_dtype(teacher, backend)))
+    return (student.new_empty((), dtype=result_dtype(student, backend)),
+            _grad_or_empty(student, need_student, result_dtype(student, backend)),
+            _grad_or_empty(teacher, need_teacher, result_dtype(teacher, backend)))
 
 
 def _setup_context(ctx, inputs, output):

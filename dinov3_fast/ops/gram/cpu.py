@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import torch
 
-CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
+from dinov3_fast.ops._common import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, compute_dtype
+
 _CHUNK_ELEMS = 1 << 18  # elements of one tiled (rows, P) block: 1 MiB in fp32
 _IDENTITY_ROWS = 384  # rows per identity sweep step: BLAS-efficient blocks at small scratch (docs/architecture.md)
 _EPS = 1e-12  # F.normalize's default
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor | None:
     """(..., D) -> (..., 1) row norms in the compute dtype, or None without normalisation."""
     if not normalize:
         return None
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_compute_dtype(x))
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=compute_dtype(x))
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:
@@ -45,18 +42,11 @@ def _inverse(norms: torch.Tensor) -> torch.Tensor:
     return norms.clamp_min(_EPS).reciprocal_()
 
 
-def _normalized_into(out: torch.Tensor, x: torch.Tensor, inv_norms: torch.Tensor | None) -> torch.Tensor:
-    """out = x * inv_norms, or a copy of x without normalisation."""
-    if inv_norms is None:
-        return out.copy_(x)
-    return torch.mul(x, inv_norms, out=out)
-
-
 def normalize_rows(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(..., D) -> (Y, norms) with Y = x / max(||x||, eps) in the compute dtype, norms (..., 1).
     Without normalisation Y may alias x: callers must not modify it in place."""
     norms = _row_norms(x, normalize)
-    x = x.to(_compute_dtype(x))
+    x = x.to(compute_dtype(x))
     return (x, None) if norms is None else (x / norms.clamp_min(_EPS), norms)
 
 
@@ -81,7 +71,7 @@ def normalize_rows_backward(grad_y: torch.Tensor, x: torch.Tensor, norms: torch.
 def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
     """A contiguous gradient buffer for x in the compute dtype (so fp16 gradients cannot underflow
     before the upstream gradient, e.g. a loss scale, is applied), or an empty one if not needed."""
-    return torch.empty(x.shape if needed else (0,), dtype=_compute_dtype(x))
+    return torch.empty(x.shape if needed else (0,), dtype=compute_dtype(x))
 
 
 # ----------------------------------------------------------------------------- identity form
@@ -172,7 +162,7 @@ def _identity(xs, xt, normalize, need_student, need_teacher):
     inv_m = 1.0 / (G * P * P)
     d_s, d_t = _grad_buffer(xs, need_student), _grad_buffer(xt, need_teacher)
     total = torch.zeros((), dtype=torch.float64)
-    dtype = _compute_dtype(xs)
+    dtype = compute_dtype(xs)
     # weights = [B; A] (B = Del^T Del, A = Sig^T Sig), then [B + C^T; A + C]: the student's factors.
     weights = torch.empty((2 * D, D), dtype=dtype)
     C = torch.empty((D, D), dtype=dtype)
@@ -287,4 +277,4 @@ def gram_loss_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: in
         total, d_s, d_t = _identity(xs, xt, normalize, need_student, need_teacher)
     else:
         total, d_s, d_t = _tiled(xs, xt, normalize, clamp, need_student, need_teacher)
-    return (total / (G * P * P)).to(_compute_dtype(xs)), d_s, d_t
+    return (total / (G * P * P)).to(compute_dtype(xs)), d_s, d_t

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinov3_fast.ops._common import compute_dtype
+
 
 def gram_loss_ref(
     student: torch.Tensor,
@@ -34,7 +36,7 @@ def gram_loss_ref(
         (G_student - G_teacher)^2.
     """
     # DINOv3 upcasts to fp32; keep float64 when the oracle asks for it.
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     s = student.to(dtype)
     t = teacher.to(dtype)
     if normalize:

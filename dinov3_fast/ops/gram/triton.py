@@ -40,7 +40,6 @@ import triton.language as tl
 
 from dinov3_fast.ops._precision import dot_precision
 
-CLAMP_NONE, CLAMP_BOTH, CLAMP_TEACHER = 0, 1, 2
 NORM_EPS = 1e-12  # F.normalize's default
 NORM_EPS_C = tl.constexpr(NORM_EPS)
 

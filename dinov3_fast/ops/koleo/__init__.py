@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from dinov3_fast.ops._common import result_dtype
 from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
 from dinov3_fast.ops.koleo.cpu import koleo_bwd_cpu, koleo_fwd_cpu
 from dinov3_fast.ops.koleo.reference import group_layout, koleo_distributed_ref, koleo_loss_ref
@@ -30,10 +31,6 @@ def _triton():
     return koleo_triton
 
 
-def _stats_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 and backend == "cpu" else torch.float32
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("dinov3_fast::koleo_fwd", mutates_args=())
@@ -46,7 +43,7 @@ def _koleo_fwd(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int,
 
 @_koleo_fwd.register_fake
 def _(x, q0, nq, eps, topk, backend):
-    dtype = _stats_dtype(x, backend)
+    dtype = result_dtype(x, backend)
     return (x.new_empty((), dtype=dtype), x.new_empty((nq, topk), dtype=torch.int64),
             x.new_empty((3, nq, topk), dtype=dtype), x.new_empty((x.shape[0],), dtype=dtype))
 

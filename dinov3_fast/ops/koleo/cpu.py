@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dinov3_fast._ext import native
+from dinov3_fast.ops._common import compute_dtype
 
 PDIST_EPS = 1e-8
 _CHUNK_ELEMS = 1 << 22  # dots per row chunk of the PyTorch search: 16 MiB in fp32
@@ -26,7 +27,7 @@ _CHUNK_ELEMS = 1 << 22  # dots per row chunk of the PyTorch search: 16 MiB in fp
 
 def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, D) -> (y (M, D) contiguous, r (M,)) in the compute dtype."""
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x = x.to(compute_dtype(x))
     r = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)
     return (x * r[:, None]).contiguous(), r
 

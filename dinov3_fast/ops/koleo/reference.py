@@ -22,11 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinov3_fast.ops._common import compute_dtype
+
 PDIST_EPS = 1e-8  # nn.PairwiseDistance(2, eps=1e-8) in both DINOv3 modules
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def koleo_neighbors_ref(queries: torch.Tensor, candidates: torch.Tensor, offset: int, topk: int) -> torch.Tensor:
@@ -79,7 +77,7 @@ def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.T
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
     with torch.autocast(x.device.type, enabled=False):
-        y = F.normalize(x.to(_compute_dtype(x)), p=2, dim=-1, eps=eps)
+        y = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
         return koleo_group_loss_ref(y, y, 0, topk, eps)
 
 
@@ -114,7 +112,7 @@ def koleo_distributed_ref(x: torch.Tensor, eps: float = 1e-8, topk: int = 1, gro
     import torch.distributed.nn as dist_nn
 
     with torch.autocast(x.device.type, enabled=False):
-        y = F.normalize(x.to(_compute_dtype(x)), p=2, dim=-1, eps=eps)
+        y = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
         if dist.is_available() and dist.is_initialized():
             gathered = torch.cat(dist_nn.all_gather(y, group=group or dist.group.WORLD), dim=0)
             world_size, rank = dist.get_world_size(group), dist.get_rank(group)

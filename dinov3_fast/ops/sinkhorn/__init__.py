@@ -1,21 +1,25 @@
 """Sinkhorn-Knopp teacher centering: checks, backend dispatch, custom op, and `sinkhorn_knopp`.
 
 DINOv3 centres the teacher's (B, K) prototype logits with three Sinkhorn-Knopp rounds (no grad).
-Its reference makes about 20 full fp32 passes and overflows once logits / temp > ~88. The fused
-backends work on log-domain potentials, one K-vector and one B-vector, recomputing exp on every
-pass (see triton.py): two read-only passes of the input per round, then one read + one write. The
-result is exact in real arithmetic and finite wherever the true assignment is.
+Its reference makes about 20 full fp32 passes and overflows once logits / temp > ~88. The triton
+and cuda backends work on log-domain potentials, one K-vector and one B-vector, recomputing exp on
+every pass (see triton.py): two read-only passes of the input per round, then one read + one
+write. The result of every backend but reference is exact in real arithmetic and finite wherever
+the true assignment is.
 
 Backends: triton (CPU under TRITON_INTERPRET=1; on the GPU the default for large inputs and
 with a process group), cuda (one persistent launch with a grid-wide barrier, kernels/sinkhorn.cu;
-the GPU default for inputs up to CUDA_MAX_NUMEL elements), cpu (PyTorch log-domain), reference
-(DINOv3's code).
+the GPU default for inputs up to CUDA_MAX_NUMEL elements), cpu (PyTorch: matrix-vector scaling
+on BLAS, falling back to the log domain when a sample's mass leaves the safe fp32 range or the
+result is not finite; see cpu.py), reference (DINOv3's code).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 
+from dinov3_fast.ops._common import result_dtype
 from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
 from dinov3_fast.ops.sinkhorn.cpu import sinkhorn_cpu
 from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
@@ -46,10 +50,6 @@ def _impl(backend: str):
     return sinkhorn_cpu
 
 
-def _out_dtype(logits: torch.Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 and backend in ("cpu", "reference") else torch.float32
-
-
 # ----------------------------------------------------------------------------- custom op
 
 @torch.library.custom_op("dinov3_fast::sinkhorn_knopp_fwd", mutates_args=())
@@ -59,7 +59,7 @@ def _sinkhorn_knopp_fwd(logits: torch.Tensor, teacher_temp: float, n_iterations:
 
 @_sinkhorn_knopp_fwd.register_fake
 def _(logits, teacher_temp, n_iterations, backend):
-    return logits.new_empty(logits.shape, dtype=_out_dtype(logits, backend))
+    return logits.new_empty(logits.shape, dtype=result_dtype(logits, backend))
 
 
 def _cuda_first(logits: torch.Tensor, group) -> bool:
@@ -73,19 +73,30 @@ def _cuda_first(logits: torch.Tensor, group) -> bool:
 # ----------------------------------------------------------------------------- public API
 
 def _check_n_samples(n_samples, n_rows: int) -> None:
-    """n_samples is the global count: 0 only where this rank has no row either."""
+    """n_samples is the global count: 0 only where this rank has no row either.
+
+    A tensor's value is checked only where reading it is free: a CPU tensor, outside tracing. A
+    CUDA tensor (iBOT's all-reduced n_masked_patches_tensor) is checked for its size alone, since
+    reading its value would sync the host with the GPU on every call; only the reference backend
+    reads it, and the fused backends do not depend on it. Under torch.compile or on fake/meta
+    tensors there is no value to read without a graph break.
+    """
     if n_samples is None:
         return
     if isinstance(n_samples, torch.Tensor):
         if n_samples.numel() != 1:
             raise ValueError(f"n_samples must be an int or a 1-element tensor, got shape {tuple(n_samples.shape)}")
-        return
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        if n_samples.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(n_samples):
+            return
+        value = n_samples.item()
+    elif isinstance(n_samples, bool) or not isinstance(n_samples, int):
         raise TypeError(f"n_samples must be an int or a 1-element tensor, got {type(n_samples).__name__}")
+    else:
+        value = n_samples
     least = 1 if n_rows else 0
-    if n_samples < least:
+    if value < least:
         raise ValueError(f"n_samples must be >= {least} (the global sample count; teacher_logits has {n_rows} rows), "
-                         f"got {n_samples}")
+                         f"got {value}")
 
 
 def sinkhorn_knopp(
@@ -110,6 +121,7 @@ def sinkhorn_knopp(
             count, an int or 1-element tensor, all-reduced by the caller). Accepted for parity with
             DINOv3 and used by the reference backend; the fused backends do not need it, because
             B_total only enters as a global scale that the next normalisation cancels exactly.
+            Must be >= 1 (>= 0 where B is 0); a CUDA tensor's value is not checked (no host sync).
         group: process group whose ranks hold the rest of the batch; the per-prototype sums are
             all-reduced over it between passes (eagerly: under torch.compile this is a graph
             break). None, or a group of one rank: this process only.
@@ -135,7 +147,7 @@ def sinkhorn_knopp(
     chosen = select_backend("sinkhorn_knopp", teacher_logits.device, backend, preference)
     temp = float(teacher_temp)
     if teacher_logits.shape[0] == 0 and group is None:  # nothing to normalise, no rank to join
-        return teacher_logits.new_empty(teacher_logits.shape, dtype=_out_dtype(teacher_logits, chosen))
+        return teacher_logits.new_empty(teacher_logits.shape, dtype=result_dtype(teacher_logits, chosen))
     with torch.no_grad():
         if chosen == "reference":
             return sinkhorn_knopp_ref(teacher_logits, temp, n_iterations, n_samples, group)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dinov3_fast.ops._common import compute_dtype
+
 NEG_INF = float("-inf")
 _SAFE_MIN = 1e-30  # smallest sample mass E u trusted in fp32 (well above the denormal range)
 
@@ -76,7 +78,7 @@ def _any_rank_non_finite(q: torch.Tensor, group) -> bool:
 
 def sinkhorn_cpu(logits: torch.Tensor, teacher_temp: float, n_iterations: int, group=None) -> torch.Tensor:
     """logits: (B, K). Returns the (B, K) assignment, fp32 (fp64 for fp64 input)."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits)
     out = _sinkhorn_scaling(logits.to(dtype) / teacher_temp, n_iterations, group)
     if out is None or _any_rank_non_finite(out, group):
         out = _sinkhorn_log_domain(logits.to(dtype) / teacher_temp, n_iterations, group)

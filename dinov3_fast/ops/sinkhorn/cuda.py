@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from dinov3_fast._ext import native
+from dinov3_fast.ops._common import LOG2E
 
-LOG2E = 1.4426950408889634
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

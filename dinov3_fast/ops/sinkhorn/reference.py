@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dinov3_fast.ops._common import compute_dtype
+
 
 def sinkhorn_knopp_ref(
     teacher_logits: torch.Tensor,
@@ -33,7 +35,7 @@ def sinkhorn_knopp_ref(
         each row sums to 1. No max is subtracted, exactly as in DINOv3: fp32 overflows once
         logits / temp exceed about 88 and the result is then NaN.
     """
-    dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(teacher_logits)
     q = torch.exp(teacher_logits.to(dtype) / teacher_temp).t()  # (K, B)
     world = dist.get_world_size(group) if group is not None else 1
     b_total = n_samples if n_samples is not None else q.shape[1] * world

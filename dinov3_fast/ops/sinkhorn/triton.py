@@ -20,14 +20,14 @@ otherwise it writes per-split partials that `_combine_*` reduce (and all-reduce 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from dinov3_fast.ops._common import LOG2E
+from dinov3_fast.ops._dispatch import triton_interpreting
+
 NEG_INF = float("-inf")
 
 
@@ -126,21 +126,17 @@ def _sinkhorn_write_kernel(
 
 # ----------------------------------------------------------------------------- launcher
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _target_programs(device: torch.device) -> int:
     """Programs per pass that keep every SM busy (a few waves); small under the interpreter so
     that CPU tests exercise the split paths."""
-    if _interpreting():
+    if triton_interpreting():
         return 4
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     return 4 * sms
 
 
 def _block_k() -> int:
-    return 128 if _interpreting() else 1024
+    return 128 if triton_interpreting() else 1024
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from dinov3_fast.ops._common import result_dtype
 from dinov3_fast.ops._dispatch import (
     check_floating, check_nonempty, check_positive, check_rank, check_same_device, select_backend,
 )
@@ -30,10 +31,6 @@ def _triton():
     return soft_ce_triton
 
 
-def _compute_dtype(student: torch.Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 and backend == "cpu" else torch.float32
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("dinov3_fast::soft_ce_fwd", mutates_args=())
@@ -46,7 +43,7 @@ def _soft_ce_fwd(student: torch.Tensor, teacher: torch.Tensor, student_temp: flo
 
 @_soft_ce_fwd.register_fake
 def _(student, teacher, student_temp, ignore_diagonal, backend):
-    shape, dtype = student.shape[:2], _compute_dtype(student, backend)
+    shape, dtype = student.shape[:2], result_dtype(student, backend)
     return tuple(student.new_empty(shape, dtype=dtype) for _ in range(4))
 
 

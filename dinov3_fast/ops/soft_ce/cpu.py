@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from dinov3_fast.ops._common import compute_dtype
 
 
 def pair_mask(n_s: int, n_t: int, ignore_diagonal: bool, like: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,7 @@ def log_softmax_from_state(student: torch.Tensor, row_max: torch.Tensor, lse_res
                            student_temp: float) -> torch.Tensor:
     """log_softmax(student / temp) rebuilt from the forward state, rounding x and its max alike:
     (x - row_max / temp) - lse_rest, (S, B, K) in the compute dtype."""
-    dtype = _dtype(student)
+    dtype = compute_dtype(student)
     x = student.to(dtype) / student_temp
     return x.sub_((row_max.to(dtype) / student_temp)[..., None]).sub_(lse_rest.to(dtype)[..., None])
 
@@ -67,7 +65,7 @@ def soft_ce_fwd_cpu(student: torch.Tensor, teacher: torch.Tensor, student_temp: 
     Per chunk of B rows (all S crops): x = student / temp - row_max / temp (<= 0, fp32) into scratch,
     its dots with the T teacher rows (one batched matmul over b), then exp and the row sums in
     place: the student is read twice (max, chunk) and no (S, B, K) tensor is allocated."""
-    dtype = _dtype(student)
+    dtype = compute_dtype(student)
     n_s, batch, k = student.shape
     row_max = student.amax(-1).to(dtype)                            # (S, B)
     shift = row_max / student_temp
@@ -96,7 +94,7 @@ def soft_ce_bwd_student_cpu(grad_row: torch.Tensor, student: torch.Tensor, teach
     """d loss / d student = G[s, b] / temp (softmax(x) * a - sum_{t ~ s} teacher[t]), (S, B, K);
     grad_row: (S, B) gradient G of row_loss. Written chunk by chunk of rows, in place in the
     result (the softmax rebuilt as log_softmax_from_state does, rounding alike)."""
-    dtype = _dtype(student)
+    dtype = compute_dtype(student)
     n_s, batch, k = student.shape
     n_t = teacher.shape[0]
     t = teacher.to(dtype)

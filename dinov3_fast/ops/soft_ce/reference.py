@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinov3_fast.ops._common import compute_dtype
+
 
 def soft_cross_entropy_ref(
     student_logits: torch.Tensor,
@@ -37,7 +39,7 @@ def soft_cross_entropy_ref(
     Returns:
         0-dim float32 loss (float64 for float64 inputs).
     """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_logits)
     if student_logits.dim() == 2:
         student_logits, teacher_probs = student_logits[None], teacher_probs[None]
     n_s, batch, _ = student_logits.shape

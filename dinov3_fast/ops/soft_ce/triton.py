@@ -23,14 +23,13 @@ and A[s, b] = sum_{t ~ s} tsum[t, b] (t ~ s: the pair is counted) from the forwa
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from dinov3_fast.ops._common import LN2, LOG2E
+from dinov3_fast.ops._dispatch import triton_interpreting
+
 LOG2E_C = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
 LN2_C = tl.constexpr(LN2)
 
@@ -179,7 +178,7 @@ def _config(device: torch.device, rows: int, K: int, T: int) -> tuple[int, int, 
     (small under the interpreter, so CPU tests exercise the splits). The forward keeps two
     (T_PAD, BLOCK_K) fp32 accumulators: BLOCK_K shrinks with T_PAD above 2 (DINOv3's T is 1 or 2)
     so that they stay in registers (90 per thread at T_PAD=2, docs/kernels.md)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreting():
         block, warps, target = 128, 4, 4
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
