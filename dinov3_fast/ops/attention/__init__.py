@@ -31,8 +31,8 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_attention", "rope_attention_lis
 
 # Fastest first, per device type (see docs/architecture.md). `reference` is always the fallback.
 # On CPU the reference (torch's SDPA, which never forms N x N scores) measured faster and leaner
-# than our explicit cpu path (bench cpu_vits_*: 0.54-0.63x, 2-3x the memory), so it is the
-# default there; `backend="cpu"` or "triton" (interpreter) remain selectable.
+# than our explicit cpu path (bench cpu_vits_*, fused:cpu: 0.59-0.61x, 1.8-2.9x the memory), so
+# it is the default there; `backend="cpu"` or "triton" (interpreter) remain selectable.
 PREFERENCE = {"cuda": ("triton",), "cpu": ("reference", "cpu", "triton")}
 TRITON_HEAD_DIMS = (32, 64, 128)  # attention: Dh / 2 >= 16 for the tensor-core halves
 ROPE_HEAD_DIMS = (4, 8, 16, 32, 64, 128, 256)  # standalone RoPE: power-of-two halves
