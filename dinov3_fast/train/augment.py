@@ -15,8 +15,9 @@ contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), then Gaussian blur (k
 Differences from torchvision, each a batched equivalent: the crop box is drawn once and clamped
 to the image (torchvision retries 10 times, then centre-crops); the jitter ops run in a fixed
 order (torchvision permutes them); hue is a rotation in YIQ space (torchvision goes through HSV).
-The Gram teacher's crops use the same boxes, flips and colours as the global crops, rendered at
-Gg (without the colour ops when crops.gram_teacher_no_distortions).
+The Gram teacher's crops are DINOv3's resized global crops: the same boxes, flips, colours, blur
+and solarisation, rendered at Gg from the source (the blur's sigma scaled by Gg / G), or the
+plain crops when crops.gram_teacher_no_distortions.
 """
 from __future__ import annotations
 
@@ -118,28 +119,40 @@ def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     return torch.where(v(p.gray), _gray(x).expand_as(x), x)
 
 
-def blur(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian blur (kernel 9, sigma U(0.1, 2), reflect padding) on each image with probability `prob`."""
+@dataclass(frozen=True)
+class BlurParams:
+    """Per-image Gaussian blur draws: whether to blur, and sigma in [0.1, 2] (pixels of a crop
+    of side `size`, the side the draws were made for)."""
+    apply: torch.Tensor  # [B] bool
+    sigma: torch.Tensor  # [B]
+
+    @staticmethod
+    def draw(n: int, prob: float, gen: torch.Generator, device) -> BlurParams:
+        return BlurParams(_coin(n, prob, gen, device), _uniform(n, 0.1, 2.0, gen, device))
+
+
+def blur(x: torch.Tensor, p: BlurParams, scale: float = 1.0) -> torch.Tensor:
+    """Gaussian blur (kernel 9, reflect padding) where p.apply. `scale`: this crop's side over the
+    side the sigmas were drawn for (a Gram crop rendered at Gg from the global crop's draws): the
+    sigma and the kernel grow with it, so the blur covers the same part of the image as resizing
+    the blurred global crop would (DINOv3's Gram crop)."""
     b, c, h, w = x.shape
-    apply = _coin(b, prob, gen, x.device)
-    sigma = _uniform(b, 0.1, 2.0, gen, x.device)
-    if prob <= 0:
-        return x
-    taps = torch.arange(9, device=x.device, dtype=x.dtype) - 4
-    k = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*3, 9]
-    pad = min(4, h - 1, w - 1)
+    half = max(4, math.ceil(4 * scale))
+    taps = torch.arange(2 * half + 1, device=x.device, dtype=x.dtype) - half
+    k = torch.exp(-(taps[None] ** 2) / (2 * (scale * p.sigma[:, None].to(x.dtype)) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*3, 2 half + 1]
+    pad = min(half, h - 1, w - 1)
     y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    if pad < 4:  # tiny crops: fall back to replicate beyond what reflect allows
-        y = F.pad(y, (4 - pad,) * 4, mode="replicate")
-    y = F.conv2d(y, k.view(b * c, 1, 9, 1), groups=b * c)
-    y = F.conv2d(y, k.view(b * c, 1, 1, 9), groups=b * c).view(b, c, h, w)
-    return torch.where(apply.view(-1, 1, 1, 1), y, x)
+    if pad < half:  # tiny crops: fall back to replicate beyond what reflect allows
+        y = F.pad(y, (half - pad,) * 4, mode="replicate")
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c).view(b, c, h, w)
+    return torch.where(p.apply.view(-1, 1, 1, 1), y, x)
 
 
-def solarize(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
-    apply = _coin(x.shape[0], prob, gen, x.device).view(-1, 1, 1, 1)
-    return torch.where(apply & (x >= 0.5), 1 - x, x)
+def solarize(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """1 - x where x >= 0.5, on the images where apply [B] (bool)."""
+    return torch.where(apply.view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)
 
 
 class MultiCropAugmentation:
@@ -165,17 +178,19 @@ class MultiCropAugmentation:
         for i in range(2):
             theta = crop_boxes(b, c.global_crops_scale, c.horizontal_flips, gen, dev)
             colors = ColorParams.draw(b, gen, dev)
-            x = color(render(images, theta, c.global_crops_size), colors)
-            x = blur(x, 1.0 if i == 0 else 0.1, gen)
-            if i == 1:
-                x = solarize(x, 0.2, gen)
-            globals_.append(self._normalize(x))
-            if c.gram_teacher_crops_size is not None:
+            blurs = BlurParams.draw(b, 1.0 if i == 0 else 0.1, gen, dev)
+            solar = _coin(b, 0.2, gen, dev) if i == 1 else None
+            x = blur(color(render(images, theta, c.global_crops_size), colors), blurs)
+            globals_.append(self._normalize(x if solar is None else solarize(x, solar)))
+            if c.gram_teacher_crops_size is not None:  # the same draws, at Gg
                 g = render(images, theta, c.gram_teacher_crops_size)
-                grams.append(self._normalize(g if c.gram_teacher_no_distortions else color(g, colors)))
+                if not c.gram_teacher_no_distortions:
+                    g = blur(color(g, colors), blurs, c.gram_teacher_crops_size / c.global_crops_size)
+                    g = g if solar is None else solarize(g, solar)
+                grams.append(self._normalize(g))
         locals_ = []
         for _ in range(c.local_crops_number):
             theta = crop_boxes(b, c.local_crops_scale, c.horizontal_flips, gen, dev)
             x = color(render(images, theta, c.local_crops_size), ColorParams.draw(b, gen, dev))
-            locals_.append(self._normalize(blur(x, 0.5, gen)))
+            locals_.append(self._normalize(blur(x, BlurParams.draw(b, 0.5, gen, dev))))
         return Crops(torch.stack(globals_), torch.stack(locals_), torch.stack(grams) if grams else None)
