@@ -87,7 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """The run's Config: the preset or YAML file, then the flags, then `section.key=value` overrides."""
     from dinov3_fast.train.config import apply_overrides, get_preset, load_config
 
     cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
@@ -100,7 +101,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides += ["student.embed_dim=null", "student.depth=null", "student.num_heads=null"]
     if args.compile is not None:
         overrides.append(f"train.compile={args.compile}")
-    cfg = apply_overrides(cfg, overrides + list(args.opts or []))
+    return apply_overrides(cfg, overrides + list(args.opts or []))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """A configuration or input error (ConfigError, a missing config file, an unreadable --resume
+    checkpoint) is one line and exit code 2; any other error keeps its traceback."""
+    from dinov3_fast.train.checkpoint import CheckpointError
+    from dinov3_fast.train.config import ConfigError
     from dinov3_fast.train.loop import train
 
     def write_json(history: dict) -> None:  # after every logged interval and at the end
@@ -110,9 +118,10 @@ def _train(args: argparse.Namespace) -> int:
 
     had_group = dist.is_available() and dist.is_initialized()
     try:
+        cfg = _train_config(args)
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
                         on_log=write_json if args.json else None)
-    except ValueError as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The process group train set up (torchrun's ranks, or one CUDA rank under FSDP2), after a
@@ -125,14 +134,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from dinov3_fast.train.config import apply_overrides, get_preset, load_config
+    from dinov3_fast.train.config import ConfigError, apply_overrides, get_preset, load_config
     from dinov3_fast.train.planner import format_plan, plan_memory
 
-    cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
-    flags = {"student.arch": args.arch, "train.batch_size_per_gpu": args.batch, "train.ac": args.ac,
-             "train.ops": args.ops}
-    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.opts or []))
-    plan = plan_memory(cfg, world_size=args.gpus)
+    try:
+        cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
+        flags = {"student.arch": args.arch, "train.batch_size_per_gpu": args.batch, "train.ac": args.ac,
+                 "train.ops": args.ops}
+        cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.opts or []))
+        plan = plan_memory(cfg, world_size=args.gpus)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_plan(plan))
     if args.json:
         Path(args.json).write_text(json.dumps(plan.as_dict(), indent=1))

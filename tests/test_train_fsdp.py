@@ -72,8 +72,9 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
     run_on_ranks(_save_sharded_losses, str(tmp_path), runs, world=2)
     sharded = torch.load(tmp_path / "losses.pt")
     single = _run("none", 0, 1)
-    assert all(torch.isfinite(torch.tensor(single)))
+    assert all(torch.isfinite(torch.tensor(single))) and len(single) == STEPS and len(sharded) == len(runs)
     for (ac, _), losses in sharded.items():
+        assert len(losses) == STEPS, (ac, losses)
         for a, b in zip(losses, single):
             assert abs(a - b) <= 1e-5 * abs(b), (ac, losses, single)
 
@@ -85,7 +86,7 @@ def test_fsdp2_rank_without_masked_patch(tmp_path):
     run_on_ranks(_save_sharded_losses, str(tmp_path), (("none", True),), world=2)
     sharded = torch.load(tmp_path / "losses.pt")[("none", True)]
     single = _run("none", 0, 1, unmasked_half=True)
-    assert all(torch.isfinite(torch.tensor(single)))
+    assert all(torch.isfinite(torch.tensor(single))) and len(single) == len(sharded) == STEPS
     for a, b in zip(sharded, single):
         assert abs(a - b) <= 1e-5 * abs(b), (sharded, single)
 

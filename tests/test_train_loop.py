@@ -60,6 +60,7 @@ def test_resume_gives_identical_next_step_loss(tmp_path):
     assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
     cfg_b = apply_overrides(cfg, [f"train.output_dir={tmp_path / 'b'}"])  # a fresh process would rebuild the same
     resumed = train(cfg_b, resume=ckpts[0], progress=False, log_fn=None)
+    assert len(resumed["steps"]) == len(full["steps"]) - 2 == 2
     for a, b in zip(full["steps"][2:], resumed["steps"]):
         assert a["total_loss"] == b["total_loss"], (a, b)
         assert a["ibot_loss"] == b["ibot_loss"] and a["koleo_loss"] == b["koleo_loss"]
@@ -136,8 +137,21 @@ def test_cli_train_and_clear_errors(tmp_path, capsys, monkeypatch):
     assert rc == 0 and seen == [1, 2]
     hist = json.loads((tmp_path / "h.json").read_text())
     assert len(hist["steps"]) == 2 and hist["config"]["train"]["ops"] == "reference"
+    monkeypatch.undo()
     assert cli_main(["train", "--preset", "debug", "--arch", "vit_nope", "--steps", "1"]) == 2
+    # configuration mistakes are one line too, before anything is built
+    assert cli_main(["train", "--preset", "nope"]) == 2
+    assert cli_main(["train", "--preset", "debug", "optim.lrr=1"]) == 2
+    assert cli_main(["train", "--preset", "debug", "train.log_every=0"]) == 2
+    assert cli_main(["plan", "--preset", "debug", "optim.lrr=1"]) == 2
     assert "unknown arch" in capsys.readouterr().err
+    gram = ["gram.use_loss=true", "crops.gram_teacher_crops_size=64", "gram.it_load_ema_teacher=2"]
+    assert cli_main(["train", "--preset", "debug", "--steps", "1", "--output-dir", str(tmp_path / "g"), *gram]) == 2
+    assert "must be this run's first step" in capsys.readouterr().err
+    # the periodic kNN probe follows the final one's switch: off without validation images
+    assert cli_main(["train", "--preset", "debug", "--steps", "2", "--batch", "4", "--no-progress",
+                     "--output-dir", str(tmp_path / "k"), "evaluation.knn_val_samples=0",
+                     "evaluation.eval_period_iterations=1", "checkpointing.period=-1"]) == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli_main(["train", "--preset", "debug", "--data", str(empty), "--steps", "1"]) == 2
@@ -172,3 +186,38 @@ def test_cli_train_then_export_end_to_end(tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     bad = subprocess.run([*cmd, "export", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_checkpoints_order_by_save_and_a_fresh_run_keeps_off_them(tmp_path):
+    """A fresh run into a folder that holds checkpoints is refused (it would save and prune among
+    them). A run resumed from an earlier step saves lower steps after higher ones: pruning and
+    resolution go by save order, so its own newest checkpoint is kept and found."""
+    cfg = _cfg(tmp_path, "train.steps=4", "checkpointing.period=2", "checkpointing.max_to_keep=2",
+               "train.log_every=2", "evaluation.knn_val_samples=0")
+    root = tmp_path / "ckpt"
+    train(cfg, progress=False, log_fn=None)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000002", "step_00000004"]
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume"):
+        train(cfg, progress=False, log_fn=None)
+    hist = train(apply_overrides(cfg, ["train.steps=3"]), resume=root / "step_00000002", progress=False, log_fn=None)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000004", "step_00000003"]
+    assert resolve_checkpoint(root) == root / "step_00000003" == Path(hist["checkpoint"])
+    assert (root / "latest").read_text() == "step_00000003"
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """As DINOv3, the third non-finite loss in a row stops the run; a checkpoint step that follows
+    a non-finite loss does not save (its weights may be NaN), so the last good checkpoint stays."""
+    from dinov3_fast.train.meta_arch import SSLMetaArch
+    forward_backward = SSLMetaArch.forward_backward
+
+    def nan_from_the_third_step(self, batch, *, teacher_temp, iteration=0):
+        loss, logs = forward_backward(self, batch, teacher_temp=teacher_temp, iteration=iteration)
+        return (loss * float("nan") if iteration >= 2 else loss), logs
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", nan_from_the_third_step)
+    cfg = _cfg(tmp_path, "train.steps=8", "checkpointing.period=2", "train.log_every=4",
+               "evaluation.knn_val_samples=0")
+    with pytest.raises(RuntimeError, match=r"not finite for 3 steps in a row \(to step 5\).*step_00000002"):
+        train(cfg, progress=False, log_fn=None)
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000002"]

@@ -6,7 +6,9 @@ Layout under the run's checkpoint root:
                         + loss buffers, optim), rank<r>.pt (step, RNG states of rank r),
                         config.yaml, and MANIFEST.json (every file's size) written last
     .tmp_step_00000200/ a save in progress (or one that crashed): never loaded
-    latest              the name of the newest complete checkpoint
+    .old_step_00000100/ the previous copy of a step being saved again, until the new one is in place
+    latest              the name of the most recently saved complete checkpoint (for people and
+                        scripts; loads order checkpoints by the manifest's `saved_at`)
 
 A save writes everything into the temporary folder, then rank 0 writes the manifest and renames
 the folder (an atomic rename on one filesystem), so a crash at any point leaves the previous
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,17 +78,30 @@ def save_checkpoint(root: str | Path, step: int, arch: torch.nn.Module, optimize
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "saved_at": time.time(),
+                                                  "files": files}, indent=1))
+        replaced = root / f".old_step_{step:08d}"
+        if final.exists():  # a re-save of this step: the old copy stays complete until the new one is in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _write_synced(root / f".{LATEST}.tmp", final.name)
         os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        _fsync_dir(root)  # the renames themselves survive a power loss
+        shutil.rmtree(replaced, ignore_errors=True)
         if max_to_keep > 0:
             for old in complete_checkpoints(root)[:-max_to_keep]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -118,16 +134,27 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _saved_at(path: Path) -> float:
+    """When the checkpoint at `path` was saved: its manifest's `saved_at` (older manifests: the
+    manifest file's mtime, written last)."""
+    manifest = path / MANIFEST
+    try:
+        return float(json.loads(manifest.read_text())["saved_at"])
+    except (ValueError, KeyError, TypeError):
+        return manifest.stat().st_mtime
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Folders step_* under root that have a manifest, oldest first (temporary folders skipped)."""
+    """Folders step_* under root that have a manifest, in the order they were saved, oldest first
+    (not by step: a run resumed from an earlier step saves lower steps after higher ones)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
+    return sorted((p for p in root.glob("step_*") if (p / MANIFEST).is_file()), key=lambda p: (_saved_at(p), p.name))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a checkpoint root (-> its newest checkpoint that verifies)."""
+    """A checkpoint folder, or a checkpoint root (-> its most recently saved checkpoint that verifies)."""
     path = Path(path)
     if (path / MANIFEST).exists() or path.name.startswith("step_") or path.name.startswith(".tmp_step_"):
         verify_checkpoint(path)

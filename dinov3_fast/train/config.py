@@ -27,6 +27,11 @@ OPS_MODES = ("fused", "reference")
 DTYPES = ("fp32", "bf16")  # no fp16: it needs loss scaling, which the loop does not do (see validate)
 
 
+
+class ConfigError(ValueError):
+    """A setting the trainer cannot run, or a missing input it names; `dinov3-fast train` reports
+    it in one line (exit code 2) where any other error keeps its traceback."""
+
 @dataclass
 class StudentConfig:
     """DINOv3 `student:`: the backbone (teacher and Gram teacher share it, without drop path)."""
@@ -239,29 +244,29 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if value is None:
         if type(None) in args or hint is Any:
             return None
-        raise ValueError(f"{where} must not be null")
+        raise ConfigError(f"{where} must not be null")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if hint in (int, float):
         if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {value!r}")
         try:
             out = hint(value) if not isinstance(value, str) else hint(float(value) if hint is float else int(value))
         except (TypeError, ValueError):
-            raise ValueError(f"{where} must be {hint.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}") from None
         if hint is int and isinstance(value, float) and value != out:
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
         return out
     if hint is str:
         return str(value)
@@ -269,16 +274,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping with keys {[f.name for f in dataclasses.fields(hint)]}, "
+            raise ConfigError(f"{where} must be a mapping with keys {[f.name for f in dataclasses.fields(hint)]}, "
                              f"got {value!r}")
         hints = typing.get_type_hints(hint)
         unknown = sorted(set(value) - set(hints))
         if unknown:
-            raise ValueError(f"unknown config key {where}.{unknown[0]}; keys of {where}: {sorted(hints)}")
+            raise ConfigError(f"unknown config key {where}.{unknown[0]}; keys of {where}: {sorted(hints)}")
         missing = [f.name for f in dataclasses.fields(hint)
                    if f.name not in value and f.default is dataclasses.MISSING]
         if missing:
-            raise ValueError(f"{where} needs the keys {missing}")
+            raise ConfigError(f"{where} needs the keys {missing}")
         return hint(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
     return value
 
@@ -294,13 +299,13 @@ def update_config(cfg: Config, data: dict[str, Any]) -> Config:
     """A copy of `cfg` with the nested dict `data` ({section: {key: value}}) applied, typed."""
     cfg = copy.deepcopy(cfg)
     if not isinstance(data, dict):
-        raise ValueError(f"a config must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():
         if not hasattr(cfg, section) or section.startswith("_") or section == "total_steps":
-            raise ValueError(f"unknown config section {section!r}; sections: {[f.name for f in dataclasses.fields(cfg)]}")
+            raise ConfigError(f"unknown config section {section!r}; sections: {[f.name for f in dataclasses.fields(cfg)]}")
         sub = getattr(cfg, section)
         if not isinstance(values, dict):
-            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
         hints = typing.get_type_hints(type(sub))
         for key, value in values.items():
             if (section, key) in _DINOV3_IGNORED:
@@ -312,7 +317,7 @@ def update_config(cfg: Config, data: dict[str, Any]) -> Config:
                     setattr(sub, target, mapped)
                 continue
             if key not in hints:
-                raise ValueError(f"unknown config key {section}.{key}; keys of {section}: {sorted(hints)}")
+                raise ConfigError(f"unknown config key {section}.{key}; keys of {section}: {sorted(hints)}")
             setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
     return cfg
 
@@ -348,7 +353,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override must look like section.key=value, got {item!r}")
+            raise ConfigError(f"override must look like section.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = yaml.safe_load(raw)
@@ -362,64 +367,68 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from dinov3_fast.models import ARCHS
     s, c, t = cfg.student, cfg.crops, cfg.train
     if s.arch not in ARCHS:
-        raise ValueError(f"student.arch: unknown arch {s.arch!r}; choose from {sorted(ARCHS)}")
+        raise ConfigError(f"student.arch: unknown arch {s.arch!r}; choose from {sorted(ARCHS)}")
     for name, size in (("crops.global_crops_size", c.global_crops_size), ("crops.local_crops_size", c.local_crops_size),
                        ("crops.gram_teacher_crops_size", c.gram_teacher_crops_size)):
         if size is not None and (size <= 0 or size % s.patch_size):
-            raise ValueError(f"{name} ({size}) must be a positive multiple of student.patch_size ({s.patch_size})")
+            raise ConfigError(f"{name} ({size}) must be a positive multiple of student.patch_size ({s.patch_size})")
     if c.local_crops_number < 1:
-        raise ValueError(f"crops.local_crops_number must be >= 1 (DINOv3 asserts it), got {c.local_crops_number}")
+        raise ConfigError(f"crops.local_crops_number must be >= 1 (DINOv3 asserts it), got {c.local_crops_number}")
     if t.batch_size_per_gpu < 2:
-        raise ValueError(f"train.batch_size_per_gpu must be >= 2 (KoLeo needs two samples), got {t.batch_size_per_gpu}")
+        raise ConfigError(f"train.batch_size_per_gpu must be >= 2 (KoLeo needs two samples), got {t.batch_size_per_gpu}")
     group = cfg.dino.koleo_distributed_loss_group_size
     if cfg.dino.koleo_loss_distributed and group is not None:
         total = t.batch_size_per_gpu * world_size
         if group % t.batch_size_per_gpu or total % group:
-            raise ValueError(f"dino.koleo_distributed_loss_group_size ({group}) must be a multiple of "
+            raise ConfigError(f"dino.koleo_distributed_loss_group_size ({group}) must be a multiple of "
                              f"train.batch_size_per_gpu ({t.batch_size_per_gpu}) and divide the global batch ({total})")
     lo, hi = cfg.ibot.mask_ratio_min_max
     if not 0 <= lo < hi <= 1:
-        raise ValueError(f"ibot.mask_ratio_min_max must satisfy 0 <= min < max <= 1, got {(lo, hi)}")
+        raise ConfigError(f"ibot.mask_ratio_min_max must satisfy 0 <= min < max <= 1, got {(lo, hi)}")
     if not 0 <= cfg.ibot.mask_sample_probability <= 1:
-        raise ValueError(f"ibot.mask_sample_probability must be in [0, 1], got {cfg.ibot.mask_sample_probability}")
+        raise ConfigError(f"ibot.mask_sample_probability must be in [0, 1], got {cfg.ibot.mask_sample_probability}")
     if t.ac not in AC_MODES:
-        raise ValueError(f"train.ac must be one of {AC_MODES}, got {t.ac!r}")
+        raise ConfigError(f"train.ac must be one of {AC_MODES}, got {t.ac!r}")
     if t.profile_steps < 0:
-        raise ValueError(f"train.profile_steps must be >= 0, got {t.profile_steps}")
+        raise ConfigError(f"train.profile_steps must be >= 0, got {t.profile_steps}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
     if t.ops not in OPS_MODES:
-        raise ValueError(f"train.ops must be one of {OPS_MODES}, got {t.ops!r}")
+        raise ConfigError(f"train.ops must be one of {OPS_MODES}, got {t.ops!r}")
     if t.centering != "sinkhorn_knopp":
-        raise ValueError(f"train.centering: only 'sinkhorn_knopp' is implemented (DINOv3 asserts it), got {t.centering!r}")
+        raise ConfigError(f"train.centering: only 'sinkhorn_knopp' is implemented (DINOv3 asserts it), got {t.centering!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
+        raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
     if cfg.optim.scaling_rule not in ("sqrt_wrt_1024", "linear_wrt_256", "none"):
-        raise ValueError(f"optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_256 or none, got {cfg.optim.scaling_rule!r}")
+        raise ConfigError(f"optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_256 or none, got {cfg.optim.scaling_rule!r}")
     for name, v in (("compute_precision.param_dtype", cfg.compute_precision.param_dtype),
                     ("compute_precision.reduce_dtype", cfg.compute_precision.reduce_dtype)):
         if v == "fp16":
-            raise ValueError(f"{name}=fp16 is not supported: the loop has no loss scaling (GradScaler), so "
+            raise ConfigError(f"{name}=fp16 is not supported: the loop has no loss scaling (GradScaler), so "
                              "fp16 gradients would underflow silently; use bf16 (DINOv3's precision, fp32's range)")
         if v not in DTYPES:
-            raise ValueError(f"{name} must be one of {DTYPES}, got {v!r}")
+            raise ConfigError(f"{name} must be one of {DTYPES}, got {v!r}")
     for name, ws, on in (("dino.local_loss_weight_schedule", cfg.dino.local_loss_weight_schedule,
                           cfg.dino.reweight_dino_local_loss),
                          ("gram.loss_weight_schedule", cfg.gram.loss_weight_schedule, cfg.gram.use_loss)):
         if on and ws is not None and (ws.warmup_epochs < 0 or (ws.cosine_epochs is not None and ws.cosine_epochs <= 0)):
-            raise ValueError(f"{name}: warmup_epochs must be >= 0 and cosine_epochs > 0 (or null), got {ws}")
+            raise ConfigError(f"{name}: warmup_epochs must be >= 0 and cosine_epochs > 0 (or null), got {ws}")
     g = cfg.gram
     if g.use_loss:
         if g.tokens_used not in ("all", "masked", "unmasked"):
-            raise ValueError(f"gram.tokens_used must be all, masked or unmasked, got {g.tokens_used!r}")
+            raise ConfigError(f"gram.tokens_used must be all, masked or unmasked, got {g.tokens_used!r}")
         if g.tokens_used != "all" and g.img_level:
-            raise ValueError("gram.img_level must be false when gram.tokens_used is masked/unmasked (as in DINOv3)")
+            raise ConfigError("gram.img_level must be false when gram.tokens_used is masked/unmasked (as in DINOv3)")
         if g.ema_teacher and g.rep_update:
-            raise ValueError("gram.ema_teacher and gram.rep_update are exclusive (as in DINOv3)")
+            raise ConfigError("gram.ema_teacher and gram.rep_update are exclusive (as in DINOv3)")
         if not g.ema_teacher and g.it_load_ema_teacher < 0:
-            raise ValueError("gram.it_load_ema_teacher must be >= 0 when the Gram teacher is a copy of the EMA teacher")
+            raise ConfigError("gram.it_load_ema_teacher must be >= 0 when the Gram teacher is a copy of the EMA teacher")
         if not g.ema_teacher and c.gram_teacher_crops_size is None:
-            raise ValueError("crops.gram_teacher_crops_size must be set to use the Gram loss with a Gram teacher")
+            raise ConfigError("crops.gram_teacher_crops_size must be set to use the Gram loss with a Gram teacher")
+        if g.rep_update and g.update_frequency < 1:
+            raise ConfigError(f"gram.update_frequency must be >= 1, got {g.update_frequency}")
         if g.remove_neg and g.remove_only_teacher_neg:
-            raise ValueError("gram.remove_neg and gram.remove_only_teacher_neg are mutually exclusive")
+            raise ConfigError("gram.remove_neg and gram.remove_only_teacher_neg are mutually exclusive")
 
 
 # --------------------------------------------------------------------------- presets
@@ -495,5 +504,5 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return update_config(Config(), PRESETS[name])

@@ -2,8 +2,9 @@
 
 `SyntheticShapes` (the default: nothing to download) draws procedural images with learnable
 structure -- a shape (disk, square, triangle, ring) filled with a texture (stripes, checks) in a
-class colour over a noisy two-colour gradient -- from a hidden class label. Everything is a pure
-function of (seed, index), generated in batches with torch ops on any device.
+class colour over a noisy two-colour gradient -- from a hidden class label. Each image is a pure
+function of (seed, index) but for its background noise, which is drawn per batch (see `batch`);
+generated in batches with torch ops on any device.
 
 `ImageFolder` reads the user's own JPEG/PNG files (recursively), resized (short side) and centre
 cropped to a fixed side, so batches stack.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dinov3_fast.train.augment import MultiCropAugmentation
+from dinov3_fast.train.config import ConfigError
 from dinov3_fast.train.masking import MaskingGenerator, sample_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -37,9 +39,9 @@ class SyntheticShapes:
 
     def __init__(self, image_size: int, num_classes: int = 8, seed: int = 0) -> None:
         if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+            raise ConfigError(f"image_size must be >= 8, got {image_size}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         self.image_size, self.num_classes, self.seed = image_size, num_classes, seed
 
     def _u(self, idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,7 +57,11 @@ class SyntheticShapes:
 
     @torch.no_grad()
     def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images float [B, 3, S, S] in [0, 1] and labels [B] for dataset indices idx [B]."""
+        """Images float [B, 3, S, S] in [0, 1] and labels [B] for dataset indices idx [B]. The
+        background noise comes from a generator seeded by (seed, the batch's first index), so it
+        is a function of the batch; everything else of each image's own index."""
+        # the noise seed, read before idx moves: reading a device tensor waits for the GPU's queue
+        noise_seed = int(self.seed * 1_000_003 + int(idx[0])) if idx.numel() else 0
         idx = idx.to(device)
         s, dev = self.image_size, idx.device
         lab = self.labels(idx)
@@ -85,7 +91,7 @@ class SyntheticShapes:
         bg1, bg2 = _hue_to_rgb(u[8]) * 0.5 + 0.25, _hue_to_rgb(u[9]) * 0.5 + 0.25
         t = ((xx * (u[10] - 0.5) + yy * (u[11] - 0.5)) + 0.5).clamp(0, 1).unsqueeze(1)
         bg = bg1 * (1 - t) + bg2 * t
-        gen = torch.Generator(device=dev).manual_seed(int(self.seed * 1_000_003 + int(idx[0]) if idx.numel() else 0))
+        gen = torch.Generator(device=dev).manual_seed(noise_seed)
         bg = bg + 0.08 * torch.randn(idx.shape[0], 3, s, s, generator=gen, device=dev)
         fgc = torch.where(texture.unsqueeze(1), fg, fg_dark)
         img = torch.where(inside.unsqueeze(1), fgc, bg)
@@ -105,10 +111,10 @@ class ImageFolder:
     def __init__(self, root: str | Path, image_size: int) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+            raise ConfigError(f"image folder {self.root} does not exist or is not a directory")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
-            raise ValueError(f"image folder {self.root} contains no images ({', '.join(IMAGE_SUFFIXES)} files)")
+            raise ConfigError(f"image folder {self.root} contains no images ({', '.join(IMAGE_SUFFIXES)} files)")
         self.image_size = image_size
         classes = sorted({p.relative_to(self.root).parts[0] for p in self.files if len(p.relative_to(self.root).parts) > 1})
         self._class = {c: i for i, c in enumerate(classes)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import resource
@@ -27,8 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from dinov3_fast.models import block_keep_fraction, flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
-from dinov3_fast.train.checkpoint import load_checkpoint, save_checkpoint
-from dinov3_fast.train.config import Config, save_config, validate
+from dinov3_fast.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from dinov3_fast.train.config import Config, ConfigError, save_config, validate
 from dinov3_fast.train.data import build_source, make_batch, step_indices
 from dinov3_fast.train.knn import knn_probe
 from dinov3_fast.train.masking import MaskingGenerator
@@ -39,6 +40,7 @@ from dinov3_fast.train.profiling import StepProfiler, format_summary
 from dinov3_fast.train.schedules import Schedules
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_NAN_STEPS = 2  # consecutive non-finite losses tolerated (DINOv3's do_train)
 # Dense bf16 peak FLOP/s per card, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 
@@ -191,7 +193,7 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     arch.update_ema(values.momentum)
     if (arch.has_gram_teacher and g.rep_update and it + 1 >= g.it_first_update and (it + 1) % g.update_frequency == 0
             and (g.max_updates is None or state.gram_updates < g.max_updates)):
-        arch.update_gram(0.0)
+        arch.gram_load_ema_teacher()
         state.gram_updates += 1
     state.step += 1
     logs = {"total_loss": loss, **logs, **{f"grad_norm_{k}": v for k, v in norms.items()}}
@@ -215,11 +217,21 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     on_log(history) is called on rank 0 after every logged interval, e.g. to persist the figures
     so far: a run killed by a time limit keeps what it measured."""
     from tqdm import tqdm
-    state = build_state(cfg, device)
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "ckpt"
+    if resume is None and cfg.checkpointing.period >= 0 and complete_checkpoints(ckpt_root):
+        # a fresh run would save and prune among another run's checkpoints
+        raise ConfigError(f"train.output_dir {out_dir} already holds checkpoints ({ckpt_root}): resume from them "
+                         f"(--resume {ckpt_root}) or choose another output_dir")
+    state = build_state(cfg, device)
     if resume is not None:
         state.restore(load_checkpoint(resume, state.arch, state.optimizer))
+    g = cfg.gram
+    if state.arch.has_gram_teacher and not state.arch.gram_teacher_initialized and g.it_load_ema_teacher != state.step:
+        # the Gram loss runs from the first step, and its teacher can only start as the EMA teacher
+        raise ConfigError(f"gram.it_load_ema_teacher ({g.it_load_ema_teacher}) must be this run's first step "
+                         f"({state.step}): the Gram teacher is a copy of the EMA teacher made then, and no "
+                         "checkpoint holds one")
     if state.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -234,7 +246,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     if log_fn is print and not bar.disable:
         log_fn = bar.write  # keeps the bar intact
     t_last, n_last = time.perf_counter(), state.step
+    nan_run = 0  # consecutive steps with a non-finite loss
     period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
+    # the kNN probe needs the synthetic data's hidden labels, and is off with no validation images
+    knn = cfg.train.dataset_path == "synthetic" and cfg.evaluation.knn_val_samples > 0
     # Profiled: the last profile_steps steps, logged as an interval of their own (a log right before
     # them closes the timed interval). Last, not first: the profiler may leave CUPTI attached and
     # slow what follows (pytorch#144455), which must not reach the timed steps.
@@ -257,15 +272,21 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if state.rank == 0 and log_fn is not None:
                 log_fn(format_summary(history["profile"], it - profile_from))
         in_profile = profiler is not None and profiler.active  # no logging (it syncs) inside the window
-        if (it % cfg.train.log_every == 0 or it == total or it == profile_from) and not in_profile:
+        saves = period > 0 and it % period == 0 and it < total
+        # a checkpoint step is a logged one too, so its losses are checked (below) before it saves
+        if (it % cfg.train.log_every == 0 or it == total or it == profile_from or saves) and not in_profile:
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             # the profiled span's time is the profiler's own wall time (without its summary work)
             now = t_last + history["profile"]["wall_s"] if profiled else time.perf_counter()
             step_time = (now - t_last) / max(it - n_last, 1)
             t_last, n_last = now, it
-            for logs in pending:
+            for step, logs in enumerate(pending, start=it - len(pending) + 1):
                 history["steps"].append(_reduce_logs(logs, state.world))
+                nan_run = nan_run + 1 if not math.isfinite(history["steps"][-1]["total_loss"]) else 0
+                if nan_run > MAX_NAN_STEPS:  # DINOv3 stops at the third NaN step in a row, before saving it
+                    raise RuntimeError(f"the loss was not finite for {nan_run} steps in a row (to step {step}); "
+                                       f"the last checkpoint ({history['checkpoint']}) predates them")
             pending.clear()
             last = history["steps"][-1]
             img_s = global_batch / step_time
@@ -281,16 +302,19 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                        f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
             if state.rank == 0 and on_log is not None:
                 on_log(history)
-        if period > 0 and it % period == 0 and it < total:
+        if saves and nan_run:  # a non-finite step may have left NaN weights: keep the last good checkpoint
+            if state.rank == 0 and log_fn is not None:
+                log_fn(f"step {it}: no checkpoint, the loss was not finite for the last {nan_run} step(s)")
+        elif saves:
             history["checkpoint"] = str(save_checkpoint(ckpt_root, it, state.arch, state.optimizer, state.rank_state(),
                                                         config_yaml, cfg.checkpointing.max_to_keep))
-        if evals > 0 and it % evals == 0 and it < total:
+        if knn and evals > 0 and it % evals == 0 and it < total:
             history["knn"].append((it, _knn(state)))
     bar.close()
-    if period >= 0 and cfg.train.output_dir:
+    if period >= 0 and cfg.train.output_dir and not nan_run:
         history["checkpoint"] = str(save_checkpoint(ckpt_root, state.step, state.arch, state.optimizer,
                                                     state.rank_state(), config_yaml, cfg.checkpointing.max_to_keep))
-    if cfg.train.dataset_path == "synthetic" and cfg.evaluation.knn_val_samples > 0:
+    if knn:
         history["knn"].append((state.step, _knn(state)))
         if state.rank == 0 and log_fn is not None:
             log_fn(f"kNN top-1 on the synthetic hidden labels: {100 * history['knn'][-1][1]:.1f}% "

@@ -22,13 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dinov3_fast.models import DINOHead, build_model
 from dinov3_fast.nn import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
-from dinov3_fast.train.config import Config
+from dinov3_fast.train.config import Config, ConfigError
 from dinov3_fast.train.data import Batch
 from dinov3_fast.train.masking import mask_metadata
 from dinov3_fast.train.schedules import loss_weight_schedules
@@ -106,7 +105,7 @@ class SSLMetaArch(nn.Module):
                                                    backend=backend)
         else:
             if cfg.dino.koleo_topk != 1:
-                raise ValueError("dino.koleo_topk must be 1 unless dino.koleo_loss_distributed (as in DINOv3)")
+                raise ConfigError("dino.koleo_topk must be 1 unless dino.koleo_loss_distributed (as in DINOv3)")
             self.koleo_loss = KoLeoLoss(backend=backend)
         self.dino_local_loss_schedule, self.gram_loss_schedule = loss_weight_schedules(cfg)
         self.gram_loss = (GramLoss(apply_norm=g.normalized, remove_neg=g.remove_neg,
@@ -140,7 +139,6 @@ class SSLMetaArch(nn.Module):
 
     def forward_backward(self, batch: Batch, *, teacher_temp: float, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward every model, compute the weighted loss, backward it. Returns (loss, loss dict)."""
-        n_global, b = batch.global_crops.shape[:2]
         masks = batch.masks.flatten(0, 1)                                  # [2B, HW]
         mask_indices, masks_weight, n_masked = mask_metadata(masks)
         teacher_global = self.get_teacher_output(batch.global_crops, teacher_temp=teacher_temp,
@@ -198,7 +196,7 @@ class SSLMetaArch(nn.Module):
                 raise RuntimeError("the Gram teacher is not initialised: it loads the EMA teacher at "
                                    f"gram.it_load_ema_teacher={self.cfg.gram.it_load_ema_teacher}")
             if images is None:
-                raise ValueError("the Gram loss needs Gram-teacher crops (crops.gram_teacher_crops_size)")
+                raise ConfigError("the Gram loss needs Gram-teacher crops (crops.gram_teacher_crops_size)")
             with torch.no_grad():
                 teacher = self.gram_teacher.backbone(images.flatten(0, 1), is_training=True)["x_norm_patchtokens"]
                 reshard(self.gram_teacher)
@@ -279,22 +277,3 @@ class SSLMetaArch(nn.Module):
             return
         self._copy_teacher_to_gram()
         self.gram_teacher_initialized = True
-
-    @torch.no_grad()
-    def update_gram(self, momentum: float = 0.0) -> None:
-        """Gram teacher = m * Gram teacher + (1 - m) * EMA teacher, local shards; m = 0 is a load
-        (`gram_load_ema_teacher`: plain copies of parameters and buffers, not g * 0 + t, which keeps NaN)."""
-        if self.gram_teacher is None:
-            return
-        if momentum == 0.0:
-            self.gram_load_ema_teacher()
-            return
-        reshard(self.teacher)
-        reshard(self.gram_teacher)
-        g = local_tensors(self.gram_teacher.backbone.parameters())
-        t = local_tensors(self.teacher.backbone.parameters())
-        torch._foreach_mul_(g, momentum)
-        torch._foreach_add_(g, t, alpha=1 - momentum)
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
