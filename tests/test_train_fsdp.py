@@ -42,7 +42,9 @@ def _run(ac: str, rank: int, world: int, unmasked_half: bool = False) -> list[fl
     for step in range(STEPS):
         batch = synthetic_batch(cfg, GLOBAL_BATCH, seed=step)
         if unmasked_half:
-            batch.masks[:, GLOBAL_BATCH // 2:] = False
+            masks = batch.masks.clone()
+            masks[:, GLOBAL_BATCH // 2:] = False
+            batch = batch.with_masks(masks)
         batch = batch.shard(rank, world)
         values = sched.at(step)
         apply_schedule(opt, values)

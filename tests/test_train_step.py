@@ -69,7 +69,7 @@ def test_ssl_step_without_masked_patch(gram):
         cfg = apply_overrides(cfg, ["gram.use_loss=true", "gram.it_load_ema_teacher=0", "gram.tokens_used=masked",
                                     "gram.img_level=false", "crops.gram_teacher_crops_size=64"])
     batch = _batch(cfg)
-    batch.masks.zero_()
+    batch = batch.with_masks(torch.zeros_like(batch.masks))
     arch = _arch(cfg)
     if gram:
         arch.gram_load_ema_teacher()  # the Gram teacher loads the EMA teacher (it_load_ema_teacher=0)
@@ -435,3 +435,22 @@ def test_loss_weight_schedules_reweight_the_step(tmp_path):
     local_scale = 2 * n_local / (2 + 2 * n_local)  # DINOv3's term scale: local pairs / (global pairs + local pairs)
     want = l0 - local_scale * (1 - w_local) * d0["dino_local_crops_loss"] - (1 - w_gram) * d0["gram_loss"]
     torch.testing.assert_close(l1, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_carries_the_mask_metadata_made_on_the_cpu():
+    """make_batch computes the iBOT mask metadata with the masks on the CPU (DINOv3's collate), so
+    the step needs no nonzero on the device; it equals what the step would compute, and a batch
+    with other masks or a shard recomputes it."""
+    cfg = get_preset("debug")
+    batch = _batch(cfg)
+    want = mask_metadata(batch.masks.flatten(0, 1))
+    for got, ref in zip((batch.mask_indices, batch.masks_weight, batch.n_masked), want, strict=True):
+        assert torch.equal(got, ref)
+    assert batch.shard(0, 2).mask_indices is None and batch.with_masks(batch.masks).n_masked is None
+    arch = _arch(cfg)
+    torch.manual_seed(0)
+    loss, _ = arch.forward_backward(batch, teacher_temp=0.05)
+    arch.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    again, _ = arch.forward_backward(batch.with_masks(batch.masks), teacher_temp=0.05)
+    assert torch.equal(loss, again)

@@ -22,9 +22,19 @@ import torch
 
 from dinov3_fast.train.augment import MultiCropAugmentation
 from dinov3_fast.train.config import ConfigError
-from dinov3_fast.train.masking import MaskingGenerator, sample_masks
+from dinov3_fast.train.masking import MaskingGenerator, mask_metadata, sample_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting for the GPU: on CUDA through pinned memory with
+    non_blocking (CUDA runs a stream sync before a copy from pageable host memory, so a plain
+    .to(cuda) would stall the host until every queued kernel has run)."""
+    device = torch.device(device) if device is not None else t.device
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- sources
@@ -62,7 +72,7 @@ class SyntheticShapes:
         is a function of the batch; everything else of each image's own index."""
         # the noise seed, read before idx moves: reading a device tensor waits for the GPU's queue
         noise_seed = int(self.seed * 1_000_003 + int(idx[0])) if idx.numel() else 0
-        idx = idx.to(device)
+        idx = to_device_async(idx, device)
         s, dev = self.image_size, idx.device
         lab = self.labels(idx)
         u = [self._u(idx, k).float().view(-1, 1, 1) for k in range(1, 14)]
@@ -143,8 +153,8 @@ class ImageFolder:
 
     def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.load(int(i) % len(self)) for i in idx.tolist()]
-        images = torch.stack([x for x, _ in items]).to(device).float() / 255
-        return images, torch.tensor([y for _, y in items], device=device)
+        images = to_device_async(torch.stack([x for x, _ in items]), device).float() / 255
+        return images, to_device_async(torch.tensor([y for _, y in items]), device)
 
 
 def build_source(dataset_path: str, image_size: int, num_classes: int = 8, seed: int = 0):
@@ -180,6 +190,11 @@ class Batch:
     masks: torch.Tensor              # [2, B, HW] bool (iBOT masks of the student's global crops)
     gram_crops: torch.Tensor | None  # [2, B, 3, Gg, Gg]
     labels: torch.Tensor             # [B] (hidden labels; unused by the SSL step)
+    # `mask_metadata(masks.flatten(0, 1))`, made on the CPU with the masks as DINOv3's collate does
+    # (on the GPU its nonzero would stall the host); None: the step computes it
+    mask_indices: torch.Tensor | None = None  # [M]
+    masks_weight: torch.Tensor | None = None  # [M]
+    n_masked: torch.Tensor | None = None      # [1]
 
     @property
     def batch_size(self) -> int:
@@ -189,6 +204,10 @@ class Batch:
         return replace(self, **{f.name: (getattr(self, f.name).to(device, non_blocking=True)
                                          if getattr(self, f.name) is not None else None) for f in fields(self)})
 
+    def with_masks(self, masks: torch.Tensor) -> Batch:
+        """This batch with other iBOT masks [2, B, HW] (their metadata recomputed in the step)."""
+        return replace(self, masks=masks, mask_indices=None, masks_weight=None, n_masked=None)
+
     def shard(self, rank: int, world: int) -> Batch:
         """Images [rank * B / world, (rank + 1) * B / world) of every crop: one rank's part of a global batch."""
         if self.batch_size % world:
@@ -197,16 +216,19 @@ class Batch:
         sl = slice(rank * b, (rank + 1) * b)
         dims = {"global_crops": 1, "local_crops": 1, "masks": 1, "gram_crops": 1, "labels": 0}
         return replace(self, **{k: (getattr(self, k).narrow(d, sl.start, b) if getattr(self, k) is not None else None)
-                                for k, d in dims.items()})
+                                for k, d in dims.items()}, mask_indices=None, masks_weight=None, n_masked=None)
 
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, aug: MultiCropAugmentation, gen: torch.Generator,
                masker: MaskingGenerator, mask_ratio_min_max: tuple[float, float], mask_probability: float) -> Batch:
-    """Augment images [B, 3, S, S] (on their device) and draw the iBOT masks (CPU)."""
+    """Augment images [B, 3, S, S] (on their device); draw the iBOT masks and their metadata on
+    the CPU and send them over without waiting for the device."""
     crops = aug(images, gen)
     b = images.shape[0]
     masks = sample_masks(2 * b, (masker.height, masker.width), mask_ratio_min_max, mask_probability, masker)
-    return Batch(crops.global_crops, crops.local_crops, masks.view(2, b, -1).to(images.device), crops.gram_crops, labels)
+    meta = [to_device_async(t, images.device) for t in mask_metadata(masks)]
+    return Batch(crops.global_crops, crops.local_crops, to_device_async(masks.view(2, b, -1), images.device),
+                 crops.gram_crops, labels, *meta)
 
 
 def synthetic_batch(cfg, n_images: int, seed: int = 0, device=None) -> Batch:

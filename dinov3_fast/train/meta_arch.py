@@ -140,7 +140,10 @@ class SSLMetaArch(nn.Module):
     def forward_backward(self, batch: Batch, *, teacher_temp: float, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward every model, compute the weighted loss, backward it. Returns (loss, loss dict)."""
         masks = batch.masks.flatten(0, 1)                                  # [2B, HW]
-        mask_indices, masks_weight, n_masked = mask_metadata(masks)
+        if batch.mask_indices is not None:  # made with the masks, on the CPU
+            mask_indices, masks_weight, n_masked = batch.mask_indices, batch.masks_weight, batch.n_masked
+        else:
+            mask_indices, masks_weight, n_masked = mask_metadata(masks)
         teacher_global = self.get_teacher_output(batch.global_crops, teacher_temp=teacher_temp,
                                                  mask_indices=mask_indices, n_masked_patches=n_masked)
         student_global, student_local = self.get_student_output(batch.global_crops, batch.local_crops, masks,
