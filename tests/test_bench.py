@@ -248,5 +248,9 @@ def test_latest_run_judges_a_goal():
                                                            "time": "2026-12-03T10:00:00"}))]
     text = md.render(dated)
     assert "| vitl_261tok | 3.00 (earlier runs: 1.00) | met | h100_torch2.11_run10.json |" in text
+    # a run's companion file starts later than its main file: still the same run, not a later one
+    companion = dict(run(0.5), meta={**run(0.5)["meta"], "time": "2026-12-02T10:05:00"})
+    text = md.render([*dated[:2], (Path("h100_torch2.11_run10_compiled.json"), companion)])
+    assert "| vitl_261tok | 3.00 (earlier runs: 1.00) | met | h100_torch2.11_run10.json |" in text
     assert md._run_order(Path("x_run10.json"), {"date": "2026-12-01"}) > md._run_order(Path("x_run9.json"),
                                                                                        {"date": "2026-12-01"})

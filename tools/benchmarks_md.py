@@ -123,11 +123,17 @@ def _can_judge(goal: Goal, meta: dict) -> bool:
     return meta.get("device_type") == "cuda" and goal.device in meta.get("device", "")
 
 
+def _run_id(path: Path) -> str:
+    """One device call writes a main file and its `_compiled` / `_model` companions: one run, whose
+    id is the main file's stem."""
+    return path.stem.removesuffix("_compiled").removesuffix("_model")
+
+
 def _run_order(path: Path, meta: dict) -> tuple[str, int, str]:
-    """When a run was made, as a sort key: its start time (`meta["time"]`, UTC ISO; older runs
-    have only `meta["date"]`), then its `_runN` number, then its id. One device call writes a main
-    file and its `_compiled` / `_model` companions: they share the id (the main file's stem)."""
-    run_id = path.stem.removesuffix("_compiled").removesuffix("_model")
+    """When a run was made, as a sort key: the start time of the file that judged the goal
+    (`meta["time"]`, UTC ISO; older runs have only `meta["date"]`; a run's companion files start
+    after its main file and before the next run), then its `_runN` number, then its id."""
+    run_id = _run_id(path)
     number = re.search(r"_run(\d+)$", run_id)
     return meta.get("time") or meta.get("date", ""), int(number.group(1)) if number else 0, run_id
 
@@ -148,22 +154,23 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = ()) ->
            "columns.", "", "## Goals", "",
            "| issue | goal | preset | measured | status | run |", "|---|---|---|---|---|---|"]
     for goal in GOALS:
-        found = {}  # run order -> (value, file name, device-time ratio); a run's main file comes first
+        found = {}  # run id -> (order, value, file name, device-time ratio); a run's main file comes first
         for path, run in runs:
             if not _can_judge(goal, run["meta"]):
                 continue
             value = evaluate(goal, run["rows"])
-            order = _run_order(path, run["meta"])
-            if value is not None and order not in found:
-                found[order] = (value, path.name, device_speedup(goal, run["rows"]))
+            if value is not None and _run_id(path) not in found:
+                found[_run_id(path)] = (_run_order(path, run["meta"]), value, path.name,
+                                        device_speedup(goal, run["rows"]))
         if not found:
             out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | - | not measured "
                        f"({'no CPU run covers it' if goal.device == 'cpu' else f'no {goal.device} run committed yet'})"
                        " | - |")
             continue
-        value, name, device = found.pop(max(found))  # the latest run judges: it ran the current code
+        runs_in_order = sorted(found.values())
+        _, value, name, device = runs_in_order.pop()  # the latest run judges: it ran the current code
         beside = ([f"device time: {device:.2f}"] if device is not None else []) + \
-            ([f"earlier runs: {', '.join(f'{v:.2f}' for _, (v, _, _) in sorted(found.items()))}"] if found else [])
+            ([f"earlier runs: {', '.join(f'{v:.2f}' for _, v, _, _ in runs_in_order)}"] if runs_in_order else [])
         measured = f"{value:.2f}" + (f" ({'; '.join(beside)})" if beside else "")
         status = "met" if value >= goal.threshold else "not met"
         out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {measured} | {status} | {name} |")
