@@ -130,6 +130,8 @@ else
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || echo "probe ($ops) exit $rc (124/137: timeout; the batches measured so far are kept)" \
       | tee -a "$OUT/log.txt"
+    # a timeout ends the walk up the batches (budget); any other failure is a crash: the run fails
+    case "$rc" in 0|124|137) ;; *) status=1 ;; esac
   done
 fi
 
