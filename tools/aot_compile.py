@@ -120,11 +120,11 @@ def exercise_ops(ops: list[str] | None = None) -> None:
         if (ops and case.op not in ops) or case.is_model:
             continue
         for name, impl in case.impls.items():
-            # "fused" with a gradient at long N is the rotation + SDPA (covered by apply_rope's own
-            # presets; SDPA would run for real on the CPU); "fused:kernels" holds the attention kernels
-            # "fused:cpu" (the CPU presets' explicit cpu path) launches no Triton kernel
-            if (not name.startswith("fused") or name == "fused:cpu"
-                    or (name == "fused" and "fused:kernels" in case.impls)):
+            # Triton launches only: "fused" (default dispatch, simulating a GPU), "fused:triton", and
+            # "fused:kernels" where "fused" at long N is the rotation + SDPA (covered by apply_rope's
+            # own presets; SDPA would run for real on the CPU). Other forced backends (cpu, cuda) launch none.
+            if name not in ("fused", "fused:triton", "fused:kernels") or (
+                    name == "fused" and "fused:kernels" in case.impls):
                 continue
             args, kwargs = case.make_inputs(torch.device("cpu"))
             with simulate_cuda_dispatch(), torch.no_grad() if not case.backward else torch.enable_grad():
