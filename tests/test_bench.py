@@ -52,6 +52,93 @@ def test_cpu_peak_does_not_net_out_the_previous_gradient():
     assert peak_extra_bytes(step, x.device, floor=grad_bytes, setup=clear) >= grad_bytes
 
 
+def test_fwd_bwd_step_backpropagates_every_output_and_draws_its_upstream_gradient_once(monkeypatch):
+    """A tuple of outputs (RoPE's q_rot and k_rot) is back-propagated whole, not through an added
+    sum; the random upstream gradients are drawn on the first call only, so a measured call (the
+    peak-memory run reuses the timed step) allocates none."""
+    from dinov3_fast.bench.runner import fwd_bwd_step
+
+    x = torch.randn(8, 4, requires_grad=True)
+    draws = []
+    monkeypatch.setattr(torch, "randn_like", lambda t: draws.append(t.shape) or torch.full_like(t, 0.5))
+    step = fwd_bwd_step(lambda t: (2 * t, (3 * t).sum()), (x,), {})
+    for _ in range(2):
+        step()
+        # d/dx (<g, 2x> + 3 sum(x)) = 2 g + 3 with g = 0.5: both outputs, cleared between calls
+        torch.testing.assert_close(x.grad, torch.full_like(x, 4.0))
+    assert draws == [x.shape]  # the non-scalar output's, once; the scalar's is 1
+
+
+def test_case_parameters_get_fresh_gradients_every_run():
+    """A whole-block case names its weights: each run writes their gradient afresh, as the first
+    step of a training run does, instead of accumulating into the last run's."""
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def make(device):
+        return (torch.randn(4, 16, device=device, requires_grad=True),), {}
+
+    case = BenchCase(op="toy", preset="cpu_param", device="cpu", make_inputs=make,
+                     impls={"reference": lambda x: (x @ w).square().sum()}, parameters=lambda device: [w])
+    run_case(case, torch.device("cpu"), roofline=None, min_run_time=0.01)
+    args, _ = make("cpu")
+    from dinov3_fast.bench.runner import fwd_bwd_step
+    step = fwd_bwd_step(case.impls["reference"], args, {}, [w])
+    step()
+    once = w.grad.clone()
+    step()
+    torch.testing.assert_close(w.grad, once)
+
+
+def test_rows_count_each_impls_own_flops_and_the_minimal_traffic():
+    """TFLOP/s is the work each impl executes (impl_flops), and a schedule-counted bandwidth
+    (bytes) comes with the minimal traffic's fraction (min_bytes)."""
+    from dinov3_fast.bench.roofline import Roofline
+
+    case = _tiny_case()
+    case = BenchCase(**{**case.__dict__, "impl_flops": {"reference": 4 * case.flops}, "min_bytes": case.bytes / 2})
+    roof = Roofline("cpu", copy_bytes_per_s=1e10, bf16_flops_per_s=1e11, fp32_flops_per_s=1e11)
+    rows = run_case(case, torch.device("cpu"), roofline=roof, min_run_time=0.01)
+    for row, flops in zip(rows, (4 * case.flops, case.flops)):
+        assert row.tflops == pytest.approx(flops / row.fwd_ms / 1e9)
+        assert row.min_bw_frac == pytest.approx(row.bw_frac / 2)
+
+
+def test_cpu_timing_takes_at_least_the_rep_floor():
+    """A call much longer than min_run_time is still timed over MIN_REPS calls, not a handful."""
+    import time
+
+    from dinov3_fast.bench.timing import MIN_REPS, median_seconds
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.002)
+
+    assert median_seconds(slow, torch.device("cpu"), min_run_time=0.001) >= 0.002
+    assert len(calls) >= MIN_REPS
+
+
+@pytest.mark.gpu
+def test_cuda_timing_counts_host_time_that_outlasts_the_device_work():
+    """A call whose host work (300 us of Python here) outlasts its device work reads as at least
+    that host time: the L2 flush before it is drained first, so none of the call hides behind it
+    (triton's do_bench recorded the start event right behind the flush and read ~90 us less)."""
+    import time
+
+    from dinov3_fast.bench.timing import median_seconds
+
+    x = torch.ones(16, device="cuda")
+
+    def host_bound():
+        end = time.perf_counter() + 300e-6
+        while time.perf_counter() < end:
+            pass
+        x.add_(1)
+
+    assert median_seconds(host_bound, torch.device("cuda"), min_run_time=0.05) >= 290e-6
+
+
 def _tiny_case():
     def make(device):
         return (torch.randn(64, 32, device=device, requires_grad=True),), {}
@@ -224,6 +311,18 @@ def test_goals_show_the_device_time_ratio_beside_the_judged_one():
         del r["graph_ms"], r["graph_speedup"]
     text = md.render([(Path("h100_run1.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows})])
     assert "| 1.20 | not met | h100_run1.json |" in text and "graph ms" not in text
+
+
+def test_bandwidth_goal_shows_the_minimal_traffic_beside_the_schedule_figure():
+    md = load_tool("benchmarks_md")
+    from dinov3_fast.bench.runner import BenchRow
+
+    goal = next(g for g in md.GOALS if g.metric == "bw_frac")
+    rows = [BenchRow(goal.op, goal.preset, "fused", 0.1, None, 1.0, None, None, None, None, 2000.0, 0.62,
+                     min_bw_frac=0.08).as_dict()]
+    assert md.minimal_traffic_fraction(goal, rows) == pytest.approx(0.08)
+    text = md.render([(Path("h100_run4.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
+    assert "| 0.62 (minimal traffic: 0.08) | not met | h100_run4.json |" in text
 
 
 def test_latest_run_judges_a_goal():

@@ -40,6 +40,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import dinov3_fast.ops  # noqa: E402
+from dinov3_fast.bench.runner import grad_outputs  # noqa: E402
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch  # noqa: E402
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
@@ -128,10 +129,9 @@ def exercise_ops(ops: list[str] | None = None) -> None:
                 continue
             args, kwargs = case.make_inputs(torch.device("cpu"))
             with simulate_cuda_dispatch(), torch.no_grad() if not case.backward else torch.enable_grad():
-                out = impl(*args, **kwargs)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                if case.backward and out.requires_grad:
-                    out.backward(torch.ones_like(out))
+                outs = grad_outputs(impl(*args, **kwargs))
+                if case.backward and outs:
+                    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
 def all_kernels() -> set[tuple[str, str]]:

@@ -26,14 +26,25 @@ class BenchCase:
             presets of the device it has.
         make_inputs: (device) -> (args, kwargs). Tensors that need gradients in training already have
             requires_grad=True; inputs are freshly drawn on every call.
-        impls: name -> callable(*args, **kwargs) returning a tensor (or tuple whose first element is
-            used for backward). The first entry is the baseline every ratio is measured against.
+        impls: name -> callable(*args, **kwargs) returning a tensor or a tuple/list of tensors
+            (every output with a gradient is back-propagated). The first entry is the baseline
+            every ratio is measured against.
             Conventional names: "reference" (eager DINOv3 formula), "reference+compile",
             "fused" (our op with its default backend), or "fused:<backend>".
-        flops: useful forward FLOPs (for TFLOP/s and the compute roofline), or None.
+        parameters: (device) -> the module parameters a backward writes gradients of (a whole-block
+            case's weights), cleared between runs like the inputs'; None for a functional op.
+        flops: forward matmul FLOPs (for TFLOP/s and the compute roofline against the measured
+            matmul rate), or None where the op is not matmul work (an elementwise op's FLOPs
+            against a matmul peak would say nothing).
+        impl_flops: per-impl overrides of `flops`, where an impl runs a different formulation (the
+            Gram reference forms P x P Grams where the fused op takes the D x D identity): each
+            row's TFLOP/s is then the work that impl executes.
         bytes: forward memory traffic in bytes (for the bandwidth roofline), or None: the minimal
             traffic, or where an issue judges a schedule (Sinkhorn-Knopp: "the bytes its schedule
             must move", issue #4) that schedule's, as the case's note says.
+        min_bytes: where `bytes` counts a schedule's traffic, the minimal one (inputs read once,
+            outputs written once): re-reads that hit the L2 are not DRAM traffic, so the row
+            also reports this fraction of copy bandwidth.
         bwd_flops: useful FLOPs of the backward alone (None: not reported).
         backward: whether to also time forward+backward.
         note: one line shown with the case (e.g. which formulation the shapes select).
@@ -46,8 +57,11 @@ class BenchCase:
     device: str
     make_inputs: Callable[[torch.device], Inputs]
     impls: dict[str, Callable]
+    parameters: Callable[[torch.device], list[torch.Tensor]] | None = None
     flops: float | None = None
+    impl_flops: dict[str, float] = field(default_factory=dict)
     bytes: float | None = None
+    min_bytes: float | None = None
     bwd_flops: float | None = None
     backward: bool = True
     note: str = ""

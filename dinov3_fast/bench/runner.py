@@ -27,9 +27,9 @@ class BenchRow:
                               # None where the CPU profiler missed allocations (see bench/memory.py)
     speedup: float | None     # baseline time / this time (forward+backward when measured)
     mem_ratio: float | None   # baseline peak / this peak
-    tflops: float | None      # useful forward FLOPs / forward time
+    tflops: float | None      # forward matmul FLOPs this impl executes / forward time
     flops_frac: float | None  # tflops / measured peak of the input dtype's matmul
-    gbps: float | None        # minimal forward bytes / forward time
+    gbps: float | None        # forward bytes (BenchCase.bytes) / forward time
     bw_frac: float | None     # gbps / measured copy bandwidth
     bwd_tflops: float | None = None  # useful backward FLOPs / (fwd+bwd time - fwd time)
     note: str = ""
@@ -38,13 +38,18 @@ class BenchRow:
     # cannot be captured
     graph_ms: float | None = None
     graph_speedup: float | None = None  # baseline graph_ms / this graph_ms
+    # where `bw_frac` counts a schedule's traffic (BenchCase.min_bytes): the minimal traffic's
+    # fraction of copy bandwidth (inputs read once, outputs written once)
+    min_bw_frac: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def grad_outputs(out) -> list[torch.Tensor]:
+    """The tensors of a call's output that carry a gradient (a tuple of outputs is taken whole:
+    q_rot and k_rot of RoPE, not their sum)."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -52,8 +57,9 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
-def _leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    return [t for t in _tensors(args, kwargs) if t.requires_grad]
+def _leaves(args: tuple, kwargs: dict, parameters: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """What a backward writes `.grad` of: the inputs that require it, and the case's parameters."""
+    return [t for t in _tensors(args, kwargs) if t.requires_grad] + list(parameters)
 
 
 def _clear_grads(leaves: list[torch.Tensor]) -> None:
@@ -61,19 +67,22 @@ def _clear_grads(leaves: list[torch.Tensor]) -> None:
         t.grad = None
 
 
-def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict) -> Callable[[], None]:
-    """One forward + backward of impl(*args, **kwargs), clearing input grads first; non-scalar
-    outputs are back-propagated with a fixed random upstream gradient."""
-    leaves = _leaves(args, kwargs)
-    grad_out = None
+def fwd_bwd_step(impl: Callable, args: tuple, kwargs: dict,
+                 parameters: list[torch.Tensor] = ()) -> Callable[[], None]:
+    """One forward + backward of impl(*args, **kwargs), clearing the gradients of the inputs and of
+    `parameters` first (so every call allocates them afresh rather than accumulating into the last
+    call's). Every output with a gradient is back-propagated: a scalar with 1, others with a fixed
+    random upstream gradient drawn on the first call (so a measured call draws nothing)."""
+    leaves = _leaves(args, kwargs, parameters)
+    grad_outs: list[torch.Tensor] | None = None
 
     def step():
-        nonlocal grad_out
+        nonlocal grad_outs
         _clear_grads(leaves)
-        out = _first(impl(*args, **kwargs))
-        if grad_out is None:
-            grad_out = torch.randn_like(out) if out.dim() else torch.ones_like(out)
-        out.backward(grad_out)
+        outs = grad_outputs(impl(*args, **kwargs))
+        if grad_outs is None:
+            grad_outs = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+        torch.autograd.backward(outs, grad_outs)
 
     return step
 
@@ -88,10 +97,12 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
     # into dynamo's recompile limit (8) and silently time eager code under the compiled label.
     torch.compiler.reset()
     args, kwargs = case.make_inputs(device)
-    leaves = _leaves(args, kwargs) if case.backward else []
+    parameters = case.parameters(device) if case.parameters is not None else []
+    leaves = _leaves(args, kwargs, parameters) if case.backward else []
     has_grad = bool(leaves)
     grad_bytes = sum(t.numel() * t.element_size() for t in leaves)  # what each fwd+bwd run keeps
     clear_grads = functools.partial(_clear_grads, leaves)
+    half = any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args, kwargs))
     rows: list[BenchRow] = []
     for name, impl in case.impls.items():
         fwd = (lambda impl=impl: impl(*args, **kwargs))
@@ -100,32 +111,16 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
             fwd_s = median_seconds(fwd, device, min_run_time)
         fwd_bwd_s = None
         if has_grad:
-            step = fwd_bwd_step(impl, args, kwargs)
+            step = fwd_bwd_step(impl, args, kwargs, parameters)
             fwd_bwd_s = median_seconds(step, device, min_run_time)
             graph_s = graph_median_seconds(step, device, min_run_time, label=f"{label} fwd+bwd")
         else:
             with torch.no_grad():
                 graph_s = graph_median_seconds(fwd, device, min_run_time, label=f"{label} fwd")
-        # the last run's gradients are freed before the measured run, not inside it
-        peak = peak_extra_bytes(fwd_bwd_step(impl, args, kwargs) if has_grad else fwd, device, floor=grad_bytes,
-                                setup=clear_grads)
-        # Roofline figures from the L2-flushed event times: the graph replays keep small inputs in
-        # the L2, which would put bandwidth above the card's copy rate.
-        tflops = case.flops / fwd_s / 1e12 if case.flops else None
-        gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
-        flops_frac = bw_frac = None
-        if roofline is not None:
-            half = any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args, kwargs))
-            peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
-            flops_frac = tflops * 1e12 / peak_flops if tflops else None
-            bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None
-        bwd_tflops = None
-        if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
-            bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
-        peak_mb = None if peak is None else peak / 2**20
-        rows.append(BenchRow(case.op, case.preset, name, fwd_s * 1e3, _ms(fwd_bwd_s), peak_mb, None, None,
-                             tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note,
-                             graph_ms=_ms(graph_s)))
+        # the timed step again (its upstream gradients already drawn), the last run's gradients
+        # freed before the measured run, not inside it
+        peak = peak_extra_bytes(step if has_grad else fwd, device, floor=grad_bytes, setup=clear_grads)
+        rows.append(_row(case, name, roofline, half, fwd_s, fwd_bwd_s, peak, graph_s))
     base = rows[0]
     for row in rows:
         row.speedup = (base.fwd_bwd_ms or base.fwd_ms) / (row.fwd_bwd_ms or row.fwd_ms)
@@ -133,6 +128,28 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
         row.mem_ratio = base.peak_mb / row.peak_mb if base.peak_mb and row.peak_mb else None
     del args, kwargs
     return rows
+
+
+def _row(case: BenchCase, impl: str, roofline: Roofline | None, half: bool, fwd_s: float,
+         fwd_bwd_s: float | None, peak: int | None, graph_s: float | None) -> BenchRow:
+    """One impl's row, ratios to the baseline left for the caller. Roofline figures come from the
+    L2-flushed event times: the graph replays keep small inputs in the L2, which would put
+    bandwidth above the card's copy rate."""
+    flops = case.impl_flops.get(impl, case.flops)
+    tflops = flops / fwd_s / 1e12 if flops else None
+    gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
+    flops_frac = bw_frac = min_bw_frac = None
+    if roofline is not None:
+        peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
+        flops_frac = tflops * 1e12 / peak_flops if tflops else None
+        bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None
+        min_bw_frac = case.min_bytes / fwd_s / roofline.copy_bytes_per_s if case.min_bytes else None
+    bwd_tflops = None
+    if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
+        bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
+    return BenchRow(case.op, case.preset, impl, fwd_s * 1e3, _ms(fwd_bwd_s), None if peak is None else peak / 2**20,
+                    None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note,
+                    graph_ms=_ms(graph_s), min_bw_frac=min_bw_frac)
 
 
 def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofline | None,

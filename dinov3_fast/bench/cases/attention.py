@@ -75,17 +75,16 @@ def _sdpa(backend: str | None):
 
 
 def _dinov3(heads, sdpa_backend, *qkvs, ropes):
-    """DINOv3's attention, per crop, with `sdpa_backend` forced (None: torch's choice)."""
+    """DINOv3's attention, per crop, with `sdpa_backend` forced (None: torch's choice): the outputs per crop."""
     with _sdpa(sdpa_backend):
-        outs = rope_attention_list_ref(list(qkvs), ropes, heads)
-    return outs[0] if len(outs) == 1 else torch.cat([o.flatten(0, 1) for o in outs])
+        return rope_attention_list_ref(list(qkvs), ropes, heads)
 
 
 def _fused(heads, *qkvs, ropes, backend=None):
+    """The fused op on one crop (the tensor form) or on a crop list (one launch): the outputs per crop."""
     if len(qkvs) == 1:
         return rope_attention(qkvs[0], ropes[0], num_heads=heads, backend=backend)
-    return torch.cat([o.flatten(0, 1) for o in rope_attention_list(list(qkvs), ropes, num_heads=heads,
-                                                                   backend=backend)])
+    return rope_attention_list(list(qkvs), ropes, num_heads=heads, backend=backend)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,13 +147,6 @@ def _rope_inputs(heads, head_dim, b, n, dtype, device):
     return (q, k, rope_tables(n - PREFIX, head_dim, device)), {}
 
 
-def _both(fn, q, k, rope):
-    """q_rot + k_rot: one output, so that forward+backward times both rotations (the add costs
-    every impl the same)."""
-    q_rot, k_rot = fn(q, k, rope)
-    return q_rot + k_rot
-
-
 def _rope_cases() -> list[BenchCase]:
     out = []
     for preset, device, model, b, n, dtype in ROPE_PRESETS:
@@ -163,10 +155,10 @@ def _rope_cases() -> list[BenchCase]:
         out.append(BenchCase(
             op="apply_rope", preset=preset, device=device,
             make_inputs=functools.partial(_rope_inputs, heads, head_dim, b, n, dtype),
-            impls={"reference": functools.partial(_both, apply_rope_ref),
+            impls={"reference": apply_rope_ref,  # (q_rot, k_rot): the runner back-propagates both
                    # on the CPU default dispatch runs the reference: time our cpu path there
-                   **({"fused:cpu": functools.partial(_both, functools.partial(apply_rope, backend="cpu"))}
-                      if device == "cpu" else {"fused": functools.partial(_both, apply_rope)})},
+                   **({"fused:cpu": functools.partial(apply_rope, backend="cpu")}
+                      if device == "cpu" else {"fused": apply_rope})},
             bytes=4 * b * heads * n * head_dim * elt,
             note=f"{model} q, k [B={b}, H={heads}, N={n}, Dh={head_dim}] {str(dtype)[6:]} (strided views)",
         ))

@@ -40,7 +40,8 @@ def cases() -> list[BenchCase]:
     for preset, device, B, P, D, dtype, options in PRESETS:
         clamped = bool(options)
         identity = uses_identity(int(clamped), P, D)
-        flops = 6 * B * P * D * D if identity else 4 * B * P * P * D
+        tiled_flops = 4 * B * P * P * D  # two P x P Grams per image
+        flops = 6 * B * P * D * D if identity else tiled_flops  # three D x D products, or the Grams
         elt = torch.finfo(dtype).bits // 8
         out.append(BenchCase(
             op="gram_loss", preset=preset, device=device,
@@ -51,7 +52,9 @@ def cases() -> list[BenchCase]:
                                                          options.get("remove_only_teacher_neg", False)),
                 "fused": functools.partial(gram_loss, **options),
             },
-            flops=flops, bytes=2 * B * P * D * elt,
+            # the references form the P x P Grams whichever formulation the fused op takes
+            flops=flops, impl_flops={"reference": tiled_flops, "reference+compile": tiled_flops},
+            bytes=2 * B * P * D * elt,
             note=f"B={B} P={P} D={D} {str(dtype)[6:]} {' '.join(f'{k}=True' for k in options) or 'no clamping'}; "
                  f"{'identity (D x D)' if identity else 'tiled (P x P on chip)'} formulation",
         ))

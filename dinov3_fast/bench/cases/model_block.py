@@ -50,10 +50,15 @@ def _inputs(name, images, crops, dtype, device):
 
 
 def _run(name, dtype, backend, xs, ropes):
+    """The block's outputs per crop."""
     block, _ = _blocks(name, dtype, str(xs[0].device))
     block.attn.backend = backend
-    out = block(xs, ropes)
-    return out[0] if len(out) == 1 else torch.cat([o.flatten(0, 1) for o in out])
+    return block(xs, ropes)
+
+
+def _parameters(name, dtype, device) -> list[torch.Tensor]:
+    """The block's weights: their gradients are cleared between runs like the inputs'."""
+    return list(_blocks(name, dtype, str(device))[0].parameters())
 
 
 def _flops(name: str, images: int, crops) -> int:
@@ -78,6 +83,7 @@ def cases() -> list[BenchCase]:
             make_inputs=functools.partial(_inputs, name, images, crops, dtype),
             impls={"reference": functools.partial(_run, name, dtype, "reference"),
                    "fused": functools.partial(_run, name, dtype, None)},
+            parameters=functools.partial(_parameters, name, dtype),
             flops=_flops(name, images, crops), bytes=None,
             note=f"{name} block, {images} images x " + " + ".join(f"{c}x{px}px" for c, px in crops)
                  + f", {str(dtype)[6:]}",

@@ -42,9 +42,10 @@ def cases() -> list[BenchCase]:
             op="sinkhorn_knopp", preset=preset, device=device,
             make_inputs=functools.partial(_inputs, B, K, dtype),
             impls=impls,
-            # the fused schedule: 2 reads per round, 1 read + 1 fp32 write at the end
-            flops=(2 * N_ITERATIONS + 1) * 3 * B * K,
+            # elementwise work: no matmul roofline. bytes: the fused schedule's 2 reads per round and
+            # 1 read + 1 fp32 write at the end; min_bytes: the input read once, the output written once
             bytes=(2 * N_ITERATIONS + 1) * B * K * elt + 4 * B * K,
+            min_bytes=B * K * elt + 4 * B * K,
             backward=False,
             note=f"B={B} K={K} {str(dtype)[6:]}, {N_ITERATIONS} rounds; bytes = the fused schedule's 7 reads + 1 write",
         ))

@@ -46,9 +46,8 @@ def cases() -> list[BenchCase]:
             op="soft_cross_entropy", preset=preset, device=device,
             make_inputs=functools.partial(_inputs, S, T, B, K, dtype, ignore, tokens),
             impls={"reference": _reference, "reference+compile": _compiled_reference(), "fused": soft_cross_entropy},
-            flops=(4 + 2 * n_t) * n_s * B * K,
-            bytes=n_s * B * K * elt + n_t * B * K * 4,                 # student once, teacher once (L2 reuse)
-            bwd_flops=(4 + n_t) * n_s * B * K,
+            # elementwise work: no matmul roofline; bytes: student once, teacher once (L2 reuse)
+            bytes=n_s * B * K * elt + n_t * B * K * 4,
             note=f"S={n_s} T={n_t} B={B} K={K} student {str(dtype)[6:]}, ignore_diagonal={ignore}"
                  + (", per-token weights" if tokens else ""),
         ))
