@@ -15,6 +15,7 @@ from torch import nn
 from dinov3_fast.ops import gram_loss
 from dinov3_fast.ops._dispatch import single_rank_as_none
 from dinov3_fast.ops.koleo import koleo_loss
+from dinov3_fast.ops.linear_soft_ce import linear_soft_cross_entropy
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
 from dinov3_fast.ops.attention import apply_rope, rope_attention, rope_attention_packed
@@ -211,7 +212,8 @@ class DINOLoss(_CenterEMA):
     """DINOv3's DINOLoss (dino_clstoken_loss.py) on the fused ops.
 
     forward(student_logits (S, B, K), teacher_probs (T, B, K), ignore_diagonal=False) -> 0-dim fp32.
-    Lists of (B, K) crops are stacked. sinkhorn_knopp_teacher(teacher_output (B, K), teacher_temp,
+    Lists of (B, K) crops are stacked. forward_linear(student_features (S, B, d), last_layer_weight
+    (K, d), teacher_probs, ignore_diagonal=False): the same loss with the head's last layer fused in. sinkhorn_knopp_teacher(teacher_output (B, K), teacher_temp,
     n_iterations=3) -> (B, K); softmax_center_teacher / update_center as in DINOv3.
     """
 
@@ -234,6 +236,14 @@ class DINOLoss(_CenterEMA):
         return soft_cross_entropy(student_logits, teacher_probs, student_temp=self.student_temp,
                                   ignore_diagonal=ignore_diagonal, backend=self.backend)
 
+    def forward_linear(self, student_features, last_layer_weight, teacher_probs, ignore_diagonal=False):
+        """forward(F.linear(student_features, last_layer_weight), ...) without forming the logits:
+        student_features (S, B, d) the normalised head bottlenecks, last_layer_weight (K, d) (see
+        `DINOHead.forward(last_layer_loss=...)`). Same value and gradients."""
+        return linear_soft_cross_entropy(student_features, last_layer_weight, teacher_probs,
+                                         student_temp=self.student_temp, ignore_diagonal=ignore_diagonal,
+                                         backend=self.backend)
+
     @torch.no_grad()
     def update_center(self, teacher_output):
         self.reduce_center_update(teacher_output)
@@ -252,6 +262,8 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
                    masks_weight=None (M,)) -> 0-dim fp32. M = 0 (no masked patch on this rank) gives
                    DINOv3's empty sum, 0, still computed from the student tokens: the iBOT head
                    gets zero gradients, so its backward (and FSDP's collectives) run as on other ranks.
+    forward_masked_linear(student_features (M, d), last_layer_weight (K, d), teacher (M, K), ...):
+                   the same loss with the head's last layer fused in.
     `sinkhorn_knopp_teacher` is a SinkhornKnoppTeacher module, as in DINOv3 (which compiles it;
     the fused op needs no compilation).
     """
@@ -273,7 +285,28 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
 
     def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
                        n_masked_patches=None, masks_weight=None):
-        s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+        s, t, weights = self._masked_terms(student_patch_tokens_masked, teacher_patch_tokens_masked,
+                                           student_masks_flat, n_masked_patches, masks_weight)
+        if s.shape[0] == 0:
+            return s.sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
+        return soft_cross_entropy(s, t, student_temp=self.student_temp, weights=weights, backend=self.backend)
+
+    def forward_masked_linear(self, student_features_masked, last_layer_weight, teacher_patch_tokens_masked,
+                              student_masks_flat, n_masked_patches=None, masks_weight=None):
+        """forward_masked(F.linear(student_features_masked, last_layer_weight), ...) without forming
+        the logits: student_features_masked (M, d) the masked tokens' normalised head bottlenecks,
+        last_layer_weight (K, d) (see `DINOHead.forward(last_layer_loss=...)`). Same value and
+        gradients; with M = 0 the last layer still gets its zero gradient."""
+        s, t, weights = self._masked_terms(student_features_masked, teacher_patch_tokens_masked,
+                                           student_masks_flat, n_masked_patches, masks_weight)
+        if s.shape[0] == 0:
+            return F.linear(s, last_layer_weight).sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
+        return linear_soft_cross_entropy(s, last_layer_weight, t, student_temp=self.student_temp, weights=weights,
+                                         backend=self.backend)
+
+    @staticmethod
+    def _masked_terms(student, teacher, student_masks_flat, n_masked_patches, masks_weight):
+        """(student rows, teacher rows, per-row weights) of the masked-token loss, as DINOv3 forms them."""
         if masks_weight is None:
             masks_weight = (
                 (1 / student_masks_flat.sum(-1).clamp(min=1.0))
@@ -282,11 +315,8 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
             )
         if n_masked_patches is not None:  # DINOv3 slices the per-token losses; slicing first is equal
             n = int(n_masked_patches)
-            s, t = s[:n], t[:n]
-        if s.shape[0] == 0:
-            return s.sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
-        weights = masks_weight / student_masks_flat.shape[0]
-        return soft_cross_entropy(s, t, student_temp=self.student_temp, weights=weights, backend=self.backend)
+            student, teacher = student[:n], teacher[:n]
+        return student, teacher, masks_weight / student_masks_flat.shape[0]
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens):

@@ -121,6 +121,46 @@ def test_ibot_forward_masked_without_masked_patch(backend, padded):
     assert torch.equal(head.bias.grad, torch.zeros_like(head.bias))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_forms_equal_the_last_layer_then_the_loss(backend):
+    """forward_linear / forward_masked_linear (the head's last layer fused with the loss) give
+    DINOv3's loss of F.linear(features, weight), with its gradients for both."""
+    d, K = 12, 90
+    weight = torch.randn(K, d, requires_grad=True)
+    feats = F.normalize(torch.randn(4, 5, d), dim=-1).requires_grad_()
+    t = probs((2, 5, K))
+    out = dinov3_fast.DINOLoss(K, backend=backend).forward_linear(feats, weight, t, ignore_diagonal=True)
+    f64, w64 = feats.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = dinov3_dino_forward(F.linear(f64, w64), t.double(), True)
+    assert rel_err(out, want) < 1e-5
+    for g, r in zip(torch.autograd.grad(out, (feats, weight)), torch.autograd.grad(want, (f64, w64))):
+        assert rel_err(g, r) < 1e-5
+    masks = torch.rand(3, 6) < 0.5
+    masks[0, 0] = True
+    n = int(masks.sum())
+    tokens = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
+    t = probs((n, K))
+    out = dinov3_fast.iBOTPatchLoss(K, backend=backend).forward_masked_linear(tokens, weight, t, masks)
+    x64 = tokens.detach().double().requires_grad_()
+    want = dinov3_ibot_forward_masked(F.linear(x64, w64), t, masks)
+    assert rel_err(out, want) < 1e-5
+    for g, r in zip(torch.autograd.grad(out, (tokens, weight)), torch.autograd.grad(want, (x64, w64))):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_masked_form_without_masked_patch_still_reaches_the_last_layer(backend):
+    """M = 0: 0, with a zero gradient (not None) for the last layer too, so FSDP2 reduces the same
+    parameters on this rank as on the others."""
+    weight = torch.randn(75, 16, requires_grad=True)
+    feats = torch.randn(0, 16, requires_grad=True)
+    out = dinov3_fast.iBOTPatchLoss(75, backend=backend).forward_masked_linear(
+        feats, weight, probs((0, 75)), torch.zeros(4, 6, dtype=torch.bool))
+    assert out.shape == () and out.dtype == torch.float32 and out.item() == 0.0
+    out.backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 @pytest.mark.parametrize("cls,dim_shape", [(dinov3_fast.DINOLoss, (1, 40)), (dinov3_fast.iBOTPatchLoss, (1, 1, 40))])
 def test_center_state_and_softmax_centering(cls, dim_shape):
     mod = cls(40, center_momentum=0.8)

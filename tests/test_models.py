@@ -531,6 +531,10 @@ def test_dino_head(nlayers, use_bn):
     torch.testing.assert_close(logits, z @ head.last_layer.weight.T)
     torch.testing.assert_close(head(x, no_last_layer=True), z)
     torch.testing.assert_close(head(z, only_last_layer=True), logits)
+    # a fused linear + loss gets the normalised bottleneck and the last layer's weight instead
+    seen = head(x, last_layer_loss=lambda feats, weight: (feats, weight))
+    torch.testing.assert_close(seen[0], z)
+    assert seen[1] is head.last_layer.weight
     assert head.last_layer.bias is None
     meta = DINOHead(4096, 262144, hidden_dim=8192, bottleneck_dim=512, device="meta")
     assert count_params(meta) == 4096 * 8192 + 8192 * 8192 + 8192 * 512 + 8192 * 2 + 512 + 512 * 262144

@@ -166,8 +166,8 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("student,teacher,kwargs,error,match", [
-    (torch.randn(2, 3, 4), torch.rand(2, 3, 5), {}, ValueError, r"agree on \(B, K\).*\(2, 3, 4\).*\(2, 3, 5\)"),
-    (torch.randn(2, 3, 4), torch.rand(2, 2, 4), {}, ValueError, r"agree on \(B, K\)"),
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 5), {}, ValueError, r"\(2, 3, 4\).*\(2, 3, 5\).*agree on B = 3 and K = 4"),
+    (torch.randn(2, 3, 4), torch.rand(2, 2, 4), {}, ValueError, r"agree on B = 3 and K = 4"),
     (torch.randn(2, 3, 4), torch.rand(3, 4), {}, ValueError, r"teacher_probs must be 3-D \(T, B, K\)"),
     (torch.randn(4), torch.rand(4), {}, ValueError, "student_logits must be 2-D or 3-D"),
     (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"student_temp": 0.0}, ValueError, "student_temp must be > 0"),

@@ -71,6 +71,26 @@ def test_planner_orders_ac_modes_and_ops():
     assert not dist.is_initialized()
 
 
+def test_fused_plan_counts_the_teacher_targets_up_to_the_end_of_the_forward():
+    """With fused ops the heads' last layers run inside the losses: the heads keep no logits, and the
+    teacher targets (plus the loss's chunk of logits and their gradient) are alive only until the
+    forward ends, so the peak takes the larger of them and the backward's working set."""
+    from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS
+    cfg = get_preset("debug")
+    fused = plan_memory(cfg, world_size=2)
+    ref = plan_memory(apply_overrides(cfg, ["train.ops=reference"]), world_size=2)
+    b, k, ki = cfg.train.batch_size_per_gpu, cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
+    hw = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
+    chunk = min(CHUNK_LOGITS["cuda"], masked * ki)
+    assert fused.loss_inputs == 4 * (2 * b * k + masked * ki) + 2 * chunk * 4  # fp32 modules on the CPU preset
+    assert ref.loss_inputs == 0 and ref.heads_and_losses > fused.heads_and_losses + fused.loss_inputs
+    assert fused.total == (fused.sharded_state + fused.transient_buffers + fused.activations + fused.heads_and_losses
+                           + max(fused.backward_working_set, fused.loss_inputs))
+    assert "teacher targets + loss chunk" in format_plan(fused) and "teacher targets" not in format_plan(ref)
+
+
 def test_plan_cli(capsys):
     assert cli_main(["plan", "--preset", "debug", "--gpus", "4", "--ac", "full"]) == 0
     assert "4 ranks" in capsys.readouterr().out

@@ -59,6 +59,35 @@ def test_ssl_step_fused_matches_reference(gram):
         assert err < 1e-4, (k, err)
 
 
+@pytest.mark.parametrize("ops", ["fused", "reference"])
+def test_teacher_targets_are_freed_before_the_backward_with_fused_head_losses(ops):
+    """The fused head losses consume the teacher's targets (and never form the student logits),
+    so by the time the backward starts nothing holds them: the memory planner counts them up to
+    the end of the forward only. The reference DINO loss's einsum keeps its targets for the backward
+    (its iBOT loss keeps a weighted copy instead), which is what makes the check able to fail."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    cfg = apply_overrides(get_preset("debug"), [f"train.ops={ops}"])
+    arch = _arch(cfg)
+    refs, alive_at_backward = [], []
+    get_teacher_output, compute_losses = arch.get_teacher_output, arch.compute_losses
+
+    def teacher_output(*args, **kwargs):
+        out = get_teacher_output(*args, **kwargs)
+        refs.extend(StorageWeakRef(out[k].untyped_storage()) for k in ("cls_centered", "masked_patch_centered"))
+        return out
+
+    def losses(*args, **kwargs):
+        loss, logs = compute_losses(*args, **kwargs)
+        loss.register_hook(lambda g: alive_at_backward.append([not r.expired() for r in refs]))
+        return loss, logs
+
+    arch.get_teacher_output, arch.compute_losses = teacher_output, losses
+    arch.forward_backward(_batch(cfg), teacher_temp=0.05)
+    dino_alive, ibot_alive = alive_at_backward[0]
+    assert len(alive_at_backward) == 1 and dino_alive == (ops == "reference")
+    assert not ibot_alive
+
+
 @pytest.mark.parametrize("gram", [False, True], ids=["no_gram", "gram_on_masked_tokens"])
 def test_ssl_step_without_masked_patch(gram):
     """No masked patch anywhere (e.g. ibot.mask_sample_probability * 2B < 1): Sinkhorn gets (0, K),

@@ -13,6 +13,9 @@ bottleneck 384, K 98,304; the ViT-L default 2048 / 256 / 65,536.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +45,11 @@ class DINOHead(nn.Module):
       - no_last_layer: the normalised bottleneck [..., bottleneck_dim] (so a fused linear + loss
         can apply `last_layer.weight` [K, bottleneck_dim] itself);
       - only_last_layer: x is already the normalised bottleneck; returns last_layer(x);
-      - return_bottleneck: also return the pre-normalisation bottleneck.
+      - return_bottleneck: also return the pre-normalisation bottleneck;
+      - last_layer_loss: a callable (normalised bottleneck [..., bottleneck_dim], last_layer.weight
+        [K, bottleneck_dim]) -> loss, applied instead of the last layer: a fused linear + loss
+        (`dinov3_fast.ops.linear_soft_cross_entropy`) that never forms the logits. Called inside
+        forward, so a head sharded by FSDP2 has its weight gathered while the loss reads it.
     """
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, nlayers: int = 3, hidden_dim: int = 2048,
@@ -63,12 +70,14 @@ class DINOHead(nn.Module):
                 m.reset_parameters()
 
     def forward(self, x: torch.Tensor, no_last_layer: bool = False, only_last_layer: bool = False,
-                return_bottleneck: bool = False):
+                return_bottleneck: bool = False, last_layer_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
         bottleneck = None
         if not only_last_layer:
             x = self.mlp(x)
             bottleneck = x
             x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        if last_layer_loss is not None:
+            return last_layer_loss(x, self.last_layer.weight)
         if not no_last_layer:
             x = self.last_layer(x)
         return (x, bottleneck) if return_bottleneck else x

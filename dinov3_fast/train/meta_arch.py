@@ -76,6 +76,38 @@ def local_tensors(params) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
 
 
+def dino_terms(head: DINOHead, loss: DINOLoss, g_cls: torch.Tensor, l_cls: torch.Tensor, teacher_cls: torch.Tensor,
+               ignore_diagonal: bool, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local, global) DINO loss terms: `head` on every crop's CLS token (g_cls [2, B, D], l_cls
+    [n, B, D], one call on [(2+n)B, D]) against the teacher's centred global targets [2, B, K].
+    `fused`: the head's last layer runs inside the loss (`DINOLoss.forward_linear`), so no
+    [(2+n)B, K] logits are kept."""
+    (n_global, b), n_local = g_cls.shape[:2], l_cls.shape[0]
+
+    def terms(rows: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [(2+n)B, .]: logits, or (with `weight`, the last layer's) normalised bottlenecks."""
+        g, loc = (x.unflatten(0, (n, b)) for x, n in zip(rows.split([n_global * b, n_local * b]), (n_global, n_local)))
+        if weight is None:
+            return loss(loc, teacher_cls), loss(g, teacher_cls, ignore_diagonal=ignore_diagonal)
+        return (loss.forward_linear(loc, weight, teacher_cls),
+                loss.forward_linear(g, weight, teacher_cls, ignore_diagonal=ignore_diagonal))
+
+    cls = torch.cat([g_cls.flatten(0, 1), l_cls.flatten(0, 1)])
+    return head(cls, last_layer_loss=terms) if fused else terms(head(cls))
+
+
+def ibot_term(head: DINOHead, loss: iBOTPatchLoss, tokens: torch.Tensor, teacher_masked: torch.Tensor,
+              masks: torch.Tensor, n_masked: int, masks_weight: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The iBOT loss: `head` on the masked patch tokens [M, D] against the teacher's centred
+    targets [M, Ki]; `fused`: the head's last layer runs inside the loss
+    (`iBOTPatchLoss.forward_masked_linear`), so no [M, Ki] logits are kept."""
+    kwargs = dict(student_masks_flat=masks, n_masked_patches=n_masked, masks_weight=masks_weight)
+    if fused:
+        return head(tokens, last_layer_loss=lambda x, weight: loss.forward_masked_linear(x, weight, teacher_masked,
+                                                                                          **kwargs))
+    return loss.forward_masked(head(tokens), teacher_masked, **kwargs)
+
+
 class SSLMetaArch(nn.Module):
     """Student, EMA teacher, Gram teacher and losses of one DINOv3 run; see the module docstring."""
 
@@ -97,6 +129,8 @@ class SSLMetaArch(nn.Module):
                              if self.has_gram_teacher else None)
         if self.gram_teacher is not None:
             self.gram_teacher.requires_grad_(False)
+        # fused ops: the heads' last layers run inside the DINO / iBOT losses (linear_soft_cross_entropy)
+        self.fused_head_losses = backend is None
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, backend=backend)
         self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head_n_prototypes, backend=backend)
         if cfg.dino.koleo_loss_distributed:
@@ -154,6 +188,9 @@ class SSLMetaArch(nn.Module):
                        if self.gram_use_loss else {})
         loss, loss_dict = self.compute_losses(teacher_global, student_global, student_local, gram_global,
                                               masks, mask_indices, masks_weight, iteration=iteration)
+        # Only the autograd graph needs the outputs now: what it does not keep (the teacher's
+        # targets, once the fused head losses have consumed them) is freed before the backward.
+        del teacher_global, student_global, student_local, gram_global
         loss.backward()
         return loss.detach(), loss_dict
 
@@ -175,18 +212,28 @@ class SSLMetaArch(nn.Module):
 
     def get_student_output(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
                            mask_indices: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Global [2, B, ...] (masked) and local [n, B, ...] crops through one backbone call."""
+        """Global [2, B, ...] (masked) and local [n, B, ...] crops through one backbone call: the
+        pre-head CLS and patch tokens, and the masked patch tokens [M, D] (the heads run with the
+        losses, `compute_losses`)."""
         n_global, b = global_crops.shape[:2]
         n_local = local_crops.shape[0]
         g_out, l_out = self.student.backbone([global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
                                              masks=[masks, None], is_training=True)
         g_cls, g_patch, l_cls = g_out["x_norm_clstoken"], g_out["x_norm_patchtokens"], l_out["x_norm_clstoken"]
-        masked_after_head = self.student.ibot_head(g_patch.flatten(0, 1).index_select(0, mask_indices))  # [M, Ki]
-        heads = self.student.dino_head(torch.cat([g_cls, l_cls]))                                       # [(2+n)B, K]
-        g_head, l_head = heads.split([g_cls.shape[0], l_cls.shape[0]])
         return ({"cls_pre_head": g_cls.unflatten(0, (n_global, b)), "patch_pre_head": g_patch.unflatten(0, (n_global, b)),
-                 "cls_after_head": g_head.unflatten(0, (n_global, b)), "masked_patch_after_head": masked_after_head},
-                {"cls_after_head": l_head.unflatten(0, (n_local, b))})
+                 "masked_patch_pre_head": g_patch.flatten(0, 1).index_select(0, mask_indices)},
+                {"cls_pre_head": l_cls.unflatten(0, (n_local, b))})
+
+    def dino_terms(self, student_global, student_local, teacher_cls) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local, global) DINO loss terms of the student (see `dino_terms`)."""
+        return dino_terms(self.student.dino_head, self.dino_loss, student_global["cls_pre_head"],
+                          student_local["cls_pre_head"], teacher_cls, self.cfg.dino.global_ignore_diagonal,
+                          fused=self.fused_head_losses)
+
+    def ibot_term(self, student_global, teacher_masked, masks, mask_indices, masks_weight) -> torch.Tensor:
+        """The student's iBOT loss (see `ibot_term`)."""
+        return ibot_term(self.student.ibot_head, self.ibot_patch_loss, student_global["masked_patch_pre_head"],
+                         teacher_masked, masks, mask_indices.shape[0], masks_weight, fused=self.fused_head_losses)
 
     def get_gram_teacher_output(self, images: torch.Tensor | None, *, masks: torch.Tensor, teacher_global,
                                 student_global, student_crop_size: int) -> dict[str, torch.Tensor]:
@@ -219,19 +266,16 @@ class SSLMetaArch(nn.Module):
 
     def compute_losses(self, teacher_global, student_global, student_local, gram_global, masks, mask_indices,
                        masks_weight, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-        n_global = student_global["cls_after_head"].shape[0]
-        n_local = student_local["cls_after_head"].shape[0]
+        n_global = student_global["cls_pre_head"].shape[0]
+        n_local = student_local["cls_pre_head"].shape[0]
         d = self.cfg.dino
         global_terms = n_global * (n_global - 1) if d.global_ignore_diagonal else n_global**2
         local_terms = n_global * n_local
         loss_dict: dict[str, Any] = {}
-        dino_local = self.dino_loss(student_local["cls_after_head"], teacher_global["cls_centered"])
-        dino_global = self.dino_loss(student_global["cls_after_head"], teacher_global["cls_centered"],
-                                     ignore_diagonal=d.global_ignore_diagonal)
+        dino_local, dino_global = self.dino_terms(student_global, student_local, teacher_global["cls_centered"])
         koleo = sum(self.koleo_loss(x) for x in student_global["cls_pre_head"]) / n_global
-        ibot = self.ibot_patch_loss.forward_masked(student_global["masked_patch_after_head"],
-                                                   teacher_global["masked_patch_centered"], student_masks_flat=masks,
-                                                   n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
+        ibot = self.ibot_term(student_global, teacher_global["masked_patch_centered"], masks, mask_indices,
+                              masks_weight)
         local_weight = 1.0 if self.dino_local_loss_schedule is None else self.dino_local_loss_schedule(iteration)
         loss = (d.loss_weight * local_terms / (global_terms + local_terms) * local_weight * dino_local
                 + d.loss_weight * global_terms / (global_terms + local_terms) * dino_global

@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
+from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS
 from dinov3_fast.train.config import Config, apply_overrides, validate
 
 GIB = 2**30
@@ -199,13 +200,16 @@ class MemoryPlan:
     sharded_state: int         # bytes
     transient_buffers: int
     activations: int
-    heads_and_losses: int
+    heads_and_losses: int      # what the heads and losses keep for the backward
     backward_working_set: int
+    loss_inputs: int = 0       # fused ops: the teacher targets and the loss's chunk, alive only up to the
+                               # end of the forward (so they add to the peak only where they outweigh the
+                               # backward's working set)
 
     @property
     def total(self) -> int:
         return (self.sharded_state + self.transient_buffers + self.activations + self.heads_and_losses
-                + self.backward_working_set)
+                + max(self.backward_working_set, self.loss_inputs))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -234,7 +238,7 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
     plan). With `backward`, also the backward peaks, backpropagating as the trainer does: the
     backbone from the outputs the heads read, the heads from the DINO and iBOT losses."""
     from dinov3_fast.nn import DINOLoss, iBOTPatchLoss
-    from dinov3_fast.train.meta_arch import _heads, build_backbone, ops_backend
+    from dinov3_fast.train.meta_arch import _heads, build_backbone, dino_terms, ibot_term, ops_backend
     from dinov3_fast.train.parallelize import apply_ac
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     small = apply_overrides(cfg, [f"student.depth={depth}"])
@@ -265,24 +269,27 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
     # the heads' inputs: the backbone's output tokens (fp32 under autocast: its last norm runs in fp32)
-    cls = meta(n_crops * b, backbone.embed_dim, requires_grad=True)
+    g_cls = meta(2, b, backbone.embed_dim, requires_grad=True)
+    l_cls = meta(n_crops - 2, b, backbone.embed_dim, requires_grad=True)
     tok = meta(max(masked, 1), backbone.embed_dim, requires_grad=True)
-    head, _ = measure(lambda: (heads["dino_head"](cls), heads["ibot_head"](tok)))
-    head_bwd = 0
-    if backward:
-        k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
-        dino, ibot = DINOLoss(k, backend=ops_backend(cfg)), iBOTPatchLoss(ki, backend=ops_backend(cfg))
-        # teacher targets (fp32) are made outside the measurement: the plan counts them apart
-        dino_targets, ibot_targets = meta(2, b, k, dtype=torch.float32), meta(tok.shape[0], ki, dtype=torch.float32)
-        mask_weights, masks = meta(tok.shape[0], dtype=torch.float32), meta(2 * b, hw, dtype=torch.bool)
+    k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
+    dino, ibot = DINOLoss(k, backend=ops_backend(cfg)), iBOTPatchLoss(ki, backend=ops_backend(cfg))
+    # teacher targets (fp32) are made outside the measurement: the plan counts them apart
+    dino_targets, ibot_targets = meta(2, b, k, dtype=torch.float32), meta(tok.shape[0], ki, dtype=torch.float32)
+    mask_weights, masks = meta(tok.shape[0], dtype=torch.float32), meta(2 * b, hw, dtype=torch.bool)
+    fused = ops_backend(cfg) is None
 
-        def losses():
-            logits = heads["dino_head"](cls).unflatten(0, (n_crops, b))
-            return (dino(logits[2:], dino_targets)
-                    + dino(logits[:2], dino_targets, ignore_diagonal=cfg.dino.global_ignore_diagonal)
-                    + ibot.forward_masked(heads["ibot_head"](tok), ibot_targets, masks, masks_weight=mask_weights))
+    def losses():  # the trainer's heads and losses
+        return (*dino_terms(heads["dino_head"], dino, g_cls, l_cls, dino_targets, cfg.dino.global_ignore_diagonal,
+                            fused),
+                ibot_term(heads["ibot_head"], ibot, tok, ibot_targets, masks, tok.shape[0], mask_weights, fused))
 
-        head_bwd = measure(losses, (cls, tok))[1]
+    def heads_forward():  # unfused: what the heads keep (the losses' own saved tensors are modelled)
+        return heads["dino_head"](torch.cat([g_cls.flatten(0, 1), l_cls.flatten(0, 1)])), heads["ibot_head"](tok)
+
+    # fused: the heads' last layers run inside the losses, which keep only their input gradients
+    head, _ = measure(losses if fused else heads_forward)
+    head_bwd = measure(losses, (g_cls, l_cls, tok))[1] if backward else 0
     return _StudentMeasure(act, head, masked, act_bwd, head_bwd)
 
 
@@ -342,12 +349,17 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     c, b = cfg.crops, cfg.train.batch_size_per_gpu
     k, ki = cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
     targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
-    if cfg.train.ops == "reference":
-        targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)  # fp32 log-softmax of every row
-        if autocast is not None:  # autocast casts einsum: its bf16 copy of the targets
-            targets += pb * (2 * b * k + masked * ki)
-        else:  # iBOT's targets times the patch weights, a new fp32 tensor
-            targets += 4 * masked * ki
+    if cfg.train.ops == "fused":
+        # Consumed by the fused head losses in the forward and freed before the backward: they
+        # coexist with the last chunk of iBOT logits and their gradient, not with the backward.
+        chunk = min(CHUNK_LOGITS["cuda"], max(masked, 1) * ki)  # the plan is a GPU's
+        return MemoryPlan(cfg.student.arch, world_size, fsdp, b, cfg.train.ac, cfg.train.ops, total, student_local,
+                          sharded, transient, activations, head, backward, targets + 2 * chunk * pb)
+    targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)  # fp32 log-softmax of every row
+    if autocast is not None:  # autocast casts einsum: its bf16 copy of the targets
+        targets += pb * (2 * b * k + masked * ki)
+    else:  # iBOT's targets times the patch weights, a new fp32 tensor
+        targets += 4 * masked * ki
     return MemoryPlan(cfg.student.arch, world_size, fsdp, b, cfg.train.ac, cfg.train.ops, total, student_local,
                       sharded, transient, activations, head + targets, backward)
 
@@ -358,6 +370,7 @@ def format_plan(plan: MemoryPlan) -> str:
              else "transient buffers (autocast's parameter casts)", plan.transient_buffers),
             (f"activations (AC {plan.ac})", plan.activations),
             (f"heads and losses (ops {plan.ops})", plan.heads_and_losses),
+            *([("teacher targets + loss chunk (forward only)", plan.loss_inputs)] if plan.loss_inputs else []),
             ("backward working set (at its peak)", plan.backward_working_set),
             ("total per rank", plan.total)]
     head = (f"memory plan: {plan.arch}, {plan.world_size} ranks, batch {plan.batch_per_rank} per rank; "

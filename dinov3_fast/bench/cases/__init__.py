@@ -10,6 +10,7 @@ CASE_MODULES = (
     "dinov3_fast.bench.cases.attention",
     "dinov3_fast.bench.cases.gram",
     "dinov3_fast.bench.cases.koleo",
+    "dinov3_fast.bench.cases.linear_soft_ce",
     "dinov3_fast.bench.cases.model_block",
     "dinov3_fast.bench.cases.sinkhorn",
     "dinov3_fast.bench.cases.soft_ce",

@@ -31,6 +31,42 @@ def _triton():
     return soft_ce_triton
 
 
+# ----------------------------------------------------------------------------- input checks
+
+def check_soft_ce_args(student_name: str, student: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
+                       ignore_diagonal: bool, weights: torch.Tensor | None, num_classes: int | None = None) -> int:
+    """Check the arguments of a soft cross-entropy whose student rows are `student` ((S, B, K) or
+    (M, K) logits; or, with `num_classes` K, (S, B, d) or (M, d) features that a fused linear maps
+    to K logits). Returns the number of counted crop pairs."""
+    check_floating(student_name, student)
+    check_floating("teacher_probs", teacher_probs)
+    last = "K" if num_classes is None else "d"
+    check_rank(student_name, student, (2, 3), f"(S, B, {last}) or (M, {last})")
+    check_rank("teacher_probs", teacher_probs, student.dim(),
+               "(T, B, K)" if student.dim() == 3 else f"(M, K), like {student_name}")
+    check_same_device(student_name, student, "teacher_probs", teacher_probs)
+    check_nonempty(student_name, student)
+    check_nonempty("teacher_probs", teacher_probs)
+    batch = student.shape[-2]
+    num_classes = student.shape[-1] if num_classes is None else num_classes
+    if teacher_probs.shape[-2] != batch or teacher_probs.shape[-1] != num_classes:
+        raise ValueError(
+            f"{student_name} {tuple(student.shape)} and teacher_probs {tuple(teacher_probs.shape)} must agree on "
+            f"B = {batch} and K = {num_classes}")
+    check_positive("student_temp", student_temp)
+    if weights is not None:
+        check_floating("weights", weights)
+        check_same_device("weights", weights, student_name, student)
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+    n_s = student.shape[0] if student.dim() == 3 else 1
+    n_t = teacher_probs.shape[0] if teacher_probs.dim() == 3 else 1
+    n_pairs = n_s * n_t - (min(n_s, n_t) if ignore_diagonal else 0)
+    if n_pairs == 0:
+        raise ValueError(f"ignore_diagonal=True with {n_s} student and {n_t} teacher crops leaves no pair to average")
+    return n_pairs
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("dinov3_fast::soft_ce_fwd", mutates_args=())
@@ -116,31 +152,9 @@ def soft_cross_entropy(
     Returns:
         0-dim fp32 loss (fp64 for fp64 input on the cpu/reference backends).
     """
-    check_floating("student_logits", student_logits)
-    check_floating("teacher_probs", teacher_probs)
-    check_rank("student_logits", student_logits, (2, 3), "(S, B, K) or (M, K)")
-    check_rank("teacher_probs", teacher_probs, student_logits.dim(),
-               "(T, B, K)" if student_logits.dim() == 3 else "(M, K), like student_logits")
-    check_same_device("student_logits", student_logits, "teacher_probs", teacher_probs)
-    check_nonempty("student_logits", student_logits)
-    check_nonempty("teacher_probs", teacher_probs)
-    if student_logits.shape[-2:] != teacher_probs.shape[-2:]:
-        raise ValueError(
-            f"student_logits and teacher_probs must agree on (B, K), got {tuple(student_logits.shape)} "
-            f"and {tuple(teacher_probs.shape)}")
-    check_positive("student_temp", student_temp)
+    n_pairs = check_soft_ce_args("student_logits", student_logits, teacher_probs, student_temp, ignore_diagonal,
+                                 weights)
     batch = student_logits.shape[-2]
-    if weights is not None:
-        check_floating("weights", weights)
-        check_same_device("weights", weights, "student_logits", student_logits)
-        if weights.shape != (batch,):
-            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
-    n_s = student_logits.shape[0] if student_logits.dim() == 3 else 1
-    n_t = teacher_probs.shape[0] if teacher_probs.dim() == 3 else 1
-    n_pairs = n_s * n_t - (min(n_s, n_t) if ignore_diagonal else 0)
-    if n_pairs == 0:
-        raise ValueError(f"ignore_diagonal=True with {n_s} student and {n_t} teacher crops leaves no pair to average")
-
     chosen = select_backend("soft_cross_entropy", student_logits.device, backend, PREFERENCE)
     temp = float(student_temp)
     if chosen == "reference":

@@ -1,0 +1,177 @@
+"""Fused head last layer + soft cross-entropy: every backend against the float64 oracle (the unfused
+Linear + loss), forward and backward, chunked or not; against the unfused composition in bf16."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_fast.ops.linear_soft_ce import linear_soft_cross_entropy, linear_soft_cross_entropy_ref
+from dinov3_fast.ops.soft_ce import soft_cross_entropy
+from oracle import rel_err
+
+BACKENDS = ["cpu", "triton"]
+
+
+def teacher_probs(shape, dtype=torch.float32):
+    return torch.softmax(torch.randn(shape) * 3, dim=-1).to(dtype)
+
+
+def head_inputs(features_shape, num_classes, dtype=torch.float32):
+    """Normalised bottleneck features and a last-layer weight whose logits are O(1)-O(10), as a
+    trained DINO head's are."""
+    features = F.normalize(torch.randn(features_shape), dim=-1).to(dtype)
+    weight = (torch.randn(num_classes, features_shape[-1]) * 2).to(dtype)
+    return features, weight
+
+
+def fused_grads(features, weight, teacher, backend, upstream=2.5, **kwargs):
+    """(upstream * loss, d features, d weight) through the fused op."""
+    f, w = features.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = linear_soft_cross_entropy(f, w, teacher, backend=backend, **kwargs)
+    (upstream * loss).backward()
+    return loss.detach() * upstream, f.grad, w.grad
+
+
+def oracle_grads(features, weight, teacher, upstream=2.5, weights=None, max_chunk_logits=None, **kwargs):
+    f, w = features.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    loss = linear_soft_cross_entropy_ref(f, w, teacher.double(), weights=None if weights is None else weights.double(),
+                                         **kwargs) * upstream
+    return (loss.detach(), *torch.autograd.grad(loss, (f, w)))
+
+
+def check_against_oracle(features, weight, teacher, backend, tol, **kwargs):
+    got = fused_grads(features, weight, teacher, backend, **kwargs)
+    want = oracle_grads(features, weight, teacher, **kwargs)
+    assert got[1].dtype == features.dtype and got[2].dtype == weight.dtype
+    for name, g, r in zip(("loss", "d features", "d weight"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,T,B,d,K", [(3, 2, 5, 16, 37), (10, 2, 3, 8, 129), (1, 1, 1, 24, 70)],
+                         ids=["ragged", "dino_crops", "one_image"])
+@pytest.mark.parametrize("ignore_diagonal", [False, True])
+@pytest.mark.parametrize("max_chunk_logits", [1, 2**26], ids=["one_image_per_chunk", "one_chunk"])
+def test_dino_form_matches_oracle(backend, S, T, B, d, K, ignore_diagonal, max_chunk_logits):
+    if ignore_diagonal and S == T == 1:
+        pytest.skip("no pair left to average with ignore_diagonal and one crop each")
+    features, weight = head_inputs((S, B, d), K)
+    check_against_oracle(features, weight, teacher_probs((T, B, K)), backend, 1e-5, ignore_diagonal=ignore_diagonal,
+                         max_chunk_logits=max_chunk_logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_token_form_matches_oracle(backend):
+    """iBOT: (M, d) masked tokens with per-token weights, in chunks of 4 tokens (M not a multiple)."""
+    M, d, K = 11, 16, 53
+    features, weight = head_inputs((M, d), K)
+    check_against_oracle(features, weight, teacher_probs((M, K)), backend, 1e-5, weights=torch.rand(M) / 4,
+                         max_chunk_logits=4 * K)
+
+
+def test_non_contiguous_inputs():
+    features, weight = head_inputs((7, 2, 16), 40)
+    teacher = teacher_probs((7, 2, 40)).transpose(0, 1)  # (T, B, K) = (2, 7, 40) view
+    check_against_oracle(features.transpose(0, 1), weight.T.contiguous().T, teacher, "cpu", 1e-5,
+                         max_chunk_logits=50)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_equals_the_unfused_linear_and_loss(backend, dtype):
+    """In half precision the fused op is the unfused composition (the Linear's logits in the input
+    dtype, then soft_cross_entropy) up to summation order: the logits round alike, and the weight
+    gradient sums per-chunk products in fp32."""
+    features, weight = head_inputs((4, 6, 32), 96, dtype)
+    teacher = teacher_probs((2, 6, 96))
+    got = fused_grads(features, weight, teacher, backend, ignore_diagonal=True, max_chunk_logits=2 * 4 * 96)
+    f, w = features.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = 2.5 * soft_cross_entropy(F.linear(f, w), teacher, ignore_diagonal=True, backend=backend)
+    want = (loss.detach(), *torch.autograd.grad(loss, (f, w)))
+    for name, g, r, tol in zip(("loss", "d features", "d weight"), got, want, (1e-5, 1e-2, 1e-2)):
+        assert g.dtype == r.dtype and rel_err(g, r) < tol, (name, rel_err(g, r))
+
+
+def test_float64_gradcheck():
+    features, weight = head_inputs((2, 3, 5), 7, torch.float64)
+    teacher = teacher_probs((2, 3, 7), torch.float64)
+
+    def fn(f, w):
+        return linear_soft_cross_entropy(f, w, teacher, ignore_diagonal=True, max_chunk_logits=14, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (features.requires_grad_(), weight.requires_grad_()))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "features", "both"])
+def test_only_the_needed_gradients_are_formed(frozen):
+    """A frozen last layer (DINOv3 freezes it for the first epoch) gets no gradient and the
+    features still get theirs; with nothing to differentiate only the loss is computed."""
+    features, weight = head_inputs((2, 3, 8), 20)
+    teacher = teacher_probs((2, 3, 20))
+    f = features.requires_grad_(frozen not in ("features", "both"))
+    w = weight.requires_grad_(frozen not in ("weight", "both"))
+    loss = linear_soft_cross_entropy(f, w, teacher, backend="cpu")
+    ref = linear_soft_cross_entropy_ref(features.detach().double(), weight.detach().double(), teacher.double())
+    assert rel_err(loss, ref) < 1e-5
+    if frozen == "both":
+        assert not loss.requires_grad
+        return
+    loss.backward()
+    assert (f.grad is None) == (frozen == "features") and (w.grad is None) == (frozen == "weight")
+
+
+def test_retained_graph_gives_the_same_gradients_twice():
+    features, weight = head_inputs((2, 3, 8), 20)
+    f, w = features.requires_grad_(), weight.requires_grad_()
+    loss = linear_soft_cross_entropy(f, w, teacher_probs((2, 3, 20)), backend="cpu")
+    first = torch.autograd.grad(loss, (f, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (f, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused():
+    features, weight = head_inputs((2, 3, 8), 20)
+    f, w = features.requires_grad_(), weight.requires_grad_()
+    loss = linear_soft_cross_entropy(f, w, teacher_probs((2, 3, 20)), backend="cpu")
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, f, create_graph=True)
+
+
+def test_compiles_without_graph_breaks():
+    features, weight = head_inputs((2, 3, 8), 20)
+    teacher = teacher_probs((2, 3, 20))
+    fn = torch.compile(lambda f, w: linear_soft_cross_entropy(f, w, teacher, ignore_diagonal=True, backend="cpu"),
+                       fullgraph=True, backend="aot_eager")
+    f, w = features.requires_grad_(), weight.requires_grad_()
+    loss = fn(f, w)
+    loss.backward()
+    ref = oracle_grads(features, weight, teacher, upstream=1.0, ignore_diagonal=True)
+    assert rel_err(loss, ref[0]) < 1e-5 and rel_err(f.grad, ref[1]) < 1e-5 and rel_err(w.grad, ref[2]) < 1e-5
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    (((2, 3, 8), (20, 7), (2, 3, 20)), {}, ValueError, r"weight \(K, d\) must have d = 8"),
+    (((2, 3, 8), (20, 8, 1), (2, 3, 20)), {}, ValueError, r"weight must be 2-D \(K, d\)"),
+    (((2, 3, 8), (20, 8), (2, 3, 21)), {}, ValueError, "agree on B = 3 and K = 20"),
+    (((2, 3, 8), (20, 8), (3, 20)), {}, ValueError, r"teacher_probs must be 3-D \(T, B, K\)"),
+    (((2, 3, 8), (20, 8), (2, 3, 20)), {"max_chunk_logits": 0}, ValueError, "max_chunk_logits must be >= 1"),
+    (((3, 8), (20, 8), (3, 20)), {"weights": torch.rand(3, requires_grad=True)}, ValueError,
+     "weights must not require grad"),
+    (((1, 3, 8), (20, 8), (1, 3, 20)), {"ignore_diagonal": True}, ValueError, "leaves no pair"),
+])
+def test_bad_input(args, kwargs, error, match):
+    f_shape, w_shape, t_shape = args
+    with pytest.raises(error, match=match):
+        linear_soft_cross_entropy(torch.randn(f_shape), torch.randn(w_shape), teacher_probs(t_shape), **kwargs)
+
+
+def test_bad_dtypes_and_teacher_gradient():
+    features, weight = head_inputs((2, 3, 8), 20)
+    teacher = teacher_probs((2, 3, 20))
+    with pytest.raises(TypeError, match="weight and features must have the same dtype"):
+        linear_soft_cross_entropy(features, weight.double(), teacher)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        linear_soft_cross_entropy(features, weight.long(), teacher)
+    with pytest.raises(ValueError, match="teacher_probs must not require grad"):
+        linear_soft_cross_entropy(features, weight, teacher.requires_grad_())
