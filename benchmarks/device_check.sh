@@ -12,14 +12,18 @@
 #   env (<= 30 s) -> build (<= 150 s) -> GPU tests (<= 150 s) -> op benches without the compiled
 #   baselines (bench.json) -> the compiled baselines at the presets whose goals name them
 #   (bench_compiled.json: Inductor compiles take ~10 s per graph, too slow for every preset) ->
-#   the ViT block benches (bench_model.json).
+#   the ViT block benches (bench_model.json) -> the attention backward's schedule sweep
+#   (<= ATTN_SWEEP_CAP_S, default 90 s; benchmarks/attention_bwd_sweep.py, attn_bwd_sweep.json),
+#   last, so it only ever gets what the others left: with under 20 s it is skipped, and it stops
+#   starting candidates 20 s before its time is up.
 # A phase with under 20 s of the budget left is skipped and listed at the end; only a phase that
-# ran and failed makes the exit status 1.
+# ran and failed makes the exit status 1, except the sweep (informational: its failure or timeout
+# is logged, not counted).
 # Full logs go to $OUT as they are written (build.log, pytest.log, log.txt), the console shows
-# their tails; $OUT holds 8 files at most (the device tool returns no more): env, backends, the
-# three logs and the three bench JSONs (plots are drawn here by
-# tools/benchmarks_md.py); the bench JSON is rewritten after every case, so a kill keeps the rows
-# measured.
+# their tails; $OUT holds 8 files at most (the device tool returns no more): env (with the
+# extension's build and the backends), the three logs, the three bench JSONs and the sweep's
+# (plots are drawn here by tools/benchmarks_md.py); the bench JSON is rewritten after every case,
+# and the sweep's after every row, so a kill keeps the rows measured.
 # The device image has no network: pip is never asked to fetch anything.
 # On a machine without a GPU it still runs (dry run, DEVICE_CHECK_BUDGET_S=600 for the 2-core CPU):
 # it builds, skips the GPU tests and benches the CPU presets, so the script itself is exercised.
@@ -71,10 +75,20 @@ fi
 phase 150 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 judge build $?
 tail -15 "$OUT/build.log"
-phase 30 "$PY" -c "import dinov3_fast, json; from dinov3_fast._ext import native; print(json.dumps({'build': native().build_info() if native() else None, 'backends': dinov3_fast.backends()}))" \
-  > "$OUT/backends.json"
+# the extension's build and the backends go into env.json (key "extension"): one file fewer
+phase 30 "$PY" - "$OUT/env.json" <<'PYEOF'
+import json, sys
+import dinov3_fast
+from dinov3_fast._ext import native
+try:
+    env = json.loads(open(sys.argv[1]).read())
+except (OSError, ValueError):  # the environment phase failed or was skipped
+    env = {}
+env["extension"] = {"build": native().build_info() if native() else None, "backends": dinov3_fast.backends()}
+open(sys.argv[1], "w").write(json.dumps(env, indent=1))
+print(json.dumps(env["extension"]))
+PYEOF
 judge backends $?
-cat "$OUT/backends.json"
 
 step "GPU tests (pytest -m gpu)"
 pytest_opts=(-v -m gpu tests -p no:cacheprovider -rfE --durations=15)
@@ -98,6 +112,15 @@ if command -v nvidia-smi > /dev/null; then  # GPU presets only: a CPU dry run ha
   bench bench_model 600 --model
 fi
 
+# the attention backward's schedules (no GPU: one line, nothing written); last and not counted
+sweep_cap="${ATTN_SWEEP_CAP_S:-90}"
+step "attention backward sweep (benchmarks/attention_bwd_sweep.py, <= ${sweep_cap} s)"
+sweep_budget=$(( $(left "$sweep_cap") - 20 ))
+phase "$sweep_cap" "$PY" benchmarks/attention_bwd_sweep.py --json "$OUT/attn_bwd_sweep.json" \
+  --budget-s $(( sweep_budget > 0 ? sweep_budget : 0 )) >> "$OUT/log.txt" 2>&1
+rc=$?
+[ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIPPED" ] || step "attention backward sweep exit $rc (124/137: timeout; not counted)"
+
 rm -f "$OUT"/*.tmp  # a kill mid-write leaves one; the result files themselves are always whole
 step "summary"
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$OUT/log.txt"
@@ -111,6 +134,13 @@ for path in sorted(out.glob("bench*.json")):
         if r["impl"].startswith("fused"):
             t = r["fwd_bwd_ms"] or r["fwd_ms"]
             print(f"  {r['op']:<20}{r['preset']:<30}{r['impl']:<14}{t:9.3f} ms  x{r['speedup']:.2f}")
+sweep = out / "attn_bwd_sweep.json"
+if sweep.exists():
+    report = json.loads(sweep.read_text())
+    print(f"{sweep.name}: {len(report['rows'])} rows, skipped for time: {report['skipped']}")
+    for r in report["rows"]:
+        got = f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s{'' if r['ok'] else '  WRONG'}" if "ms" in r else r["error"][:60]
+        print(f"  {r['shape']:<16}{r['candidate']:<32}{got}")
 PYEOF
 [ ${#skipped[@]} -eq 0 ] || step "skipped for time: ${skipped[*]}"
 step "done (status $status)"

@@ -1,5 +1,6 @@
 """Fused RoPE attention: every backend against the float64 oracle (DINOv3's path), forward and
 backward through the rotation, the list (variable-length) form, the SelfAttention drop-in."""
+import json
 import math
 
 import pytest
@@ -176,6 +177,99 @@ def test_list_form_matches_separate_calls(backend):
         assert o.shape == r.shape
         assert rel_err(o, r) < 1e-6 and rel_err(a, b) < 1e-6
 
+
+
+# Backward schedules beyond the default (rope_attention_bwd_triton's config, dq_config, prerotate),
+# which benchmarks/attention_bwd_sweep.py times on a GPU: tiles that do not divide N = 37.
+def _tiles(block, inner, warps=4, stages=1):
+    return dict(BLOCK=block, BLOCK_INNER=inner, num_warps=warps, num_stages=stages)
+
+
+BWD_SCHEDULES = {
+    "config": dict(config=_tiles(32, 16)),
+    "prerotate": dict(prerotate=True),
+    "split": dict(config=_tiles(16, 32), dq_config=_tiles(32, 16)),
+    "prerotate_split": dict(config=_tiles(32, 16), dq_config=_tiles(16, 64), prerotate=True),
+}
+
+
+@pytest.fixture
+def triton_bwd_schedule(monkeypatch, request):
+    """The triton backend's backward run with schedule `request.param` (a BWD_SCHEDULES key); the
+    calls it served are counted in the yielded list."""
+    from dinov3_fast.ops.attention import triton as attn_triton
+
+    calls, launcher = [], attn_triton.rope_attention_bwd_triton
+
+    def scheduled(*args):
+        calls.append(args[0].shape)
+        return launcher(*args, **BWD_SCHEDULES[request.param])
+
+    monkeypatch.setattr(attn_triton, "rope_attention_bwd_triton", scheduled)
+    return calls
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+@pytest.mark.parametrize("triton_bwd_schedule", list(BWD_SCHEDULES), indirect=True)
+def test_bwd_schedules_match_oracle(triton_bwd_schedule):
+    """Each schedule's gradients against float64 DINOv3 at the fp32 bound of the default's test,
+    one crop size (head dims 32 and 64) and a crop list (variable length, one crop without rope)."""
+    for head_dim in (32, 64):
+        qkv = torch.randn(2, 37, 3 * 2 * head_dim)
+        check_against_oracle(qkv, dinov3_rope(4, 8, head_dim, rescale=random_rescale()), 2, "triton", 1e-5)
+    crops = [(2, 37, 32), (3, 6, 1), (1, 21, None)]  # (B, N, HW or no rope)
+    qkv_list = [torch.randn(b, n, 3 * 2 * 32, requires_grad=True) for b, n, _ in crops]
+    rope_list = [None if hw is None else dinov3_rope(*grid_for(hw), 32, rescale=random_rescale()) for *_, hw in crops]
+    outs = rope_attention_list(qkv_list, rope_list, num_heads=2, backend="triton")
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, qkv_list, grads)
+    for g, q, r, up in zip(got, qkv_list, rope_list, grads):
+        q64 = q.detach().double().requires_grad_()
+        want = rope_attention_ref(q64, None if r is None else tuple(t.double() for t in r), 2)
+        (want_g,) = torch.autograd.grad(want, q64, up.double())
+        assert rel_err(g, want_g) < 1e-5
+    assert len(triton_bwd_schedule) == 3
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+def test_prerotated_bwd_is_bitwise_the_default_bf16(interpreter_bf16_dots):
+    """The pre-rotated copies are rounded to bf16 exactly as the default kernel rounds q and k
+    after rotating them, so on the same tiles the gradients are the same bits."""
+    from dinov3_fast.ops.attention import triton as attn_triton
+
+    heads, head_dim, n = 2, 64, 37
+    qkv = torch.randn(2 * n, 3 * heads * head_dim).bfloat16()
+    sin, cos = dinov3_rope(4, 8, head_dim, rescale=random_rescale())
+    out, lse = attn_triton.rope_attention_fwd_triton(qkv, sin, cos, None, heads, n)
+    dout = torch.randn_like(out)
+    args = (dout, qkv, out, lse, sin, cos, None, heads, n)
+    assert torch.equal(attn_triton.rope_attention_bwd_triton(*args),
+                       attn_triton.rope_attention_bwd_triton(*args, prerotate=True))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run needs the interpreter (TRITON_INTERPRET set before triton loads)")
+def test_bwd_sweep_dry_run(tmp_path, capsys, monkeypatch):
+    """benchmarks/attention_bwd_sweep.py: without a GPU one line and exit 0; --dry-run times every
+    candidate on a tiny shape under the interpreter, each within TOL of the default's gradient,
+    with SDPA's flash backward as the bar (the CPU has no cuDNN: an error row)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_bwd_sweep.py"
+    spec = importlib.util.spec_from_file_location("attention_bwd_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, sweep)  # dataclasses resolve their module by name
+    spec.loader.exec_module(sweep)
+    assert sweep.main([]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--dry-run", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["candidate"]: r for r in report["rows"]}
+    assert list(rows) == [c.name for c in sweep.candidates_for(32)] + ["sdpa:cudnn", "sdpa:flash"]
+    assert "error" in rows.pop("sdpa:cudnn") and not report["skipped"]
+    assert all(r["ok"] and r["ms"] > 0 for r in rows.values()), rows
 
 @pytest.fixture
 def sdpa_route_on_cpu(monkeypatch):

@@ -60,6 +60,9 @@ def _launch_attention():
     qkv = torch.randn(sequences * tokens, 3 * heads * dh)
     out, lse = attention_triton.rope_attention_fwd_triton(qkv, None, None, None, heads, tokens)
     attention_triton.rope_attention_bwd_triton(torch.randn_like(out), qkv, out, lse, None, None, None, heads, tokens)
+    sin = cos = torch.randn(1, dh)  # the backward's other schedules: pre-rotated q and k, a separate dq launch
+    attention_triton.rope_attention_bwd_triton(torch.randn_like(out), qkv, out, lse, sin, cos, None, heads, tokens,
+                                               dq_config=attention_triton.bwd_config(tokens, dh), prerotate=True)
 
 
 @pytest.mark.parametrize("module,launch", [

@@ -8,14 +8,20 @@ The Triton interpreter proves arithmetic but accepts code the GPU compiler rejec
   2. compiles each distinct launch with `triton.compile` for sm_90 and sm_80;
   3. reports registers, spills and shared memory (cuobjdump -res-usage on the cubin) and whether a
      kernel with a tensor-core dot lowered to wgmma on sm_90.
+The attention backward's optional schedules (pre-rotated q/k, separate dk/dv and dq passes),
+which default dispatch never launches, are recorded once each at ViT-7B's shape on bwd_config's
+tiles; `--attention-bwd-sweep` records instead every candidate of benchmarks/attention_bwd_sweep.py
+at its shapes (the sweep's registers, spills and wgmma, before any device time is spent on it).
 It must run without TRITON_INTERPRET (kernels must be real JITFunctions).
 
     python tools/aot_compile.py --json out.json --doc docs/kernels.md
+    python tools/aot_compile.py --attention-bwd-sweep --target sm_90 --json sweep.json
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -43,6 +49,7 @@ import dinov3_fast.ops  # noqa: E402
 from dinov3_fast.bench.runner import grad_outputs  # noqa: E402
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -134,6 +141,37 @@ def exercise_ops(ops: list[str] | None = None) -> None:
                     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("attention_bwd_sweep", ROOT / "benchmarks" / "attention_bwd_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _attention_bwd(shape, **schedule) -> None:
+    """rope_attention_bwd_triton on empty bf16 inputs of a sweep Shape (B, H, N, Dh; 5 prefix tokens)."""
+    from dinov3_fast.ops.attention.triton import rope_attention_bwd_triton
+
+    T, C = shape.B * shape.N, shape.H * shape.Dh
+    qkv, out = torch.empty(T, 3 * C, dtype=torch.bfloat16), torch.empty(T, C, dtype=torch.bfloat16)
+    sin = cos = torch.empty(shape.N - 5, shape.Dh)
+    rope_attention_bwd_triton(out, qkv, out, torch.empty(shape.H, T), sin, cos, None, shape.H, shape.N, **schedule)
+
+
+def exercise_attention_bwd_schedules(sweep: bool) -> None:
+    """The attention backward's schedules beyond its default: each kernel variant once (ViT-7B,
+    bwd_config's tiles, pre-rotated, separate dq launch), or (sweep) every sweep candidate."""
+    mod = _sweep_module()
+    if not sweep:
+        _attention_bwd(mod.SHAPES[0], dq_config=dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2),
+                       prerotate=True)
+        return
+    for shape in mod.SHAPES:
+        for cand in mod.candidates_for(shape.Dh):
+            _attention_bwd(shape, **cand.kwargs)
+
+
 def all_kernels() -> set[tuple[str, str]]:
     """(module, name) of every top-level @triton.jit kernel in dinov3_fast/ops/*/triton.py."""
     found = set()
@@ -162,11 +200,12 @@ def _resources(cubin: bytes) -> dict:
             "stack_bytes": int(spill.group(1)) if spill else None}
 
 
-def compile_all(recorder: Recorder) -> list[dict]:
+def compile_all(recorder: Recorder, targets: list[str]) -> list[dict]:
     results = []
     for launch in recorder.launches.values():
         fn = launch["fn"]
-        for target_name, target in TARGETS.items():
+        for target_name in targets:
+            target = TARGETS[target_name]
             row = {"kernel": fn.__name__, "module": fn.__module__, "target": target_name,
                    "signature": {k: v for k, v in launch["signature"].items() if v != "constexpr"},
                    "constexprs": {k: v for k, v in launch["constexprs"].items()}, **launch["options"]}
@@ -210,11 +249,17 @@ def main() -> int:
     parser.add_argument("--json", help="write per-launch results here")
     parser.add_argument("--doc", help="write the markdown resource table here")
     parser.add_argument("--op", action="append", help="only the bench cases of these ops (repeatable)")
+    parser.add_argument("--attention-bwd-sweep", action="store_true",
+                        help="only the candidates of benchmarks/attention_bwd_sweep.py, not the bench cases")
+    parser.add_argument("--target", action="append", choices=sorted(TARGETS), help="only these targets (repeatable)")
     args = parser.parse_args()
     recorder = Recorder()
     recorder.install()
-    exercise_ops(args.op)
-    results = compile_all(recorder)
+    if not args.attention_bwd_sweep:
+        exercise_ops(args.op)
+    if args.attention_bwd_sweep or not args.op or "rope_attention" in args.op:
+        exercise_attention_bwd_schedules(args.attention_bwd_sweep)
+    results = compile_all(recorder, args.target or sorted(TARGETS))
     compiled = {(r["module"], r["kernel"]) for r in results}
     report = {"results": results, "never_launched": sorted(map(list, all_kernels() - compiled)),
               "triton": triton.__version__}

@@ -12,7 +12,10 @@ input checks here. Packed layout, notation and the rotation formulas: see cpu.py
                                rows (loop over query blocks), then dq for the same rows as queries
                                (loop over key blocks). Both reuse one set of rope rows, and the
                                transposed rotation is applied to dq and dk before they are written
-                               into the packed gradient [T, 3C].
+                               into the packed gradient [T, 3C]. DKDV / DQ select either half (two
+                               launches, each on its own tiles); PREROTATED reads q and k already
+                               rotated, so only that final transposed rotation reads the tables.
+  _rope_attn_bwd_rotate_kernel q and k rotated once into a [T, 2C] scratch, for PREROTATED.
   _rope_kernel                 standalone rotation (or its transpose) of q and k [B, H, N, Dh].
 q and k are handled as two halves [rows, Dh/2] throughout, so rotate-half needs no register
 shuffles: scores are q1 k1^T + q2 k2^T (two tensor-core products), dq and dk are produced per half.
@@ -167,13 +170,16 @@ def _rope_attn_bwd_delta_kernel(
 @triton.jit
 def _rope_attn_bwd_kernel(
     qkv_ptr,              # (T, 3 * H * DH) forward input, token stride stride_t, unit column stride
+    qk_ptr,               # (T, >= 2 * H * DH) q | k as read: qkv itself, or (PREROTATED) rotated copies,
+                          # token stride stride_qk, head h's q at column h * DH and its k at (H + h) * DH
     sin_ptr, cos_ptr,     # (R, DH) rope tables, row stride stride_r
     seq_ptr,              # (S, 4) int32 sequence table (VARLEN only)
     dout_ptr,             # (T, H * DH) gradient of the output, token stride stride_do
     lse_ptr, delta_ptr,   # (H, T) fp32
     dqkv_ptr,             # (T, 3 * H * DH) out, contiguous
-    T, seq_len, rope_rows, stride_t, stride_r, stride_do, sm_scale, s0,
-    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
+    T, seq_len, rope_rows, stride_t, stride_qk, stride_r, stride_do, sm_scale, s0,
+    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, PREROTATED: tl.constexpr,
+    VARLEN: tl.constexpr, DKDV: tl.constexpr, DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -183,12 +189,13 @@ def _rope_attn_bwd_kernel(
     if pid * BLOCK >= n:
         return
     HALF: tl.constexpr = DH // 2
+    ROTATE: tl.constexpr = HAS_ROPE and not PREROTATED  # rotate q and k as they are loaded
     dtype = qkv_ptr.dtype.element_ty
     qk_scale = sm_scale * LOG2E_C
-    base_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t  # 64-bit bases per sequence, int32 offsets inside
-    q_ptr = base_ptr + h * DH
-    k_ptr = base_ptr + (H + h) * DH
-    v_ptr = base_ptr + (2 * H + h) * DH
+    qk_base = qk_ptr + tok0.to(tl.int64) * stride_qk  # 64-bit bases per sequence, int32 offsets inside
+    q_ptr = qk_base + h * DH
+    k_ptr = qk_base + (H + h) * DH
+    v_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t + (2 * H + h) * DH
     dout_ptr += tok0.to(tl.int64) * stride_do + h * DH
     dqkv_ptr += tok0.to(tl.int64) * (3 * H * DH)
     lse_ptr += h * T + tok0
@@ -199,65 +206,96 @@ def _rope_attn_bwd_kernel(
     d = tl.arange(0, DH)
     dh = tl.arange(0, HALF)
     row_ok = rows < n
-
-    # dk, dv for key rows `rows`
-    k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
-    v = tl.load(v_ptr + rows[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-    dk1 = tl.zeros([BLOCK, HALF], tl.float32)
-    dk2 = tl.zeros([BLOCK, HALF], tl.float32)
-    dv = tl.zeros([BLOCK, DH], tl.float32)
-    for start in range(0, n, BLOCK_INNER):
-        qr = start + tl.arange(0, BLOCK_INNER)
-        q_ok = qr < n
-        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, qr, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
-        do = tl.load(dout_ptr + qr[:, None] * stride_do + d[None, :], mask=q_ok[:, None], other=0.0).to(dtype)
-        lse2 = tl.load(lse_ptr + qr, mask=q_ok, other=0.0) * LOG2E_C
-        dl = tl.load(delta_ptr + qr, mask=q_ok, other=0.0)
-        st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
-        st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PRECISION)
-        pt = tl.where(q_ok[None, :], tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
-        dv = tl.dot(pt.to(dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = (pt * (dpt - dl[None, :])).to(dtype)
-        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PRECISION)
-        dk2 = tl.dot(dst, q2, dk2, input_precision=DOT_PRECISION)
-    dk1 *= sm_scale
-    dk2 *= sm_scale
-    if HAS_ROPE:  # the tables are re-read (L1/L2, volatile so CSE cannot keep the first load live across the loop)
-        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
-        dk1, dk2 = dk1 * c1 + dk2 * s2, dk2 * c2 - dk1 * s1
     out_dtype = dqkv_ptr.dtype.element_ty
-    grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
-    tl.store(grad_p + (H + h) * DH + dh[None, :], dk1.to(out_dtype), mask=row_ok[:, None])
-    tl.store(grad_p + (H + h) * DH + HALF + dh[None, :], dk2.to(out_dtype), mask=row_ok[:, None])
-    tl.store(grad_p + (2 * H + h) * DH + d[None, :], dv.to(out_dtype), mask=row_ok[:, None])
 
-    # dq for query rows `rows`
-    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF, True)
-    do = tl.load(dout_ptr + rows[:, None] * stride_do + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E_C
-    dl = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-    dq1 = tl.zeros([BLOCK, HALF], tl.float32)
-    dq2 = tl.zeros([BLOCK, HALF], tl.float32)
-    for start in range(0, n, BLOCK_INNER):
-        kr = start + tl.arange(0, BLOCK_INNER)
-        k_ok = kr < n
-        kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
-        vv = tl.load(v_ptr + kr[:, None] * stride_t + d[None, :], mask=k_ok[:, None], other=0.0).to(dtype)
-        sc = tl.dot(q1, tl.trans(kk1), input_precision=DOT_PRECISION)
-        sc = tl.dot(q2, tl.trans(kk2), sc, input_precision=DOT_PRECISION)
-        p = tl.where(k_ok[None, :], tl.math.exp2(sc * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
-        ds = (p * (dp - dl[:, None])).to(dtype)
-        dq1 = tl.dot(ds, kk1, dq1, input_precision=DOT_PRECISION)
-        dq2 = tl.dot(ds, kk2, dq2, input_precision=DOT_PRECISION)
-    dq1 *= sm_scale
-    dq2 *= sm_scale
-    if HAS_ROPE:
-        c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
-        dq1, dq2 = dq1 * c1 + dq2 * s2, dq2 * c2 - dq1 * s1
-    tl.store(grad_p + h * DH + dh[None, :], dq1.to(out_dtype), mask=row_ok[:, None])
-    tl.store(grad_p + h * DH + HALF + dh[None, :], dq2.to(out_dtype), mask=row_ok[:, None])
+    if DKDV:  # dk, dv for key rows `rows`
+        k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_qk, stride_r, ROTATE, HALF)
+        v = tl.load(v_ptr + rows[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        dk1 = tl.zeros([BLOCK, HALF], tl.float32)
+        dk2 = tl.zeros([BLOCK, HALF], tl.float32)
+        dv = tl.zeros([BLOCK, DH], tl.float32)
+        for start in range(0, n, BLOCK_INNER):
+            qr = start + tl.arange(0, BLOCK_INNER)
+            q_ok = qr < n
+            q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, qr, n, prefix, stride_qk, stride_r, ROTATE, HALF)
+            do = tl.load(dout_ptr + qr[:, None] * stride_do + d[None, :], mask=q_ok[:, None], other=0.0).to(dtype)
+            lse2 = tl.load(lse_ptr + qr, mask=q_ok, other=0.0) * LOG2E_C
+            dl = tl.load(delta_ptr + qr, mask=q_ok, other=0.0)
+            st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
+            st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PRECISION)
+            pt = tl.where(q_ok[None, :], tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            dv = tl.dot(pt.to(dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = (pt * (dpt - dl[None, :])).to(dtype)
+            dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PRECISION)
+            dk2 = tl.dot(dst, q2, dk2, input_precision=DOT_PRECISION)
+        dk1 *= sm_scale
+        dk2 *= sm_scale
+        if HAS_ROPE:  # the tables are re-read (L1/L2, volatile so CSE cannot keep the first load live across the loop)
+            c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
+            dk1, dk2 = dk1 * c1 + dk2 * s2, dk2 * c2 - dk1 * s1
+        grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
+        tl.store(grad_p + (H + h) * DH + dh[None, :], dk1.to(out_dtype), mask=row_ok[:, None])
+        tl.store(grad_p + (H + h) * DH + HALF + dh[None, :], dk2.to(out_dtype), mask=row_ok[:, None])
+        tl.store(grad_p + (2 * H + h) * DH + d[None, :], dv.to(out_dtype), mask=row_ok[:, None])
+
+    if DQ:  # dq for query rows `rows`
+        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_qk, stride_r, ROTATE, HALF, True)
+        do = tl.load(dout_ptr + rows[:, None] * stride_do + d[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E_C
+        dl = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        dq1 = tl.zeros([BLOCK, HALF], tl.float32)
+        dq2 = tl.zeros([BLOCK, HALF], tl.float32)
+        for start in range(0, n, BLOCK_INNER):
+            kr = start + tl.arange(0, BLOCK_INNER)
+            k_ok = kr < n
+            kk1, kk2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, kr, n, prefix, stride_qk, stride_r, ROTATE, HALF)
+            vv = tl.load(v_ptr + kr[:, None] * stride_t + d[None, :], mask=k_ok[:, None], other=0.0).to(dtype)
+            sc = tl.dot(q1, tl.trans(kk1), input_precision=DOT_PRECISION)
+            sc = tl.dot(q2, tl.trans(kk2), sc, input_precision=DOT_PRECISION)
+            p = tl.where(k_ok[None, :], tl.math.exp2(sc * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
+            ds = (p * (dp - dl[:, None])).to(dtype)
+            dq1 = tl.dot(ds, kk1, dq1, input_precision=DOT_PRECISION)
+            dq2 = tl.dot(ds, kk2, dq2, input_precision=DOT_PRECISION)
+        dq1 *= sm_scale
+        dq2 *= sm_scale
+        if HAS_ROPE:
+            c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
+            dq1, dq2 = dq1 * c1 + dq2 * s2, dq2 * c2 - dq1 * s1
+        grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
+        tl.store(grad_p + h * DH + dh[None, :], dq1.to(out_dtype), mask=row_ok[:, None])
+        tl.store(grad_p + h * DH + HALF + dh[None, :], dq2.to(out_dtype), mask=row_ok[:, None])
+
+
+@triton.jit
+def _rope_attn_bwd_rotate_kernel(
+    qkv_ptr,           # (T, 3 * H * DH) forward input, token stride stride_t, unit column stride
+    sin_ptr, cos_ptr,  # (R, DH) rope tables, row stride stride_r
+    seq_ptr,           # (S, 4) int32 sequence table (VARLEN only)
+    qk_ptr,            # (T, 2 * H * DH) out: rotated q | k, contiguous
+    seq_len, rope_rows, stride_t, stride_r, s0,
+    H: tl.constexpr, DH: tl.constexpr, VARLEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = s0 + tl.program_id(1)
+    h = tl.program_id(2)
+    tok0, n, r0, prefix = _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN)
+    if pid * BLOCK >= n:
+        return
+    HALF: tl.constexpr = DH // 2
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    dh = tl.arange(0, HALF)
+    ok = (rows < n)[:, None]
+    src = qkv_ptr + tok0.to(tl.int64) * stride_t
+    dst = qk_ptr + tok0.to(tl.int64) * (2 * H * DH) + rows[:, None] * (2 * H * DH) + dh[None, :]
+    sin_ptr += r0 * stride_r
+    cos_ptr += r0 * stride_r
+    for part in tl.static_range(2):  # q, then k
+        col = (part * H + h) * DH
+        y1, y2 = _load_rotated(src + col, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, True, HALF)
+        tl.store(dst + col, y1, mask=ok)
+        tl.store(dst + col + HALF, y2, mask=ok)
 
 
 @triton.jit
@@ -311,11 +349,14 @@ def fwd_config(max_len: int, head_dim: int, itemsize: int = 2) -> dict:
 
 
 def bwd_config(max_len: int, head_dim: int) -> dict:
-    """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them. Compiled
-    as a GPU launch specialises it (16-byte aligned pointers, strides divisible by 16), sm_90 uses
-    246 registers at head dim 128 and 158 at head dim 64, no spills. tools/aot_compile.py, which
-    compiles without that specialisation (every load scalar, one 64-bit address per element),
-    still reports ~750 B/thread of spills at head dim 128."""
+    """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them. sm_90,
+    compiled as a GPU launch specialises it (tools/aot_compile.py applies the JIT's own argument
+    specialisation: 16-byte aligned pointers, strides divisible by 16): 246 registers at head dim
+    128 and 159 at head dim 64, no spills. Compiled without that specialisation (every load
+    scalar, one 64-bit address per element) the head-dim-128 kernel reads ~750 B/thread of
+    spills, which a GPU launch does not have. Other tiles and schedules: see
+    rope_attention_bwd_triton's `config`, `dq_config` and `prerotate`, and
+    benchmarks/attention_bwd_sweep.py, which times them."""
     return dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2)
 
 
@@ -353,8 +394,39 @@ def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: i
     return out, lse
 
 
-def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads: int, max_len: int):
-    """dqkv [T, 3C] in qkv's dtype."""
+def _rotated_qk(qkv, sin, cos, seqinfo, num_heads: int, max_len: int, S: int, rope_rows: int):
+    """Rotated q | k [T, 2C] in qkv's dtype (prefix rows copied as they are), rounded as the
+    attention kernels round them."""
+    T, C = qkv.shape[0], qkv.shape[1] // 3
+    qk = qkv.new_empty(T, 2 * C)
+    block = 64
+    for s0, n_seq in _sequence_chunks(S):
+        _rope_attn_bwd_rotate_kernel[(triton.cdiv(max_len, block), n_seq, num_heads)](
+            qkv, sin, cos, seqinfo if seqinfo is not None else qkv, qk,
+            max_len, rope_rows, qkv.stride(0), sin.stride(0), s0,
+            H=num_heads, DH=C // num_heads, VARLEN=seqinfo is not None, BLOCK=block)
+    return qk
+
+
+def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads: int, max_len: int,
+                              config: dict | None = None, dq_config: dict | None = None,
+                              prerotate: bool = False):
+    """dqkv [T, 3C] in qkv's dtype. The defaults (one kernel on bwd_config's tiles, rotating q and
+    k as it loads them) are what the op runs; the options are schedules for a device sweep
+    (benchmarks/attention_bwd_sweep.py), all computing the same numbers.
+
+    Args:
+        dout, out: [T, C]; qkv: [T, 3C]; lse: [H, T] fp32; sin, cos: [R, Dh] or None; seqinfo:
+            [S, 4] int32 or None (see cpu.rope_attention_fwd_cpu).
+        config: the kernel's tiles, dict(BLOCK, BLOCK_INNER, num_warps, num_stages); None: bwd_config.
+        dq_config: tiles of a separate dq launch (its BLOCK query rows stream BLOCK_INNER key
+            rows); the first launch then computes dk and dv alone (FlashAttention-2's layout, each
+            pass on its own tiles). None: one launch computes dk/dv and then dq for its rows.
+        prerotate: rotate q and k once (`_rope_attn_bwd_rotate_kernel`) into a scratch [T, 2C] in
+            qkv's dtype, which the kernels read without the rope tables; only the transposed
+            rotation of dq and dk (once per program, in the store epilogue) still reads them.
+            Costs 2 T C elements of qkv's dtype of transient memory. No effect without rope.
+    """
     if qkv.stride(1) != 1:
         qkv = qkv.contiguous()
     if dout.stride(1) != 1:
@@ -365,16 +437,22 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
     _rope_attn_bwd_delta_kernel[(triton.cdiv(T, block_t), num_heads)](
         out, dout, delta, T, out.stride(0), dout.stride(0), DH=dh, BLOCK_T=block_t)
     dqkv = torch.empty(T, 3 * C, dtype=qkv.dtype, device=qkv.device)
-    cfg = bwd_config(max_len, dh)
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
-    for s0, n_seq in _sequence_chunks(S):
-        grid = (triton.cdiv(max_len, cfg["BLOCK"]), n_seq, num_heads)
-        _rope_attn_bwd_kernel[grid](
-            qkv, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
-            T, max_len, rope_rows, qkv.stride(0), sin.stride(0), dout.stride(0), 1.0 / math.sqrt(dh), s0,
-            H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
-            DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
+    prerotate = prerotate and rope_rows > 0
+    qk = _rotated_qk(qkv, sin, cos, seqinfo, num_heads, max_len, S, rope_rows) if prerotate else qkv
+    passes = [(config or bwd_config(max_len, dh), True, dq_config is None)]
+    if dq_config is not None:
+        passes.append((dq_config, False, True))
+    for cfg, dkdv, dq in passes:
+        for s0, n_seq in _sequence_chunks(S):
+            grid = (triton.cdiv(max_len, cfg["BLOCK"]), n_seq, num_heads)
+            _rope_attn_bwd_kernel[grid](
+                qkv, qk, sin, cos, seqinfo if seqinfo is not None else qkv, dout, lse, delta, dqkv,
+                T, max_len, rope_rows, qkv.stride(0), qk.stride(0), sin.stride(0), dout.stride(0),
+                1.0 / math.sqrt(dh), s0,
+                H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, PREROTATED=prerotate, VARLEN=seqinfo is not None,
+                DKDV=dkdv, DQ=dq, DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return dqkv
 
 
