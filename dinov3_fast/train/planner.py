@@ -28,10 +28,14 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   unsharded process runs fp32 modules under autocast's casts, so the residual stream that AC keeps
   at each block's input is fp32.
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
-  token, iBOT on the expected number of masked tokens), plus the teacher's fp32 Sinkhorn targets;
-  with `--ops reference`, what the reference losses keep for backward: the fp32 log-softmax of
-  every student row, and their einsum's copy of the targets (bf16 under autocast, which casts
-  einsum; without autocast only iBOT's weighted targets are a new tensor, in fp32).
+  token, iBOT on the expected number of masked tokens). With fused ops the heads' last layers run
+  inside the losses (`linear_soft_cross_entropy`), which keep only their input gradients; the
+  teacher's fp32 Sinkhorn targets and the loss's last chunk of logits and their gradient are
+  alive only up to the end of the forward (`loss_inputs`): the total takes the larger of them and
+  the backward's working set. With `--ops reference`, the heads' logits, the targets, and what
+  the reference losses keep for backward: the fp32 log-softmax of every student row, and their
+  einsum's copy of the targets (bf16 under autocast, which casts einsum; without autocast only
+  iBOT's weighted targets are a new tensor, in fp32).
 - **backward working set**: the most the backward holds beyond what the forward saved, at its
   peak: measured on meta by backpropagating a student without AC (the kernel routing cannot
   reach a checkpoint's recompute on meta), plus, with AC, what a plain block keeps beyond a
