@@ -41,6 +41,13 @@ TOL = 2e-2  # rel_diff above this flags a wrong schedule (bf16 reorderings stay 
 PREFIX = 5  # cls + 4 storage tokens
 
 
+def verdict(row: dict) -> str:
+    """rel_diff against the default's gradient, and WRONG above TOL; "no reference" when the default failed."""
+    if row["ok"] is None:
+        return "rel_diff -: no reference (the default did not run)"
+    return f"rel_diff {row['rel_diff']:.1e}" + ("" if row["ok"] else "  WRONG")
+
+
 @dataclass(frozen=True)
 class Shape:
     name: str
@@ -160,11 +167,16 @@ class ShapeRun:
         s = self.s
         return self.bwd(self.dout, self.qkv, self.out, self.lse, self.sin, self.cos, None, s.H, s.N, **cand.kwargs)
 
-    def rel_diff(self, dqkv) -> float:
+    def rel_diff(self, dqkv, is_default: bool) -> float | None:
+        """Largest |dqkv - default's| over the largest |default's|; the default's own row sets the
+        reference (0.0); None when the default did not run, so nothing is compared against another
+        candidate."""
         import torch
 
-        if self.ref is None:
+        if is_default:
             self.ref = dqkv
+        if self.ref is None:
+            return None
         if not torch.isfinite(dqkv).all():
             return float("inf")
         return ((dqkv.float() - self.ref.float()).abs().max() / self.ref.float().abs().max().clamp_min(1e-30)).item()
@@ -240,16 +252,17 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
                 else:
                     raise RuntimeError("no cuDNN on the CPU")
                 ms = median_ms(step, device, reps)
-                diff = run.rel_diff(dqkv)
-                row.update(ms=round(ms, 4), tflops=round(bwd_flops(s) / ms / 1e9, 1), rel_diff=diff, ok=diff <= TOL)
+                diff = run.rel_diff(dqkv, is_default=name == "default")
+                row.update(ms=round(ms, 4), tflops=round(bwd_flops(s) / ms / 1e9, 1), rel_diff=diff,
+                           ok=None if diff is None else diff <= TOL)
             except Exception as exc:  # noqa: BLE001 - an unavailable backend or a failed launch is a row, not the end
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             report["rows"].append(row)
             save()
-            line = (f"{s.name:<15}{name:<32}" + (f"{row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s  rel_diff "
-                    f"{row['rel_diff']:.1e}{'' if row['ok'] else '  WRONG'}" if "ms" in row else f"  {row['error'][:90]}"))
+            line = (f"{s.name:<15}{name:<32}" + (f"{row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s  " + verdict(row)
+                                                 if "ms" in row else f"  {row['error'][:90]}"))
             (progress.write if progress is not None else print)(line)
             if progress is not None:
                 progress.update()

@@ -139,7 +139,8 @@ if sweep.exists():
     report = json.loads(sweep.read_text())
     print(f"{sweep.name}: {len(report['rows'])} rows, skipped for time: {report['skipped']}")
     for r in report["rows"]:
-        got = f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s{'' if r['ok'] else '  WRONG'}" if "ms" in r else r["error"][:60]
+        got = (f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s" + {None: "  no reference", True: "", False: "  WRONG"}[r["ok"]]
+               if "ms" in r else r["error"][:60])
         print(f"  {r['shape']:<16}{r['candidate']:<32}{got}")
 PYEOF
 [ ${#skipped[@]} -eq 0 ] || step "skipped for time: ${skipped[*]}"

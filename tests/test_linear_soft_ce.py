@@ -92,6 +92,47 @@ def test_half_precision_equals_the_unfused_linear_and_loss(backend, dtype):
         assert g.dtype == r.dtype and rel_err(g, r) < tol, (name, rel_err(g, r))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_gradients_survive_a_loss_scale(backend):
+    """fp16 gradients are formed in fp32 until the upstream gradient (a loss scale) is applied: formed
+    in fp16 at upstream 1, iBOT-sized per-token weights (1/7500) flushed most weight-gradient
+    entries to zero."""
+    M, d, K = 8, 16, 32768
+    features, weight = head_inputs((M, d), K, torch.float16)
+    teacher, weights = teacher_probs((M, K)), torch.full((M,), 1 / 7500)
+    got = fused_grads(features, weight, teacher, backend, upstream=2.0**16, weights=weights)
+    want = oracle_grads(features, weight, teacher, upstream=2.0**16, weights=weights)
+    for name, g, r in zip(("loss", "d features", "d weight"), got, want):
+        assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+    assert (got[2] == 0).float().mean() < 0.01
+
+
+def test_under_autocast_the_operands_take_the_autocast_dtype():
+    """Under CPU autocast the head's normalised bottleneck arrives in bf16 (autocast does not upcast
+    norm there) beside an fp32 weight: both go to the autocast dtype, as the Linear's would."""
+    features, weight = head_inputs((2, 3, 16), 40)
+    teacher = teacher_probs((2, 3, 40))
+    f, w = features.bfloat16().requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_soft_cross_entropy(f, w, teacher, ignore_diagonal=True, backend="cpu")
+        ref = soft_cross_entropy(F.linear(f, w), teacher, ignore_diagonal=True, backend="cpu")
+    grads, ref_grads = torch.autograd.grad(loss, (f, w)), torch.autograd.grad(ref, (f, w))
+    assert rel_err(loss, ref) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and rel_err(g, r) < 1e-2
+
+
+def test_gradients_are_released_with_the_graph():
+    """The gradients formed in the forward are saved tensors: a backward without retain_graph frees
+    them (they do not outlive the heads' backward into the backbone's), so a second one is refused."""
+    features, weight = head_inputs((2, 3, 8), 20)
+    loss = linear_soft_cross_entropy(features.requires_grad_(), weight.requires_grad_(), teacher_probs((2, 3, 20)),
+                                     backend="cpu")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
 def test_float64_gradcheck():
     features, weight = head_inputs((2, 3, 5), 7, torch.float64)
     teacher = teacher_probs((2, 3, 7), torch.float64)

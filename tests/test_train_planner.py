@@ -73,9 +73,9 @@ def test_planner_orders_ac_modes_and_ops():
 
 def test_fused_plan_counts_the_teacher_targets_up_to_the_end_of_the_forward():
     """With fused ops the heads' last layers run inside the losses: the heads keep no logits, and the
-    teacher targets (plus the loss's chunk of logits and their gradient) are alive only until the
-    forward ends, so the peak takes the larger of them and the backward's working set."""
-    from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS
+    teacher targets (plus the largest loss call's chunk and weight-gradient accumulator) are alive
+    only until the forward ends, so the peak takes the larger of them and the backward's working set."""
+    from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, transient_bytes
     cfg = get_preset("debug")
     fused = plan_memory(cfg, world_size=2)
     ref = plan_memory(apply_overrides(cfg, ["train.ops=reference"]), world_size=2)
@@ -83,8 +83,10 @@ def test_fused_plan_counts_the_teacher_targets_up_to_the_end_of_the_forward():
     hw = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
     lo, hi = cfg.ibot.mask_ratio_min_max
     masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
-    chunk = min(CHUNK_LOGITS["cuda"], masked * ki)
-    assert fused.loss_inputs == 4 * (2 * b * k + masked * ki) + 2 * chunk * 4  # fp32 modules on the CPU preset
+    d, di = cfg.dino.head_bottleneck_dim, cfg.ibot.head_bottleneck_dim
+    calls = ((cfg.crops.local_crops_number, b, k, d), (2, b, k, d), (1, masked, ki, di))
+    loss_call = max(transient_bytes(*call, 4, CHUNK_LOGITS["cuda"]) for call in calls)  # fp32 modules here
+    assert fused.loss_inputs == 4 * (2 * b * k + masked * ki) + loss_call
     assert ref.loss_inputs == 0 and ref.heads_and_losses > fused.heads_and_losses + fused.loss_inputs
     assert fused.total == (fused.sharded_state + fused.transient_buffers + fused.activations + fused.heads_and_losses
                            + max(fused.backward_working_set, fused.loss_inputs))

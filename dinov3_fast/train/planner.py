@@ -30,9 +30,9 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
 - **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
   token, iBOT on the expected number of masked tokens). With fused ops the heads' last layers run
   inside the losses (`linear_soft_cross_entropy`), which keep only their input gradients; the
-  teacher's fp32 Sinkhorn targets and the loss's last chunk of logits and their gradient are
-  alive only up to the end of the forward (`loss_inputs`): the total takes the larger of them and
-  the backward's working set. With `--ops reference`, the heads' logits, the targets, and what
+  teacher's fp32 Sinkhorn targets are alive only up to the end of the forward, beside the largest
+  loss call's own transient (a chunk of logits and their gradient, the weight-gradient
+  accumulator) (`loss_inputs`): the total takes the larger of them and the backward's working set. With `--ops reference`, the heads' logits, the targets, and what
   the reference losses keep for backward: the fp32 log-softmax of every student row, and their
   einsum's copy of the targets (bf16 under autocast, which casts einsum; without autocast only
   iBOT's weighted targets are a new tensor, in fp32).
@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
-from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS
+from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, transient_bytes
 from dinov3_fast.train.config import Config, apply_overrides, validate
 
 GIB = 2**30
@@ -355,10 +355,13 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     targets = 4 * (2 * b * k + masked * ki)  # teacher's Sinkhorn-Knopp outputs, fp32
     if cfg.train.ops == "fused":
         # Consumed by the fused head losses in the forward and freed before the backward: they
-        # coexist with the last chunk of iBOT logits and their gradient, not with the backward.
-        chunk = min(CHUNK_LOGITS["cuda"], max(masked, 1) * ki)  # the plan is a GPU's
+        # coexist with the largest loss call's chunk and weight-gradient accumulator (the DINO
+        # local and global terms, iBOT), not with the backward.
+        d, di = cfg.dino.head_bottleneck_dim, cfg.ibot.head_bottleneck_dim
+        calls = ((c.local_crops_number, b, k, d), (2, b, k, d), (1, max(masked, 1), ki, di))
+        loss_call = max(transient_bytes(*call, pb, CHUNK_LOGITS["cuda"]) for call in calls)  # the plan is a GPU's
         return MemoryPlan(cfg.student.arch, world_size, fsdp, b, cfg.train.ac, cfg.train.ops, total, student_local,
-                          sharded, transient, activations, head, backward, targets + 2 * chunk * pb)
+                          sharded, transient, activations, head, backward, targets + loss_call)
     targets += 4 * ((2 + c.local_crops_number) * b * k + masked * ki)  # fp32 log-softmax of every row
     if autocast is not None:  # autocast casts einsum: its bf16 copy of the targets
         targets += pb * (2 * b * k + masked * ki)

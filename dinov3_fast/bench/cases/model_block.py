@@ -28,9 +28,19 @@ PRESETS = (
 )
 
 
+def _device_key(device) -> str:
+    """One name per device ("cuda" and "cuda:0" are the same GPU), so every caller of `_blocks`
+    gets the same cached block."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 @functools.lru_cache(maxsize=None)
 def _blocks(name: str, dtype: torch.dtype, device: str):
-    """The block of `name` (depth 1) on `device`, and its RoPE module; shared by both impls."""
+    """The block of `name` (depth 1) on `device` (a `_device_key`), and its RoPE module; shared by
+    both impls."""
     model = build_model(name, depth=1, device="meta")
     model.to_empty(device=device)
     model.init_weights()
@@ -39,7 +49,7 @@ def _blocks(name: str, dtype: torch.dtype, device: str):
 
 
 def _inputs(name, images, crops, dtype, device):
-    block, rope = _blocks(name, dtype, str(device))
+    block, rope = _blocks(name, dtype, _device_key(device))
     d, prefix, p = block.norm1.normalized_shape[0], 1 + 4, 16
     xs, ropes = [], []
     for count, px in crops:
@@ -51,14 +61,14 @@ def _inputs(name, images, crops, dtype, device):
 
 def _run(name, dtype, backend, xs, ropes):
     """The block's outputs per crop."""
-    block, _ = _blocks(name, dtype, str(xs[0].device))
+    block, _ = _blocks(name, dtype, _device_key(xs[0].device))
     block.attn.backend = backend
     return block(xs, ropes)
 
 
 def _parameters(name, dtype, device) -> list[torch.Tensor]:
     """The block's weights: their gradients are cleared between runs like the inputs'."""
-    return list(_blocks(name, dtype, str(device))[0].parameters())
+    return list(_blocks(name, dtype, _device_key(device))[0].parameters())
 
 
 def _flops(name: str, images: int, crops) -> int:

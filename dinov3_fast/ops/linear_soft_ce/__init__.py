@@ -15,7 +15,7 @@ import torch
 
 from dinov3_fast.ops._common import result_dtype
 from dinov3_fast.ops._dispatch import check_floating, check_rank, check_same_device, select_backend
-from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, linear_soft_ce_chunked
+from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, grad_dtype, linear_soft_ce_chunked
 from dinov3_fast.ops.linear_soft_ce.reference import linear_soft_cross_entropy_ref
 from dinov3_fast.ops.soft_ce import check_soft_ce_args
 from dinov3_fast.ops.soft_ce.cpu import soft_ce_bwd_student_cpu, soft_ce_fwd_cpu
@@ -47,12 +47,15 @@ def _linear_soft_ce_op(features: torch.Tensor, weight: torch.Tensor, teacher: to
 def _(features, weight, teacher, coef, student_temp, ignore_diagonal, max_chunk_logits, backend, need_features,
       need_weight):
     return (coef.new_empty(()),
-            torch.empty_like(features) if need_features else features.new_empty((0,)),
-            torch.empty_like(weight) if need_weight else weight.new_empty((0,)))
+            torch.empty_like(features, dtype=grad_dtype(features)) if need_features else features.new_empty((0,)),
+            weight.new_empty(weight.shape, dtype=grad_dtype(weight)) if need_weight else weight.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.grads = output[1], output[2]  # read by every backward, never modified (retain_graph is safe)
+    # Saved tensors, not attributes: autograd frees them once this node's backward has run (a
+    # retained graph keeps them), so they do not outlive the heads' backward into the backbone's.
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
 
@@ -67,14 +70,14 @@ def _backward(ctx, grad_loss, _grad_d_features, _grad_d_weight):
         raise RuntimeError("linear_soft_cross_entropy computes its gradients in the forward and has no double "
                            "backward (create_graph=True); use backend='reference' for that")
     out = []
-    for name, grad, need in zip(("features", "weight"), ctx.grads, ctx.needs_input_grad[:2]):
+    for name, grad, need, dtype in zip(("features", "weight"), ctx.saved_tensors, ctx.needs_input_grad[:2], ctx.dtypes):
         if not need:
             out.append(None)
         elif grad.numel() == 0:
             raise RuntimeError(f"linear_soft_cross_entropy: {name} requires grad but its gradient was not "
                                "computed in the forward (it did not require grad then)")
         else:
-            out.append((grad * grad_loss).to(grad.dtype))
+            out.append((grad * grad_loss).to(dtype))
     return *out, *(None,) * 8
 
 
@@ -99,8 +102,10 @@ def linear_soft_cross_entropy(
 
     Args:
         features: (S, B, d) the student crops' normalised head bottlenecks (DINO), or (M, d) tokens
-            (iBOT); fp32/bf16/fp16 (fp64 on the cpu/reference backends). Gradients flow to it.
-        weight: (K, d) the head's bias-free last-layer weight, features' dtype. Gradients flow to it.
+            (iBOT); fp32/bf16/fp16 (fp64 on the cpu/reference backends). Gradients flow to it
+            (for fp16 formed in fp32 until the upstream gradient, e.g. a loss scale, is applied).
+        weight: (K, d) the head's bias-free last-layer weight, features' dtype (under autocast both
+            are cast to the autocast dtype, as the Linear would be). Gradients flow to it.
         teacher_probs: (T, B, K), or (M, K) with 2-D features: the teacher's targets. No gradient.
         student_temp, ignore_diagonal: as `soft_cross_entropy`.
         weights: (B,) (or (M,)) per-row weights replacing 1/B, e.g. iBOT's 1 / (masked tokens of
@@ -120,7 +125,12 @@ def linear_soft_cross_entropy(
         raise ValueError(f"weight (K, d) must have d = {features.shape[-1]} (the features' last dim), got "
                          f"shape {tuple(weight.shape)}")
     if weight.dtype != features.dtype:
-        raise TypeError(f"weight and features must have the same dtype, got {weight.dtype} and {features.dtype}")
+        autocast = features.device.type
+        if not torch.is_autocast_enabled(autocast):
+            raise TypeError(f"weight and features must have the same dtype, got {weight.dtype} and {features.dtype}")
+        # the op is not autocast-aware; under autocast the Linear it replaces runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(autocast)
+        features, weight = features.to(dtype), weight.to(dtype)
     check_same_device("weight", weight, "features", features)
     if max_chunk_logits is None:
         max_chunk_logits = CHUNK_LOGITS["cuda" if features.is_cuda else "cpu"]

@@ -33,6 +33,22 @@ def images_per_chunk(n_crops: int, num_classes: int, max_chunk_logits: int) -> i
     return max(1, max_chunk_logits // (n_crops * num_classes))
 
 
+def transient_bytes(n_crops: int, batch: int, num_classes: int, dim: int, itemsize: int,
+                    max_chunk_logits: int) -> int:
+    """Most bytes one call holds beyond its inputs and outputs (the memory planner's figure): a
+    chunk of logits and their gradient, and the fp32 weight-gradient accumulator with, for a
+    half-precision weight, its cast copy."""
+    chunk = min(batch, images_per_chunk(n_crops, num_classes, max_chunk_logits)) * n_crops * num_classes
+    return 2 * chunk * itemsize + num_classes * dim * (4 + (itemsize if itemsize < 4 else 0))
+
+
+def grad_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op returns x's gradient in, before the upstream gradient scales it: fp32 for
+    fp16 input (an fp16 gradient formed at upstream 1 would underflow before a loss scale could
+    protect it), the input's own dtype otherwise (bf16 has fp32's range)."""
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
+
+
 def linear_soft_ce_chunked(features: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, coef: torch.Tensor,
                            student_temp: float, ignore_diagonal: bool, max_chunk_logits: int,
                            soft_ce_fwd: Callable, soft_ce_bwd_student: Callable,
@@ -48,13 +64,17 @@ def linear_soft_ce_chunked(features: torch.Tensor, weight: torch.Tensor, teacher
         need_features, need_weight: which gradients to form; the others are empty (0,) tensors.
 
     Returns:
-        (loss 0-dim in coef's dtype, dL/dfeatures (S, B, d) in the features' dtype,
-         dL/dweight (K, d) in the weight's dtype).
+        (loss 0-dim in coef's dtype, dL/dfeatures (S, B, d), dL/dweight (K, d)), the gradients in
+        `grad_dtype` (fp16 inputs: the logits round to fp16 as the Linear's do, and their gradient
+        and the two gradient products are formed in fp32).
     """
     n_s, batch, _ = features.shape
     num_classes = weight.shape[0]
+    wide = grad_dtype(features) != features.dtype
+    w_grad = weight.float() if wide else weight
     loss = torch.zeros((), dtype=coef.dtype, device=features.device)
-    d_features = torch.empty_like(features) if need_features else features.new_empty((0,))
+    d_features = (torch.empty_like(features, dtype=grad_dtype(features)) if need_features
+                  else features.new_empty((0,)))
     d_weight = (torch.zeros(weight.shape, dtype=compute_dtype(weight), device=weight.device) if need_weight
                 else weight.new_empty((0,)))
     step = images_per_chunk(n_s, num_classes, max_chunk_logits)
@@ -68,10 +88,12 @@ def linear_soft_ce_chunked(features: torch.Tensor, weight: torch.Tensor, teacher
         loss += (row_loss * row_coef).sum()
         if not (need_features or need_weight):
             continue
+        if wide:
+            logits = logits.float()
         d_logits = soft_ce_bwd_student(row_coef, logits, targets, row_max, lse_rest, a, student_temp, ignore_diagonal)
         del logits
         if need_features:
-            d_features[:, images] = torch.matmul(d_logits, weight)
+            d_features[:, images] = torch.matmul(d_logits, w_grad)
         if need_weight:
-            d_weight += torch.matmul(d_logits.flatten(0, 1).T, x.flatten(0, 1))
-    return loss, d_features, d_weight.to(weight.dtype) if need_weight else d_weight
+            d_weight += torch.matmul(d_logits.flatten(0, 1).T, (x.float() if wide else x).flatten(0, 1))
+    return loss, d_features, d_weight.to(grad_dtype(weight)) if need_weight else d_weight
