@@ -224,17 +224,6 @@ class SSLMetaArch(nn.Module):
                  "masked_patch_pre_head": g_patch.flatten(0, 1).index_select(0, mask_indices)},
                 {"cls_pre_head": l_cls.unflatten(0, (n_local, b))})
 
-    def dino_terms(self, student_global, student_local, teacher_cls) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local, global) DINO loss terms of the student (see `dino_terms`)."""
-        return dino_terms(self.student.dino_head, self.dino_loss, student_global["cls_pre_head"],
-                          student_local["cls_pre_head"], teacher_cls, self.cfg.dino.global_ignore_diagonal,
-                          fused=self.fused_head_losses)
-
-    def ibot_term(self, student_global, teacher_masked, masks, mask_indices, masks_weight) -> torch.Tensor:
-        """The student's iBOT loss (see `ibot_term`)."""
-        return ibot_term(self.student.ibot_head, self.ibot_patch_loss, student_global["masked_patch_pre_head"],
-                         teacher_masked, masks, mask_indices.shape[0], masks_weight, fused=self.fused_head_losses)
-
     def get_gram_teacher_output(self, images: torch.Tensor | None, *, masks: torch.Tensor, teacher_global,
                                 student_global, student_crop_size: int) -> dict[str, torch.Tensor]:
         """Student and Gram-teacher patch features [2B, HW, D] (or the selected tokens [N, D])."""
@@ -272,10 +261,13 @@ class SSLMetaArch(nn.Module):
         global_terms = n_global * (n_global - 1) if d.global_ignore_diagonal else n_global**2
         local_terms = n_global * n_local
         loss_dict: dict[str, Any] = {}
-        dino_local, dino_global = self.dino_terms(student_global, student_local, teacher_global["cls_centered"])
+        dino_local, dino_global = dino_terms(self.student.dino_head, self.dino_loss, student_global["cls_pre_head"],
+                                             student_local["cls_pre_head"], teacher_global["cls_centered"],
+                                             d.global_ignore_diagonal, fused=self.fused_head_losses)
         koleo = sum(self.koleo_loss(x) for x in student_global["cls_pre_head"]) / n_global
-        ibot = self.ibot_term(student_global, teacher_global["masked_patch_centered"], masks, mask_indices,
-                              masks_weight)
+        ibot = ibot_term(self.student.ibot_head, self.ibot_patch_loss, student_global["masked_patch_pre_head"],
+                         teacher_global["masked_patch_centered"], masks, mask_indices.shape[0], masks_weight,
+                         fused=self.fused_head_losses)
         local_weight = 1.0 if self.dino_local_loss_schedule is None else self.dino_local_loss_schedule(iteration)
         loss = (d.loss_weight * local_terms / (global_terms + local_terms) * local_weight * dino_local
                 + d.loss_weight * global_terms / (global_terms + local_terms) * dino_global
