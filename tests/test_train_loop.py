@@ -221,3 +221,18 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
     with pytest.raises(RuntimeError, match=r"not finite for 3 steps in a row \(to step 5\).*step_00000002"):
         train(cfg, progress=False, log_fn=None)
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000002"]
+
+
+@pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:512"])
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_set_it(user_setting):
+    """In a fresh process, as the CLI runs it: the variable set after `import torch` still reaches the
+    allocator's parser (torch parses it on first use), and a user's own setting is kept."""
+    if not hasattr(torch._C, "_accelerator_getAllocatorSettings"):
+        pytest.skip("this torch has no allocator-settings getter (added in 2.9) to check the parse with")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    if user_setting:
+        env["PYTORCH_ALLOC_CONF"] = user_setting
+    code = ("import torch\nfrom dinov3_fast.train.loop import default_allocator_settings\n"
+            "default_allocator_settings()\nprint(torch._C._accelerator_getAllocatorSettings())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (user_setting or "expandable_segments:True")

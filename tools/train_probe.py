@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs="*", help="overrides section.key=value")
     args = parser.parse_args(argv)
 
-    from dinov3_fast.train.loop import _peak_memory, build_state, train_step
+    from dinov3_fast.train.loop import ALLOCATOR_ENV, _peak_memory, build_state, train_step
     from dinov3_fast.train.planner import plan_memory
 
     batches = sorted({int(b) for b in args.batches.replace(" ", ",").split(",") if b})
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     state = build_state(copy.deepcopy(cfg))
     dev = state.device
     entry["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    entry["allocator"] = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
     save()
     for b in batches:
         state.cfg.train.batch_size_per_gpu = b  # next_batch reads it each step

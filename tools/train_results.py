@@ -65,6 +65,7 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         "intervals": [{k: s.get(k) for k in ("step", "img_per_s", "step_time", "peak_mem_gib", "mfu", "total_loss",
                                              "profiled") if k in s} for s in logged],
         "torch": data.get("torch"),
+        "allocator": data.get("allocator"),
         "profile": data.get("profile"),
     }
 
