@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from dinov3_fast.ops.linear_soft_ce import linear_soft_cross_entropy, linear_soft_cross_entropy_ref
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
+from dinov3_fast.ops.soft_ce.reference import soft_cross_entropy_ref
 from oracle import rel_err
 
 BACKENDS = ["cpu", "triton"]
@@ -101,10 +102,23 @@ def test_fp16_gradients_survive_a_loss_scale(backend):
     features, weight = head_inputs((M, d), K, torch.float16)
     teacher, weights = teacher_probs((M, K)), torch.full((M,), 1 / 7500)
     got = fused_grads(features, weight, teacher, backend, upstream=2.0**16, weights=weights)
-    want = oracle_grads(features, weight, teacher, upstream=2.0**16, weights=weights)
-    for name, g, r in zip(("loss", "d features", "d weight"), got, want):
-        assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+    want = oracle_grads_fp16_logits(features, weight, teacher, upstream=2.0**16, weights=weights)
+    # the loss in fp32 (measured <= 2e-6 over 40 draws); the gradients land in the fp16 leaves' .grad,
+    # whose rounding alone is up to 2^-11 = 4.9e-4 in norm (measured <= 2.4e-4)
+    for name, g, r, tol in zip(("loss", "d features", "d weight"), got, want, (2e-5, 1e-3, 1e-3)):
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
     assert (got[2] == 0).float().mean() < 0.01
+
+
+def oracle_grads_fp16_logits(features, weight, teacher, upstream, weights):
+    """The float64 oracle with the logits rounded to fp16, as the op's fp16 Linear rounds them (the
+    gradient passes the rounding straight through, as the op's does). Against the unrounded oracle
+    the gradients differ by ~0.5% from that rounding alone (logits up to ~10, fp16 ulp 2^-7 there)."""
+    f, w = features.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = F.linear(f, w)
+    logits = exact + (exact.detach().half().double() - exact.detach())
+    loss = soft_cross_entropy_ref(logits, teacher.double(), weights=weights.double()) * upstream
+    return (loss.detach(), *torch.autograd.grad(loss, (f, w)))
 
 
 def test_under_autocast_the_operands_take_the_autocast_dtype():
