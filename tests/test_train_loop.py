@@ -228,7 +228,7 @@ def test_cuda_allocator_gets_expandable_segments_unless_the_user_set_it(user_set
     """In a fresh process, as the CLI runs it: the variable set after `import torch` still reaches the
     allocator's parser (torch parses it on first use), and a user's own setting is kept."""
     if not hasattr(torch._C, "_accelerator_getAllocatorSettings"):
-        pytest.skip("this torch has no allocator-settings getter (added in 2.9) to check the parse with")
+        pytest.skip("this torch has no allocator-settings getter to check the parse with (2.13 has one, 2.11 not)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     if user_setting:
         env["PYTORCH_ALLOC_CONF"] = user_setting

@@ -43,7 +43,7 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_NAN_STEPS = 2  # consecutive non-finite losses tolerated (DINOv3's do_train)
 # Dense bf16 peak FLOP/s per card, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
-ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads either
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # newer torch reads either; all read the second
 
 
 def default_allocator_settings() -> None:
