@@ -116,7 +116,8 @@ def _train(args: argparse.Namespace) -> int:
         write_json_atomically(args.json, {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
                                           "checkpoint": history["checkpoint"], "torch": torch.__version__,
                                           "profile": history.get("profile"),
-                                          "allocator": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}})
+                                          "allocator": {"env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
+                                                        "expandable_segments": history.get("expandable_segments")}})
 
     had_group = dist.is_available() and dist.is_initialized()
     try:

@@ -225,14 +225,15 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
 
 @pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:512"])
 def test_cuda_allocator_gets_expandable_segments_unless_the_user_set_it(user_setting):
-    """In a fresh process, as the CLI runs it: the variable set after `import torch` still reaches the
-    allocator's parser (torch parses it on first use), and a user's own setting is kept."""
+    """In a fresh process, as the CLI runs it: the setting reaches the allocator's config after
+    `import torch`, and a user's own setting is kept (read back through the config's getter; on a GPU
+    the train JSON records the segments actually in use)."""
     if not hasattr(torch._C, "_accelerator_getAllocatorSettings"):
-        pytest.skip("this torch has no allocator-settings getter to check the parse with (2.13 has one, 2.11 not)")
+        pytest.skip("this torch has no allocator-settings getter to check the setting with (2.13 has one, 2.11 not)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     if user_setting:
         env["PYTORCH_ALLOC_CONF"] = user_setting
-    code = ("import torch\nfrom dinov3_fast.train.loop import default_allocator_settings\n"
-            "default_allocator_settings()\nprint(torch._C._accelerator_getAllocatorSettings())")
+    code = ("import torch\nfrom dinov3_fast.train.loop import enable_expandable_segments_unless_configured\n"
+            "enable_expandable_segments_unless_configured()\nprint(torch._C._accelerator_getAllocatorSettings())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == (user_setting or "expandable_segments:True")

@@ -43,19 +43,35 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_NAN_STEPS = 2  # consecutive non-finite losses tolerated (DINOv3's do_train)
 # Dense bf16 peak FLOP/s per card, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
-ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # newer torch reads either; all read the second
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the user's allocator settings
 
 
-def default_allocator_settings() -> None:
-    """Expandable segments for the CUDA caching allocator, unless the user configured it.
+def enable_expandable_segments_unless_configured() -> None:
+    """Expandable segments for the CUDA caching allocator, unless the user set either ALLOCATOR_ENV
+    variable (then theirs stand).
 
-    A step frees and reallocates activations of many sizes; with fixed segments the H100 batch probe
-    of 2026-11-26 ran out of memory at 70.1 GiB allocated with 6.9 GiB reserved but unallocated (a
-    79.2 GiB card). torch parses the variable when the allocator is first used, so this must run
-    before any CUDA tensor exists; later it changes nothing.
+    A step frees and reallocates activations of many sizes. With fixed segments, the H100 batch
+    probe of 2026-11-26 ran out of memory with 5.7-6.9 GiB reserved but unallocated, on a 79.2 GiB
+    card. The setting goes through the allocator's runtime setter: a CUDA build of torch may parse
+    the environment when it is imported, so setting the variable here would be too late. It
+    applies to the segments allocated from then on. `expandable_segments_in_use` reports what is
+    actually in effect.
     """
-    if not any(name in os.environ for name in ALLOCATOR_ENV):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if any(name in os.environ for name in ALLOCATOR_ENV):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch 2.11 and 2.13 have it
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings  # older torch; deprecated in favour of the above
+    setter("expandable_segments:True")
+
+
+def expandable_segments_in_use(device: torch.device) -> bool | None:
+    """Whether the CUDA caching allocator's segments are expandable (what is in effect, whoever set
+    it); None off CUDA or before the first allocation."""
+    if device.type != "cuda":
+        return None
+    segments = torch.cuda.memory_snapshot()
+    return any(seg.get("is_expandable", False) for seg in segments) if segments else None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -147,7 +163,7 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
-        default_allocator_settings()
+        enable_expandable_segments_unless_configured()
         torch.cuda.set_device(device)
     rank, world = setup_distributed(cfg, device.type)
     validate(cfg, world)
@@ -309,6 +325,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if profiled:
                 last["profiled"] = True
             bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
+            if "expandable_segments" not in history:  # once, after real allocations
+                history["expandable_segments"] = expandable_segments_in_use(state.device)
             if state.rank == 0 and log_fn is not None:
                 losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
                 log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
