@@ -90,16 +90,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """The run's Config: the preset or YAML file, then the flags, then `section.key=value` overrides."""
-    from dinov3_fast.train.config import apply_overrides, get_preset, load_config
+    from dinov3_fast.train.config import apply_overrides, arch_overrides, get_preset, load_config
 
     cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
-    flags = {"student.arch": args.arch, "train.dataset_path": args.data, "train.steps": args.steps,
+    flags = {"train.dataset_path": args.data, "train.steps": args.steps,
              "train.batch_size_per_gpu": args.batch, "train.ops": args.ops, "train.ac": args.ac,
              "train.output_dir": args.output_dir, "train.log_every": args.log_every, "train.device": args.device,
              "train.profile_steps": args.profile_steps}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.arch is not None:  # a named arch replaces any trunk override of the preset
-        overrides += ["student.embed_dim=null", "student.depth=null", "student.num_heads=null"]
+    if args.arch is not None:
+        overrides += arch_overrides(args.arch)
     if args.compile is not None:
         overrides.append(f"train.compile={args.compile}")
     return apply_overrides(cfg, overrides + list(args.opts or []))
@@ -137,14 +137,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from dinov3_fast.train.config import ConfigError, apply_overrides, get_preset, load_config
+    from dinov3_fast.train.config import ConfigError, apply_overrides, arch_overrides, get_preset, load_config
     from dinov3_fast.train.planner import format_plan, plan_memory
 
     try:
         cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
-        flags = {"student.arch": args.arch, "train.batch_size_per_gpu": args.batch, "train.ac": args.ac,
-                 "train.ops": args.ops}
-        cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.opts or []))
+        flags = {"train.batch_size_per_gpu": args.batch, "train.ac": args.ac, "train.ops": args.ops}
+        overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+        if args.arch is not None:
+            overrides += arch_overrides(args.arch)
+        cfg = apply_overrides(cfg, overrides + list(args.opts or []))
         plan = plan_memory(cfg, world_size=args.gpus)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dinov3_fast._json import write_json_atomically  # noqa: E402
-from dinov3_fast.train.config import apply_overrides, get_preset  # noqa: E402
+from dinov3_fast.train.config import apply_overrides, arch_overrides, get_preset  # noqa: E402
 
 GIB = 2**30
 
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.ops={args.ops}", f"train.compile={args.compile}", f"train.batch_size_per_gpu={batches[0]}",
                  "checkpointing.period=-1", "evaluation.knn_val_samples=0"]
     if args.arch:
-        overrides += [f"student.arch={args.arch}", "student.embed_dim=null", "student.depth=null",
-                      "student.num_heads=null"]
+        overrides += arch_overrides(args.arch)
     cfg = apply_overrides(get_preset(args.preset), overrides + list(args.opts))
     plans = {b: plan_memory(apply_overrides(cfg, [f"train.batch_size_per_gpu={b}"]), world_size=1).total / GIB
              for b in batches}

@@ -360,6 +360,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return update_config(cfg, data)
 
 
+def arch_overrides(arch: str) -> list[str]:
+    """Overrides that make `arch` the student: the named arch, with any trunk override of the base
+    config (the debug preset's tiny embed_dim / depth / num_heads) cleared, so the arch's own apply."""
+    return [f"student.arch={arch}", "student.embed_dim=null", "student.depth=null", "student.num_heads=null"]
+
+
 # --------------------------------------------------------------------------- validation
 
 def validate(cfg: Config, world_size: int = 1) -> None:
