@@ -205,9 +205,10 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
     for name, record in plans:
         out += ["", f"### What fits on one card, planned ({name}; not measured)", "",
                 f"`python tools/plan_sweep.py` ({record['date']}, torch {record['torch']}, {record.get('git_rev')}): the "
-                f"memory planner on the {record['preset']} recipe with the arch replaced, for a {record['card']} "
-                f"taken as {record['budget_gib']:g} GiB (see the tool's docstring for how that budget was "
-                f"measured). Batches are multiples of {record['step']}; the plan is given at each batch.", "",
+                f"memory planner on the {record['preset']} recipe with the arch replaced. The card ({record['card']}) "
+                f"is taken as {record['budget_gib']:g} GiB, an assumption that no run of the current trainer has "
+                f"checked yet (the tool's docstring). Batches are multiples of {record['step']}; the plan is "
+                "given at each batch.", "",
                 *plan_sweep.table_lines(record)]
     for path, run in runs:
         meta = run["meta"]

@@ -2,7 +2,7 @@
 largest batch per GPU whose plan fits a memory budget, and at the reference's largest batch, how
 much less memory the fused ops plan for.
 
-    python tools/plan_sweep.py --save benchmarks/results/plan/h100_80gb.json     # a few minutes
+    python tools/plan_sweep.py --save benchmarks/results/plan/h100_80gb.json     # ~200 plans, 4-5 min on 2 cores
 
 These are plans, not measurements. The budget is an assumption. Nothing in this sweep's
 configuration has run on a GPU, and the last evidence predates it:
