@@ -126,7 +126,8 @@ def test_fp16_inputs(backend):
 @pytest.mark.parametrize("topk", [1, 2])
 def test_duplicate_rows_and_ties(backend, topk):
     """Duplicates have distance ||1e-8 * 1|| and a finite loss through eps; with three copies the
-    neighbour is a tie and the gradient depends on which copy wins (the lowest index)."""
+    neighbour is a tie and the gradient depends on which copy wins (the lowest index, unless the
+    interpreter's GEMM rounds the copies' dots apart)."""
     x = torch.randn(20, 16)
     x[11] = x[3]
     x[17] = x[3]
@@ -134,7 +135,8 @@ def test_duplicate_rows_and_ties(backend, topk):
     check_against_oracle(x, backend, 1e-5, topk=topk)
     loss, _, idx = run_backend(x, backend, topk)
     assert loss.item() > 3  # 5 of the 20 rows have a twin: -log(4e-8 + 1e-8) = 16.8 each
-    assert idx[3, 0] == 11 and idx[11, 0] == 3 and idx[17, 0] == 3
+    for row in (3, 11, 17):  # each copy's nearest neighbour is another copy (which one: see check_against_oracle)
+        assert idx[row, 0] != row and torch.equal(x[idx[row, 0]], x[row])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
