@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -110,14 +109,12 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint) is one line and exit code 2; any other error keeps its traceback."""
     from dinov3_fast.train.checkpoint import CheckpointError
     from dinov3_fast.train.config import ConfigError
-    from dinov3_fast.train.loop import ALLOCATOR_ENV, train
+    from dinov3_fast.train.loop import train
 
     def write_json(history: dict) -> None:  # after every logged interval and at the end
         write_json_atomically(args.json, {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
                                           "checkpoint": history["checkpoint"], "torch": torch.__version__,
-                                          "profile": history.get("profile"),
-                                          "allocator": {"env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
-                                                        "expandable_segments": history.get("expandable_segments")}})
+                                          "profile": history.get("profile"), "allocator": history.get("allocator")})
 
     had_group = dist.is_available() and dist.is_initialized()
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs="*", help="overrides section.key=value")
     args = parser.parse_args(argv)
 
-    from dinov3_fast.train.loop import ALLOCATOR_ENV, _peak_memory, build_state, expandable_segments_in_use, train_step
+    from dinov3_fast.train.loop import _peak_memory, allocator_record, build_state, train_step
     from dinov3_fast.train.planner import plan_memory
 
     batches = sorted({int(b) for b in args.batches.replace(" ", ",").split(",") if b})
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     state = build_state(copy.deepcopy(cfg))
     dev = state.device
     entry["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    entry["allocator"] = {"env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
-                          "expandable_segments": None}  # what is in effect, read after the first batch
+    entry["allocator"] = None  # what is in effect, read after the first batch
     save()
     for b in batches:
         state.cfg.train.batch_size_per_gpu = b  # next_batch reads it each step
@@ -97,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                      loss=float(logs["total_loss"]))
         entry["trials"].append(trial)
         entry["largest_ok"] = b
-        if entry["allocator"]["expandable_segments"] is None:
-            entry["allocator"]["expandable_segments"] = expandable_segments_in_use(dev)
+        if entry["allocator"] is None:
+            entry["allocator"] = allocator_record(dev)
         save()
         print(f"{args.ops} batch {b}: trains, peak {trial['peak_mem_gib']:.2f} GiB (plan {plans[b]:.2f} GiB), "
               f"{trial['img_per_s']:.1f} img/s (last step)", flush=True)

@@ -54,8 +54,8 @@ def enable_expandable_segments_unless_configured() -> None:
     probe of 2026-11-26 ran out of memory with 5.7-6.9 GiB reserved but unallocated, on a 79.2 GiB
     card. The setting goes through the allocator's runtime setter: a CUDA build of torch may parse
     the environment when it is imported, so setting the variable here would be too late. It
-    applies to the segments allocated from then on. `expandable_segments_in_use` reports what is
-    actually in effect.
+    applies to the segments allocated from then on. `allocator_record` reports what is actually in
+    effect.
     """
     if any(name in os.environ for name in ALLOCATOR_ENV):
         return
@@ -65,13 +65,15 @@ def enable_expandable_segments_unless_configured() -> None:
     setter("expandable_segments:True")
 
 
-def expandable_segments_in_use(device: torch.device) -> bool | None:
-    """Whether the CUDA caching allocator's segments are expandable (what is in effect, whoever set
-    it); None off CUDA or before the first allocation."""
-    if device.type != "cuda":
-        return None
-    segments = torch.cuda.memory_snapshot()
-    return any(seg.get("is_expandable", False) for seg in segments) if segments else None
+def allocator_record(device: torch.device) -> dict[str, Any]:
+    """The allocator settings of a run, for its JSON: the user's ALLOCATOR_ENV variables, and whether
+    the CUDA caching allocator's segments are expandable (what is in effect, whoever set it; None off
+    CUDA or before the first allocation)."""
+    expandable = None
+    if device.type == "cuda":
+        segments = torch.cuda.memory_snapshot()
+        expandable = any(seg.get("is_expandable", False) for seg in segments) if segments else None
+    return {"env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}, "expandable_segments": expandable}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -325,8 +327,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if profiled:
                 last["profiled"] = True
             bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
-            if "expandable_segments" not in history:  # once, after real allocations
-                history["expandable_segments"] = expandable_segments_in_use(state.device)
+            if "allocator" not in history:  # once, after real allocations
+                history["allocator"] = allocator_record(state.device)
             if state.rank == 0 and log_fn is not None:
                 losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
                 log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
