@@ -30,9 +30,9 @@ def _cpu_name() -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     from dinov3_fast.bench.cases import all_cases
-    from dinov3_fast.bench.environment import triton_version
+    from dinov3_fast.bench.environment import git_revision, triton_version
     from dinov3_fast.bench.roofline import measure_roofline
-    from dinov3_fast.bench.runner import format_table, run_cases
+    from dinov3_fast.bench.runner import HARNESS, format_table, run_cases
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -63,7 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(),
             "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version(),
-            "triton": triton_version()}
+            "triton": triton_version(), "harness": HARNESS, **git_revision()}
 
     def write_json(rows) -> None:  # after every case: a run stopped early keeps its rows
         write_json_atomically(args.json, {"meta": meta, "rows": [r.as_dict() for r in rows]})

@@ -280,7 +280,8 @@ def test_goal_evaluation():
     goal = next(g for g in md.GOALS if g.preset == "vitl_261tok" and g.op == "rope_attention")
     assert md.evaluate(goal, rows) == pytest.approx(2.0)  # against the fastest baseline, not the eager one
     text = md.render([(Path("gpu_run.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
-    assert "| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00 | met | gpu_run.json |" in text
+    assert ("| 5 | N=261 fwd+bwd >= 1.25x best SDPA path | vitl_261tok | 2.00x (device time not measured) | met "
+            "| gpu_run.json (git unknown, harness 1) |") in text
     # a goal on the Triton kernels reads "fused:kernels" where default dispatch routes to SDPA, and
     # "fused" in runs from before the route (whose fused row was the kernels)
     bwd = next(g for g in md.GOALS if g.metric == "bwd_tflops")
@@ -305,12 +306,16 @@ def test_goals_show_the_device_time_ratio_beside_the_judged_one():
     goal = next(g for g in md.GOALS if g.op == "soft_cross_entropy" and g.metric == "speedup")
     assert md.device_speedup(goal, rows) == pytest.approx(3.0)
     text = md.render([(Path("h100_run3.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows})])
-    assert "| 1.20 (device time: 3.00) | not met | h100_run3.json |" in text
+    assert "| 1.20x (device time: 3.00x) | not met | h100_run3.json (git unknown, harness 1) |" in text
     assert "graph ms | graph x |" in text and "| 0.300 | - |" in text
     for r in rows:
         del r["graph_ms"], r["graph_speedup"]
     text = md.render([(Path("h100_run1.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows})])
-    assert "| 1.20 | not met | h100_run1.json |" in text and "graph ms" not in text
+    assert "| 1.20x (device time not measured) | not met | h100_run1.json (git unknown, harness 1) |" in text
+    assert "graph ms | graph x |" not in text
+
+
+ROOFLINE = {"device_name": "NVIDIA H100", "copy_bytes_per_s": 3e12, "bf16_flops_per_s": 7e14, "fp32_flops_per_s": 5e13}
 
 
 def test_bandwidth_goal_shows_the_minimal_traffic_beside_the_schedule_figure():
@@ -318,11 +323,69 @@ def test_bandwidth_goal_shows_the_minimal_traffic_beside_the_schedule_figure():
     from dinov3_fast.bench.runner import BenchRow
 
     goal = next(g for g in md.GOALS if g.metric == "bw_frac")
-    rows = [BenchRow(goal.op, goal.preset, "fused", 0.1, None, 1.0, None, None, None, None, 2000.0, 0.62,
+    rows = [BenchRow(goal.op, goal.preset, "fused", 1.0, None, 1.0, None, None, None, None, 2000.0, 0.62,
                      min_bw_frac=0.08).as_dict()]
     assert md.minimal_traffic_fraction(goal, rows) == pytest.approx(0.08)
-    text = md.render([(Path("h100_run4.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})])
-    assert "| 0.62 (minimal traffic: 0.08) | not met | h100_run4.json |" in text
+    meta = {"device_type": "cuda", "device": "NVIDIA H100", "roofline": ROOFLINE}
+    (row,) = md.rederive(rows, meta)  # today's byte counts at this run's 1 ms and 3 TB/s
+    assert row["min_bw_frac"] < row["bw_frac"]
+    text = md.render([(Path("h100_run4.json"), {"meta": meta, "rows": rows})])
+    assert (f"| {100 * row['bw_frac']:.0f}% (minimal traffic: {100 * row['min_bw_frac']:.0f}%) | not met "
+            "| h100_run4.json (git unknown, harness 1) |") in text
+
+
+def test_rates_are_rederived_with_todays_counts_and_the_impls_compute_dtype():
+    """A committed row's TFLOP/s and % peak come from its time and today's case counts, whatever it
+    recorded; an impl that upcasts (the Gram reference) is a fraction of the fp32 rate."""
+    md = load_tool("benchmarks_md")
+    from dinov3_fast.bench.runner import BenchRow
+
+    rows = [BenchRow("gram_loss", "crop512_b16_d1024", impl, 2.0, 4.0, 1.0, None, None, 999.0, 9.99, None, None).as_dict()
+            for impl in ("reference", "fused")]
+    ref, fused = md.rederive(rows, {"roofline": ROOFLINE})
+    case, half = md._current_cases()[("gram_loss", "crop512_b16_d1024")]
+    assert half
+    assert ref["tflops"] == pytest.approx(case.impl_flops["reference"] / 2e-3 / 1e12)
+    assert ref["flops_frac"] == pytest.approx(ref["tflops"] * 1e12 / ROOFLINE["fp32_flops_per_s"])
+    assert fused["tflops"] == pytest.approx(case.flops / 2e-3 / 1e12)
+    assert fused["flops_frac"] == pytest.approx(fused["tflops"] * 1e12 / ROOFLINE["bf16_flops_per_s"])
+    # the fused tiled forward forms only the tiles on and above the diagonal: 136 of 16 x 16 at P=1024
+    assert case.flops == pytest.approx(case.impl_flops["reference"] * 136 / 256)
+    unknown = dict(rows[0], preset="retired_preset")
+    assert md.rederive([unknown], {"roofline": ROOFLINE}) == [unknown]
+
+
+def test_run_info_reads_the_device_calls_logs(tmp_path):
+    """Runs from before the meta fields get their revision from the call's env.json and their GPU
+    test results from its pytest log; a goal figure of an op that failed a test there is marked."""
+    md = load_tool("benchmarks_md")
+    from dinov3_fast.bench.runner import BenchRow
+
+    (tmp_path / "h100_run7_env.json").write_text(json.dumps({"git": "abcdef0123", "git_dirty": True}))
+    (tmp_path / "h100_run7_pytest.log").write_text(
+        "FAILED tests/test_soft_ce.py::test_gpu_dino_shape[dtype0] - AssertionError: (...\n"
+        "FAILED tests/test_gram.py::test_gpu_triton_matches_oracle[True-2x2048x384-dtype2-1e-05]\n"
+        "================== 2 failed, 78 passed, 2 warnings in 48.29s ===================\n")
+    info = md.run_info(Path("h100_run7_compiled.json"), {"time": "2026-11-26T10:00:00"}, tmp_path)
+    assert (info.git, info.dirty, info.harness) == ("abcdef0123", True, 1)
+    assert info.code() == "abcdef0*, harness 1"
+    assert info.tests == "2 failed, 78 passed, 2 warnings in 48.29s"
+    assert set(info.failed) == {"soft_cross_entropy", "gram_loss"}
+    recorded = md.run_info(Path("h100_run8.json"), {"git": "1234567890", "git_dirty": False, "harness": 2}, tmp_path)
+    assert recorded.code() == "1234567, harness 2" and recorded.tests is None
+    goal = next(g for g in md.GOALS if g.op == "soft_cross_entropy" and g.metric == "speedup")
+    rows = [BenchRow(goal.op, goal.preset, impl, 0.5, ms, 8.0, None, None, None, None, None, None).as_dict()
+            for impl, ms in (("reference", 2.0), ("fused", 1.0))]
+    text = md.render([(Path("h100_run7.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"}, "rows": rows})],
+                     logs=tmp_path)
+    assert "| 2.00x † (device time not measured) | met | h100_run7.json (abcdef0*, harness 1) |" in text
+    assert "GPU tests of the same device call: 2 failed, 78 passed" in text
+
+
+def test_committed_benchmarks_md_is_current():
+    """BENCHMARKS.md is what tools/benchmarks_md.py makes of the committed runs (rerun it after
+    adding a run or changing a case's counts)."""
+    assert load_tool("benchmarks_md").main(["--check"]) == 0
 
 
 def test_latest_run_judges_a_goal():
@@ -338,7 +401,8 @@ def test_latest_run_judges_a_goal():
 
     text = md.render([(Path("h100_run1.json"), run(1.0)), (Path("h100_run1_compiled.json"), run(0.5)),
                       (Path("h100_run2.json"), run(3.0))])
-    assert "| vitl_261tok | 1.00 (earlier runs: 3.00) | not met | h100_run2.json |" in text
+    assert ("| vitl_261tok | 1.00x (device time not measured; earlier runs: 3.00x) | not met (1 of 1 earlier: met) "
+            "| h100_run2.json (git unknown, harness 1) |") in text
     # by start time, then run number -- not by name: run10 follows run9, a later torch follows an
     # earlier one whatever their version strings; a goal naming the H100 ignores other cards
     dated = [(Path("h100_torch2.9_run9.json"), dict(run(3.0), meta={**run(3.0)["meta"], "time": "2026-12-01T10:00:00"})),
@@ -346,10 +410,12 @@ def test_latest_run_judges_a_goal():
              (Path("h200_run11.json"), dict(run(0.5), meta={"device_type": "cuda", "device": "NVIDIA H200",
                                                            "time": "2026-12-03T10:00:00"}))]
     text = md.render(dated)
-    assert "| vitl_261tok | 3.00 (earlier runs: 1.00) | met | h100_torch2.11_run10.json |" in text
+    latest = ("| vitl_261tok | 3.00x (device time not measured; earlier runs: 1.00x) | met (1 of 1 earlier: not met) "
+              "| h100_torch2.11_run10.json (git unknown, harness 2) |")
+    assert latest in text
     # a run's companion file starts later than its main file: still the same run, not a later one
     companion = dict(run(0.5), meta={**run(0.5)["meta"], "time": "2026-12-02T10:05:00"})
     text = md.render([*dated[:2], (Path("h100_torch2.11_run10_compiled.json"), companion)])
-    assert "| vitl_261tok | 3.00 (earlier runs: 1.00) | met | h100_torch2.11_run10.json |" in text
+    assert latest in text
     assert md._run_order(Path("x_run10.json"), {"date": "2026-12-01"}) > md._run_order(Path("x_run9.json"),
                                                                                        {"date": "2026-12-01"})

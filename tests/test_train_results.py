@@ -140,8 +140,8 @@ def test_goal_rows_and_saved_record(tr, tmp_path):
     assert [n for n, _ in records] == ["h100.json"]
     rows = tr.goal_rows(records)
     assert ("| 7 | ViT-L/16 training img/s, fused >= 1.2x reference | vitl16_h100 | 1.33x (b96) | met "
-            "| h100.json |") in rows
-    assert "| 7 | ViT-L/16 training MFU >= 40% on H100 (fused) | vitl16_h100 | 48.0% (b96) | met | h100.json |" in rows
+            "| h100.json (abc) |") in rows
+    assert "| 7 | ViT-L/16 training MFU >= 40% on H100 (fused) | vitl16_h100 | 48.0% (b96) | met | h100.json (abc) |" in rows
     lines = tr.record_lines("h100.json", records[0][1])
     assert any(line.startswith("| fused | vit_large | 96 | 2x224 + 8x96 | selective | True | 240.0 |")
                for line in lines)
@@ -170,3 +170,17 @@ def test_single_interval_and_unreadable_files_are_not_measured(tr, tmp_path):
     record = tr.build_record(out)
     assert set(record["missing"]) == {"env.json", "train_reference.json"}
     assert _goal(tr, record, "mfu")[1].startswith("not measured")
+
+
+def test_records_name_the_precision_path(tr):
+    """A record says whether its one-GPU run had bf16 modules under 1-rank FSDP2 or fp32 modules
+    under autocast; records made before the field read as the old autocast path."""
+    assert tr.precision_path({"param_dtype": "bf16", "single_rank_fsdp": True}) == "bf16 modules under 1-rank FSDP2"
+    assert tr.precision_path({"param_dtype": "bf16", "single_rank_fsdp": False}) == "fp32 modules under bf16 autocast"
+    assert tr.precision_path({"param_dtype": "fp32"}) == "fp32"
+    run = tr.summarise_train(_train("fused", 240.0, 50.0))
+    assert run["precision"] == "fp32 modules under bf16 autocast"  # the fixture's config has no single_rank_fsdp
+    del run["precision"]
+    record = {"env": {"git": "abcdef123", "git_dirty": True}, "runs": {"fused": run}, "plans": {}}
+    assert f"Precision path: {tr.OLD_PRECISION}." in tr.record_lines("old.json", record)
+    assert "code abcdef1*." in tr.record_lines("old.json", record)[2]

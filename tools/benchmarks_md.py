@@ -13,10 +13,12 @@ in benchmarks/results/plan/) follow the training records, marked as plans.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +27,23 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import plan_sweep  # noqa: E402
 import train_results  # noqa: E402
+import torch  # noqa: E402
+
+from dinov3_fast.bench.cases import all_cases  # noqa: E402
 from dinov3_fast.bench.plot import plot_rows  # noqa: E402
-from dinov3_fast.bench.runner import BenchRow  # noqa: E402
+from dinov3_fast.bench.roofline import Roofline  # noqa: E402
+from dinov3_fast.bench.runner import HARNESS, BenchRow, has_half_inputs, rates  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_RESULTS = RESULTS / "train"
 PLAN_RESULTS = RESULTS / "plan"
+DEVICE_LOGS = RESULTS / "device_logs"
+# runs without meta["harness"] started before this commit's harness 2 landed (runner.HARNESS)
+HARNESS_2_SINCE = "2026-11-27T03:28:15"
+# which op a GPU test file checks, to mark figures of an op that failed a test in the same run
+TEST_FILE_OPS = {"test_gram.py": "gram_loss", "test_koleo.py": "koleo_loss", "test_sinkhorn.py": "sinkhorn_knopp",
+                 "test_soft_ce.py": "soft_cross_entropy", "test_linear_soft_ce.py": "linear_soft_cross_entropy",
+                 "test_attention.py": "rope_attention", "test_rope.py": "apply_rope", "test_models.py": "vit_block"}
 
 
 @dataclass(frozen=True)
@@ -155,21 +168,121 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+# ----------------------------------------------------------------------------- what a run ran
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The code and checks behind one run's figures."""
+    git: str | None           # revision (None: not recorded)
+    dirty: bool | None        # the tree had uncommitted changes
+    harness: int              # runner.HARNESS the run was timed with
+    tests: str | None = None  # the GPU tests' summary line of the same device call
+    failed: dict[str, list[str]] = field(default_factory=dict)  # op -> its failed GPU tests
+
+    def code(self) -> str:
+        """e.g. `ba113b1*, harness 1` (* = uncommitted changes)."""
+        rev = "git unknown" if not self.git else self.git[:7] + ("*" if self.dirty else "")
+        return f"{rev}, harness {self.harness}"
+
+
+def run_info(path: Path, meta: dict, logs: Path = DEVICE_LOGS) -> RunInfo:
+    """A run's RunInfo from its meta, or for runs that predate those fields, from the device call's
+    logs (`<run id>_env.json`, `<run id>_pytest.log`, written by benchmarks/device_check.sh)."""
+    run_id = _run_id(path)
+    env_path = logs / f"{run_id}_env.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    git = meta.get("git") or env.get("git")
+    dirty = meta.get("git_dirty") if meta.get("git") else env.get("git_dirty")
+    harness = meta.get("harness") or (2 if meta.get("time", "") >= HARNESS_2_SINCE else 1)
+    log_path = logs / f"{run_id}_pytest.log"
+    tests, failed = None, {}
+    if log_path.is_file():
+        lines = log_path.read_text().splitlines()
+        summary = [line.strip("= ") for line in lines if re.match(r"^=+ .*\b(passed|failed)\b.* in [\d.]+s", line)]
+        tests = summary[-1] if summary else None
+        for line in lines:
+            hit = re.match(r"^(?:FAILED|ERROR) tests/(test_\w+\.py)::(\S+)", line)
+            if hit:
+                failed.setdefault(TEST_FILE_OPS.get(hit.group(1), hit.group(1)), []).append(hit.group(2))
+    return RunInfo(git, dirty, harness, tests, failed)
+
+
+@functools.lru_cache(maxsize=None)
+def _current_cases() -> dict[tuple[str, str], tuple]:
+    """(op, preset) -> (today's BenchCase, whether its inputs are half precision), for re-deriving
+    committed rows; the inputs are built on the meta device (shapes and dtypes only)."""
+    index = {}
+    for case in all_cases():
+        args, kwargs = case.make_inputs(torch.device("meta"))
+        index[(case.op, case.preset)] = (case, has_half_inputs(args, kwargs))
+    return index
+
+
+def rederive(rows: list[dict], meta: dict) -> list[dict]:
+    """Rows with their rate columns recomputed from their measured times by today's counts
+    (runner.rates: FLOPs each impl executes, bytes, the matmul peak of the dtype it computes in)
+    and the run's own roofline, so runs made under older conventions read alike. A row whose
+    preset no longer exists keeps its recorded figures."""
+    roofline = Roofline(**meta["roofline"]) if meta.get("roofline") else None
+    out = []
+    for row in rows:
+        known = _current_cases().get((row["op"], row["preset"]))
+        if known is None:
+            out.append(row)
+            continue
+        case, half = known
+        fwd_bwd = row["fwd_bwd_ms"] and row["fwd_bwd_ms"] / 1e3
+        out.append({**row, **rates(case, row["impl"], half, row["fwd_ms"] / 1e3, fwd_bwd, roofline)})
+    return out
+
+
+def _goal_value(goal: Goal, value: float) -> str:
+    """A goal's figure in its own unit: a ratio, TFLOP/s or a fraction of copy bandwidth."""
+    if goal.metric in ("tflops", "bwd_tflops"):
+        return f"{value:.0f} TFLOP/s"
+    if goal.metric == "bw_frac":
+        return f"{100 * value:.0f}%"
+    return f"{value:.2f}x"
+
+
+INTRO = [
+    "# Benchmarks", "",
+    "Generated by `python tools/benchmarks_md.py` from the runs committed in `benchmarks/results/`",
+    "(`--check` says whether this file is current). Every ratio compares implementations measured in",
+    "the same run on the same machine. GPU runs also give absolute figures as a fraction of the card's",
+    "roofline (copy bandwidth, dense bf16 and fp32 matmul rates), measured at the start of that run.",
+    "",
+    "How to read the figures:",
+    "- **Which code.** Each run names its git revision (`*`: the tree had uncommitted changes) and",
+    f"  its bench harness. Harness {HARNESS} (this code): per-call time as a caller waits for it (CUDA events",
+    "  after a drained L2 flush), every output back-propagated, and, on a GPU, the device time of the",
+    "  same pass replayed from a CUDA graph (`graph ms`; beside the goals as `device time`). Harness 1",
+    "  (before commit 7b2ee96): triton's `do_bench`, which hid up to ~90 us of host time per call behind",
+    "  the flush, and the crop-list / RoPE cases timed an added `cat` / sum; its small-shape ratios are",
+    "  wall-clock and not comparable with harness 2's.",
+    "- **Rates are re-derived** from each row's measured forward time with today's counts",
+    "  (`dinov3_fast/bench/cases`: the FLOPs each impl executes, the op's minimal bytes) and the run's",
+    "  own roofline, so runs made under older counting conventions read alike. TFLOP/s, % peak, GB/s",
+    "  and % bw are of the forward pass; speed-up is of forward+backward where the op has a backward.",
+    "  % peak is of the matmul rate of the dtype the impl computes in (DINOv3's Gram and KoLeo",
+    "  references upcast to fp32: their % is of the fp32 rate). GB/s divides the op's minimal bytes by",
+    "  each impl's time, so on a reference row it is an effective rate, not that impl's traffic.",
+    "- **peak MiB** is the memory a call allocates above its live inputs (forward+backward).",
+    "- **Tests.** A figure marked † comes from a run in which that op failed at least one of its GPU",
+    "  tests (listed in the run's section).",
+]
+
+
 def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
-           plans: list[tuple[str, dict]] = ()) -> str:
+           plans: list[tuple[str, dict]] = (), logs: Path = DEVICE_LOGS) -> str:
     """BENCHMARKS.md from the op-benchmark runs, issue #7's training records and the planner's
-    one-card sweeps (each a (name, record))."""
-    out = ["# Benchmarks", "",
-           "Generated by `python tools/benchmarks_md.py` from the runs committed in `benchmarks/results/`.",
-           "Every ratio compares implementations measured in the same run on the same machine; GPU runs",
-           "also give absolute figures and the fraction of the card's measured roofline (copy bandwidth,",
-           "dense matmul rate), measured at the start of that run. Times are per call as a caller waits",
-           "for it (CUDA events, L2 flushed); where a run also replayed the calls from a CUDA graph, the",
-           "device-time ratio (no host time, L2 warm) stands beside the judged figure and in the graph",
-           "columns.", "", "## Goals", "",
-           "| issue | goal | preset | measured | status | run |", "|---|---|---|---|---|---|"]
+    one-card sweeps (each a (name, record)); `logs`: the device calls' env and pytest logs."""
+    runs = [(path, {**run, "rows": rederive(run["rows"], run["meta"])}) for path, run in runs]
+    infos = {path: run_info(path, run["meta"], logs) for path, run in runs}
+    out = [*INTRO, "", "## Goals", "",
+           "| issue | goal | preset | measured | status | run (code) |", "|---|---|---|---|---|---|"]
     for goal in GOALS:
-        found = {}  # run id -> (order, value, file name, device-time ratio, minimal-traffic fraction);
+        found = {}  # run id -> (order, value, file name, device-time ratio, minimal-traffic fraction, info);
         # a run's main file comes first
         for path, run in runs:
             if not _can_judge(goal, run["meta"]):
@@ -177,27 +290,43 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
             value = evaluate(goal, run["rows"])
             if value is not None and _run_id(path) not in found:
                 found[_run_id(path)] = (_run_order(path, run["meta"]), value, path.name,
-                                        device_speedup(goal, run["rows"]), minimal_traffic_fraction(goal, run["rows"]))
+                                        device_speedup(goal, run["rows"]), minimal_traffic_fraction(goal, run["rows"]),
+                                        infos[path])
         if not found:
             out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | - | not measured "
                        f"({'no CPU run covers it' if goal.device == 'cpu' else f'no {goal.device} run committed yet'})"
                        " | - |")
             continue
-        runs_in_order = sorted(found.values())
-        _, value, name, device, minimal = runs_in_order.pop()  # the latest run judges: it ran the current code
-        beside = ([f"device time: {device:.2f}"] if device is not None else []) + \
-            ([f"minimal traffic: {minimal:.2f}"] if minimal is not None else []) + \
-            ([f"earlier runs: {', '.join(f'{v[1]:.2f}' for v in runs_in_order)}"] if runs_in_order else [])
-        measured = f"{value:.2f}" + (f" ({'; '.join(beside)})" if beside else "")
-        status = "met" if value >= goal.threshold else "not met"
-        out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {measured} | {status} | {name} |")
+
+        def shown(value: float, info: RunInfo) -> str:
+            return _goal_value(goal, value) + (" †" if goal.op in info.failed else "")
+
+        runs_in_order = sorted(found.values(), key=lambda v: v[0])
+        _, value, name, device, minimal, info = runs_in_order.pop()  # the latest run judges: the newest code
+        beside = []
+        if device is not None:
+            beside.append(f"device time: {device:.2f}x")
+        elif goal.metric == "speedup" and goal.device != "cpu":
+            beside.append("device time not measured")
+        if minimal is not None:
+            beside.append(f"minimal traffic: {100 * minimal:.0f}%")
+        if runs_in_order:
+            beside.append(f"earlier runs: {', '.join(shown(v[1], v[5]) for v in runs_in_order)}")
+        met = value >= goal.threshold
+        status = "met" if met else "not met"
+        split = sum((v[1] >= goal.threshold) != met for v in runs_in_order)
+        if split:
+            status += f" ({split} of {len(runs_in_order)} earlier: {'not met' if met else 'met'})"
+        measured = shown(value, info) + (f" ({'; '.join(beside)})" if beside else "")
+        out.append(f"| {goal.issue} | {goal.text} | {goal.preset} | {measured} | {status} | {name} ({info.code()}) |")
     out += train_results.goal_rows(list(train))
     out += ["", "## Training (issue #7)", "",
             "ViT-L/16 at DINOv3's recipe (preset vitl16_h100), `--ops fused` against `--ops reference` at an equal",
             "batch in one run of benchmarks/train_check.sh, beside the memory planner's prediction; records in",
             "`benchmarks/results/train/`. MFU counts the backbone matmul FLOPs the GPU runs: stochastic depth's",
             "dropped images are not counted (records made before that rule keep the old figure as `mfu_all_blocks`).",
-            ""]
+            "A record's verdicts hold for the code and precision path it names; a later trainer or planner",
+            "needs a new record.", ""]
     if not train:
         out.append("No GPU training run committed yet.")
     for i, (name, record) in enumerate(train):
@@ -211,44 +340,67 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
                 "given at each batch.", "",
                 *plan_sweep.table_lines(record)]
     for path, run in runs:
-        meta = run["meta"]
-        out += ["", f"## {path.stem}", "",
-                f"Device: {meta.get('device')}; torch {meta.get('torch')}; triton {meta.get('triton')}; "
-                f"date {meta.get('date', path.stem)}.", ""]
-        roof = meta.get("roofline")
-        if roof:
-            out.append(f"Measured roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-                       f"{roof['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp32 {roof['fp32_flops_per_s'] / 1e12:.0f} TFLOP/s.")
-            out.append("")
-        out.append(f"![speed-ups]({path.stem}.png)")
-        ops = dict.fromkeys(r["op"] for r in run["rows"])
-        graphs = any(r.get("graph_ms") is not None for r in run["rows"])
-        for op in ops:
-            out += ["", f"### {op}", "",
-                    "| preset | impl | fwd ms | fwd+bwd ms | peak MiB | speed-up | mem x | TFLOP/s | % peak | GB/s | % bw |"
-                    + (" graph ms | graph x |" if graphs else ""),
-                    "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graphs else "")]
-            for r in (r for r in run["rows"] if r["op"] == op):
-                out.append(
-                    f"| {r['preset']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwd_bwd_ms'], '.3f')} | "
-                    f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['speedup'], '.2f')} | {_fmt(r['mem_ratio'], '.1f')} | "
-                    f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['flops_frac'] and 100 * r['flops_frac'], '.0f')} | "
-                    f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} |"
-                    + (f" {_fmt(_graph_time(r), '.3f')} | {_fmt(r.get('graph_speedup'), '.2f')} |" if graphs else ""))
-            notes = dict.fromkeys(r["note"] for r in run["rows"] if r["op"] == op and r["note"])
-            out += [""] + [f"- {n}" for n in notes]
+        out += _run_section(path, run, infos[path])
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
+def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
+    """One run's provenance, its GPU tests and a table per op."""
+    meta = run["meta"]
+    cpu = meta.get("device_type") == "cpu"
+    threads = f", {meta['threads']} threads" if cpu and meta.get("threads") else ""
+    out = ["", f"## {path.stem}", "",
+           f"Device: {meta.get('device')}{threads}; torch {meta.get('torch')}; triton {meta.get('triton')}; "
+           f"date {meta.get('date', path.stem)}; code {info.code()}.", ""]
+    if info.tests:
+        failed = "; ".join(f"{op}: {', '.join(tests)}" for op, tests in info.failed.items())
+        out += [f"GPU tests of the same device call: {info.tests}" + (f" (failed: {failed})." if failed else "."), ""]
+    roof = meta.get("roofline")
+    if roof:
+        out += [f"Measured roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+                f"{roof['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp32 {roof['fp32_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
+    out.append(f"![speed-ups]({path.stem}.png)")
+    # CPU rates are GFLOP/s: a 2-core machine's TFLOP/s would print as 0.0
+    rate, scale = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1.0)
+    graphs = any(r.get("graph_ms") is not None for r in run["rows"])
+    for op in dict.fromkeys(r["op"] for r in run["rows"]):
+        out += ["", f"### {op}", "",
+                f"| preset | impl | fwd ms | fwd+bwd ms | peak MiB | speed-up | mem x | fwd {rate} | fwd % peak | "
+                "fwd GB/s | fwd % bw |" + (" graph ms | graph x |" if graphs else ""),
+                "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graphs else "")]
+        for r in (r for r in run["rows"] if r["op"] == op):
+            out.append(
+                f"| {r['preset']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwd_bwd_ms'], '.3f')} | "
+                f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['speedup'], '.2f')} | {_fmt(r['mem_ratio'], '.1f')} | "
+                f"{_fmt(r['tflops'] and scale * r['tflops'], '.1f')} | {_fmt(r['flops_frac'] and 100 * r['flops_frac'], '.0f')} | "
+                f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} |"
+                + (f" {_fmt(_graph_time(r), '.3f')} | {_fmt(r.get('graph_speedup'), '.2f')} |" if graphs else ""))
+        notes = dict.fromkeys(r["note"] for r in run["rows"] if r["op"] == op and r["note"])
+        out += [""] + [f"- {n}" for n in notes]
+        if op in info.failed:
+            out.append(f"- † {op} failed {len(info.failed[op])} GPU test(s) in this run: its figures may not be of a correct kernel.")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if BENCHMARKS.md differs from what the committed runs give")
+    args = parser.parse_args(argv)
     runs = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))]
-    for path, run in runs:
-        fields = BenchRow.__dataclass_fields__
-        rows = [BenchRow(**{k: v for k, v in r.items() if k in fields}) for r in run["rows"]]
-        plot_rows(rows, path.with_suffix(".png"), title=f"{run['meta'].get('device')} ({path.stem})")
     train = train_results.load_records(TRAIN_RESULTS) if TRAIN_RESULTS.is_dir() else []
     plans = [(p.stem, json.loads(p.read_text())) for p in sorted(PLAN_RESULTS.glob("*.json"))]
-    (ROOT / "BENCHMARKS.md").write_text(render(runs, train, plans))
+    text = render(runs, train, plans)
+    target = ROOT / "BENCHMARKS.md"
+    if args.check:
+        current = target.is_file() and target.read_text() == text
+        print("BENCHMARKS.md is current" if current else "BENCHMARKS.md is stale: run python tools/benchmarks_md.py")
+        return 0 if current else 1
+    for path, run in runs:
+        fields = BenchRow.__dataclass_fields__
+        rows = [BenchRow(**{k: v for k, v in r.items() if k in fields}) for r in rederive(run["rows"], run["meta"])]
+        plot_rows(rows, path.with_suffix(".png"), title=f"{run['meta'].get('device')} ({path.stem})")
+    target.write_text(text)
     print(f"wrote BENCHMARKS.md from {len(runs)} run(s) and {len(train)} training record(s)")
     return 0
 

@@ -53,10 +53,10 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
     img_s = images / seconds if seconds > 0 else None
     with_mfu = [s for s in logged if s.get("mfu") is not None and s["img_per_s"]]
     mfu = img_s * with_mfu[0]["mfu"] / with_mfu[0]["img_per_s"] if with_mfu and img_s else None
-    c, st, t = cfg["crops"], cfg["student"], cfg["train"]
+    c, st, t, cp = cfg["crops"], cfg["student"], cfg["train"], cfg["compute_precision"]
     return {
         "arch": st["arch"], "patch_size": st["patch_size"], "batch": t["batch_size_per_gpu"], "ops": t["ops"],
-        "ac": t["ac"], "compile": t["compile"], "param_dtype": cfg["compute_precision"]["param_dtype"],
+        "ac": t["ac"], "compile": t["compile"], "param_dtype": cp["param_dtype"], "precision": precision_path(cp),
         "crops": [c["global_crops_size"], c["local_crops_size"], c["local_crops_number"]],
         "steps": logged[-1]["step"], "warmup_steps": logged[0]["step"],
         "img_per_s": img_s, "step_time_ms": 1e3 * seconds / sum(n) if sum(n) else None, "mfu": mfu,
@@ -68,6 +68,21 @@ def summarise_train(data: dict[str, Any]) -> dict[str, Any]:
         "allocator": data.get("allocator"),
         "profile": data.get("profile"),
     }
+
+
+# what a record made before the field existed ran (the one-GPU path until commit c102e03)
+OLD_PRECISION = "fp32 modules under autocast (recorded before the field; the path before c102e03)"
+
+
+def precision_path(cp: dict[str, Any]) -> str:
+    """How a one-GPU run computes, from its compute_precision config (dinov3_fast.train.parallelize.
+    uses_single_rank_fsdp): modules in the param dtype under a 1-rank FSDP2, or fp32 modules under
+    autocast."""
+    if cp["param_dtype"] == "fp32":
+        return "fp32"
+    if cp.get("single_rank_fsdp"):
+        return f"{cp['param_dtype']} modules under 1-rank FSDP2"
+    return f"fp32 modules under {cp['param_dtype']} autocast"
 
 
 def build_record(out_dir: str | Path) -> dict[str, Any]:
@@ -183,8 +198,8 @@ def evaluate(goal: TrainGoal, record: dict[str, Any]) -> tuple[float | str | Non
         fused, ref = runs.get("fused"), runs.get("reference")
         if fused is None or ref is None:
             return None, f"not measured (missing the {'fused' if fused is None else 'reference'} run)"
-        same = ("arch", "batch", "ac", "compile", "crops", "param_dtype")
-        if any(fused[k] != ref[k] for k in same):
+        same = ("arch", "batch", "ac", "compile", "crops", "param_dtype", "precision")
+        if any(fused.get(k) != ref.get(k) for k in same):
             return None, "not measured (the two runs differ in more than ops)"
         if goal.key == "speedup":
             if not (fused["img_per_s"] and ref["img_per_s"]):
@@ -224,8 +239,22 @@ def goal_rows(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
             value, status, name, record = best
             batch = (record["runs"].get("fused") or {}).get("batch")
             measured = _fmt_goal_value(goal, value) + (f" (b{batch})" if batch and goal.key != "largest" else "")
-            rows.append(f"| 7 | {goal.text} | vitl16_h100 | {measured} | {status} | {name} |")
+            rows.append(f"| 7 | {goal.text} | vitl16_h100 | {measured} | {status} | {name} ({_code(record)}) |")
     return rows
+
+
+def _precision_line(record: dict[str, Any]) -> str:
+    """The runs' precision path, once where they share it."""
+    paths = {ops: run.get("precision", OLD_PRECISION) for ops, run in record["runs"].items()}
+    if len(set(paths.values())) == 1:
+        return next(iter(paths.values()))
+    return "; ".join(f"{ops}: {path}" for ops, path in paths.items())
+
+
+def _code(record: dict[str, Any]) -> str:
+    """The record's git revision, `*` where the tree had uncommitted changes."""
+    env = record["env"]
+    return "git unknown" if not env.get("git") else env["git"][:7] + ("*" if env.get("git_dirty") else "")
 
 
 def _f(v: Any, spec: str) -> str:
@@ -237,7 +266,8 @@ def record_lines(name: str, record: dict[str, Any]) -> list[str]:
     env = record["env"]
     out = [f"### {name}", "",
            f"Device: {env.get('gpu') or 'CPU (dry run)'}; driver {env.get('driver')}; torch {env.get('torch')}; "
-           f"triton {env.get('triton')}; git {str(env.get('git'))[:10]}.", "",
+           f"triton {env.get('triton')}; code {_code(record)}.", "",
+           f"Precision path: {_precision_line(record)}.", "",
            "| ops | arch | batch | crops | AC | compile | img/s | step ms | MFU | peak GiB | plan GiB | plan error |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ops in OPS:

@@ -39,6 +39,8 @@ class BenchCase:
         impl_flops: per-impl overrides of `flops`, where an impl runs a different formulation (the
             Gram reference forms P x P Grams where the fused op takes the D x D identity): each
             row's TFLOP/s is then the work that impl executes.
+        fp32_impls: impls whose matmuls run in fp32 whatever the input dtype (DINOv3's Gram and KoLeo
+            upcast): their fraction of peak is of the fp32 matmul rate, not the bf16 one.
         bytes: forward memory traffic in bytes (for the bandwidth roofline), or None: the minimal
             traffic, or where an issue judges a schedule (Sinkhorn-Knopp: "the bytes its schedule
             must move", issue #4) that schedule's, as the case's note says.
@@ -60,6 +62,7 @@ class BenchCase:
     parameters: Callable[[torch.device], list[torch.Tensor]] | None = None
     flops: float | None = None
     impl_flops: dict[str, float] = field(default_factory=dict)
+    fp32_impls: tuple[str, ...] = ()
     bytes: float | None = None
     min_bytes: float | None = None
     bwd_flops: float | None = None

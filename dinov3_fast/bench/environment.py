@@ -40,10 +40,16 @@ def run_environment() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
         info["driver"] = _stdout(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    info["git"] = os.environ.get("GIT_REV") or _stdout(["git", "rev-parse", "HEAD"])
-    dirty = _stdout(["git", "status", "--porcelain", "--untracked-files=no"]) if info["git"] else None
-    info["git_dirty"] = None if dirty is None else bool(dirty)
+    info.update(git_revision())
     return info
+
+
+def git_revision() -> dict[str, Any]:
+    """{"git": the revision (GIT_REV if set, else HEAD), "git_dirty": whether tracked files differ
+    from it}; None where unknown."""
+    rev = os.environ.get("GIT_REV") or _stdout(["git", "rev-parse", "HEAD"])
+    dirty = _stdout(["git", "status", "--porcelain", "--untracked-files=no"]) if rev else None
+    return {"git": rev, "git_dirty": None if dirty is None else bool(dirty)}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ from dinov3_fast.bench.roofline import Roofline
 from dinov3_fast.bench.timing import graph_median_seconds, median_seconds
 
 
+# What the figures of a run mean, recorded in its JSON (meta["harness"]); bump it when timing or
+# accounting changes. 1 (no field): before commit 7b2ee96, triton's do_bench timing, which hid up
+# to ~90 us of host time per call behind the L2 flush, and the crop-list and RoPE cases timed an
+# added cat / sum. 2: CUDA events after a drained flush, every output back-propagated.
+HARNESS = 2
+
+
 @dataclass
 class BenchRow:
     op: str
@@ -28,7 +35,7 @@ class BenchRow:
     speedup: float | None     # baseline time / this time (forward+backward when measured)
     mem_ratio: float | None   # baseline peak / this peak
     tflops: float | None      # forward matmul FLOPs this impl executes / forward time
-    flops_frac: float | None  # tflops / measured peak of the input dtype's matmul
+    flops_frac: float | None  # tflops / measured matmul peak of the dtype the impl computes in
     gbps: float | None        # forward bytes (BenchCase.bytes) / forward time
     bw_frac: float | None     # gbps / measured copy bandwidth
     bwd_tflops: float | None = None  # useful backward FLOPs / (fwd+bwd time - fwd time)
@@ -102,7 +109,7 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
     has_grad = bool(leaves)
     grad_bytes = sum(t.numel() * t.element_size() for t in leaves)  # what each fwd+bwd run keeps
     clear_grads = functools.partial(_clear_grads, leaves)
-    half = any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args, kwargs))
+    half = has_half_inputs(args, kwargs)
     rows: list[BenchRow] = []
     for name, impl in case.impls.items():
         fwd = (lambda impl=impl: impl(*args, **kwargs))
@@ -130,26 +137,42 @@ def run_case(case: BenchCase, device: torch.device, roofline: Roofline | None,
     return rows
 
 
-def _row(case: BenchCase, impl: str, roofline: Roofline | None, half: bool, fwd_s: float,
-         fwd_bwd_s: float | None, peak: int | None, graph_s: float | None) -> BenchRow:
-    """One impl's row, ratios to the baseline left for the caller. Roofline figures come from the
-    L2-flushed event times: the graph replays keep small inputs in the L2, which would put
-    bandwidth above the card's copy rate."""
+def has_half_inputs(args: tuple, kwargs: dict) -> bool:
+    """Whether a case's inputs are bf16 / fp16: its matmuls are then judged against the bf16 rate."""
+    return any(t.dtype in (torch.bfloat16, torch.float16) for t in _tensors(args, kwargs))
+
+
+def rates(case: BenchCase, impl: str, half_inputs: bool, fwd_s: float, fwd_bwd_s: float | None,
+          roofline: Roofline | None) -> dict[str, float | None]:
+    """The rate columns of one impl's row (BenchRow's tflops, flops_frac, gbps, bw_frac, min_bw_frac,
+    bwd_tflops) from its forward and forward+backward seconds. The matmul peak is the bf16 rate for
+    half inputs, unless the impl computes in fp32 whatever its inputs (`case.fp32_impls`).
+    tools/benchmarks_md.py re-derives committed rows with it, so every run uses today's counts."""
     flops = case.impl_flops.get(impl, case.flops)
     tflops = flops / fwd_s / 1e12 if flops else None
     gbps = case.bytes / fwd_s / 1e9 if case.bytes else None
     flops_frac = bw_frac = min_bw_frac = None
     if roofline is not None:
-        peak_flops = roofline.bf16_flops_per_s if half else roofline.fp32_flops_per_s
+        bf16_math = half_inputs and impl not in case.fp32_impls
+        peak_flops = roofline.bf16_flops_per_s if bf16_math else roofline.fp32_flops_per_s
         flops_frac = tflops * 1e12 / peak_flops if tflops else None
         bw_frac = gbps * 1e9 / roofline.copy_bytes_per_s if gbps else None
         min_bw_frac = case.min_bytes / fwd_s / roofline.copy_bytes_per_s if case.min_bytes else None
     bwd_tflops = None
     if case.bwd_flops and fwd_bwd_s and fwd_bwd_s > fwd_s:
         bwd_tflops = case.bwd_flops / (fwd_bwd_s - fwd_s) / 1e12
+    return dict(tflops=tflops, flops_frac=flops_frac, gbps=gbps, bw_frac=bw_frac, min_bw_frac=min_bw_frac,
+                bwd_tflops=bwd_tflops)
+
+
+def _row(case: BenchCase, impl: str, roofline: Roofline | None, half: bool, fwd_s: float,
+         fwd_bwd_s: float | None, peak: int | None, graph_s: float | None) -> BenchRow:
+    """One impl's row, ratios to the baseline left for the caller. Roofline figures come from the
+    L2-flushed event times: the graph replays keep small inputs in the L2, which would put
+    bandwidth above the card's copy rate."""
     return BenchRow(case.op, case.preset, impl, fwd_s * 1e3, _ms(fwd_bwd_s), None if peak is None else peak / 2**20,
-                    None, None, tflops, flops_frac, gbps, bw_frac, bwd_tflops, case.note,
-                    graph_ms=_ms(graph_s), min_bw_frac=min_bw_frac)
+                    None, None, note=case.note, graph_ms=_ms(graph_s),
+                    **rates(case, impl, half, fwd_s, fwd_bwd_s, roofline))
 
 
 def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofline | None,

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from dinov3_fast.bench.case import BenchCase
-from dinov3_fast.ops.gram import gram_loss, gram_loss_ref, uses_identity
+from dinov3_fast.ops.gram import gram_loss, gram_loss_ref, tiled_block, uses_identity
 
 NEG = {"remove_neg": True}
 TEACHER_NEG = {"remove_only_teacher_neg": True}
@@ -35,13 +35,22 @@ def _compiled_reference(remove_neg: bool, remove_only_teacher_neg: bool):
                                            remove_only_teacher_neg=remove_only_teacher_neg))
 
 
+def _triangle_flops(B: int, P: int, D: int, dtype: torch.dtype) -> int:
+    """Forward FLOPs of the tiled fused op without gradients (how the forward is timed): both Gram
+    tiles of each (row block, col block >= row block) pair over the full D, padded tiles included.
+    The CPU's tiled path forms whole row chunks, but no CPU preset takes it at a size that matters."""
+    block = tiled_block(P, dtype)
+    n = -(-P // block)
+    return 4 * B * D * block * block * n * (n + 1) // 2
+
+
 def cases() -> list[BenchCase]:
     out = []
     for preset, device, B, P, D, dtype, options in PRESETS:
         clamped = bool(options)
         identity = uses_identity(int(clamped), P, D)
         tiled_flops = 4 * B * P * P * D  # two P x P Grams per image
-        flops = 6 * B * P * D * D if identity else tiled_flops  # three D x D products, or the Grams
+        flops = 6 * B * P * D * D if identity else _triangle_flops(B, P, D, dtype)
         elt = torch.finfo(dtype).bits // 8
         out.append(BenchCase(
             op="gram_loss", preset=preset, device=device,
@@ -52,8 +61,9 @@ def cases() -> list[BenchCase]:
                                                          options.get("remove_only_teacher_neg", False)),
                 "fused": functools.partial(gram_loss, **options),
             },
-            # the references form the P x P Grams whichever formulation the fused op takes
+            # the references form the P x P Grams whichever formulation the fused op takes, in fp32
             flops=flops, impl_flops={"reference": tiled_flops, "reference+compile": tiled_flops},
+            fp32_impls=("reference", "reference+compile"),
             bytes=2 * B * P * D * elt,
             note=f"B={B} P={P} D={D} {str(dtype)[6:]} {' '.join(f'{k}=True' for k in options) or 'no clamping'}; "
                  f"{'identity (D x D)' if identity else 'tiled (P x P on chip)'} formulation",

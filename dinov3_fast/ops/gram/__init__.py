@@ -19,7 +19,7 @@ from dinov3_fast.ops._dispatch import (
 from dinov3_fast.ops.gram.cpu import gram_loss_cpu
 from dinov3_fast.ops.gram.reference import gram_loss_ref
 
-__all__ = ["gram_loss", "gram_loss_ref", "uses_identity"]
+__all__ = ["gram_loss", "gram_loss_ref", "tiled_block", "uses_identity"]
 
 # Fastest first, per device type (see docs/architecture.md). `reference` is always the fallback.
 PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
@@ -32,6 +32,14 @@ def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
     the gradient. Break-even lies between D = 0.7 P and 1.1 P; both backends use D < P so that
     they agree on the formulation and its rounding."""
     return clamp == CLAMP_NONE and dim < num_rows
+
+
+def tiled_block(num_rows: int, dtype: torch.dtype) -> int:
+    """Tile edge of the Triton tiled kernel for P = num_rows rows of `dtype` features: a power of two
+    from 16 up to 64 (32 for fp32, whose exact dots hold three fp32 tiles live and spill at 64 on
+    sm_90). The kernel forms only the tiles on and above the block diagonal."""
+    cap = 32 if dtype == torch.float32 else 64
+    return max(16, min(cap, 1 << (num_rows - 1).bit_length()))
 
 
 def _triton():

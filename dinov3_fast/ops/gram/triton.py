@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from dinov3_fast.ops._precision import dot_precision
+from dinov3_fast.ops.gram import tiled_block
 
 NORM_EPS = 1e-12  # F.normalize's default
 NORM_EPS_C = tl.constexpr(NORM_EPS)
@@ -370,10 +371,9 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
         d_t = _identity_gradient(xt, xs, rt, rs, B - C.mT, A - C, normalize, prec) \
             if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
-    # fp32 tiles at 64 spill on sm_90 (exact-fp32 dots hold three (64, 64) fp32 tiles live).
     if (need_student or need_teacher) and torch.are_deterministic_algorithms_enabled():
         _alert_not_deterministic()
-    block = _block(P, 32 if xs.dtype == torch.float32 else 64)
+    block = tiled_block(P, xs.dtype)
     nb = triton.cdiv(P, block)
     partial = torch.empty((G, nb, nb), device=xs.device, dtype=torch.float32)
     grads = []
