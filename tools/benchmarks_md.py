@@ -364,18 +364,21 @@ def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
     rate, scale = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1.0)
     graphs = any(r.get("graph_ms") is not None for r in run["rows"])
     for op in dict.fromkeys(r["op"] for r in run["rows"]):
+        rows = [r for r in run["rows"] if r["op"] == op]
+        bwd = any(r.get("bwd_tflops") for r in rows)  # the backward's own rate, where a goal judges it
         out += ["", f"### {op}", "",
                 f"| preset | impl | fwd ms | fwd+bwd ms | peak MiB | speed-up | mem x | fwd {rate} | fwd % peak | "
-                "fwd GB/s | fwd % bw |" + (" graph ms | graph x |" if graphs else ""),
-                "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graphs else "")]
-        for r in (r for r in run["rows"] if r["op"] == op):
+                "fwd GB/s | fwd % bw |" + (f" bwd {rate} |" if bwd else "") + (" graph ms | graph x |" if graphs else ""),
+                "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bwd else "") + ("---|---|" if graphs else "")]
+        for r in rows:
             out.append(
                 f"| {r['preset']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwd_bwd_ms'], '.3f')} | "
                 f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['speedup'], '.2f')} | {_fmt(r['mem_ratio'], '.1f')} | "
                 f"{_fmt(r['tflops'] and scale * r['tflops'], '.1f')} | {_fmt(r['flops_frac'] and 100 * r['flops_frac'], '.0f')} | "
                 f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} |"
+                + (f" {_fmt(r.get('bwd_tflops') and scale * r['bwd_tflops'], '.1f')} |" if bwd else "")
                 + (f" {_fmt(_graph_time(r), '.3f')} | {_fmt(r.get('graph_speedup'), '.2f')} |" if graphs else ""))
-        notes = dict.fromkeys(r["note"] for r in run["rows"] if r["op"] == op and r["note"])
+        notes = dict.fromkeys(r["note"] for r in rows if r["note"])
         out += [""] + [f"- {n}" for n in notes]
         if op in info.failed:
             out.append(f"- † {op} failed {len(info.failed[op])} GPU test(s) in this run: its figures may not be of a correct kernel.")

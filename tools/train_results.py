@@ -291,7 +291,8 @@ def record_lines(name: str, record: dict[str, Any]) -> list[str]:
     probe = record.get("probe") or {}
     if any(probe.get(ops) for ops in OPS):
         out += ["", "Batch probe (largest batch that trains; a few eager steps per batch, ascending, stops at "
-                "the first out-of-memory):", "",
+                "the first out-of-memory; its img/s is eager and warm-up bound, not comparable with the rates "
+                "above):", "",
                 "| ops | batch | trains | peak GiB | plan GiB | img/s |", "|---|---|---|---|---|---|"]
         for ops in OPS:
             for t in (probe.get(ops) or {}).get("trials", []):
