@@ -36,9 +36,9 @@ def _compiled_reference(remove_neg: bool, remove_only_teacher_neg: bool):
 
 
 def _triangle_flops(B: int, P: int, D: int, dtype: torch.dtype) -> int:
-    """Forward FLOPs of the tiled fused op without gradients (how the forward is timed): both Gram
-    tiles of each (row block, col block >= row block) pair over the full D, padded tiles included.
-    The CPU's tiled path forms whole row chunks, but no CPU preset takes it at a size that matters."""
+    """Forward FLOPs of the Triton tiled kernel without gradients (how the forward is timed): both
+    Gram tiles of each (row block, col block >= row block) pair over the full D, padded tiles
+    included. (The CPU's tiled path forms whole row chunks: the full 4 B P^2 D.)"""
     block = tiled_block(P, dtype)
     n = -(-P // block)
     return 4 * B * D * block * block * n * (n + 1) // 2
@@ -50,7 +50,10 @@ def cases() -> list[BenchCase]:
         clamped = bool(options)
         identity = uses_identity(int(clamped), P, D)
         tiled_flops = 4 * B * P * P * D  # two P x P Grams per image
-        flops = 6 * B * P * D * D if identity else _triangle_flops(B, P, D, dtype)
+        if identity:
+            flops = 6 * B * P * D * D  # three D x D products
+        else:
+            flops = _triangle_flops(B, P, D, dtype) if device == "cuda" else tiled_flops
         elt = torch.finfo(dtype).bits // 8
         out.append(BenchCase(
             op="gram_loss", preset=preset, device=device,
