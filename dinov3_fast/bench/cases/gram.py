@@ -7,6 +7,7 @@ import torch
 
 from dinov3_fast.bench.case import BenchCase
 from dinov3_fast.ops.gram import gram_loss, gram_loss_ref, tiled_block, uses_identity
+from dinov3_fast.ops.gram.cpu import sym_product_fraction
 
 NEG = {"remove_neg": True}
 TEACHER_NEG = {"remove_only_teacher_neg": True}
@@ -50,8 +51,8 @@ def cases() -> list[BenchCase]:
         clamped = bool(options)
         identity = uses_identity(int(clamped), P, D)
         tiled_flops = 4 * B * P * P * D  # two P x P Grams per image
-        if identity:
-            flops = 6 * B * P * D * D  # three D x D products
+        if identity:  # three D x D products; on the CPU two of them form only their upper blocks
+            flops = 2 * B * P * D * D * (3 if device == "cuda" else 1 + 2 * sym_product_fraction(D))
         else:
             flops = _triangle_flops(B, P, D, dtype) if device == "cuda" else tiled_flops
         elt = torch.finfo(dtype).bits // 8

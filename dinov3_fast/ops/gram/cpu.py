@@ -84,6 +84,12 @@ def _sym_bounds(D: int) -> list[int]:
     return [round(i * D / k) for i in range(k + 1)]
 
 
+def sym_product_fraction(D: int) -> float:
+    """The fraction of a full (D, D) product's FLOPs that `_add_sym_product_` runs."""
+    b = _sym_bounds(D)
+    return sum((b[i + 1] - b[i]) * (D - b[i]) for i in range(len(b) - 1)) / D**2
+
+
 def _add_sym_product_(out: torch.Tensor, y: torch.Tensor) -> None:
     """out += the upper block triangle of y^T y (out: (D, D), y: (R, D)) over k x k column blocks
     of about _SYM_BLOCK, (k + 1) / 2k of a full product's FLOPs (2/3 at D = 384); `_mirror_upper_`
