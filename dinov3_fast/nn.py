@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3_fast.ops import gram_loss
-from dinov3_fast.ops._dispatch import single_rank_as_none
+from dinov3_fast.ops._dispatch import (
+    check_positive_int, check_rank, check_same_shape, check_shape, single_rank_as_none,
+)
 from dinov3_fast.ops.koleo import koleo_loss
 from dinov3_fast.ops.linear_soft_ce import linear_soft_cross_entropy
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
@@ -92,6 +94,7 @@ class SelfAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, mask_k_bias: bool = False, device=None,
                  *, backend: str | None = None) -> None:
         super().__init__()
+        check_positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
         self.num_heads = num_heads
@@ -113,6 +116,7 @@ class SelfAttention(nn.Module):
         return rope_attention(qkv, rope, num_heads=self.num_heads, backend=self.backend)
 
     def forward(self, x: torch.Tensor, attn_bias=None, rope=None) -> torch.Tensor:
+        check_rank("x", x, 3, f"[B, N, dim={self.qkv.in_features}]")
         x = self.proj(self.compute_attention(self.qkv(x), attn_bias=attn_bias, rope=rope))
         return self.proj_drop(x)
 
@@ -121,6 +125,8 @@ class SelfAttention(nn.Module):
             raise ValueError("SelfAttention does not support attn_bias (DINOv3 asserts it is None)")
         if rope_list is not None and len(rope_list) != len(x_list):
             raise ValueError(f"rope_list must have one entry per crop ({len(x_list)}), got {len(rope_list)}")
+        for i, x in enumerate(x_list):
+            check_rank(f"x_list[{i}]", x, 3, f"[B, N, dim={self.qkv.in_features}]")
         crops = [(x.shape[0], x.shape[1]) for x in x_list]
         x_flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in x_list])
         attn = rope_attention_packed(self.qkv(x_flat), crops, rope_list, num_heads=self.num_heads,
@@ -276,6 +282,9 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         self.sinkhorn_knopp_teacher = SinkhornKnoppTeacher(backend=backend, group=group)
 
     def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
+        check_rank("student_patch_tokens", student_patch_tokens, 3, "(B, N, K)")
+        check_same_shape("student_patch_tokens", student_patch_tokens, "teacher_patch_tokens", teacher_patch_tokens)
+        check_shape("student_masks_flat", student_masks_flat, student_patch_tokens.shape[:2], "(B, N)")
         batch, n_tokens, k = student_patch_tokens.shape
         masks = student_masks_flat.float()
         weights = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0)).flatten() / batch
@@ -285,8 +294,11 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
 
     def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
                        n_masked_patches=None, masks_weight=None):
-        s, t, weights = self._masked_terms(student_patch_tokens_masked, teacher_patch_tokens_masked,
-                                           student_masks_flat, n_masked_patches, masks_weight)
+        check_same_shape("student_patch_tokens_masked", student_patch_tokens_masked, "teacher_patch_tokens_masked",
+                         teacher_patch_tokens_masked)
+        s, t, weights = self._masked_terms("student_patch_tokens_masked", student_patch_tokens_masked,
+                                           teacher_patch_tokens_masked, student_masks_flat, n_masked_patches,
+                                           masks_weight)
         if s.shape[0] == 0:
             return s.sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
         return soft_cross_entropy(s, t, student_temp=self.student_temp, weights=weights, backend=self.backend)
@@ -297,17 +309,31 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         the logits: student_features_masked (M, d) the masked tokens' normalised head bottlenecks,
         last_layer_weight (K, d) (see `DINOHead.forward(last_layer_loss=...)`). Same value and
         gradients; with M = 0 the last layer still gets its zero gradient."""
-        s, t, weights = self._masked_terms(student_features_masked, teacher_patch_tokens_masked,
-                                           student_masks_flat, n_masked_patches, masks_weight)
+        s, t, weights = self._masked_terms("student_features_masked", student_features_masked,
+                                           teacher_patch_tokens_masked, student_masks_flat, n_masked_patches,
+                                           masks_weight)
         if s.shape[0] == 0:
             return F.linear(s, last_layer_weight).sum(dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
         return linear_soft_cross_entropy(s, last_layer_weight, t, student_temp=self.student_temp, weights=weights,
                                          backend=self.backend)
 
     @staticmethod
-    def _masked_terms(student, teacher, student_masks_flat, n_masked_patches, masks_weight):
-        """(student rows, teacher rows, per-row weights) of the masked-token loss, as DINOv3 forms them."""
-        if masks_weight is None:
+    def _masked_terms(student_name, student, teacher, student_masks_flat, n_masked_patches, masks_weight):
+        """(student rows, teacher rows, per-row weights) of the masked-token loss, as DINOv3 forms them.
+
+        student: (M, K) logits or (M, d) features, named `student_name` in errors; teacher (M, K);
+        student_masks_flat: (B, N) bool; masks_weight: None or one weight per row kept by
+        n_masked_patches (the mask's masked patches when None)."""
+        check_rank(student_name, student, 2, "(M, K) or (M, d)")
+        check_rank("teacher_patch_tokens_masked", teacher, 2, "(M, K)")
+        if teacher.shape[0] != student.shape[0]:
+            raise ValueError(f"{student_name} {tuple(student.shape)} and teacher_patch_tokens_masked "
+                             f"{tuple(teacher.shape)} must have the same number of rows M")
+        if student_masks_flat.dtype != torch.bool:  # an integer mask would index, not select
+            raise TypeError(f"student_masks_flat must be a bool (B, N) mask, got {student_masks_flat.dtype}")
+        check_rank("student_masks_flat", student_masks_flat, 2, "(B, N)")
+        derived = masks_weight is None
+        if derived:
             masks_weight = (
                 (1 / student_masks_flat.sum(-1).clamp(min=1.0))
                 .unsqueeze(-1)
@@ -316,6 +342,11 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         if n_masked_patches is not None:  # DINOv3 slices the per-token losses; slicing first is equal
             n = int(n_masked_patches)
             student, teacher = student[:n], teacher[:n]
+        rows = student.shape[0]
+        if derived and masks_weight.shape[0] != rows:
+            raise ValueError(f"student_masks_flat marks {masks_weight.shape[0]} patches but {student_name} has "
+                             f"{rows} rows (after n_masked_patches); they must agree")
+        check_shape("masks_weight", masks_weight, (rows,), "(M,)")
         return student, teacher, masks_weight / student_masks_flat.shape[0]
 
     @torch.no_grad()

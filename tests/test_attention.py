@@ -490,6 +490,78 @@ def test_nan_propagates(backend):
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_nan_in_a_query_reaches_its_row(backend):
+    """A NaN confined to one query (token 2, head 1) makes that row's output in that head NaN and
+    nothing else, on every backend: torch's CPU flash SDPA, behind the reference (the CPU
+    default), writes 0 for such a row."""
+    qkv = torch.randn(1, 6, 3 * 2 * 32)
+    qkv[0, 2, 32 + 5] = float("nan")  # q of head 1
+    out = rope_attention(qkv, dinov3_rope(1, 4, 32), num_heads=2, backend=backend)
+    want = torch.zeros_like(out, dtype=torch.bool)
+    want[0, 2, 32:] = True
+    assert torch.equal(torch.isnan(out), want)
+
+
+def test_nan_in_a_query_reaches_its_row_compiled():
+    """The same through inductor, which simplifies arithmetic identities (0 * y -> 0) that would
+    drop the NaN."""
+    qkv = torch.randn(1, 6, 3 * 2 * 32)
+    qkv[0, 2, 32 + 5] = float("nan")
+    rope = dinov3_rope(1, 4, 32)
+    out = torch.compile(lambda t: rope_attention(t, rope, num_heads=2, backend="reference"), fullgraph=True)(qkv)
+    assert torch.equal(torch.isnan(out), torch.isnan(rope_attention(qkv, rope, num_heads=2, backend="cpu")))
+    assert torch.isnan(out[0, 2, 32:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_tables_agree_to_their_dtype(backend):
+    """fp32 qkv with bf16 tables: the reference rotates in bf16 (DINOv3 casts q and k to the
+    tables' dtype), the fused backends in fp32. They agree to bf16's tolerance, not fp32's: the
+    effective input precision is the lowest of qkv's and the tables'. The fused result is the one
+    within fp32's tolerance of the float64 oracle on the same (bf16-valued) tables."""
+    qkv = torch.randn(2, 21, 3 * 2 * 32)
+    rope = tuple(t.bfloat16() for t in dinov3_rope(4, 4, 32, rescale=random_rescale()))
+    out = rope_attention(qkv, rope, num_heads=2, backend=backend)
+    err = rel_err(out, rope_attention(qkv, rope, num_heads=2, backend="reference"))
+    assert 1e-5 < err < 1e-2
+    assert rel_err(out, rope_attention_ref(qkv.double(), tuple(t.double() for t in rope), 2)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_requiring_grad_need_the_reference(backend):
+    """The fused backends treat the tables as constants: tables that require grad are refused in
+    grad mode (their gradient would be dropped); the reference gives them theirs."""
+    qkv = torch.randn(2, 21, 3 * 2 * 32, requires_grad=True)
+    rope = tuple(t.requires_grad_() for t in dinov3_rope(4, 4, 32))
+    with pytest.raises(ValueError, match=r"rope sin/cos require grad.*backend='reference'"):
+        rope_attention(qkv, rope, num_heads=2, backend=backend)
+    with pytest.raises(ValueError, match=r"rope_list\[0\] sin/cos require grad"):
+        rope_attention_list([qkv], [rope], num_heads=2, backend=backend)
+    with torch.no_grad():
+        rope_attention(qkv, rope, num_heads=2, backend=backend)
+    rope_attention(qkv, rope, num_heads=2, backend="reference").sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in rope)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    qkv = torch.randn(1, 9, 3 * 2 * 32, requires_grad=True)
+    out = rope_attention(qkv, dinov3_rope(2, 2, 32), num_heads=2, backend=backend)
+    with pytest.raises(RuntimeError, match="rope_attention has no double backward.*backend='reference'"):
+        torch.autograd.grad(out.sum(), qkv, create_graph=True)
+
+
+def test_self_attention_bad_input():
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got 0"):
+        dinov3_fast.SelfAttention(64, num_heads=0)
+    m = dinov3_fast.SelfAttention(64, num_heads=2)
+    with pytest.raises(ValueError, match=r"x must be 3-D \[B, N, dim=64\], got shape \(7, 64\)"):
+        m(torch.randn(7, 64))
+    with pytest.raises(ValueError, match=r"x_list\[1\] must be 3-D \[B, N, dim=64\], got shape \(5, 64\)"):
+        m.forward_list([torch.randn(1, 7, 64), torch.randn(5, 64)])
+
+
 def test_bad_input():
     rope = dinov3_rope(7, 7, 64)
     qkv = torch.randn(2, 54, 3 * 2 * 64)
@@ -509,6 +581,9 @@ def test_bad_input():
         rope_attention(qkv[0], rope, num_heads=2)
     with pytest.raises(TypeError, match="qkv must be a floating-point tensor"):
         rope_attention(qkv.long(), rope, num_heads=2)
+    with pytest.raises(TypeError, match=r"qkv must be a floating-point tensor \(float16, bfloat16, float32 or "
+                                        r"float64\), got torch.float8_e4m3fn"):
+        rope_attention(qkv.to(torch.float8_e4m3fn), rope, num_heads=2)
     with pytest.raises(TypeError, match=r"rope must be a \(sin, cos\) pair"):
         rope_attention(qkv, rope[0], num_heads=2)
     with pytest.raises(ValueError, match="sin and cos must have the same shape"):

@@ -161,6 +161,39 @@ def test_linear_masked_form_without_masked_patch_still_reaches_the_last_layer(ba
     assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+def test_ibot_forward_bad_input():
+    """Errors name the argument the caller passed and the expected shape (not the op's internals)."""
+    loss, masks = dinov3_fast.iBOTPatchLoss(11), torch.rand(3, 4) < 0.5
+    s, t = torch.randn(3, 4, 11), probs((3, 4, 11))
+    with pytest.raises(ValueError, match=r"student_patch_tokens and teacher_patch_tokens must have the same shape, "
+                                         r"got \(3, 4, 11\) and \(3, 4, 10\)"):
+        loss(s, probs((3, 4, 10)), masks)
+    with pytest.raises(ValueError, match=r"student_patch_tokens must be 3-D \(B, N, K\), got shape \(12, 11\)"):
+        loss(s.flatten(0, 1), t.flatten(0, 1), masks)
+    with pytest.raises(ValueError, match=r"student_masks_flat must have shape \(B, N\) = \(3, 4\), got \(3, 3\)"):
+        loss(s, t, masks[:, :3])
+
+
+def test_ibot_forward_masked_bad_input():
+    loss = dinov3_fast.iBOTPatchLoss(11)
+    masks = torch.zeros(3, 4, dtype=torch.bool)
+    masks[:, :2] = True  # 6 masked patches
+    s, t = torch.randn(6, 11), probs((6, 11))
+    with pytest.raises(TypeError, match=r"student_masks_flat must be a bool \(B, N\) mask, got torch.int64"):
+        loss.forward_masked(s, t, masks.long())
+    with pytest.raises(ValueError, match="student_masks_flat marks 6 patches but student_patch_tokens_masked has "
+                                         "5 rows"):
+        loss.forward_masked(s[:5], t[:5], masks)
+    with pytest.raises(ValueError, match=r"masks_weight must have shape \(M,\) = \(6,\), got \(4,\)"):
+        loss.forward_masked(s, t, masks, masks_weight=torch.rand(4))
+    with pytest.raises(ValueError, match=r"student_patch_tokens_masked and teacher_patch_tokens_masked must have the "
+                                         r"same shape, got \(6, 11\) and \(6, 10\)"):
+        loss.forward_masked(s, probs((6, 10)), masks)
+    with pytest.raises(ValueError, match=r"student_features_masked \(5, 8\) and teacher_patch_tokens_masked "
+                                         r"\(6, 11\) must have the same number of rows"):
+        loss.forward_masked_linear(torch.randn(5, 8), torch.randn(11, 8), t, masks)
+
+
 @pytest.mark.parametrize("cls,dim_shape", [(dinov3_fast.DINOLoss, (1, 40)), (dinov3_fast.iBOTPatchLoss, (1, 1, 40))])
 def test_center_state_and_softmax_centering(cls, dim_shape):
     mod = cls(40, center_momentum=0.8)

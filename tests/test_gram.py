@@ -295,12 +295,36 @@ def test_dispatch_rule_and_forcing(monkeypatch):
      "student must be a floating-point tensor.*int64"),
     (torch.randn(2, 3, 4), torch.randn(2, 3, 4), {"remove_neg": True, "remove_only_teacher_neg": True},
      ValueError, "mutually exclusive"),
+    (torch.randn(2, 5, 3).to(torch.float8_e4m3fn), torch.randn(2, 5, 3).to(torch.float8_e4m3fn), {}, TypeError,
+     r"student must be a floating-point tensor \(float16, bfloat16, float32 or float64\), got torch.float8_e4m3fn"),
 ])
 def test_bad_input_errors(student, teacher, kwargs, error, match):
     for backend in BACKENDS:
         with pytest.raises(error, match=match):
             gram_loss(student, teacher, backend=backend, **kwargs)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 9)], ids=["identity", "tiled"])
+def test_mixed_dtypes_are_promoted_as_dinov3_upcasts(backend, shape):
+    """A bf16 student against an fp32 teacher (or fp32 against fp64, both needing gradients) gives
+    the loss of both sides in the common dtype, and each gradient in its own side's dtype (the cpu
+    backend used to crash writing an fp64 gradient into an fp32 buffer)."""
+    for s_dtype, t_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        student = torch.randn(*shape, dtype=s_dtype, requires_grad=True)
+        teacher = torch.randn(*shape, dtype=t_dtype, requires_grad=True)
+        loss = gram_loss(student, teacher, backend=backend)
+        loss.backward()
+        common = torch.promote_types(s_dtype, t_dtype)
+        s64, t64 = (x.detach().to(common).double().requires_grad_() for x in (student, teacher))
+        expected = gram_loss_ref(s64, t64)
+        expected.backward()
+        assert student.grad.dtype == s_dtype and teacher.grad.dtype == t_dtype
+        assert rel_err(loss.double(), expected) < 1e-5
+        tol = 1e-2 if s_dtype == torch.bfloat16 else 1e-5  # the student's gradient is rounded to its dtype
+        assert rel_err(student.grad.double(), s64.grad) < tol
+        assert rel_err(teacher.grad.double(), t64.grad) < 1e-5
 
 
 @pytest.mark.parametrize("remove_neg", [False, True])

@@ -224,6 +224,20 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    x = torch.randn(8, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="koleo_loss has no double backward.*backend='reference'"):
+        torch.autograd.grad(koleo_loss(x, backend=backend), x, create_graph=True)
+
+
+def test_meta_tensors_give_a_meta_loss():
+    """Meta tensors (shape-only planning) take the reference, whose autocast-off section must not
+    ask torch.autocast for the meta device (it raises there)."""
+    loss = koleo_loss(torch.randn(6, 4, device="meta", requires_grad=True))
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32 and loss.requires_grad
+
+
 def test_modules_match_reference():
     x = torch.randn(16, 12)
     torch.testing.assert_close(dinov3_fast.KoLeoLoss()(x), koleo_loss_ref(x))
@@ -250,6 +264,7 @@ def test_dispatch_and_forcing(monkeypatch):
     (torch.randn(4, 8), {"topk": 0}, ValueError, "topk must be a positive int, got 0"),
     (torch.randn(4, 8), {"topk": 5}, ValueError, r"topk must be <= the 4 samples searched, got topk=5"),
     (torch.randn(4, 8), {"eps": 0.0}, ValueError, "eps must be > 0"),
+    (torch.randn(4, 8), {"eps": torch.tensor(1e-8)}, TypeError, r"eps must be a Python float, got a tensor"),
     (torch.randn(4, 8), {"loss_group_size": 6}, ValueError, "Loss group size size 6 must be a multiple of local batch size 4"),
     (torch.randn(4, 8), {"loss_group_size": 8}, ValueError, "Global batch size 4 must be divisible by loss group size 8"),
     (torch.randn(4, 8), {"loss_group_size": 0}, ValueError, "loss_group_size must be None or a positive int, got 0"),

@@ -136,6 +136,18 @@ def test_under_autocast_the_operands_take_the_autocast_dtype():
         assert g.dtype == r.dtype and rel_err(g, r) < 1e-2
 
 
+def test_reference_loss_is_fp32_under_autocast():
+    """The reference forms the logits in the autocast dtype, as the Linear would, and reduces them
+    in fp32 as the fused backends do."""
+    features, weight = head_inputs((2, 3, 16), 300)
+    teacher = teacher_probs((2, 3, 300))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_soft_cross_entropy(features, weight, teacher, backend="reference")
+    want = soft_cross_entropy_ref(F.linear(features.bfloat16(), weight.bfloat16()), teacher)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want)
+
+
 def test_gradients_are_released_with_the_graph():
     """The gradients formed in the forward are saved tensors: a backward without retain_graph frees
     them (they do not outlive the heads' backward into the backbone's), so a second one is refused."""
@@ -206,7 +218,9 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("args,kwargs,error,match", [
-    (((2, 3, 8), (20, 7), (2, 3, 20)), {}, ValueError, r"weight \(K, d\) must have d = 8"),
+    (((2, 3, 8), (20, 7), (2, 3, 20)), {}, ValueError, r"weight must have shape \(K, d\) with d = 8"),
+    (((4, 5), (5, 11), (4, 11)), {}, ValueError,
+     r"weight must have shape \(K, d\) with d = 5 \(the last dim of features \(4, 5\)\), got \(5, 11\)"),
     (((2, 3, 8), (20, 8, 1), (2, 3, 20)), {}, ValueError, r"weight must be 2-D \(K, d\)"),
     (((2, 3, 8), (20, 8), (2, 3, 21)), {}, ValueError, "agree on B = 3 and K = 20"),
     (((2, 3, 8), (20, 8), (3, 20)), {}, ValueError, r"teacher_probs must be 3-D \(T, B, K\)"),

@@ -49,6 +49,39 @@ def test_backward_is_inverse_rotation(backend):
     assert rel_err(back_q, q) < 1e-6 and rel_err(back_k, k) < 1e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_tables_agree_to_their_dtype(backend):
+    """fp32 q, k with bf16 tables: the reference rotates in bf16 (DINOv3's apply_rope casts q and k
+    to the tables' dtype), the fused backends in fp32; they agree to bf16's tolerance, not fp32's,
+    and the fused result is the one within fp32's tolerance of the float64 oracle on the same
+    (bf16-valued) tables."""
+    q, k = qk_views(2, 21, 2, 32)
+    rope = tuple(t.bfloat16() for t in dinov3_rope(4, 4, 32, rescale=random_rescale()))
+    out = apply_rope(q, k, rope, backend=backend)
+    ref = apply_rope_ref(q, k, rope)
+    oracle = apply_rope_ref(q.double(), k.double(), tuple(t.double() for t in rope))
+    for o, r, o64 in zip(out, ref, oracle):
+        assert 1e-5 < rel_err(o, r) < 1e-2 and rel_err(o, o64) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_requiring_grad_need_the_reference(backend):
+    q, k = qk_views(1, 10, 2, 32)
+    rope = tuple(t.requires_grad_() for t in dinov3_rope(3, 3, 32))
+    with pytest.raises(ValueError, match=r"rope sin/cos require grad.*backend='reference'"):
+        apply_rope(q, k, rope, backend=backend)
+    sum(t.sum() for t in apply_rope(q, k, rope, backend="reference")).backward()
+    assert all(t.grad is not None for t in rope)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    q, k = qk_views(1, 10, 2, 32)
+    q_rot, _ = apply_rope(q, k, dinov3_rope(3, 3, 32), backend=backend)
+    with pytest.raises(RuntimeError, match="apply_rope has no double backward.*backend='reference'"):
+        torch.autograd.grad(q_rot.square().sum(), q, create_graph=True)
+
+
 def test_gradcheck_cpu_float64():
     q, k = (t.double().detach().requires_grad_() for t in qk_views(2, 7, 2, 8))
     rope = tuple(torch.randn(4, 8, dtype=torch.float64) for _ in range(2))  # general tables, not rotations

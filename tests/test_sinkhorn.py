@@ -207,6 +207,29 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
 
 
+def test_tensor_temperature_under_torch_compile_names_the_argument():
+    """Temperatures are Python floats (the custom op's schema): a tensor is refused with the same
+    message under torch.compile as in eager, not a data-dependent guard error."""
+    compiled = torch.compile(lambda x, t: sinkhorn_knopp(x, t), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="teacher_temp must be a Python float"):
+        compiled(torch.randn(4, 7), torch.tensor(0.07))
+
+
+def test_torch_compile_takes_triton_availability_as_a_constant(monkeypatch):
+    """Dispatch asks whether triton imports (a cached answer); torch.compile takes it as a constant
+    instead of tracing through the cache, which it warns about."""
+    import warnings
+
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # dynamo warns once per process
+    x = torch.randn(4, 7)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache")
+        out = torch.compile(lambda t: sinkhorn_knopp(t, 0.05, backend="triton"), fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, sinkhorn_knopp(x, 0.05, backend="triton"))
+
+
 def test_module_drop_in():
     logits = torch.randn(5, 70)
     mod = dinov3_fast.SinkhornKnoppTeacher()
@@ -219,6 +242,8 @@ def test_module_drop_in():
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"logits": torch.randn(3, 4), "teacher_temp": 0.0}, ValueError, "teacher_temp must be > 0, got 0.0"),
     ({"logits": torch.randn(3, 4), "teacher_temp": -0.1}, ValueError, "teacher_temp must be > 0"),
+    ({"logits": torch.randn(3, 4), "teacher_temp": torch.tensor(0.07)}, TypeError,
+     r"teacher_temp must be a Python float, got a tensor of shape \(\); pass float\(teacher_temp\)"),
     ({"logits": torch.randn(2, 3, 4)}, ValueError, r"teacher_logits must be 2-D \(B, K\), got shape \(2, 3, 4\)"),
     ({"logits": torch.randn(4)}, ValueError, "teacher_logits must be 2-D"),
     ({"logits": torch.randn(3, 0)}, ValueError, r"teacher_logits must have K >= 1 prototypes, got shape \(3, 0\)"),

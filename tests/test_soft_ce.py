@@ -127,6 +127,27 @@ def test_nan_propagates(backend):
     assert torch.isnan(soft_cross_entropy(s, teacher_probs((2, 2, 60)), backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    loss = soft_cross_entropy(s, teacher_probs((2, 3, 9)), backend=backend)
+    with pytest.raises(RuntimeError, match="soft_cross_entropy has no double backward.*backend='reference'"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("ignore_diagonal", [False, True])
+def test_fp32_loss_under_autocast(backend, ignore_diagonal):
+    """Under autocast every backend returns the fp32 loss it returns without it (the reference's
+    einsum would otherwise run in bf16)."""
+    s, t = torch.randn(3, 4, 300), teacher_probs((2, 4, 300))
+    want = soft_cross_entropy(s, t, ignore_diagonal=ignore_diagonal, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = soft_cross_entropy(s, t, ignore_diagonal=ignore_diagonal, backend=backend)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want)
+
+
 def test_gradcheck_cpu_float64():
     s = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
     t = torch.rand(2, 2, 7, dtype=torch.float64, requires_grad=True)
@@ -171,6 +192,11 @@ def test_torch_compile_fullgraph():
     (torch.randn(2, 3, 4), torch.rand(3, 4), {}, ValueError, r"teacher_probs must be 3-D \(T, B, K\)"),
     (torch.randn(4), torch.rand(4), {}, ValueError, "student_logits must be 2-D or 3-D"),
     (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"student_temp": 0.0}, ValueError, "student_temp must be > 0"),
+    (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"student_temp": torch.tensor(0.1)}, TypeError,
+     r"student_temp must be a Python float, got a tensor of shape \(\)"),
+    (torch.randn(2, 3, 4).to(torch.float8_e5m2), torch.rand(2, 3, 4), {}, TypeError,
+     r"student_logits must be a floating-point tensor \(float16, bfloat16, float32 or float64\), "
+     r"got torch.float8_e5m2"),
     (torch.randn(2, 3, 4), torch.rand(2, 3, 4), {"weights": torch.rand(2)}, ValueError, r"weights must have shape \(3,\)"),
     (torch.randn(3, 4), torch.rand(3, 4), {"ignore_diagonal": True}, ValueError, "leaves no pair"),
     (torch.randn(0, 3, 4), torch.rand(0, 3, 4), {}, ValueError, "non-empty"),

@@ -3,6 +3,7 @@ ops compute and return in, the log2/ln2 factors of the exp2-based kernels, and t
 clamp modes (shared by its cpu and triton paths)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,3 +29,11 @@ def result_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
     """The dtype of what `backend` returns for input `x` (losses, statistics, assignments):
     `compute_dtype(x)` on the backends in FP64_BACKENDS, float32 on the others."""
     return compute_dtype(x) if backend in FP64_BACKENDS else torch.float32
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on `device_type`, for the references' fp32 sections; no
+    context where autocast does not exist (the meta device, on which torch.autocast raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

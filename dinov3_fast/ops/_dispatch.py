@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 
@@ -54,13 +55,20 @@ def triton_interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str:
+def _import_triton() -> str:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except ImportError as exc:
         return f"triton not importable ({exc})"
     return ""
+
+
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str:
+    """Why triton cannot be imported ('' when it can). A constant to torch.compile, which would
+    otherwise trace past the cache of `_import_triton` (and warn about it)."""
+    return _import_triton()
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -155,11 +163,17 @@ def select_backend(
 # ----------------------------------------------------------------------------- input checks
 # Each raises before any kernel runs, naming the argument and what was expected versus given.
 
+# The dtypes every backend reads (float64 on some only: each op says which); float8 is floating
+# point too, but no backend computes with it.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
 
 
 def check_rank(name: str, t: torch.Tensor, ranks: int | Sequence[int], layout: str = "") -> None:
@@ -175,6 +189,13 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], layout: str = "") -> None:
+    """t.shape == shape; `layout` names the dims, e.g. "(B, N)"."""
+    if tuple(t.shape) != tuple(shape):
+        hint = f"{layout} = " if layout else ""
+        raise ValueError(f"{name} must have shape {hint}{tuple(shape)}, got {tuple(t.shape)}")
+
+
 def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
@@ -186,14 +207,31 @@ def check_nonempty(name: str, t: torch.Tensor) -> None:
 
 
 def check_positive(name: str, value: float) -> None:
+    """`value` is a positive Python number. A tensor is refused: the ops take temperatures and eps
+    as Python floats, so a tensor's value would be read on the host in every call (a GPU sync)
+    and cannot be traced by torch.compile (DINOv3 passes Python floats)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(value.shape)}")
-        if value.device.type != "meta" and not bool(value > 0):
-            raise ValueError(f"{name} must be > 0, got {value.item()}")
-        return
+        raise TypeError(f"{name} must be a Python float, got a tensor of shape {tuple(value.shape)}; "
+                        f"pass float({name}) instead")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_no_double_backward(op: str) -> None:
+    """Call first in the backward of a custom op: it runs with grad mode on only for
+    create_graph=True, and no fused backward is differentiable (their backward custom ops have no
+    autograd formula), so gradients of gradients are refused here, naming the way out, rather
+    than by torch's generic error at the second backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} has no double backward (create_graph=True): its fused backward is not "
+                           "differentiable; use backend='reference' for that")
 
 
 def single_rank_as_none(group):

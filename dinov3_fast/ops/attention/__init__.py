@@ -8,7 +8,15 @@ rotates q and k on the fly and writes [B, N, C] for the proj Linear; the backwar
 packed gradient [B, N, 3C] with the transposed rotation already applied to dq and dk. Crops of
 different sizes (global and local) run in one launch through the packed (variable-length) layout
 documented in cpu.py. RoPE tables are treated as constants (DINOv3 computes them from a
-non-trainable buffer): no gradient flows to sin and cos except on the `reference` backend.
+non-trainable buffer): no gradient flows to sin and cos except on the `reference` backend, and
+the other backends refuse tables that require grad (in grad mode) rather than drop their gradient.
+
+Precision of the rotation: the fused backends rotate in fp32 (fp64 for fp64 inputs on cpu) whatever
+the tables' dtype; the reference, as DINOv3's apply_rope, casts q and k to the tables' dtype and
+rotates in it. With tables of qkv's precision or higher (DINOv3 trains with fp32 tables) the two
+agree to qkv's tolerance. With tables in a lower precision than qkv (bf16 tables, fp32 qkv) the
+effective input precision is the lowest of the two: the backends then agree with the reference
+to the tables' dtype tolerance (1e-2 for bf16), and the fused result is the more accurate one.
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import torch.nn.functional as F
 
 from dinov3_fast.ops._common import compute_dtype
 from dinov3_fast.ops._dispatch import (
-    check_floating, check_nonempty, check_rank, check_same_device, dispatch_device_type, forced_by_env, select_backend,
+    check_floating, check_no_double_backward, check_nonempty, check_positive_int, check_rank, check_same_device,
+    dispatch_device_type, forced_by_env, select_backend,
 )
 from dinov3_fast.ops.attention.cpu import apply_rope_cpu, rope_attention_bwd_cpu, rope_attention_fwd_cpu
 from dinov3_fast.ops.attention.reference import (
@@ -86,6 +95,7 @@ def _attn_setup_context(ctx, inputs, output):
 
 
 def _attn_backward(ctx, grad_out, _grad_lse):
+    check_no_double_backward("rope_attention")
     qkv, out, lse, sin, cos, seqinfo = ctx.saved_tensors
     dqkv = _rope_attention_bwd(grad_out, qkv, out, lse, sin, cos, seqinfo, *ctx.options)
     return dqkv, None, None, None, None, None, None
@@ -127,6 +137,7 @@ def _rope_setup_context(ctx, inputs, output):
 
 
 def _rope_backward(ctx, grad_q, grad_k):
+    check_no_double_backward("apply_rope")
     sin, cos = ctx.saved_tensors
     dq, dk = _apply_rope_bwd(grad_q, grad_k, sin, cos, ctx.backend)
     return dq, dk, None, None, None
@@ -141,17 +152,17 @@ def _check_qkv(name: str, qkv: torch.Tensor, num_heads: int) -> int:
     """Validate a [B, N, 3C] (or packed [T, 3C]) qkv tensor; returns the head dim."""
     check_floating(name, qkv)
     check_nonempty(name, qkv)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    check_positive_int("num_heads", num_heads)
     if qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"{name} last dim must be divisible by 3 * num_heads = {3 * num_heads}, "
                          f"got {qkv.shape[-1]} (shape {tuple(qkv.shape)})")
     return qkv.shape[-1] // (3 * num_heads)
 
 
-def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int,
-                num_prefix_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Validate rope = (sin, cos), each [HW, head_dim], against n tokens; returns (sin, cos)."""
+def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int, num_prefix_tokens: int | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Validate rope = (sin, cos), each [HW, head_dim], against n tokens for `backend`; returns
+    (sin, cos)."""
     if rope is None:
         return None, None
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
@@ -174,6 +185,10 @@ def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int,
                          f"rope applies to the last HW tokens, so HW <= N is required")
     if num_prefix_tokens is not None and n - hw != num_prefix_tokens:
         raise ValueError(f"num_prefix_tokens = {num_prefix_tokens} but N - HW = {n} - {hw} = {n - hw}")
+    if backend != "reference" and torch.is_grad_enabled() and (sin.requires_grad or cos.requires_grad):
+        raise ValueError(f"{name} sin/cos require grad, but the {backend} backend treats the RoPE tables as "
+                         f"constants and gives them no gradient; use backend='reference' for gradients "
+                         f"w.r.t. {name}, or pass detached tables")
     return sin, cos
 
 
@@ -224,6 +239,9 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
             (fp64 on the cpu and reference backends).
         rope: (sin, cos), each [HW, Dh] with HW <= N, applied (rotate-half, in fp32) to the last HW
             tokens of q and k; the first N - HW (prefix) tokens are not rotated. None: no rotation.
+            The reference rotates in the tables' dtype (DINOv3's rule): with tables less precise
+            than qkv, backends agree to the tables' dtype tolerance (module docstring). Constants:
+            tables requiring grad need backend="reference".
         num_heads: H.
         num_prefix_tokens: if given, checked to equal N - HW.
         backend: force "triton", "cpu" or "reference"; default: fastest available for the device,
@@ -236,10 +254,10 @@ def rope_attention(qkv: torch.Tensor, rope: Rope | None, *, num_heads: int,
     check_rank("qkv", qkv, 3, "[B, N, 3 * num_heads * head_dim]")
     head_dim = _check_qkv("qkv", qkv, num_heads)
     B, N, three_c = qkv.shape
-    sin, cos = _check_rope("rope", rope, qkv, N, head_dim, num_prefix_tokens)
+    chosen = _select("rope_attention", qkv, head_dim, backend)
+    sin, cos = _check_rope("rope", rope, qkv, N, head_dim, num_prefix_tokens, chosen)
     if N >= SDPA_ROUTE_MIN_TOKENS and _may_route_to_sdpa(qkv, backend):
         return _rope_then_sdpa(qkv, sin, cos, num_heads)
-    chosen = _select("rope_attention", qkv, head_dim, backend)
     if chosen == "reference":
         return rope_attention_ref(qkv, rope, num_heads)
     out, _ = _rope_attention_fwd(qkv.reshape(B * N, three_c), sin, cos, None, num_heads, N, chosen)
@@ -324,12 +342,13 @@ def rope_attention_packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], r
         raise ValueError(f"every crop needs B >= 1 sequences of N >= 1 tokens, got crops {list(crops)}")
     if sum(b * n for b, n in crops) != qkv.shape[0]:
         raise ValueError(f"crops {list(crops)} hold {sum(b * n for b, n in crops)} tokens but qkv has {qkv.shape[0]}")
-    tables = [_check_rope(f"rope_list[{i}]", r, qkv, n, head_dim, num_prefix_tokens)
+    chosen = _select("rope_attention_list", qkv, head_dim, backend)
+    tables = [_check_rope(f"rope_list[{i}]", r, qkv, n, head_dim, num_prefix_tokens, chosen)
               for i, (r, (_, n)) in enumerate(zip(rope_list, crops))]
     routed = [n >= SDPA_ROUTE_MIN_TOKENS for _, n in crops] if _may_route_to_sdpa(qkv, backend) else []
     if any(routed):
-        return _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed, num_heads, head_dim, backend)
-    return _packed(qkv, crops, tables, rope_list, num_heads, _select("rope_attention_list", qkv, head_dim, backend))
+        return _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed, num_heads, chosen)
+    return _packed(qkv, crops, tables, rope_list, num_heads, chosen)
 
 
 def _packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], tables, rope_list, num_heads: int,
@@ -351,9 +370,9 @@ def _packed(qkv: torch.Tensor, crops: Sequence[tuple[int, int]], tables, rope_li
 
 
 def _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed: Sequence[bool], num_heads: int,
-                                   head_dim: int, backend: str | None) -> torch.Tensor:
+                                   chosen: str) -> torch.Tensor:
     """The long crops (routed[i]) through `_rope_then_sdpa` one by one, the others in one `_packed`
-    launch on their concatenated tokens; outputs back in packing order."""
+    launch on backend `chosen` on their concatenated tokens; outputs back in packing order."""
     parts = list(qkv.split([b * n for b, n in crops]))
     three_c = qkv.shape[-1]
     outs = [_rope_then_sdpa(part.view(b, n, three_c), *table, num_heads).reshape(b * n, three_c // 3)
@@ -361,7 +380,6 @@ def _packed_with_long_crops_routed(qkv, crops, tables, rope_list, routed: Sequen
     short = [i for i, long_ in enumerate(routed) if not long_]
     if short:
         packed = torch.cat([parts[i] for i in short])
-        chosen = _select("rope_attention_list", qkv, head_dim, backend)
         out = _packed(packed, [crops[i] for i in short], [tables[i] for i in short],
                       [rope_list[i] for i in short], num_heads, chosen)
         for i, o in zip(short, out.split([crops[i][0] * crops[i][1] for i in short])):
@@ -375,7 +393,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope, *,
 
     Args:
         q, k: [B, H, N, Dh] (any strides), same shape.
-        rope: (sin, cos), each [HW, Dh] with HW <= N.
+        rope: (sin, cos), each [HW, Dh] with HW <= N. The reference rotates in the tables' dtype
+            (DINOv3's rule), the fused backends in fp32: with tables less precise than q and k,
+            they agree to the tables' dtype tolerance (module docstring). Constants: tables
+            requiring grad need backend="reference".
         backend: force "triton", "cpu" or "reference"; default: fastest available for the device.
 
     Returns:
@@ -390,8 +411,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope, *,
     check_nonempty("q", q)
     if rope is None:
         raise TypeError("rope must be a (sin, cos) pair of [HW, head_dim] tensors, got None")
-    sin, cos = _check_rope("rope", rope, q, q.shape[2], q.shape[3], None)
     chosen = _select("apply_rope", q, q.shape[3], backend, ROPE_HEAD_DIMS)
+    sin, cos = _check_rope("rope", rope, q, q.shape[2], q.shape[3], None, chosen)
     if chosen == "reference":
         return apply_rope_ref(q, k, rope)
     return _apply_rope_fwd(q, k, sin, cos, chosen)

@@ -66,6 +66,13 @@ def rope_attention_ref(qkv: torch.Tensor, rope: Rope | None, num_heads: int) -> 
     if rope is not None:
         q, k = apply_rope_ref(q, k, rope)
     x = F.scaled_dot_product_attention(q, k, v)
+    if x.device.type == "cpu":
+        # torch's CPU flash SDPA kernel writes 0, not NaN, for a query row holding a NaN (its math
+        # backend and our kernels give NaN): add the row's sum times 0.0 (NaN there, 0 elsewhere)
+        # to that row of the output, per head: no host sync, no data-dependent branch, nothing
+        # saved for backward (the sum is detached; torch.where would keep its mask). Not an
+        # integer 0: inductor folds 0 * y to 0, dropping the NaN.
+        x = x + q.detach().sum(-1, keepdim=True) * 0.0
     return x.transpose(1, 2).reshape(B, N, C)
 
 

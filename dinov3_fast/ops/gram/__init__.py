@@ -14,7 +14,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from dinov3_fast.ops._common import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, result_dtype
 from dinov3_fast.ops._dispatch import (
-    check_floating, check_nonempty, check_rank, check_same_device, check_same_shape, select_backend,
+    check_floating, check_no_double_backward, check_nonempty, check_rank, check_same_device, check_same_shape,
+    select_backend,
 )
 from dinov3_fast.ops.gram.cpu import gram_loss_cpu
 from dinov3_fast.ops.gram.reference import gram_loss_ref
@@ -98,9 +99,7 @@ def _backward(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
     here is differentiable twice."""
     if grad_loss is None:  # grads are not materialised: the loss was not used
         return None, None, None, None, None, None, None
-    if torch.is_grad_enabled():
-        raise RuntimeError("gram_loss computes its gradient in the forward and has no double backward "
-                           "(create_graph=True); use backend='reference' for that")
+    check_no_double_backward("gram_loss")
     traced = torch.compiler.is_compiling() or is_fake(grad_loss)
     needed = ctx.needs_input_grad[:2]
     student, teacher = ctx.saved_tensors
@@ -150,7 +149,8 @@ def gram_loss(
     Args:
         student: (B, P, D) student patch features (bf16, fp16, fp32 or fp64); with img_level=False
             also (N, D). Gradients flow to it (and to `teacher` if that requires grad).
-        teacher: same shape as `student`: the Gram teacher's patch features.
+        teacher: same shape as `student`: the Gram teacher's patch features. Of another dtype,
+            both sides are promoted to a common one first (DINOv3 upcasts both to fp32).
         normalize: L2-normalise each feature row first (DINOv3's `apply_norm`).
         img_level: one P x P Gram per image; otherwise one Gram over all B*P rows.
         remove_neg: clamp negative similarities of both Grams to 0.
@@ -169,6 +169,9 @@ def gram_loss(
         check_rank("student", student, (2, 3), "(N, D) or (B, P, D)")
     check_same_shape("student", student, "teacher", teacher)
     check_same_device("student", student, "teacher", teacher)
+    if student.dtype != teacher.dtype:  # DINOv3 upcasts both sides; the kernels take one dtype
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
     check_nonempty("student", student)
     if remove_neg and remove_only_teacher_neg:
         raise ValueError("remove_neg and remove_only_teacher_neg are mutually exclusive; set at most one")

@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from dinov3_fast.ops._common import result_dtype
-from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
+from dinov3_fast.ops._dispatch import (
+    check_floating, check_no_double_backward, check_positive, check_positive_int, check_rank, select_backend,
+    single_rank_as_none,
+)
 from dinov3_fast.ops.koleo.cpu import koleo_bwd_cpu, koleo_fwd_cpu
 from dinov3_fast.ops.koleo.reference import group_layout, koleo_distributed_ref, koleo_loss_ref
 
@@ -68,6 +71,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_idx, _grad_stats, _grad_r):
+    check_no_double_backward("koleo_loss")
     x, idx, stats, r = ctx.saved_tensors
     dx = _koleo_bwd(grad_loss, x, idx, stats, r, *ctx.options) if ctx.needs_input_grad[0] else None
     return dx, None, None, None, None, None
@@ -110,8 +114,7 @@ def koleo_loss(
     check_floating("x", x)
     check_rank("x", x, 2, "(n, D)")
     check_positive("eps", eps)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    check_positive_int("topk", topk)
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one feature, got shape {tuple(x.shape)}")
     if loss_group_size is not None and (isinstance(loss_group_size, bool) or not isinstance(loss_group_size, int)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dinov3_fast.ops._common import compute_dtype
+from dinov3_fast.ops._common import autocast_disabled, compute_dtype
 
 PDIST_EPS = 1e-8  # nn.PairwiseDistance(2, eps=1e-8) in both DINOv3 modules
 
@@ -76,7 +76,7 @@ def koleo_loss_ref(x: torch.Tensor, eps: float = 1e-8, topk: int = 1) -> torch.T
     Returns:
         0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         y = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
         return koleo_group_loss_ref(y, y, 0, topk, eps)
 
@@ -111,7 +111,7 @@ def koleo_distributed_ref(x: torch.Tensor, eps: float = 1e-8, topk: int = 1, gro
     import torch.distributed as dist
     import torch.distributed.nn as dist_nn
 
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         y = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
         if dist.is_available() and dist.is_initialized():
             gathered = torch.cat(dist_nn.all_gather(y, group=group or dist.group.WORLD), dim=0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dinov3_fast.ops._common import result_dtype
-from dinov3_fast.ops._dispatch import check_floating, check_rank, check_same_device, select_backend
+from dinov3_fast.ops._dispatch import check_no_double_backward, check_same_device, select_backend
 from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, grad_dtype, linear_soft_ce_chunked
 from dinov3_fast.ops.linear_soft_ce.reference import linear_soft_cross_entropy_ref
 from dinov3_fast.ops.soft_ce import check_soft_ce_args
@@ -66,9 +66,7 @@ def _backward(ctx, grad_loss, _grad_d_features, _grad_d_weight):
     differentiable twice."""
     if grad_loss is None:  # the loss was not used
         return (None,) * 10
-    if torch.is_grad_enabled():
-        raise RuntimeError("linear_soft_cross_entropy computes its gradients in the forward and has no double "
-                           "backward (create_graph=True); use backend='reference' for that")
+    check_no_double_backward("linear_soft_cross_entropy")
     out = []
     for name, grad, need, dtype in zip(("features", "weight"), ctx.saved_tensors, ctx.needs_input_grad[:2], ctx.dtypes):
         if not need:
@@ -117,13 +115,8 @@ def linear_soft_cross_entropy(
     Returns:
         0-dim fp32 loss (fp64 for fp64 input on the cpu/reference backends).
     """
-    check_floating("weight", weight)
-    check_rank("weight", weight, 2, "(K, d)")
     n_pairs = check_soft_ce_args("features", features, teacher_probs, student_temp, ignore_diagonal, weights,
-                                 num_classes=weight.shape[0])
-    if weight.shape[1] != features.shape[-1]:
-        raise ValueError(f"weight (K, d) must have d = {features.shape[-1]} (the features' last dim), got "
-                         f"shape {tuple(weight.shape)}")
+                                 weight=weight)
     if weight.dtype != features.dtype:
         autocast = features.device.type
         if not torch.is_autocast_enabled(autocast):

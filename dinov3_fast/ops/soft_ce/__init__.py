@@ -16,7 +16,8 @@ import torch
 
 from dinov3_fast.ops._common import result_dtype
 from dinov3_fast.ops._dispatch import (
-    check_floating, check_nonempty, check_positive, check_rank, check_same_device, select_backend,
+    check_floating, check_no_double_backward, check_nonempty, check_positive, check_rank, check_same_device,
+    check_shape, select_backend,
 )
 from dinov3_fast.ops.soft_ce.cpu import soft_ce_bwd_student_cpu, soft_ce_bwd_teacher, soft_ce_fwd_cpu
 from dinov3_fast.ops.soft_ce.reference import soft_cross_entropy_ref
@@ -34,21 +35,27 @@ def _triton():
 # ----------------------------------------------------------------------------- input checks
 
 def check_soft_ce_args(student_name: str, student: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
-                       ignore_diagonal: bool, weights: torch.Tensor | None, num_classes: int | None = None) -> int:
+                       ignore_diagonal: bool, weights: torch.Tensor | None, weight: torch.Tensor | None = None) -> int:
     """Check the arguments of a soft cross-entropy whose student rows are `student` ((S, B, K) or
-    (M, K) logits; or, with `num_classes` K, (S, B, d) or (M, d) features that a fused linear maps
+    (M, K) logits; or, with `weight` (K, d), (S, B, d) or (M, d) features that a fused linear maps
     to K logits). Returns the number of counted crop pairs."""
     check_floating(student_name, student)
     check_floating("teacher_probs", teacher_probs)
-    last = "K" if num_classes is None else "d"
+    last = "K" if weight is None else "d"
     check_rank(student_name, student, (2, 3), f"(S, B, {last}) or (M, {last})")
+    if weight is not None:  # before teacher_probs, whose K it sets
+        check_floating("weight", weight)
+        check_rank("weight", weight, 2, "(K, d)")
+        if weight.shape[1] != student.shape[-1]:
+            raise ValueError(f"weight must have shape (K, d) with d = {student.shape[-1]} (the last dim of "
+                             f"{student_name} {tuple(student.shape)}), got {tuple(weight.shape)}")
     check_rank("teacher_probs", teacher_probs, student.dim(),
                "(T, B, K)" if student.dim() == 3 else f"(M, K), like {student_name}")
     check_same_device(student_name, student, "teacher_probs", teacher_probs)
     check_nonempty(student_name, student)
     check_nonempty("teacher_probs", teacher_probs)
     batch = student.shape[-2]
-    num_classes = student.shape[-1] if num_classes is None else num_classes
+    num_classes = student.shape[-1] if weight is None else weight.shape[0]
     if teacher_probs.shape[-2] != batch or teacher_probs.shape[-1] != num_classes:
         raise ValueError(
             f"{student_name} {tuple(student.shape)} and teacher_probs {tuple(teacher_probs.shape)} must agree on "
@@ -57,8 +64,7 @@ def check_soft_ce_args(student_name: str, student: torch.Tensor, teacher_probs: 
     if weights is not None:
         check_floating("weights", weights)
         check_same_device("weights", weights, student_name, student)
-        if weights.shape != (batch,):
-            raise ValueError(f"weights must have shape ({batch},), got {tuple(weights.shape)}")
+        check_shape("weights", weights, (batch,))
     n_s = student.shape[0] if student.dim() == 3 else 1
     n_t = teacher_probs.shape[0] if teacher_probs.dim() == 3 else 1
     n_pairs = n_s * n_t - (min(n_s, n_t) if ignore_diagonal else 0)
@@ -112,6 +118,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_row, _grad_max, _grad_rest, _grad_a):
+    check_no_double_backward("soft_cross_entropy")
     student, teacher, row_max, lse_rest, a = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     d_s, d_t = _soft_ce_bwd(grad_row, student, teacher, row_max, lse_rest, a, *ctx.options, need_s, need_t)

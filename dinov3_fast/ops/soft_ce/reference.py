@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dinov3_fast.ops._common import compute_dtype
+from dinov3_fast.ops._common import autocast_disabled, compute_dtype
 
 
 def soft_cross_entropy_ref(
@@ -37,8 +37,16 @@ def soft_cross_entropy_ref(
         weights: (B,) per-sample weights, or None.
 
     Returns:
-        0-dim float32 loss (float64 for float64 inputs).
+        0-dim float32 loss (float64 for float64 inputs), also under autocast (which would run the
+        einsum in its lower precision).
     """
+    with autocast_disabled(student_logits.device.type):
+        return _soft_cross_entropy(student_logits, teacher_probs, student_temp, ignore_diagonal, weights)
+
+
+def _soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
+                        ignore_diagonal: bool, weights: torch.Tensor | None) -> torch.Tensor:
+    """`soft_cross_entropy_ref`'s formula (same arguments), run with autocast off."""
     dtype = compute_dtype(student_logits)
     if student_logits.dim() == 2:
         student_logits, teacher_probs = student_logits[None], teacher_probs[None]
