@@ -1,9 +1,10 @@
 """`parallelize` with compile on: selective AC, then the in-place `compile()` of every block of the
 student, teacher and Gram-teacher backbones (inductor on the CPU), two training steps of the debug
-model against the same steps uncompiled. ~50 s on 2 busy cores with a cold inductor cache (Dynamo,
-AOTAutograd and inductor for the student block's fwd+bwd under SAC and the teachers' block
-forwards), ~12 s with a warm one (/tmp/torchinductor_$USER); the debug model (2 blocks, dim 64,
-batch 4) keeps it there."""
+model against the same steps uncompiled, with stochastic depth on (rate 0.3, as vitl16_h100: the
+blocks' randperm subsets inside the compiled, checkpointed blocks). ~50 s on 2 busy cores with a
+cold inductor cache (Dynamo, AOTAutograd and inductor for the student block's fwd+bwd under SAC and
+the teachers' block forwards), ~12 s with a warm one (/tmp/torchinductor_$USER); the debug model (2
+blocks, dim 64, batch 4) keeps it there."""
 import warnings
 
 import torch
@@ -16,8 +17,8 @@ from dinov3_fast.train.loop import build_state, train_step
 def _two_steps(compile: bool):
     cfg = apply_overrides(get_preset("debug"), [
         "train.batch_size_per_gpu=4", "train.device=cpu", "train.ac=selective", f"train.compile={compile}",
-        "student.layerscale=0.1", "gram.use_loss=true", "gram.it_load_ema_teacher=0",
-        "crops.gram_teacher_crops_size=64"])
+        "student.layerscale=0.1", "student.drop_path_rate=0.3", "gram.use_loss=true", "gram.it_load_ema_teacher=0",
+        "crops.gram_teacher_crops_size=64", "train.image_size=null"])
     state = build_state(cfg)
     logs = [train_step(state) for _ in range(2)]
     grads = {n: p.grad.clone() for n, p in state.arch.student.named_parameters() if p.grad is not None}

@@ -1,6 +1,7 @@
 """The training loop on the CPU: a synthetic-data smoke run, DCP save/kill/resume, corrupted and
 partial checkpoints, and the backbone export."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ from dinov3_fast.cli import main as cli_main
 from dinov3_fast.train.checkpoint import (
     CheckpointError, complete_checkpoints, export_from_checkpoint, load_checkpoint, resolve_checkpoint,
 )
-from dinov3_fast.train.config import apply_overrides, get_preset
+from dinov3_fast.train.config import ConfigError, apply_overrides, get_preset
+from dinov3_fast.train.data import source_image_size
 from dinov3_fast.train.loop import build_state, train
 from dinov3_fast.train.meta_arch import build_backbone
 
@@ -145,9 +147,19 @@ def test_cli_train_and_clear_errors(tmp_path, capsys, monkeypatch):
     assert cli_main(["train", "--preset", "debug", "train.log_every=0"]) == 2
     assert cli_main(["plan", "--preset", "debug", "optim.lrr=1"]) == 2
     assert "unknown arch" in capsys.readouterr().err
-    gram = ["gram.use_loss=true", "crops.gram_teacher_crops_size=64", "gram.it_load_ema_teacher=2"]
+    gram = ["gram.use_loss=true", "crops.gram_teacher_crops_size=64", "gram.it_load_ema_teacher=2",
+            "train.image_size=null"]
     assert cli_main(["train", "--preset", "debug", "--steps", "1", "--output-dir", str(tmp_path / "g"), *gram]) == 2
     assert "must be this run's first step" in capsys.readouterr().err
+    # DINOv3's asserts: an EMA-teacher Gram loss takes no Gram crops; the iBOT head is always separate
+    ema_gram = ["gram.use_loss=true", "gram.ema_teacher=true", "gram.rep_update=false",
+                "crops.gram_teacher_crops_size=64"]
+    assert cli_main(["train", "--preset", "debug", "--steps", "1", "--output-dir", str(tmp_path / "e"),
+                     *ema_gram]) == 2
+    assert "crops.gram_teacher_crops_size must be null when gram.ema_teacher=true" in capsys.readouterr().err
+    assert cli_main(["train", "--preset", "debug", "--steps", "1", "--output-dir", str(tmp_path / "i"),
+                     "ibot.separate_head=false"]) == 2
+    assert "ibot.separate_head must be true" in capsys.readouterr().err
     # the periodic kNN probe follows the final one's switch: off without validation images
     assert cli_main(["train", "--preset", "debug", "--steps", "2", "--batch", "4", "--no-progress",
                      "--output-dir", str(tmp_path / "k"), "evaluation.knn_val_samples=0",
@@ -186,6 +198,40 @@ def test_cli_train_then_export_end_to_end(tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     bad = subprocess.run([*cmd, "export", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_gram_stage_continues_a_pretraining_checkpoint(tmp_path):
+    """DINOv3's Gram anchoring continues a pretraining run: a checkpoint saved without a Gram
+    teacher loads into a run with gram.use_loss (all but the Gram teacher), whose Gram teacher then
+    starts as a copy of the EMA teacher at gram.it_load_ema_teacher = the resume step. A checkpoint
+    that lacks other keys is a configuration mismatch, named as one (not as corruption)."""
+    pre = train(_cfg(tmp_path / "pre", "train.steps=2", "evaluation.knn_val_samples=0"), progress=False, log_fn=None)
+    gram = ["gram.use_loss=true", "crops.gram_teacher_crops_size=32", "gram.it_load_ema_teacher=2", "train.steps=3"]
+    logs = []
+    hist = train(_cfg(tmp_path / "gram", "evaluation.knn_val_samples=0", "train.log_every=1", *gram),
+                 resume=pre["checkpoint"], progress=False, log_fn=logs.append)
+    assert len(hist["steps"]) == 1 and math.isfinite(hist["steps"][0]["gram_loss"])
+    assert any("holds no Gram teacher: the Gram teacher starts as a copy of the EMA teacher at step 2" in line
+               for line in logs), logs
+    ema = pre["state"].arch.teacher.backbone.state_dict()  # the checkpoint's EMA teacher, copied at step 2
+    copied = hist["state"].arch.gram_teacher.backbone.state_dict()
+    assert set(copied) == set(ema) and all(torch.equal(copied[k], ema[k]) for k in ema)
+    deeper = _cfg(tmp_path / "deeper", "student.depth=3", "train.steps=3", "evaluation.knn_val_samples=0")
+    with pytest.raises(ConfigError, match=r"does not match this run's configuration: it has no "
+                                          r"model\.student\.backbone\.blocks\.2\."):
+        train(deeper, resume=pre["checkpoint"], progress=False, log_fn=None)
+
+
+def test_source_images_cover_the_gram_crop():
+    """By default the source images are 1.25 x the largest crop taken from them, the Gram
+    teacher's included; smaller images (set explicitly) still train, with a warning."""
+    cfg = apply_overrides(get_preset("debug"), ["train.image_size=null"])
+    gram = apply_overrides(cfg, ["crops.gram_teacher_crops_size=64"])
+    assert source_image_size(cfg) == 40 and source_image_size(gram) == 80
+    with pytest.warns(UserWarning, match=r"crops.gram_teacher_crops_size \(64\) is larger than the source "
+                                         r"images \(48 px"):
+        build_state(apply_overrides(gram, ["train.image_size=48", "gram.use_loss=true",
+                                           "gram.it_load_ema_teacher=0"]))
 
 
 def test_checkpoints_order_by_save_and_a_fresh_run_keeps_off_them(tmp_path):

@@ -81,8 +81,9 @@ def test_fused_plan_counts_the_teacher_targets_up_to_the_end_of_the_forward():
     ref = plan_memory(apply_overrides(cfg, ["train.ops=reference"]), world_size=2)
     b, k, ki = cfg.train.batch_size_per_gpu, cfg.dino.head_n_prototypes, cfg.ibot.head_n_prototypes
     hw = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
-    lo, hi = cfg.ibot.mask_ratio_min_max
-    masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
+    n_masked = int(2 * b * cfg.ibot.mask_sample_probability)  # DINOv3's collate: the top of each ratio band
+    ratios = torch.linspace(*cfg.ibot.mask_ratio_min_max, n_masked + 1)
+    masked = sum(int(hw * ratios[i + 1]) for i in range(n_masked))
     d, di = cfg.dino.head_bottleneck_dim, cfg.ibot.head_bottleneck_dim
     calls = ((cfg.crops.local_crops_number, b, k, d), (2, b, k, d), (1, masked, ki, di))
     loss_call = max(transient_bytes(*call, 4, CHUNK_LOGITS["cuda"]) for call in calls)  # fp32 modules here

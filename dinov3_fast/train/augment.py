@@ -9,15 +9,19 @@ Legend: B images, S source side, G / L / Gg global, local and Gram-teacher crop 
 Per crop and image, as DINOv3: random resized crop (bicubic, scale from crops.*_scale, aspect
 ratio log-uniform in [3/4, 4/3]), horizontal flip (p 0.5), colour jitter (p 0.8: brightness 0.4,
 contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), then Gaussian blur (kernel 9, sigma in
-[0.1, 2]; p 1.0 for the first global crop, 0.1 for the second, 0.5 for local crops), solarize
-(second global crop, p 0.2), and normalisation with crops.rgb_mean / rgb_std.
+[0.1, 2]; with the probabilities DINOv3's code runs, `BLUR_PROB`), solarize (second global crop,
+p 0.2), and normalisation with crops.rgb_mean / rgb_std.
+
+Global crops with a Gram teacher (crops.gram_teacher_crops_size = Gg), DINOv3's order: each global
+view is cropped once at M = max(G, Gg). With the distortions shared (the default), they run at M,
+and the normalised view is resized (bicubic, antialiased) to G for the student and the teacher and
+to Gg for the Gram teacher. With crops.gram_teacher_no_distortions, the undistorted M view is
+resized to G before the distortions (so the blur acts at G) and to Gg for the Gram teacher, which
+gets no distortion. A resize to M is the identity; without a Gram teacher M = G.
 
 Differences from torchvision, each a batched equivalent: the crop box is drawn once and clamped
 to the image (torchvision retries 10 times, then centre-crops); the jitter ops run in a fixed
 order (torchvision permutes them); hue is a rotation in YIQ space (torchvision goes through HSV).
-The Gram teacher's crops are DINOv3's resized global crops: the same boxes, flips, colours, blur
-and solarisation, rendered at Gg from the source (the blur's sigma scaled by Gg / G), or the
-plain crops when crops.gram_teacher_no_distortions.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ from dinov3_fast.train.config import CropsConfig
 
 _GRAY = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_BLUR_HALF = 4  # DINOv3's blur kernel has 2 * 4 + 1 = 9 taps, whatever the crop size
+# The blur probabilities DINOv3 trains with (first global, second global, local crop). Its recipe
+# names 1.0 / 0.1 / 0.5, but its GaussianBlur(p) passes 1 - p to torchvision's RandomApply, which
+# applies the blur with the probability it is given: the code runs 0.0 / 0.9 / 0.5
+# (facebookresearch/dinov3 issue #286, open). We run what DINOv3 ran: its released models saw it.
+BLUR_PROB = (0.0, 0.9, 0.5)
 
 
 @dataclass
@@ -69,6 +79,16 @@ def render(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor
     """Bicubic resample of images [B, 3, S, S] through theta [B, 2, 3] to [B, 3, size, size]."""
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
     return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+def resize(x: torch.Tensor, size: int, pixels: bool) -> torch.Tensor:
+    """Square crops x [B, 3, S, S] resized to [B, 3, size, size], bicubic with antialiasing as
+    torchvision's v2.Resize (x itself when size == S). `pixels`: x holds pixel values, clamped to
+    [0, 1] after the resize as a resized image is; otherwise (normalised values) left unclamped."""
+    if x.shape[-1] == size:
+        return x
+    y = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return y.clamp_(0, 1) if pixels else y
 
 
 @dataclass
@@ -121,8 +141,8 @@ def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BlurParams:
-    """Per-image Gaussian blur draws: whether to blur, and sigma in [0.1, 2] (pixels of a crop
-    of side `size`, the side the draws were made for)."""
+    """Per-image Gaussian blur draws: whether to blur, and sigma in [0.1, 2] (pixels of the crop
+    it blurs)."""
     apply: torch.Tensor  # [B] bool
     sigma: torch.Tensor  # [B]
 
@@ -131,15 +151,12 @@ class BlurParams:
         return BlurParams(_coin(n, prob, gen, device), _uniform(n, 0.1, 2.0, gen, device))
 
 
-def blur(x: torch.Tensor, p: BlurParams, scale: float = 1.0) -> torch.Tensor:
-    """Gaussian blur (kernel 9, reflect padding) where p.apply. `scale`: this crop's side over the
-    side the sigmas were drawn for (a Gram crop rendered at Gg from the global crop's draws): the
-    sigma and the kernel grow with it, so the blur covers the same part of the image as resizing
-    the blurred global crop would (DINOv3's Gram crop)."""
+def blur(x: torch.Tensor, p: BlurParams) -> torch.Tensor:
+    """Gaussian blur (kernel 9, reflect padding) of x [B, 3, H, W] where p.apply."""
     b, c, h, w = x.shape
-    half = max(4, math.ceil(4 * scale))
+    half = _BLUR_HALF
     taps = torch.arange(2 * half + 1, device=x.device, dtype=x.dtype) - half
-    k = torch.exp(-(taps[None] ** 2) / (2 * (scale * p.sigma[:, None].to(x.dtype)) ** 2))
+    k = torch.exp(-(taps[None] ** 2) / (2 * p.sigma[:, None].to(x.dtype) ** 2))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*3, 2 half + 1]
     pad = min(half, h - 1, w - 1)
     y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
@@ -174,23 +191,37 @@ class MultiCropAugmentation:
         if images.dtype == torch.uint8:
             images = images.float() / 255
         c, b, dev = self.cfg, images.shape[0], images.device
-        globals_, grams = [], []
-        for i in range(2):
-            theta = crop_boxes(b, c.global_crops_scale, c.horizontal_flips, gen, dev)
-            colors = ColorParams.draw(b, gen, dev)
-            blurs = BlurParams.draw(b, 1.0 if i == 0 else 0.1, gen, dev)
-            solar = _coin(b, 0.2, gen, dev) if i == 1 else None
-            x = blur(color(render(images, theta, c.global_crops_size), colors), blurs)
-            globals_.append(self._normalize(x if solar is None else solarize(x, solar)))
-            if c.gram_teacher_crops_size is not None:  # the same draws, at Gg
-                g = render(images, theta, c.gram_teacher_crops_size)
-                if not c.gram_teacher_no_distortions:
-                    g = blur(color(g, colors), blurs, c.gram_teacher_crops_size / c.global_crops_size)
-                    g = g if solar is None else solarize(g, solar)
-                grams.append(self._normalize(g))
+        globals_, grams = zip(*(self._global_crop(images, i == 0, gen) for i in range(2)))
         locals_ = []
         for _ in range(c.local_crops_number):
             theta = crop_boxes(b, c.local_crops_scale, c.horizontal_flips, gen, dev)
             x = color(render(images, theta, c.local_crops_size), ColorParams.draw(b, gen, dev))
-            locals_.append(self._normalize(blur(x, BlurParams.draw(b, 0.5, gen, dev))))
-        return Crops(torch.stack(globals_), torch.stack(locals_), torch.stack(grams) if grams else None)
+            locals_.append(self._normalize(blur(x, BlurParams.draw(b, BLUR_PROB[2], gen, dev))))
+        gram_crops = torch.stack(grams) if c.gram_teacher_crops_size is not None else None
+        return Crops(torch.stack(globals_), torch.stack(locals_), gram_crops)
+
+    def _global_crop(self, images: torch.Tensor, first: bool, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One global view of images [B, 3, S, S]: the normalised student / teacher crop [B, 3, G, G]
+        and the Gram teacher's [B, 3, Gg, Gg] (None without crops.gram_teacher_crops_size), cropped
+        once at M = max(G, Gg) and resized in DINOv3's order (module docstring). `first`: the first
+        global crop (blur `BLUR_PROB[0]`, no solarisation; the second: `BLUR_PROB[1]`, solarisation
+        p 0.2)."""
+        c, b, dev = self.cfg, images.shape[0], images.device
+        theta = crop_boxes(b, c.global_crops_scale, c.horizontal_flips, gen, dev)
+        colors = ColorParams.draw(b, gen, dev)
+        blurs = BlurParams.draw(b, BLUR_PROB[0] if first else BLUR_PROB[1], gen, dev)
+        solar = None if first else _coin(b, 0.2, gen, dev)
+
+        def distort(x: torch.Tensor) -> torch.Tensor:
+            x = blur(color(x, colors), blurs)
+            return x if solar is None else solarize(x, solar)
+
+        gram_size = c.gram_teacher_crops_size
+        view = render(images, theta, max(c.global_crops_size, gram_size or 0))  # [B, 3, M, M]
+        if gram_size is not None and c.gram_teacher_no_distortions:
+            student = distort(resize(view, c.global_crops_size, pixels=True))
+            return self._normalize(student), self._normalize(resize(view, gram_size, pixels=True))
+        view = self._normalize(distort(view))
+        gram = resize(view, gram_size, pixels=False) if gram_size is not None else None
+        return resize(view, c.global_crops_size, pixels=False), gram

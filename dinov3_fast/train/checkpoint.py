@@ -13,7 +13,11 @@ Layout under the run's checkpoint root:
 A save writes everything into the temporary folder, then rank 0 writes the manifest and renames
 the folder (an atomic rename on one filesystem), so a crash at any point leaves the previous
 checkpoint loadable. A load checks the manifest (present, every file there with its size) before
-DCP reads anything, and raises `CheckpointError` naming the folder and the problem.
+DCP reads anything, and raises `CheckpointError` naming the folder and the problem. It then
+compares the checkpoint's keys with the model's: a checkpoint without a Gram teacher (a
+pretraining run, which a Gram-anchoring stage continues, as in DINOv3) loads everything else and
+leaves the Gram teacher uninitialised; any other missing key is a `ConfigError` (the run's
+configuration does not match the checkpoint's), not corruption.
 """
 from __future__ import annotations
 
@@ -29,12 +33,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
+from dinov3_fast.train.config import ConfigError
+
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+GRAM_TEACHER_PREFIX = "model.gram_teacher."  # the Gram teacher's keys in the checkpoint (DCP's flattened names)
 
 
 class CheckpointError(RuntimeError):
@@ -169,10 +177,45 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}")
 
 
+def _expected_keys(state: dict[str, Any]) -> set[str]:
+    """The checkpoint keys (DCP's flattened names) that `state` = {"model": model state dict[,
+    "optim": optimizer state dict]} reads: every model tensor and every per-parameter optimizer
+    state (the optimizer's param_groups are left to DCP)."""
+    keys = {f"model.{fqn}" for fqn in state["model"]}
+    for fqn, per_param in state.get("optim", {}).get("state", {}).items():
+        keys |= {f"optim.state.{fqn}.{name}" for name in per_param}
+    return keys
+
+
+def _missing_keys(path: Path, state: dict[str, Any]) -> set[str]:
+    """The keys `state` reads that the checkpoint at `path` does not hold (from its DCP metadata)."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001  (an unreadable .metadata file)
+        raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
+    return _expected_keys(state) - set(saved)
+
+
+def _loads_without_gram_teacher(path: Path, missing: set[str]) -> bool:
+    """True when the checkpoint lacks exactly the Gram teacher (saved by a run without one: the
+    model loads the rest and the Gram teacher stays uninitialised); False when it lacks nothing.
+    Any other missing key raises ConfigError naming them: the checkpoint is intact, but it was
+    saved with another configuration."""
+    others = sorted(k for k in missing if not k.startswith(GRAM_TEACHER_PREFIX))
+    if others:
+        shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
+        raise ConfigError(f"checkpoint {path} does not match this run's configuration: it has no {shown}; "
+                          f"resume with the configuration it was saved with (its config.yaml)")
+    return bool(missing)
+
+
 def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                     ) -> dict[str, Any]:
     """Load model (and optimizer) state into `arch`, resharding as needed. Returns this rank's
-    saved rank state (step, RNG states); every rank calls it."""
+    saved rank state (step, RNG states, "gram_initialized"); every rank calls it. A checkpoint
+    without the Gram teacher `arch` has (saved by a pretraining run) loads the rest and returns
+    "gram_initialized" False, so the loop's rule (copy the EMA teacher at
+    gram.it_load_ema_teacher) starts it; other missing keys raise ConfigError."""
     path = resolve_checkpoint(path)
     rank, world = _rank_world()
     if optimizer is not None:
@@ -180,8 +223,10 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
         state = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(arch)}
-    try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    without_gram_teacher = _loads_without_gram_teacher(path, _missing_keys(path, state))
+    try:  # the Gram teacher's entries, if not in the checkpoint, keep their values
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=without_gram_teacher),
+                 no_dist=not _dist_on())
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
     if optimizer is not None:
@@ -194,6 +239,8 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
     rank_state = torch.load(rank_file, weights_only=False)
     if rank_state.get("world_size") != world:
         rank_state.pop("rng", None)  # another world size: RNG streams do not map to ranks
+    if without_gram_teacher:
+        rank_state["gram_initialized"] = False
     return rank_state
 
 

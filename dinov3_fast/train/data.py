@@ -15,7 +15,7 @@ one from source images (augmentation on the images' device, masks on the CPU).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -157,6 +157,13 @@ class ImageFolder:
         return images, to_device_async(torch.tensor([y for _, y in items]), device)
 
 
+def source_image_size(cfg) -> int:
+    """The source images' side for `cfg`: train.image_size, else 1.25 x the largest crop taken
+    from them, max(crops.global_crops_size, crops.gram_teacher_crops_size)."""
+    c = cfg.crops
+    return cfg.train.image_size or int(1.25 * max(c.global_crops_size, c.gram_teacher_crops_size or 0))
+
+
 def build_source(dataset_path: str, image_size: int, num_classes: int = 8, seed: int = 0):
     if dataset_path == "synthetic":
         return SyntheticShapes(image_size, num_classes, seed)
@@ -200,10 +207,6 @@ class Batch:
     def batch_size(self) -> int:
         return self.global_crops.shape[1]
 
-    def to(self, device) -> Batch:
-        return replace(self, **{f.name: (getattr(self, f.name).to(device, non_blocking=True)
-                                         if getattr(self, f.name) is not None else None) for f in fields(self)})
-
     def with_masks(self, masks: torch.Tensor) -> Batch:
         """This batch with other iBOT masks [2, B, HW] (their metadata recomputed in the step)."""
         return replace(self, masks=masks, mask_indices=None, masks_weight=None, n_masked=None)
@@ -235,8 +238,8 @@ def synthetic_batch(cfg, n_images: int, seed: int = 0, device=None) -> Batch:
     """A reproducible batch of `n_images` synthetic images for `cfg` (tests, benchmarks)."""
     import random
 
-    size = cfg.train.image_size or int(cfg.crops.global_crops_size * 1.25)
-    images, labels = SyntheticShapes(size, cfg.train.synthetic_classes, seed).batch(torch.arange(n_images), device)
+    source = SyntheticShapes(source_image_size(cfg), cfg.train.synthetic_classes, seed)
+    images, labels = source.batch(torch.arange(n_images), device)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(seed))
     gen = torch.Generator(device=images.device).manual_seed(seed)

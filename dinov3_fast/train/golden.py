@@ -4,12 +4,13 @@ numerics change between commits (torchtitan's loss-trace check).
     python -m dinov3_fast.train.golden            # rerun, compare with the committed trace
     python -m dinov3_fast.train.golden --update   # rerun and overwrite it (an intended change)
 
-The run is the `debug` preset (two-block ViT, 32/16 px crops) in fp32 on the CPU, single
-process, fused ops as dispatched by default (`cpu` backends; Triton-interpreter where `_C` is
-missing), plus the Gram loss with a Gram teacher at 64 px refreshed every 3 steps, so every loss
-op, the optimizer, the schedules, the EMA and the Gram refresh are on the path. One intra-op
-thread, so the result does not depend on the machine's core count. `tests/test_train_golden.py`
-reruns it and compares with `RTOL` / `ATOL` (the reasons are beside them).
+The run is the `debug` preset (two-block ViT, 32/16 px crops) in fp32 on the CPU, single process,
+fused ops as dispatched by default (`cpu` backends; Triton-interpreter where `_C` is missing),
+plus the Gram loss with a Gram teacher at 64 px refreshed every 3 steps (source images at the
+default side, 1.25 x the Gram crop), so every loss op, the optimizer, the schedules, the EMA and
+the Gram refresh are on the path. One intra-op thread, so the result does not depend on the
+machine's core count. `tests/test_train_golden.py` reruns it and compares with `RTOL` / `ATOL`
+(the reasons are beside them).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ OVERRIDES = [
     f"train.steps={STEPS}", "train.batch_size_per_gpu=8", "train.seed=0", "train.device=cpu", "train.ops=fused",
     "train.log_every=1", "checkpointing.period=-1", "evaluation.knn_val_samples=0",
     "student.layerscale=0.1", "gram.use_loss=true", "gram.it_load_ema_teacher=0", "gram.update_frequency=3",
-    "crops.gram_teacher_crops_size=64",
+    "crops.gram_teacher_crops_size=64", "train.image_size=null",
 ]
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss")
 # Tolerance. The trace is bitwise identical from run to run on one machine, but not across x86

@@ -18,6 +18,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from dinov3_fast.models import block_keep_fraction, flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
 from dinov3_fast.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from dinov3_fast.train.config import Config, ConfigError, save_config, validate
-from dinov3_fast.train.data import build_source, make_batch, step_indices
+from dinov3_fast.train.config import Config, ConfigError, CropsConfig, save_config, validate
+from dinov3_fast.train.data import build_source, make_batch, source_image_size, step_indices
 from dinov3_fast.train.knn import knn_probe
 from dinov3_fast.train.masking import MaskingGenerator
 from dinov3_fast.train.meta_arch import SSLMetaArch
@@ -159,6 +160,19 @@ class TrainState:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
+def warn_if_gram_crops_are_upsampled(crops: CropsConfig, image_size: int) -> None:
+    """Warn when the Gram teacher's crops are larger than the source images (side `image_size`):
+    each of them is then an upsampled image, with no more detail than the student's crops, which
+    is what the Gram teacher's high resolution is for. A warning, not an error: the run is valid
+    (DINOv3's RandomResizedCrop upsamples any image smaller than its output), and small sources
+    are what quick CPU runs use."""
+    if crops.gram_teacher_crops_size is not None and crops.gram_teacher_crops_size > image_size:
+        warnings.warn(f"crops.gram_teacher_crops_size ({crops.gram_teacher_crops_size}) is larger than the source "
+                      f"images ({image_size} px, train.image_size): every Gram-teacher crop is upsampled, so it "
+                      "adds no detail; raise train.image_size (or leave it null for 1.25 x the largest crop)",
+                      stacklevel=2)
+
+
 def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainState:
     """Models (initialised, parallelised), optimizer, schedules and data pipeline for `cfg`."""
     device = torch.device(device or cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -187,7 +201,8 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
         arch.init_weights()
     arch.train()
     optimizer = build_optimizer(cfg, arch.student)
-    image_size = t.image_size or int(cfg.crops.global_crops_size * 1.25)
+    image_size = source_image_size(cfg)
+    warn_if_gram_crops_are_upsampled(cfg.crops, image_size)
     source = build_source(t.dataset_path, image_size, t.synthetic_classes, t.seed)
     gen = torch.Generator(device=device).manual_seed(t.seed * 1000 + rank)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
@@ -259,11 +274,15 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     if resume is not None:
         state.restore(load_checkpoint(resume, state.arch, state.optimizer))
     g = cfg.gram
-    if state.arch.has_gram_teacher and not state.arch.gram_teacher_initialized and g.it_load_ema_teacher != state.step:
+    if state.arch.has_gram_teacher and not state.arch.gram_teacher_initialized:
         # the Gram loss runs from the first step, and its teacher can only start as the EMA teacher
-        raise ConfigError(f"gram.it_load_ema_teacher ({g.it_load_ema_teacher}) must be this run's first step "
-                         f"({state.step}): the Gram teacher is a copy of the EMA teacher made then, and no "
-                         "checkpoint holds one")
+        holder = "a fresh run has none" if resume is None else f"checkpoint {resume} holds no Gram teacher"
+        if g.it_load_ema_teacher != state.step:
+            raise ConfigError(f"gram.it_load_ema_teacher ({g.it_load_ema_teacher}) must be this run's first "
+                              f"step ({state.step}): the Gram teacher is a copy of the EMA teacher made then, "
+                              f"and {holder}")
+        if resume is not None and state.rank == 0 and log_fn is not None:
+            log_fn(f"{holder}: the Gram teacher starts as a copy of the EMA teacher at step {state.step}")
     if state.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

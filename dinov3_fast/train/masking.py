@@ -1,10 +1,11 @@
 """iBOT block masking with DINOv3's per-image mask ratios (dinov3/data/masking.py, collate.py).
 
 Per rank, of the 2B global crops int(2B * mask_sample_probability) are masked; the i-th of them
-gets int(HW * U(r_i, r_{i+1})) patches, with r = linspace(min, max, n_masked + 1), so the
-ratios are stratified over [min, max]; the list is then shuffled. Each mask is grown from random
-rectangles (area in [4, max patches], log-uniform aspect in [0.3, 1/0.3]) and completed with
-random single patches to the exact count, DINOv3's `MaskingGenerator`.
+gets int(HW * r_{i+1}) patches, with r = linspace(min, max, n_masked + 1): the top of its band of
+[min, max], no random draw (DINOv3's collate; DINOv2's drew U(r_i, r_{i+1})). The counts are
+therefore a function of the config (`mask_counts`); the list is shuffled. Each mask is grown from
+random rectangles (area in [4, max patches], log-uniform aspect in [0.3, 1/0.3]) and completed
+with random single patches to the exact count, DINOv3's `MaskingGenerator`.
 
 The generator owns its random state (a `random.Random`), so a checkpoint can save and restore it.
 """
@@ -67,19 +68,27 @@ class MaskingGenerator:
         return flat.view(self.height, self.width)
 
 
+def mask_counts(n_images: int, n_tokens: int, mask_ratio_min_max: tuple[float, float],
+                mask_probability: float) -> list[int]:
+    """Masked patches per masked image, DINOv3's collate: int(n_images * mask_probability) images,
+    the i-th with int(n_tokens * r[i + 1]), r = linspace(min, max, n_masked + 1) (in torch's
+    default dtype, as DINOv3 computes it). The other images get no masked patch."""
+    n_masked = int(n_images * mask_probability)
+    ratios = torch.linspace(*mask_ratio_min_max, n_masked + 1)[1:]
+    return (n_tokens * ratios).long().tolist()
+
+
 def sample_masks(n_images: int, grid: tuple[int, int], mask_ratio_min_max: tuple[float, float],
                  mask_probability: float, generator: MaskingGenerator) -> torch.Tensor:
-    """DINOv3's collate-time masks for `n_images` global crops: bool [n_images, H*W].
+    """DINOv3's collate-time masks for `n_images` global crops: bool [n_images, H*W], the
+    `mask_counts` masked images and the unmasked rest in a shuffled order.
 
-    A rank can get no masked patch at all: always when int(n_images * mask_probability) == 0,
-    and by chance when every drawn count int(H*W * r) is 0 (mask_ratio_min_max[0] < 1 / (H*W)).
-    The iBOT path handles it (an empty Sinkhorn input that still joins the all-reduces, a zero
-    iBOT loss with zero head gradients)."""
-    n_tokens = grid[0] * grid[1]
-    n_masked = int(n_images * mask_probability)
-    probs = torch.linspace(*mask_ratio_min_max, n_masked + 1).tolist()
-    masks = [generator(int(n_tokens * generator.rng.uniform(probs[i], probs[i + 1]))) for i in range(n_masked)]
-    masks += [generator(0) for _ in range(n_masked, n_images)]
+    A rank can get no masked patch at all: when int(n_images * mask_probability) == 0, or when
+    every count int(H*W * r) is 0 (mask_ratio_min_max[1] < 1 / (H*W)). The iBOT path handles it
+    (an empty Sinkhorn input that still joins the all-reduces, a zero iBOT loss with zero head
+    gradients)."""
+    counts = mask_counts(n_images, grid[0] * grid[1], mask_ratio_min_max, mask_probability)
+    masks = [generator(n) for n in counts] + [generator(0) for _ in range(len(counts), n_images)]
     generator.rng.shuffle(masks)
     return torch.stack(masks).flatten(1)
 

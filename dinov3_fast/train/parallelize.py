@@ -12,9 +12,11 @@ Model code stays single-device; this module changes it in place:
 2. **compile per block** (optional): the in-place `module.compile()`, same reason.
 3. **FSDP2**: `fully_shard` on every block, then on each sub-model's root (student backbone,
    heads; teacher and Gram teacher the same way), with `MixedPrecisionPolicy(param_dtype,
-   reduce_dtype)`; FSDP2 prefetches the next block's all-gather in forward and backward. The
-   teacher and Gram teacher only run forward; their roots keep their parameters gathered after
-   forward only if `reshard_after_forward` is false (default true: least memory).
+   reduce_dtype)`; FSDP2 prefetches the next block's all-gather in forward and backward.
+   `reshard_after_forward` is left at FSDP2's default: every block reshards after its forward,
+   but a root keeps its parameters gathered, expecting the backward to need them at once. The
+   teacher and Gram teacher run no backward, so `meta_arch.reshard` frees their roots right after
+   their forward (docs/architecture.md, "Teachers are resharded explicitly").
 """
 from __future__ import annotations
 

@@ -27,15 +27,16 @@ so the sharded state is exactly what FSDP2 keeps on a rank (padding included). T
   are the trainer's: with FSDP the modules run in the param dtype (its MixedPrecisionPolicy); an
   unsharded process runs fp32 modules under autocast's casts, so the residual stream that AC keeps
   at each block's input is fp32.
-- **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS
-  token, iBOT on the expected number of masked tokens). With fused ops the heads' last layers run
-  inside the losses (`linear_soft_cross_entropy`), which keep only their input gradients; the
-  teacher's fp32 Sinkhorn targets are alive only up to the end of the forward, beside the largest
-  loss call's own transient (a chunk of logits and their gradient, the weight-gradient
-  accumulator) (`loss_inputs`): the total takes the larger of them and the backward's working set. With `--ops reference`, the heads' logits, the targets, and what
-  the reference losses keep for backward: the fp32 log-softmax of every student row, and their
-  einsum's copy of the targets (bf16 under autocast, which casts einsum; without autocast only
-  iBOT's weighted targets are a new tensor, in fp32).
+- **heads and losses**: the same measurement for the student heads (DINO on every crop's CLS token,
+  iBOT on the masked tokens, whose count DINOv3's collate fixes: `mask_counts`). With fused ops the
+  heads' last layers run inside the losses (`linear_soft_cross_entropy`), which keep only their
+  input gradients; the teacher's fp32 Sinkhorn targets are alive only up to the end of the forward,
+  beside the largest loss call's own transient (a chunk of logits and their gradient, the
+  weight-gradient accumulator) (`loss_inputs`): the total takes the larger of them and the
+  backward's working set. With `--ops reference`, the heads' logits, the targets, and what the
+  reference losses keep for backward: the fp32 log-softmax of every student row, and their einsum's
+  copy of the targets (bf16 under autocast, which casts einsum; without autocast only iBOT's
+  weighted targets are a new tensor, in fp32).
 - **backward working set**: the most the backward holds beyond what the forward saved, at its
   peak: measured on meta by backpropagating a student without AC (the kernel routing cannot
   reach a checkpoint's recompute on meta), plus, with AC, what a plain block keeps beyond a
@@ -61,6 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from dinov3_fast.ops._dispatch import simulate_cuda_dispatch
 from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, transient_bytes
 from dinov3_fast.train.config import Config, apply_overrides, validate
+from dinov3_fast.train.masking import mask_counts
 
 GIB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2}
@@ -270,8 +272,7 @@ def _measure_student(cfg: Config, depth: int, module_dtype: torch.dtype, autocas
 
     act, act_bwd = measure(backbone_forward, (backbone.patch_embed.proj.weight,) if backward else ())
     hw = (c.global_crops_size // cfg.student.patch_size) ** 2
-    lo, hi = cfg.ibot.mask_ratio_min_max
-    masked = int(2 * b * cfg.ibot.mask_sample_probability * (lo + hi) / 2 * hw)
+    masked = sum(mask_counts(2 * b, hw, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability))
     # the heads' inputs: the backbone's output tokens (fp32 under autocast: its last norm runs in fp32)
     g_cls = meta(2, b, backbone.embed_dim, requires_grad=True)
     l_cls = meta(n_crops - 2, b, backbone.embed_dim, requires_grad=True)
