@@ -38,6 +38,30 @@ def poisoned_cuda_cache():
 
 
 @pytest.fixture
+def triton_launches(monkeypatch):
+    """spy(module, name) -> list: wraps the Triton kernel `module.name` so that every launch
+    (`kernel[grid](*args)`) records its positional arguments, then runs it. Shows which tensor (its
+    memory and strides) a kernel really read: a launcher that copied its input first hands the
+    kernel another data_ptr."""
+    def spy(module, name):
+        kernel = getattr(module, name)
+        calls = []
+
+        class Spy:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    calls.append(args)
+                    return launch(*args, **kwargs)
+                return run
+
+        monkeypatch.setattr(module, name, Spy())
+        return calls
+    return spy
+
+
+@pytest.fixture
 def interpreter_bf16_dots(monkeypatch):
     """Make the Triton interpreter's bf16 dots and fp32 -> bf16 casts match the GPU, so bf16 kernels
     can be checked on CPU. Triton 3.9's interpreter keeps bf16 tensors as their raw uint16 bits (numpy

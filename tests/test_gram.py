@@ -111,6 +111,15 @@ def test_multi_block_shapes(backend, shape):
         check_against_oracle(torch.randn(shape), torch.randn(shape), backend, 1e-5, remove_neg=remove_neg)
 
 
+@pytest.mark.parametrize("shape", [(2, 150, 100), (1, 140, 130)])
+def test_triton_identity_multi_block(shape):
+    """The Triton identity form's D x D products and gradient sweep 64-wide feature blocks: D = 100
+    and 130 give two and three blocks, the last one ragged (the other fp32 identity shapes have
+    D <= 64, a single block)."""
+    assert uses_identity(0, shape[1], shape[2])
+    check_against_oracle(torch.randn(shape), torch.randn(shape), "triton", 1e-5)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("extra_rows,D", [(44, 270), (_IDENTITY_ROWS + 18, 450)])
 def test_cpu_identity_multi_block(extra_rows, D, normalize):
@@ -146,17 +155,21 @@ def test_student_close_to_teacher(backend, noise, shape):
     assert rel_err(g, ref_g) <= max(1e-5, 3 * rel_err(torch_g, ref_g))
 
 
-@pytest.mark.parametrize("shape", [(2, 33, 48), (2, 70, 150)], ids=["identity", "tiled"])
-def test_bf16_inputs_triton(shape, interpreter_bf16_dots):
-    """bf16 through the Triton kernels on CPU (see the interpreter_bf16_dots fixture)."""
+@pytest.mark.parametrize("form,shape", [("identity", (2, 90, 48)), ("tiled", (2, 70, 150))], ids=["identity", "tiled"])
+def test_bf16_inputs_triton(form, shape, interpreter_bf16_dots):
+    """bf16 through the Triton kernels on CPU (see the interpreter_bf16_dots fixture), in the form of
+    the test id (remove_neg always tiles)."""
+    assert uses_identity(0, shape[1], shape[2]) == (form == "identity")
     for remove_neg in (False, True):
         check_against_oracle(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16(), "triton", 1e-2,
                              remove_neg=remove_neg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_inputs(backend):
-    shape = (2, 33, 48)
+@pytest.mark.parametrize("form,shape", [("identity", (2, 90, 48)), ("tiled", (2, 33, 48))], ids=["identity", "tiled"])
+def test_fp16_inputs(backend, form, shape):
+    """fp16 in the form of the test id (remove_neg always tiles)."""
+    assert uses_identity(0, shape[1], shape[2]) == (form == "identity")
     for remove_neg in (False, True):
         check_against_oracle(torch.randn(shape).half(), torch.randn(shape).half(), backend, 1e-2, remove_neg=remove_neg)
 
@@ -179,6 +192,41 @@ def test_non_contiguous_inputs(backend):
     assert not student.is_contiguous() and not teacher.is_contiguous()
     for remove_neg in (False, True):
         check_against_oracle(student, teacher, backend, 1e-5, remove_neg=remove_neg)
+
+
+def equal_stride_views(layout, shape, device="cpu", dtype=torch.float32):
+    """A (B, P, D) non-contiguous view whose strides depend only on the layout and shape, so that a
+    student and a teacher made alike share them (the Triton launcher copies a pair whose strides
+    differ, so only such a pair reaches the kernels as it is):
+    - "patch_tokens": the patch tokens after 5 prefix tokens of a (B, P + 5, D) backbone output,
+      as the trainer passes both sides with gram.img_level=true (group stride (P + 5) D, not P D);
+    - "every_other_feature": a (B, P, 2D) tensor's even features (no unit stride at all)."""
+    B, P, D = shape
+    if layout == "patch_tokens":
+        return torch.randn(B, P + 5, D, device=device).to(dtype)[:, 5:]
+    return torch.randn(B, P, 2 * D, device=device).to(dtype)[:, :, ::2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["patch_tokens", "every_other_feature"])
+@pytest.mark.parametrize("shape,remove_neg", [((2, 37, 20), False), ((2, 19, 40), False), ((2, 37, 20), True)],
+                         ids=["identity_D<P", "tiled_D>P", "tiled_remove_neg"])
+def test_strided_inputs_with_equal_strides(backend, layout, shape, remove_neg, triton_launches):
+    """Student and teacher with the same non-contiguous strides are read in place, with their
+    strides, by both formulations (test_non_contiguous_inputs' pair has different strides and is
+    copied to contiguous first, so it never reaches the kernels' stride arguments)."""
+    student, teacher = equal_stride_views(layout, shape), equal_stride_views(layout, shape)
+    assert not student.is_contiguous() and student.stride() == teacher.stride()
+    identity = uses_identity(int(remove_neg), shape[1], shape[2])
+    assert identity == (shape[2] < shape[1] and not remove_neg)
+    if backend == "triton":
+        import dinov3_fast.ops.gram.triton as gram_triton
+        launches = triton_launches(gram_triton, "_gram_sigdel_kernel" if identity else "_gram_tiled_kernel")
+    check_against_oracle(student, teacher, backend, 1e-5, remove_neg=remove_neg)
+    if backend == "triton":  # the kernels read the caller's memory, not a contiguous copy
+        assert launches and all(
+            args[0].data_ptr() == student.data_ptr() and args[1].data_ptr() == teacher.data_ptr()
+            and args[0].stride() == student.stride() for args in launches)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,17 +257,25 @@ def test_teacher_without_grad_gets_no_work(backend, monkeypatch):
     assert calls == [(False, False), (0, 0)]  # no gradient work under no_grad
 
 
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("remove_neg,remove_only_teacher_neg", OPTIONS)
 @pytest.mark.parametrize("side", ["student", "teacher"])
-def test_nan_propagates(backend, remove_neg, remove_only_teacher_neg, side):
-    """A NaN on either side gives a NaN loss under every clamping option (a max-based clamp turned a
-    NaN teacher similarity into 0 on the GPU, hiding a broken Gram teacher from the trainer's
-    non-finite guard)."""
+@pytest.mark.parametrize("bad", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf * 0
+def test_nan_propagates(backend, remove_neg, remove_only_teacher_neg, side, bad):
+    """A NaN or an infinity on either side gives a NaN loss under every clamping option, as in the
+    reference (an infinite feature normalises to inf / inf = NaN); a max-based clamp turned a NaN
+    teacher similarity into 0 on the GPU, hiding a broken Gram teacher from the trainer's
+    non-finite guard."""
     feats = {"student": torch.randn(1, 8, 4), "teacher": torch.randn(1, 8, 4)}
-    feats[side][0, 3, 1] = float("nan")
-    loss = gram_loss(feats["student"], feats["teacher"], remove_neg=remove_neg,
-                     remove_only_teacher_neg=remove_only_teacher_neg, backend=backend)
+    feats[side][0, 3, 1] = bad
+    opts = dict(remove_neg=remove_neg, remove_only_teacher_neg=remove_only_teacher_neg)
+    ref = gram_loss(feats["student"], feats["teacher"], **opts, backend="reference")
+    loss = gram_loss(feats["student"], feats["teacher"], **opts, backend=backend)
+    assert torch.isnan(ref)
     assert torch.isnan(loss)
 
 
@@ -362,6 +418,37 @@ def test_gpu_triton_matches_oracle(dtype, tol, shape, remove_neg, poisoned_cuda_
     teacher = torch.randn(shape, device="cuda").to(dtype)
     check_against_oracle(student, teacher, "triton", tol, scale_loss=dtype == torch.float16,
                          clamp_margin=1e-6 if remove_neg else None, remove_neg=remove_neg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("opts", [dict(remove_only_teacher_neg=True), dict(img_level=False),
+                                  dict(img_level=False, remove_neg=True)],
+                         ids=["remove_only_teacher_neg", "flattened_identity", "flattened_remove_neg"])
+def test_gpu_triton_options_match_oracle(dtype, tol, opts, poisoned_cuda_cache):
+    """The options test_gpu_triton_matches_oracle leaves out: the teacher-only clamp (tiled), and one
+    Gram over the flattened 2B x 256 patch tokens (img_level=False: identity, or tiled with remove_neg)."""
+    shape = (4, 256, 384)
+    student = torch.randn(shape, device="cuda").to(dtype)
+    teacher = torch.randn(shape, device="cuda").to(dtype)
+    clamped = opts.get("remove_neg", False) or opts.get("remove_only_teacher_neg", False)
+    rows = shape[1] if opts.get("img_level", True) else shape[0] * shape[1]  # per Gram
+    assert uses_identity(int(clamped), rows, shape[2]) == (opts == dict(img_level=False))
+    check_against_oracle(student, teacher, "triton", tol, clamp_margin=1e-6 if clamped else None, **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", ["patch_tokens", "every_other_feature"])
+@pytest.mark.parametrize("remove_neg", [False, True], ids=["identity", "tiled"])
+def test_gpu_triton_strided_inputs_with_equal_strides(dtype, tol, layout, remove_neg, poisoned_cuda_cache):
+    """test_strided_inputs_with_equal_strides on the GPU, at the trainer's patch-token shape."""
+    shape = (4, 256, 192)
+    student, teacher = (equal_stride_views(layout, shape, "cuda", dtype) for _ in range(2))
+    assert not student.is_contiguous() and student.stride() == teacher.stride()
+    assert uses_identity(int(remove_neg), shape[1], shape[2]) == (not remove_neg)
+    check_against_oracle(student, teacher, "triton", tol, clamp_margin=1e-6 if remove_neg else None,
+                         remove_neg=remove_neg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

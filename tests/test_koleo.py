@@ -10,6 +10,7 @@ from dinov3_fast.ops.koleo.reference import koleo_neighbors_ref
 from oracle import loss_scale, rel_err
 
 BACKENDS = ["cpu", "triton"]
+UPSTREAM = 0.37  # the upstream gradient the checks backpropagate: a loss weight, not 1
 
 
 def brute_force_koleo(x: torch.Tensor, eps: float, topk: int):
@@ -27,11 +28,11 @@ def brute_force_koleo(x: torch.Tensor, eps: float, topk: int):
     return -torch.stack(terms).mean(), torch.tensor(neighbours)
 
 
-def run_backend(x, backend, topk=1, eps=1e-8):
-    """(loss, grad, sorted neighbour indices) of the fused op."""
+def run_backend(x, backend, topk=1, eps=1e-8, upstream=UPSTREAM):
+    """(loss, grad at the given upstream gradient, sorted neighbour indices) of the fused op."""
     x = x.detach().requires_grad_()
     loss = koleo_loss(x, topk=topk, eps=eps, backend=backend)
-    (grad,) = torch.autograd.grad(loss, x)
+    (grad,) = torch.autograd.grad(loss, x, loss.new_tensor(upstream))
     idx = _koleo_fwd(x.detach(), 0, x.shape[0], eps, topk, backend)[1]
     return loss, grad, idx.sort(dim=1).values
 
@@ -52,7 +53,8 @@ def oracle(x: torch.Tensor, eps: float, topk: int, idx: torch.Tensor | None = No
 
 
 def check_against_oracle(x, backend, tol, topk=1, eps=1e-8):
-    """Loss, gradient and neighbours against the oracle. The loss is a mean of -log d terms of
+    """Loss, gradient (backpropagated from UPSTREAM, so the backward must apply the upstream
+    gradient) and neighbours against the oracle. The loss is a mean of -log d terms of
     either sign, and a random draw can make them cancel (|mean| below 1e-3 of the terms' mean
     magnitude in about 1 draw in 100 at n = 37): there ||out - ref|| / ||ref|| measures the
     cancellation, not the kernel. So the loss error is held to tol times the terms' mean
@@ -75,12 +77,16 @@ def check_against_oracle(x, backend, tol, topk=1, eps=1e-8):
         # interpreter's numpy dot; DINOv3's own torch.mm) can round equal columns differently. The
         # loss is the same either way; the gradient goes to the other copy, so the oracle takes the
         # kernel's choice.
-        rows = (idx != ref_idx).any(dim=1)
-        assert torch.equal(x[idx[rows]], x[ref_idx[rows]]), "a neighbour differs from the oracle's and is no copy of it"
+        # Compared as sets of rows: with topk > 1 the copy's index can sort to another place among
+        # the row's neighbours than the oracle's choice (a position-wise comparison failed 1 draw in
+        # 10 of test_duplicate_rows_and_ties[2-triton]).
+        for row in (idx != ref_idx).any(dim=1).nonzero().flatten().tolist():
+            assert sorted(x[idx[row]].tolist()) == sorted(x[ref_idx[row]].tolist()), \
+                "a neighbour differs from the oracle's and is no copy of it"
         ref, _ = oracle(x64, eps, topk, idx)
         (ref_grad,) = torch.autograd.grad(ref, x64)
     assert abs(loss.item() - ref.item()) < tol * scale, (loss.item(), ref.item(), scale)
-    assert rel_err(grad, ref_grad) < tol
+    assert rel_err(grad, UPSTREAM * ref_grad) < tol
 
 
 @pytest.mark.parametrize("topk", [1, 3])
@@ -160,14 +166,22 @@ def test_eps_argument(backend):
     check_against_oracle(torch.randn(10, 6), backend, 1e-5, eps=1e-3)
 
 
-def test_nan_propagates():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf / inf
+def test_nan_propagates(bad):
+    """A NaN or an infinity in one row (an infinite row normalises to NaN) gives a NaN loss and
+    non-finite gradient entries exactly where the reference's are."""
     x = torch.randn(8, 4)
-    x[3, 1] = float("nan")
-    for backend in BACKENDS + ["reference"]:
+    x[3, 1] = bad
+    want = None
+    for backend in ["reference", *BACKENDS]:
         x = x.detach().requires_grad_()
         loss = koleo_loss(x, backend=backend)
         loss.backward()
-        assert torch.isnan(loss) and torch.isnan(x.grad).any()
+        assert torch.isnan(loss) and not torch.isfinite(x.grad).all(), backend
+        if want is None:
+            want = torch.isfinite(x.grad)
+        assert torch.equal(torch.isfinite(x.grad), want), backend
 
 
 @pytest.mark.parametrize("topk", [1, 2])
@@ -180,6 +194,40 @@ def test_cpu_pytorch_fallback_without_extension(monkeypatch, topk):
     x[20] = x[4]
     x[25] = x[4]
     check_against_oracle(x, "cpu", 1e-5, topk=topk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [1, 2])
+def test_gradient_scaled_by_upstream_and_retained_graphs(backend, topk):
+    """The backward applies the upstream gradient: a weighted loss, a retained graph backpropagated
+    several times with different weights, and saved-tensor hooks all give the oracle's gradient
+    times the weight, and a later backward leaves an earlier returned gradient alone (cpu:
+    float64; triton computes in fp32)."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    tol = 1e-10 if backend == "cpu" else 1e-5
+    x = torch.randn(23, 10, dtype=dtype, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    expected, = torch.autograd.grad(oracle(x64, 1e-8, topk)[0], x64)
+
+    (koleo_loss(x, topk=topk, backend=backend) * 0.3 + x.sum() * 0).backward()
+    assert rel_err(x.grad, 0.3 * expected) < tol
+
+    loss = koleo_loss(x, topk=topk, backend=backend)
+    first, = torch.autograd.grad(loss, x, retain_graph=True)
+    kept = first.clone()
+    doubled, = torch.autograd.grad(loss * 2.0, x, retain_graph=True)
+    halved, = torch.autograd.grad(loss * 0.5, x)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)  # a later backward does not rescale it
+    assert rel_err(first, expected) < tol
+    assert rel_err(doubled, 2 * expected) < tol
+    assert rel_err(halved, 0.5 * expected) < tol
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        loss = koleo_loss(x, topk=topk, backend=backend)
+        a, = torch.autograd.grad(loss * 0.5, x, retain_graph=True)
+        b, = torch.autograd.grad(loss, x)
+    assert rel_err(a, 0.5 * expected) < tol
+    assert rel_err(b, expected) < tol
 
 
 @pytest.mark.parametrize("topk", [1, 2])

@@ -1,5 +1,7 @@
 """Distributed KoLeo on CPU (gloo): each rank's loss and gradient equal a single-process evaluation
-of the same global batch, for every loss-group layout, backend and topk."""
+of the same global batch, for every loss-group layout, backend and topk. Each rank backpropagates
+its own upstream gradient (a loss weight, not 1), so the gradients check that the backward applies
+it, and that the gather's backward brings every rank's weighted terms to the rows they came from."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,15 +15,22 @@ pytestmark = pytest.mark.distributed
 N_LOCAL, DIM = 2, 12
 
 
+def upstream(rank: int) -> float:
+    """The upstream gradient rank `rank` backpropagates from its loss."""
+    return 0.37 + 0.25 * rank
+
+
 def single_process(x_global: torch.Tensor, n: int, loss_group_size: int, topk: int):
-    """Per-rank losses and the gradient of their sum w.r.t. the global batch, in float64."""
+    """Per-rank losses and the gradient of their sum, each weighted by its rank's upstream gradient,
+    w.r.t. the global batch, in float64."""
     x = x_global.detach().double().requires_grad_()
     y = F.normalize(x, dim=-1, eps=1e-8)
     losses = []
     for rank in range(x.shape[0] // n):
         g0 = rank * n // loss_group_size * loss_group_size
         losses.append(koleo_group_loss_ref(y[rank * n:(rank + 1) * n], y[g0:g0 + loss_group_size], rank * n - g0, topk))
-    (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
+    weights = torch.tensor([upstream(rank) for rank in range(len(losses))], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((torch.stack(losses) * weights).sum(), x)
     return torch.stack(losses).detach(), grad
 
 
@@ -43,7 +52,7 @@ def _check_layouts(rank: int, world: int, layouts) -> None:
         for name, fn in runs.items():
             x = x_global[rows].clone().requires_grad_()
             loss = fn(x)
-            loss.backward()
+            loss.backward(loss.new_tensor(upstream(rank)))
             tag = f"rank {rank} L={loss_group_size} topk={topk} {name}"
             loss_err = abs(loss.item() - want_loss[rank].item()) / abs(want_loss[rank].item())
             grad_err = ((x.grad.double() - want_grad[rows]).norm() / want_grad[rows].norm()).item()

@@ -94,6 +94,27 @@ def test_non_contiguous(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("view", ["column_slice", "every_other_row"])
+def test_row_strided_logits_read_in_place(backend, device, view, triton_launches):
+    """Logits with unit stride along K and a row stride other than K (the first 300 prototypes of
+    400, or every other sample) are read in place with their row stride (test_non_contiguous's
+    transposed views are copied to contiguous first)."""
+    base = torch.randn(6, 400, device=device) * 1.5
+    logits = base[:, :300] if view == "column_slice" else base[::2]
+    assert logits.stride() == ((400, 1) if view == "column_slice" else (800, 1))
+    if backend == "triton":
+        from dinov3_fast.ops.sinkhorn import triton as sinkhorn_triton
+        launches = triton_launches(sinkhorn_triton, "_sinkhorn_write_kernel")
+    want = sinkhorn_knopp_ref(logits.double(), 0.1)
+    out = sinkhorn_knopp(logits, 0.1, backend=backend)
+    assert out.shape == logits.shape and torch.isfinite(out).all()
+    assert rel_err(out.cpu(), want.cpu()) < 1e-5
+    if backend == "triton":  # the kernels read the caller's memory, not a contiguous copy
+        assert launches and all(args[0].data_ptr() == logits.data_ptr() and args[0].stride() == logits.stride()
+                                for args in launches)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_finite_where_fp32_reference_overflows(backend, device):
     """logits / temp up to ~350: exp overflows fp32 (the DINOv3 code returns NaN) but not float64,
     so the plain float64 reference is the oracle."""
@@ -159,10 +180,20 @@ def test_cpu_non_finite_scaling_result_falls_back_to_log_domain(monkeypatch, bad
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-def test_nan_propagates(backend, device):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
+def test_nan_propagates(backend, device, bad):
+    """Non-finite entries exactly where the float64 reference's are: a NaN or +inf logit spreads to
+    the whole assignment (through the global and per-prototype sums); a -inf logit is a
+    prototype the sample cannot take (probability 0), and everything stays finite and accurate."""
     logits = torch.randn(4, 100)
-    logits[1, 7] = float("nan")
-    assert torch.isnan(sinkhorn_knopp(logits.to(device), 0.07, backend=backend).cpu()).any()
+    logits[1, 7] = bad
+    want = sinkhorn_knopp_ref(logits.double(), 0.07)
+    out = sinkhorn_knopp(logits.to(device), 0.07, backend=backend).cpu()
+    assert torch.isfinite(want).all() == (bad == float("-inf"))
+    assert torch.equal(torch.isfinite(out), torch.isfinite(want))
+    if bad == float("-inf"):
+        assert out[1, 7] == 0 and rel_err(out, want) < 1e-5
 
 
 def test_n_samples_accepted_by_every_backend():

@@ -113,6 +113,25 @@ def test_non_contiguous(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_crop_and_batch_strided_inputs_read_in_place(backend, triton_launches):
+    """Logits and targets with unit stride along K but crop and batch strides other than a
+    contiguous (S, B, K) tensor's ((B, S, K) tensors viewed crop-first) are read in place with
+    their strides (test_non_contiguous's strided-K inputs are copied to contiguous first)."""
+    S, T, B, K = 3, 2, 4, 300
+    student = (torch.randn(B, S, K) * 2).transpose(0, 1)
+    teacher = teacher_probs((B, T, K)).transpose(0, 1)
+    assert student.stride() == (K, S * K, 1) and teacher.stride() == (K, T * K, 1)
+    if backend == "triton":
+        from dinov3_fast.ops.soft_ce import triton as soft_ce_triton
+        launches = [triton_launches(soft_ce_triton, k) for k in ("_soft_ce_fwd_kernel", "_soft_ce_bwd_kernel")]
+    check(student, teacher, backend, 1e-5, ignore_diagonal=True)
+    if backend == "triton":  # forward and backward kernels read the caller's memory, not a copy
+        assert all(launches) and all(args[0].data_ptr() == student.data_ptr() and args[0].stride() == student.stride()
+                                     and args[1].data_ptr() == teacher.data_ptr()
+                                     for calls in launches for args in calls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_without_grad_gets_none(backend):
     s = torch.randn(2, 2, 50, requires_grad=True)
     t = teacher_probs((2, 2, 50))
@@ -121,10 +140,18 @@ def test_teacher_without_grad_gets_none(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates(backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
+def test_nan_propagates(backend, bad):
+    """A NaN or an infinite logit gives a non-finite loss, of the reference's kind: NaN for NaN and
+    +inf (inf - inf in the log-softmax), +inf for -inf (its log-probability is -inf)."""
     s = torch.randn(2, 2, 60)
-    s[1, 0, 5] = float("nan")
-    assert torch.isnan(soft_cross_entropy(s, teacher_probs((2, 2, 60)), backend=backend))
+    s[1, 0, 5] = bad
+    t = teacher_probs((2, 2, 60))
+    ref = soft_cross_entropy(s, t, backend="reference")
+    loss = soft_cross_entropy(s, t, backend=backend)
+    assert not torch.isfinite(ref)
+    assert torch.isnan(loss) == torch.isnan(ref) and torch.isinf(loss) == torch.isinf(ref), (loss, ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,3 +244,26 @@ def test_gpu_dino_shape(dtype, S, T, B, K):
     s = (torch.randn(S, B, K, device="cuda") * 3).to(dtype)
     t = torch.softmax(torch.randn(T, B, K, device="cuda") * 3, -1)
     check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dino_local_crops_form(dtype, poisoned_cuda_cache):
+    """DINO's local-crop term: every student crop against every teacher crop (ignore_diagonal=False),
+    8 local crops against the 2 global teacher crops, at ViT-L's K = 65,536 and a batch of 32."""
+    S, T, B, K = 8, 2, 32, 65536
+    s = (torch.randn(S, B, K, device="cuda") * 3).to(dtype)
+    t = torch.softmax(torch.randn(T, B, K, device="cuda") * 3, -1)
+    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_ibot_token_form(dtype, poisoned_cuda_cache):
+    """iBOT's form: M = 1001 masked tokens (M, K) at ViT-L's K = 65,536, with per-token weights of
+    iBOT's size (1 / masked tokens of the image / images, ~1 / M), whose gradient is checked too."""
+    M, K = 1001, 65536
+    s = (torch.randn(M, K, device="cuda") * 3).to(dtype)
+    t = torch.softmax(torch.randn(M, K, device="cuda") * 3, -1)
+    w = torch.rand(M, device="cuda") * 2 / M
+    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, weights=w)

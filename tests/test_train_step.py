@@ -60,6 +60,54 @@ def test_ssl_step_fused_matches_reference(gram):
 
 
 @pytest.mark.parametrize("ops", ["fused", "reference"])
+@pytest.mark.parametrize("global_ignore_diagonal", [True, False])
+def test_total_loss_is_dinov3s_weighted_sum_of_the_logged_terms(ops, global_ignore_diagonal):
+    """The step's total loss is DINOv3's weighted sum of the terms it logs, the expression of
+    ssl_meta_arch.SSLMetaArch.compute_losses (facebookresearch/dinov3) written out here: the fused
+    and reference steps share SSLMetaArch.compute_losses, so test_ssl_step_fused_matches_reference
+    cannot see a wrong weight. Every weight is off its default and off 1, so that a dropped or
+    swapped factor shows:
+        dino_local_scale  = local_terms / (global_terms + local_terms),  local_terms = n_global * n_local
+        dino_global_scale = global_terms / (global_terms + local_terms),
+        global_terms = n_global * (n_global - 1) with dino.global_ignore_diagonal, else n_global ** 2
+        loss = dino.loss_weight * dino_local_scale * local_weight * dino_local_crops_loss
+             + dino.loss_weight * dino_global_scale * dino_global_crops_loss
+             + dino.koleo_loss_weight * n_global * koleo_loss
+             + ibot.loss_weight * ibot_loss
+             + gram_loss * gram_loss_weight
+    with local_weight DINOv3's local_loss_weight_schedule value (dino.reweight_dino_local_loss)."""
+    weights = dict(dino=1.3, koleo=0.3, ibot=0.7, gram=0.6, local=0.8)
+    cfg = apply_overrides(get_preset("debug"), [
+        f"train.ops={ops}", "gram.use_loss=true", "gram.it_load_ema_teacher=0", "crops.gram_teacher_crops_size=64",
+        f"dino.global_ignore_diagonal={str(global_ignore_diagonal).lower()}",
+        f"dino.loss_weight={weights['dino']}", f"dino.koleo_loss_weight={weights['koleo']}",
+        f"ibot.loss_weight={weights['ibot']}", f"gram.loss_weight={weights['gram']}",
+        "dino.reweight_dino_local_loss=true",
+        f"dino.local_loss_weight_schedule={{start: {weights['local']}, peak: {weights['local']}, "
+        f"end: {weights['local']}}}"])
+    arch = _arch(cfg)
+    arch.gram_load_ema_teacher()
+    batch = _batch(cfg)
+    loss, logs = arch.forward_backward(batch, teacher_temp=0.05)
+    assert logs["dino_local_loss_weight"].item() == pytest.approx(weights["local"], rel=1e-7)  # logged in fp32
+    assert logs["gram_loss_weight"].item() == pytest.approx(weights["gram"], rel=1e-7)
+    n_global, n_local = batch.global_crops.shape[0], batch.local_crops.shape[0]
+    assert (n_global, n_local) == (2, cfg.crops.local_crops_number)  # DINOv3: always 2 global crops
+    global_terms = n_global * (n_global - 1) if global_ignore_diagonal else n_global**2
+    local_terms = n_global * n_local
+    term = {k: v.double() for k, v in logs.items()}
+    want = (weights["dino"] * local_terms / (global_terms + local_terms) * term["dino_local_loss_weight"]
+            * term["dino_local_crops_loss"]
+            + weights["dino"] * global_terms / (global_terms + local_terms) * term["dino_global_crops_loss"]
+            + weights["koleo"] * n_global * term["koleo_loss"]
+            + weights["ibot"] * term["ibot_loss"]
+            + term["gram_loss"] * term["gram_loss_weight"])
+    assert all(term[k].abs() > 1e-3 for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
+                                               "ibot_loss", "gram_loss"))  # every term weighs in
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("ops", ["fused", "reference"])
 def test_teacher_targets_are_freed_before_the_backward_with_fused_head_losses(ops):
     """The fused head losses consume the teacher's targets (and never form the student logits),
     so by the time the backward starts nothing holds them: the memory planner counts them up to
