@@ -237,24 +237,17 @@ def test_bad_input(student, teacher, kwargs, error, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("S,T,B,K", [(10, 2, 16, 262144), (4, 4, 8, 100003)], ids=["dino_7b", "T=4_ragged_K"])
-def test_gpu_dino_shape(dtype, S, T, B, K):
+@pytest.mark.parametrize("S,T,B,K,ignore_diagonal", [(10, 2, 16, 262144, True), (4, 4, 8, 100003, True),
+                                                     (8, 2, 32, 65536, False)],
+                         ids=["dino_7b", "T=4_ragged_K", "local_crops"])
+def test_gpu_dino_shape(dtype, S, T, B, K, ignore_diagonal, poisoned_cuda_cache):
     """DINOv3 7B's DINO loss shape (K split over programs, many tiles per split: the running max
-    grows mid-split), and T = 4 teacher crops (smaller tiles) with K off every block size."""
+    grows mid-split), T = 4 teacher crops (smaller tiles) with K off every block size, and DINO's
+    local-crop term (every student crop against every teacher crop, ignore_diagonal=False: 8 local
+    crops against the 2 global teacher crops at ViT-L's K = 65,536, batch 32)."""
     s = (torch.randn(S, B, K, device="cuda") * 3).to(dtype)
     t = torch.softmax(torch.randn(T, B, K, device="cuda") * 3, -1)
-    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_dino_local_crops_form(dtype, poisoned_cuda_cache):
-    """DINO's local-crop term: every student crop against every teacher crop (ignore_diagonal=False),
-    8 local crops against the 2 global teacher crops, at ViT-L's K = 65,536 and a batch of 32."""
-    S, T, B, K = 8, 2, 32, 65536
-    s = (torch.randn(S, B, K, device="cuda") * 3).to(dtype)
-    t = torch.softmax(torch.randn(T, B, K, device="cuda") * 3, -1)
-    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=False)
+    check(s, t, "triton", 1e-5 if dtype == torch.float32 else 1e-2, ignore_diagonal=ignore_diagonal)
 
 
 @pytest.mark.gpu
