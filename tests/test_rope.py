@@ -50,6 +50,35 @@ def test_backward_is_inverse_rotation(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_stay_where_the_reference_puts_them(backend):
+    """inf in a prefix (CLS/register) token passes through untouched, as in DINOv3, where only the
+    patch tokens are rotated; in a patch token it spreads to its rotate-half partner. Same for the
+    gradient. The pattern of inf and NaN matches the reference's, forward and backward."""
+    q, k = qk_views(1, 9, 2, 32)
+    with torch.no_grad():
+        q[0, 1, 3, 6] = float("inf")    # prefix token 3 (tokens 0-4 are prefix)
+        k[0, 0, 7, 20] = float("-inf")  # patch token 7
+        q[0, 0, 2, 30] = float("nan")   # prefix token 2
+    rope = dinov3_rope(2, 2, 32, rescale=random_rescale())
+    grads = [torch.zeros(1, 2, 9, 32) for _ in range(2)]
+    grads[0][0, 0, 4, 1] = float("inf")  # gradient at prefix token 4
+    grads[1][0, 1, 6, 17] = float("inf")  # gradient at patch token 6
+
+    def outputs(impl):
+        if impl == "reference":
+            out = apply_rope_ref(q, k, rope)
+        else:
+            out = apply_rope(q, k, rope, backend=impl)
+        return (*out, *torch.autograd.grad(out, (q, k), grads))
+
+    for got, want in zip(outputs(backend), outputs("reference")):
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(got[~finite & ~torch.isnan(want)], want[~finite & ~torch.isnan(want)])
+        assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_tables_agree_to_their_dtype(backend):
     """fp32 q, k with bf16 tables: the reference rotates in bf16 (DINOv3's apply_rope casts q and k
     to the tables' dtype), the fused backends in fp32; they agree to bf16's tolerance, not fp32's,

@@ -38,17 +38,13 @@ def seq_runs(num_tokens: int, seq_len: int, rope_rows: int, seqinfo: torch.Tenso
     return runs
 
 
-def _tables(sin, cos, n, r0, hw, dtype):
-    """(sin, cos) for n tokens [n, Dh]: identity rows (0, 1) for the n - hw prefix tokens."""
-    s = torch.zeros(n, sin.shape[1], dtype=dtype, device=sin.device)
-    c = torch.ones(n, cos.shape[1], dtype=dtype, device=cos.device)
-    s[n - hw:] = sin[r0:r0 + hw].to(dtype)
-    c[n - hw:] = cos[r0:r0 + hw].to(dtype)
-    return s, c
+def _tables(sin, cos, r0, hw, dtype):
+    """(sin, cos) [hw, Dh] in `dtype`: the table rows of one sequence's hw patch tokens."""
+    return sin[r0:r0 + hw].to(dtype), cos[r0:r0 + hw].to(dtype)
 
 
 def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin; x [..., n, Dh], sin/cos [n, Dh]."""
+    """x * cos + rotate_half(x) * sin; x [..., hw, Dh], sin/cos [hw, Dh]."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat((x1 * cos[:, :h] - x2 * sin[:, :h], x2 * cos[:, h:] + x1 * sin[:, h:]), dim=-1)
@@ -61,6 +57,14 @@ def rotate_t(g: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Ten
     return torch.cat((g1 * cos[:, :h] + g2 * sin[:, h:], g2 * cos[:, h:] - g1 * sin[:, :h]), dim=-1)
 
 
+def _on_patches(fn, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """`fn` (rotate or rotate_t) on the last hw = len(sin) token rows of x [..., n, Dh]; the n - hw
+    prefix rows pass through untouched, as in DINOv3 (an identity table row would not do: it turns
+    an inf in one half into inf * 0 = NaN in the other)."""
+    prefix = x.shape[-2] - sin.shape[0]
+    return torch.cat((x[..., :prefix, :], fn(x[..., prefix:, :], sin, cos)), dim=-2)
+
+
 def _split(qkv_run, cnt, n, num_heads, dtype):
     """[cnt * n, 3C] -> q, k, v each [cnt, H, n, Dh] in `dtype`."""
     x = qkv_run.reshape(cnt, n, 3, num_heads, -1).to(dtype)
@@ -71,9 +75,9 @@ def _rotated_qk(q, k, sin, cos, run, io_dtype, dtype):
     """Rotate q and k in `dtype` and round them to the input dtype, as DINOv3 does before SDPA."""
     if sin is None:
         return q, k, None
-    tables = _tables(sin, cos, run[2], run[3], run[4], dtype)
-    q = rotate(q, *tables).to(io_dtype).to(dtype)
-    k = rotate(k, *tables).to(io_dtype).to(dtype)
+    tables = _tables(sin, cos, run[3], run[4], dtype)
+    q = _on_patches(rotate, q, *tables).to(io_dtype).to(dtype)
+    k = _on_patches(rotate, k, *tables).to(io_dtype).to(dtype)
     return q, k, tables
 
 
@@ -117,7 +121,7 @@ def rope_attention_bwd_cpu(dout, qkv, out, lse, sin, cos, seqinfo, num_heads: in
         dk = (ds.transpose(-1, -2) @ q) * scale
         dv = p.transpose(-1, -2) @ do
         if tables is not None:
-            dq, dk = rotate_t(dq, *tables), rotate_t(dk, *tables)
+            dq, dk = _on_patches(rotate_t, dq, *tables), _on_patches(rotate_t, dk, *tables)
         grads = torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)  # [cnt, n, 3, H, Dh]
         dqkv[sl] = grads.reshape(cnt * n, 3 * C).to(qkv.dtype)
     return dqkv
@@ -126,7 +130,7 @@ def rope_attention_bwd_cpu(dout, qkv, out, lse, sin, cos, seqinfo, num_heads: in
 def apply_rope_cpu(q, k, sin, cos, backward: bool):
     """Rotate (or, for backward, apply the transpose to) the last HW tokens of q, k [B, H, N, Dh]."""
     dtype = compute_dtype(q)
-    n, hw = q.shape[-2], sin.shape[0]
-    tables = _tables(sin, cos, n, 0, hw, dtype)
+    tables = _tables(sin, cos, 0, sin.shape[0], dtype)
     fn = rotate_t if backward else rotate
-    return fn(q.to(dtype), *tables).to(q.dtype), fn(k.to(dtype), *tables).to(k.dtype)
+    return (_on_patches(fn, q.to(dtype), *tables).to(q.dtype),
+            _on_patches(fn, k.to(dtype), *tables).to(k.dtype))

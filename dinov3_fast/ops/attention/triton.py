@@ -3,10 +3,10 @@ input checks here. Packed layout, notation and the rotation formulas: see cpu.py
 
   _rope_attn_fwd_kernel        one program per (query block, sequence, head): loads q once and k per
                                key block straight from the packed qkv by strides, rotates both in
-                               fp32 registers (prefix rows get the identity: masked table loads
-                               default to sin 0, cos 1), rounds them to the input dtype as DINOv3
-                               does, and runs an online softmax in the exp2 domain with the
-                               1/sqrt(Dh) scale folded into the exponent. Writes [T, C] and lse [H, T].
+                               fp32 registers (prefix rows pass through by a select), rounds them
+                               to the input dtype as DINOv3 does, and runs an online softmax in the
+                               exp2 domain with the 1/sqrt(Dh) scale folded into the exponent.
+                               Writes [T, C] and lse [H, T].
   _rope_attn_bwd_delta_kernel  delta = rowsum(dO * O) per (token, head), fp32.
   _rope_attn_bwd_kernel        one program per (block, sequence, head): dk and dv for the block's key
                                rows (loop over query blocks), then dq for the same rows as queries
@@ -57,18 +57,33 @@ def _seq_bounds(seq_ptr, s, seq_len, rope_rows, VARLEN: tl.constexpr):
 @triton.jit
 def _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF: tl.constexpr, FRESH: tl.constexpr = False):
     """fp32 (c1, s1, c2, s2) [len(rows), HALF] for token rows of a sequence whose table starts at
-    sin_ptr/cos_ptr; identity for prefix rows. FRESH: volatile loads, which the compiler may not merge
-    with an earlier load of the same rows (CSE would otherwise keep the first load's four fp32 tiles
-    live in registers until this use, e.g. across a whole key loop)."""
+    sin_ptr/cos_ptr (prefix rows load 0; `_rotate` passes them through). FRESH: volatile loads,
+    which the compiler may not merge with an earlier load of the same rows (CSE would otherwise keep
+    the first load's four fp32 tiles live in registers until this use, e.g. across a whole key loop)."""
     d = tl.arange(0, HALF)
     rr = rows - prefix
     ok = ((rows < n) & (rr >= 0))[:, None]
     t = rr[:, None] * stride_r + d[None, :]
-    c1 = tl.load(cos_ptr + t, mask=ok, other=1.0, volatile=FRESH).to(tl.float32)
+    c1 = tl.load(cos_ptr + t, mask=ok, other=0.0, volatile=FRESH).to(tl.float32)
     s1 = tl.load(sin_ptr + t, mask=ok, other=0.0, volatile=FRESH).to(tl.float32)
-    c2 = tl.load(cos_ptr + t + HALF, mask=ok, other=1.0, volatile=FRESH).to(tl.float32)
+    c2 = tl.load(cos_ptr + t + HALF, mask=ok, other=0.0, volatile=FRESH).to(tl.float32)
     s2 = tl.load(sin_ptr + t + HALF, mask=ok, other=0.0, volatile=FRESH).to(tl.float32)
     return c1, s1, c2, s2
+
+
+@triton.jit
+def _rotate(x1, x2, c1, s1, c2, s2, rows, prefix, TRANSPOSE: tl.constexpr):
+    """Rotation of halves x1, x2 [len(rows), HALF] by table rows from `_rope_rows` (TRANSPOSE: its
+    transpose, for gradients) on patch rows; prefix rows pass through untouched. A select, not an
+    identity table row: that would turn an inf in one half into inf * 0 = NaN in the other."""
+    if TRANSPOSE:  # g1 = y1 c1 + y2 s2, g2 = y2 c2 - y1 s1
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:          # y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    patch = (rows >= prefix)[:, None]
+    return tl.where(patch, y1, x1), tl.where(patch, y2, x2)
 
 
 @triton.jit
@@ -88,8 +103,7 @@ def _load_rotated(ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r,
     x1, x2 = _load_halves(ptr, rows, n, stride_t, HALF)
     if HAS_ROPE:
         c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, FRESH)
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+        y1, y2 = _rotate(x1, x2, c1, s1, c2, s2, rows, prefix, False)
     else:
         y1 = x1
         y2 = x2
@@ -233,7 +247,7 @@ def _rope_attn_bwd_kernel(
         dk2 *= sm_scale
         if HAS_ROPE:  # the tables are re-read (L1/L2, volatile so CSE cannot keep the first load live across the loop)
             c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
-            dk1, dk2 = dk1 * c1 + dk2 * s2, dk2 * c2 - dk1 * s1
+            dk1, dk2 = _rotate(dk1, dk2, c1, s1, c2, s2, rows, prefix, True)
         grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
         tl.store(grad_p + (H + h) * DH + dh[None, :], dk1.to(out_dtype), mask=row_ok[:, None])
         tl.store(grad_p + (H + h) * DH + HALF + dh[None, :], dk2.to(out_dtype), mask=row_ok[:, None])
@@ -262,7 +276,7 @@ def _rope_attn_bwd_kernel(
         dq2 *= sm_scale
         if HAS_ROPE:
             c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, n, prefix, stride_r, HALF, True)
-            dq1, dq2 = dq1 * c1 + dq2 * s2, dq2 * c2 - dq1 * s1
+            dq1, dq2 = _rotate(dq1, dq2, c1, s1, c2, s2, rows, prefix, True)
         grad_p = dqkv_ptr + rows[:, None] * (3 * H * DH)
         tl.store(grad_p + h * DH + dh[None, :], dq1.to(out_dtype), mask=row_ok[:, None])
         tl.store(grad_p + h * DH + HALF + dh[None, :], dq2.to(out_dtype), mask=row_ok[:, None])
@@ -314,22 +328,20 @@ def _rope_kernel(
     d = tl.arange(0, HALF)
     ok = (rows < N)[:, None]
     c1, s1, c2, s2 = _rope_rows(sin_ptr, cos_ptr, rows, N, prefix, DH, HALF)
-    if TRANSPOSE:  # y -> g: g1 = y1 c1 + y2 s2, g2 = y2 c2 - y1 s1
-        a1, b1, a2, b2 = c1, s2, c2, -s1
-    else:          # x -> y: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
-        a1, b1, a2, b2 = c1, -s1, c2, s2
     rows64 = rows.to(tl.int64)
     out = ((b * H + h) * N + rows64)[:, None] * DH + d[None, :]
     qp = q_ptr + b.to(tl.int64) * sqb + h * sqh + rows64[:, None] * sqn + d[None, :]
     x1 = tl.load(qp, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(qp + HALF, mask=ok, other=0.0).to(tl.float32)
-    tl.store(qo_ptr + out, (x1 * a1 + x2 * b1).to(qo_ptr.dtype.element_ty), mask=ok)
-    tl.store(qo_ptr + out + HALF, (x2 * a2 + x1 * b2).to(qo_ptr.dtype.element_ty), mask=ok)
+    y1, y2 = _rotate(x1, x2, c1, s1, c2, s2, rows, prefix, TRANSPOSE)
+    tl.store(qo_ptr + out, y1.to(qo_ptr.dtype.element_ty), mask=ok)
+    tl.store(qo_ptr + out + HALF, y2.to(qo_ptr.dtype.element_ty), mask=ok)
     kp = k_ptr + b.to(tl.int64) * skb + h * skh + rows64[:, None] * skn + d[None, :]
     x1 = tl.load(kp, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(kp + HALF, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ko_ptr + out, (x1 * a1 + x2 * b1).to(ko_ptr.dtype.element_ty), mask=ok)
-    tl.store(ko_ptr + out + HALF, (x2 * a2 + x1 * b2).to(ko_ptr.dtype.element_ty), mask=ok)
+    y1, y2 = _rotate(x1, x2, c1, s1, c2, s2, rows, prefix, TRANSPOSE)
+    tl.store(ko_ptr + out, y1.to(ko_ptr.dtype.element_ty), mask=ok)
+    tl.store(ko_ptr + out + HALF, y2.to(ko_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
