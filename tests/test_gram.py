@@ -521,8 +521,9 @@ def test_gradient_scaled_by_upstream_and_retained_graphs(backend, remove_neg):
     torch.testing.assert_close(a, 0.5 * expected, **close)
     torch.testing.assert_close(b, expected, **close)
 
-    if backend == "cpu":
-        assert torch.autograd.gradcheck(lambda a: gram_loss(a, t, remove_neg=remove_neg, backend="cpu") * 0.7, (s,))
+    if backend == "cpu":  # on 11 of the 40 rows: a full numerical Jacobian costs two calls per element
+        s11, t11 = s[:, :11].detach().requires_grad_(), t[:, :11]
+        assert torch.autograd.gradcheck(lambda a: gram_loss(a, t11, remove_neg=remove_neg, backend="cpu") * 0.7, (s11,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
