@@ -34,10 +34,10 @@
 # Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
 # --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the one-GPU trainer's eager
 # run, bf16 modules under 1-rank FSDP2, stochastic depth and the backward's working set included, see
-# planner.py): total fused / reference 26.4 / 28.6 GiB at 64 (the preset's), 46.1 / 50.5 at 128,
-# 56.0 / 61.4 at 160, 65.7 / 72.3 at 192, 75.6 / 83.2 at 224. An H100 80GB holds 79.6 GiB. 128 is
-# the batch of the committed autocast-path runs (plan 51.9 / 55.4 GiB, measured 50.0 / 54.0), so the
-# two paths compare at an equal batch, and it leaves room for what the plan leaves out (fragmentation,
+# planner.py; DINOv3's mask counts, 2026-11-27): total fused / reference 25.5 / 28.6 GiB at 64 (the
+# preset's), 43.9 / 50.4 at 128, 53.1 / 61.4 at 160, 62.2 / 72.2 at 192, 71.4 / 83.1 at 224. An H100
+# 80GB holds 79.6 GiB. 128 is the batch of the committed autocast-path runs (plan 51.9 / 55.4 GiB,
+# measured 50.0 / 54.0), so the two paths compare at an equal batch, and it leaves room for what the plan leaves out (fragmentation,
 # what the compiled blocks keep instead of the eager ones) and for the plan's own error, which issue
 # #7 allows to be 10%: one OOM would lose the equal-batch comparison. The probe then walks up from
 # 160 to find each setting's actual limit.

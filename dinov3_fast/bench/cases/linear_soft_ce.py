@@ -21,7 +21,7 @@ from dinov3_fast.ops.soft_ce import soft_cross_entropy
 # (preset, device, S, T, B, d, K, dtype, token form with weights, ignore_diagonal)
 PRESETS = (
     ("cpu_m1024_d256_k16k", "cpu", 1, 1, 1024, 256, 16384, torch.float32, True, False),
-    ("ibot_vitl_b128", "cuda", 1, 1, 7526, 256, 65536, torch.bfloat16, True, False),  # masked tokens at batch 128
+    ("ibot_vitl_b128", "cuda", 1, 1, 7503, 256, 65536, torch.bfloat16, True, False),  # masked tokens at batch 128
     ("ibot_7b", "cuda", 1, 1, 1274, 384, 98304, torch.bfloat16, True, False),         # masked tokens of 16 images
     ("dino_student_7b", "cuda", 10, 2, 16, 512, 262144, torch.bfloat16, False, True),  # 2 global + 8 local crops
 )

@@ -13,8 +13,8 @@ the other backends refuse tables that require grad (in grad mode) rather than dr
 
 Precision of the rotation: the fused backends rotate in fp32 (fp64 for fp64 inputs on cpu) whatever
 the tables' dtype; the reference, as DINOv3's apply_rope, casts q and k to the tables' dtype and
-rotates in it. With tables of qkv's precision or higher (DINOv3 trains with fp32 tables) the two
-agree to qkv's tolerance. With tables in a lower precision than qkv (bf16 tables, fp32 qkv) the
+rotates in it. With tables of qkv's precision or higher (fp32 tables, as DINOv3's published
+backbones use) the two agree to qkv's tolerance. With tables in a lower precision than qkv (bf16 tables, fp32 qkv) the
 effective input precision is the lowest of the two: the backends then agree with the reference
 to the tables' dtype tolerance (1e-2 for bf16), and the fused result is the more accurate one.
 """
@@ -46,7 +46,7 @@ PREFERENCE = {"cuda": ("triton",), "cpu": ("reference", "cpu", "triton")}
 TRITON_HEAD_DIMS = (32, 64, 128)  # attention: Dh / 2 >= 16 for the tensor-core halves
 ROPE_HEAD_DIMS = (4, 8, 16, 32, 64, 128, 256)  # standalone RoPE: power-of-two halves
 # Long sequences with a gradient to compute: the fused rotation, then torch's SDPA (cuDNN, flash).
-# On an H100 (2026-11-26) the fused backward ran at 67 TFLOP/s at N = 4101 against cuDNN's ~250,
+# On an H100 (2026-11-26) the fused backward ran at 67 TFLOP/s at N = 4101 against cuDNN's ~276,
 # so fwd+bwd was 0.79-0.89x the DINOv3 path at N = 1029 and 0.33x at 4101 (1.8-2.0x at 261); the
 # fused forward alone was 2.1x / 0.9-1.1x, so forward-only calls (the teachers) stay fused. Any
 # threshold in (261, 1029] splits DINOv3's crop sizes the same way. Default dispatch only.

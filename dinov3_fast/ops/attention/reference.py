@@ -4,7 +4,7 @@ This is the test oracle (evaluated in float64) and the `reference` backend. Impo
 
 Shapes: B batch, N tokens (prefix + HW patches), H heads, Dh head dim, C = H * Dh.
 DINOv3's path, per layer: split the packed qkv Linear output [B, N, 3, H, Dh] into q, k, v
-[B, H, N, Dh]; cast q and k to the rope dtype (fp32 in training), rotate the last HW tokens
+[B, H, N, Dh]; cast q and k to the rope dtype (DINOv3's default bf16; fp32 tables in its published backbones), rotate the last HW tokens
 (rotate-half layout), leave the N - HW prefix tokens alone, cast back; SDPA (non-causal, scale
 1/sqrt(Dh), no dropout); transpose back to [B, N, C].
 """

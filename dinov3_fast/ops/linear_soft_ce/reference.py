@@ -1,6 +1,6 @@
 """Plain-PyTorch linear + soft-target cross-entropy: DINOv3's head last layer followed by its DINO
 or iBOT loss, unfused (the logits are formed and kept for backward). The test oracle (in float64)
-and the `reference` backend. Imports torch only."""
+and the `reference` backend. Imports torch and the soft-CE reference only."""
 from __future__ import annotations
 
 import torch

@@ -2,7 +2,7 @@
 
 Covers `DINOLoss.forward` (dinov3/loss/dino_clstoken_loss.py) and the loss terms of
 `iBOTPatchLoss.forward` / `forward_masked` (dinov3/loss/ibot_patch_loss.py). This is the test
-oracle (evaluated in float64) and the `reference` backend. Imports torch only.
+oracle (evaluated in float64) and the `reference` backend. Imports torch and ops._common only.
 """
 from __future__ import annotations
 
