@@ -12,8 +12,11 @@ Layout under the run's checkpoint root:
 
 A save writes everything into the temporary folder, then rank 0 writes the manifest and renames
 the folder (an atomic rename on one filesystem), so a crash at any point leaves the previous
-checkpoint loadable. A load checks the manifest (present, every file there with its size) before
-DCP reads anything, and raises `CheckpointError` naming the folder and the problem. It then
+checkpoint loadable. A step that fails on one rank (rank 0's rename, one rank's file) raises on every
+rank, not only there: the others would otherwise go on and wait in their next collective until the
+process group timed out. A load checks the manifest (present, every file there with its size) before
+DCP reads anything, and raises `CheckpointError` naming the folder and the problem; rank 0 resolves
+and checks the folder for every rank, so all load the same one and fail together. It then
 compares the checkpoint's keys with the model's: a checkpoint without a Gram teacher (a
 pretraining run, which a Gram-anchoring stage continues, as in DINOv3) loads everything else and
 leaves the Gram teacher uninitialised; any other missing key is a `ConfigError` (the run's
@@ -59,9 +62,45 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _check_all_ranks(error: Exception | None, what: str) -> None:
+    """A synchronisation point after work that may fail on some ranks only (a write, a rename):
+    every rank learns whether any rank failed and, if so, raises (the failing rank its own error,
+    the others a CheckpointError naming it). Without it a rank whose peer failed would carry on,
+    believing the step done, and wait in its next collective until the process group times out."""
+    errors: list[str | None] = [None]
+    if _dist_on() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _from_rank0(compute, what: str):
+    """`compute()` on rank 0 only, its (picklable) result sent to every rank, so all ranks act on
+    the same answer; an error there is raised on every rank (ConfigError stays a ConfigError,
+    anything else is a CheckpointError on the other ranks)."""
+    value, error = None, None
+    if _rank_world()[0] == 0:
+        try:
+            value = compute()
+        except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
+            error = exc
+    if not (_dist_on() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return value
+    box = [(value, None if error is None else (isinstance(error, ConfigError), type(error).__name__, str(error)))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    value, failed = box[0]
+    if failed is not None:
+        is_config, kind, message = failed
+        raise ConfigError(message) if is_config else CheckpointError(f"{what} failed on rank 0: {kind}: {message}")
+    return value
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -74,34 +113,53 @@ def save_checkpoint(root: str | Path, step: int, arch: torch.nn.Module, optimize
     root = Path(root)
     rank, world = _rank_world()
     final, tmp = step_dir(root, step), root / f".tmp_step_{step:08d}"
+    # Each step that may fail on some ranks only ends in _check_all_ranks (also the barrier the
+    # next step needs): a failure anywhere raises on every rank, and the previous checkpoint stays.
+    error = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except Exception as exc:  # noqa: BLE001  (raised on every rank by _check_all_ranks)
+            error = exc
+    _check_all_ranks(error, f"creating {tmp}")
     model_sd, optim_sd = get_state_dict(arch, optimizer)
+    # DCP gathers every rank's write result and raises on all of them if one failed
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
-    torch.save({**rank_state, "step": step, "world_size": world}, tmp / f"rank{rank}.pt")
-    _barrier()
+    try:
+        torch.save({**rank_state, "step": step, "world_size": world}, tmp / f"rank{rank}.pt")
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    _check_all_ranks(error, f"writing the rank state into {tmp}")
     if rank == 0:
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "saved_at": time.time(),
-                                                  "files": files}, indent=1))
-        replaced = root / f".old_step_{step:08d}"
-        if final.exists():  # a re-save of this step: the old copy stays complete until the new one is in place
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(final, replaced)
-        os.rename(tmp, final)
-        _write_synced(root / f".{LATEST}.tmp", final.name)
-        os.replace(root / f".{LATEST}.tmp", root / LATEST)
-        _fsync_dir(root)  # the renames themselves survive a power loss
-        shutil.rmtree(replaced, ignore_errors=True)
-        if max_to_keep > 0:
-            for old in complete_checkpoints(root)[:-max_to_keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            _finalise(root, tmp, final, step, world, config_yaml, max_to_keep)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+    _check_all_ranks(error, f"completing checkpoint {final}")
     return final
+
+
+def _finalise(root: Path, tmp: Path, final: Path, step: int, world: int, config_yaml: str | None,
+              max_to_keep: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: the manifest, the rename to `final`, `latest`, pruning."""
+    if config_yaml is not None:
+        (tmp / "config.yaml").write_text(config_yaml)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "saved_at": time.time(),
+                                              "files": files}, indent=1))
+    replaced = root / f".old_step_{step:08d}"
+    if final.exists():  # a re-save of this step: the old copy stays complete until the new one is in place
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _write_synced(root / f".{LATEST}.tmp", final.name)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    _fsync_dir(root)  # the renames themselves survive a power loss
+    shutil.rmtree(replaced, ignore_errors=True)
+    if max_to_keep > 0:
+        for old in complete_checkpoints(root)[:-max_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,14 +274,22 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
     without the Gram teacher `arch` has (saved by a pretraining run) loads the rest and returns
     "gram_initialized" False, so the loop's rule (copy the EMA teacher at
     gram.it_load_ema_teacher) starts it; other missing keys raise ConfigError."""
-    path = resolve_checkpoint(path)
     rank, world = _rank_world()
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(arch, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(arch)}
-    without_gram_teacher = _loads_without_gram_teacher(path, _missing_keys(path, state))
+
+    def resolve() -> tuple[str, bool]:
+        found = resolve_checkpoint(path)
+        return str(found), _loads_without_gram_teacher(found, _missing_keys(found, state))
+
+    # Rank 0 picks and checks the checkpoint for all (the keys are the same on every rank): ranks that
+    # resolved a root on their own could pick different folders (one being written or pruned, a lagging
+    # view of a network filesystem), and one rank's CheckpointError would leave the others in DCP's collectives.
+    found, without_gram_teacher = _from_rank0(resolve, f"resolving checkpoint {path}")
+    path = Path(found)
     try:  # the Gram teacher's entries, if not in the checkpoint, keep their values
         dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=without_gram_teacher),
                  no_dist=not _dist_on())
@@ -254,20 +320,28 @@ def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teache
     sd = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = Path(out)
     rank, _ = _rank_world()
+    error = None
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-        if out.suffix == ".safetensors":
-            try:
-                from safetensors.torch import save_file
-            except ImportError as exc:
-                raise ImportError("writing .safetensors needs safetensors: pip install 'dinov3-fast[train]', "
-                                  "or export to a .pth file") from exc
-            save_file(tensors, str(out))
-        else:
-            torch.save(tensors, out)
-    _barrier()
+        try:
+            _write_backbone(sd, out)
+        except Exception as exc:  # noqa: BLE001  (raised on every rank by _check_all_ranks)
+            error = exc
+    _check_all_ranks(error, f"writing {out}")
     return out
+
+
+def _write_backbone(sd: dict[str, torch.Tensor], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError as exc:
+            raise ImportError("writing .safetensors needs safetensors: pip install 'dinov3-fast[train]', "
+                              "or export to a .pth file") from exc
+        save_file(tensors, str(out))
+    else:
+        torch.save(tensors, out)
 
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> Path:
