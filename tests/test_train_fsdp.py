@@ -239,6 +239,29 @@ def test_ac_keeps_state_dict_names_and_gradients():
 
 
 
+def test_every_backbone_prefetches_one_block_ahead():
+    """parallelize sets FSDP2's explicit prefetch on student, teacher and Gram teacher alike: the
+    root and each block issue the next block's all-gather in forward, each block the previous
+    block's in backward (read from FSDP2's state on a 1-rank gloo group)."""
+    cfg = apply_overrides(get_preset("debug"), ["student.depth=3", "gram.use_loss=true"])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        arch = parallelize(SSLMetaArch(cfg))
+        for models in (arch.student, arch.teacher, arch.gram_teacher):
+            backbone = models["backbone"]
+            blocks = list(backbone.blocks)
+
+            def prefetched(module, direction):
+                return [st._modules for st in getattr(module._get_fsdp_state(), f"_states_to_{direction}_prefetch")]
+
+            assert prefetched(backbone, "forward") == [(blocks[0],)]
+            for i, block in enumerate(blocks):
+                assert prefetched(block, "forward") == ([(blocks[i + 1],)] if i + 1 < len(blocks) else [])
+                assert prefetched(block, "backward") == ([(blocks[i - 1],)] if i > 0 else [])
+    finally:
+        dist.destroy_process_group()
+
+
 def _train_logs(cfg) -> tuple[list[dict[str, float]], bool]:
     """The per-step logs of `train(cfg)`, and whether its student was sharded (DTensor params)."""
     from torch.distributed.tensor import DTensor

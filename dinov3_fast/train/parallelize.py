@@ -12,7 +12,11 @@ Model code stays single-device; this module changes it in place:
 2. **compile per block** (optional): the in-place `module.compile()`, same reason.
 3. **FSDP2**: `fully_shard` on every block, then on each sub-model's root (student backbone,
    heads; teacher and Gram teacher the same way), with `MixedPrecisionPolicy(param_dtype,
-   reduce_dtype)`; FSDP2 prefetches the next block's all-gather in forward and backward.
+   reduce_dtype)`, and explicit prefetch: each block's forward issues the next block's all-gather
+   (the root's, the first block's) as soon as its own has landed, and each block's backward the
+   previous block's. One module ahead, as FSDP2's implicit schedule, so the same two units are
+   gathered at once (the planner's count); explicit, the forward all-gather is issued from the
+   CPU before the block's compute is queued, not after, which keeps it ahead when the CPU is not.
    `reshard_after_forward` is left at FSDP2's default: every block reshards after its forward,
    but a root keeps its parameters gathered, expecting the backward to need them at once. The
    teacher and Gram teacher run no backward, so `meta_arch.reshard` frees their roots right after
@@ -85,9 +89,15 @@ _VIEW_WARNING = r"FSDP2-wrapped module \(FSDP(SelfAttentionBlock|DinoVisionTrans
 def _shard_backbone(backbone: nn.Module, **kw) -> None:
     from torch.distributed.fsdp import fully_shard
     warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
-    for block in backbone.blocks:
+    blocks = list(backbone.blocks)
+    for block in blocks:
         fully_shard(block, **kw)
     fully_shard(backbone, **kw)
+    if blocks:
+        backbone.set_modules_to_forward_prefetch([blocks[0]])
+    for prev, nxt in zip(blocks, blocks[1:]):
+        prev.set_modules_to_forward_prefetch([nxt])
+        nxt.set_modules_to_backward_prefetch([prev])
 
 
 def shards_single_process(cfg: Config, device_type: str) -> bool:
