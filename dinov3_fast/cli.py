@@ -117,17 +117,23 @@ def _train(args: argparse.Namespace) -> int:
                                           "profile": history.get("profile"), "allocator": history.get("allocator")})
 
     had_group = dist.is_available() and dist.is_initialized()
+
+    def destroy_own_group() -> None:
+        """The process group train set up (torchrun's ranks, or one CUDA rank under FSDP2). Not
+        after an unexpected error, where a rank would wait here for its peers' collectives; the
+        errors below are raised on every rank alike (a checkpoint error is decided on rank 0)."""
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     try:
         cfg = _train_config(args)
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
                         on_log=write_json if args.json else None)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        destroy_own_group()
         return 2
-    # The process group train set up (torchrun's ranks, or one CUDA rank under FSDP2), after a
-    # success only: after an error a rank would wait here for its peers' collectives.
-    if not had_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_own_group()
     if args.json and history["state"].rank == 0:
         write_json(history)
     return 0

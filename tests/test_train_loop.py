@@ -170,6 +170,23 @@ def test_cli_train_and_clear_errors(tmp_path, capsys, monkeypatch):
     assert "contains no images" in capsys.readouterr().err
 
 
+def test_cli_train_error_destroys_the_group_train_made(monkeypatch, capsys):
+    """A checkpoint error after train set up its process group (torchrun's, or one CUDA rank's) is
+    exit code 2 with the group destroyed: every rank raises it alike, so none waits for a peer."""
+    import torch.distributed as dist
+
+    import dinov3_fast.train.loop as loop
+
+    def failing_train(cfg, **kwargs):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        raise CheckpointError("checkpoint /x: MANIFEST.json missing")
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    assert cli_main(["train", "--preset", "debug", "--steps", "1", "--no-progress"]) == 2
+    assert "MANIFEST.json missing" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
 def test_cli_train_then_export_end_to_end(tmp_path):
     """The installed `dinov3-fast` console script in fresh processes: train writes a checkpoint,
     export turns it into a file that the DINOv3-named backbone loads with strict=True."""
