@@ -100,16 +100,19 @@ def train_flops_per_image(arch: SSLMetaArch, cfg: Config) -> float:
     return float(total)
 
 
-def setup_distributed(cfg: Config, device_type: str) -> tuple[int, int]:
+def setup_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     """The run's process group, initialised unless one exists; returns (rank, world). Under torchrun
     (WORLD_SIZE > 1): every rank, nccl on CUDA, gloo on CPU. One process that
     `shards_single_process`: a 1-rank nccl group over an in-memory store. Otherwise none (0, 1).
+    An nccl group is bound to `device` (this rank's GPU, already current), so its communicators
+    are made there at once rather than on a device guessed at the first collective.
     The group lives until the process ends or its owner destroys it (the CLI does, after train)."""
     if not (dist.is_available() and dist.is_initialized()):
+        group = {"backend": "nccl", "device_id": device} if device.type == "cuda" else {"backend": "gloo"}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        elif shards_single_process(cfg, device_type):
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(**group)
+        elif shards_single_process(cfg, device.type):
+            dist.init_process_group(**group, store=dist.HashStore(), rank=0, world_size=1)
         else:
             return 0, 1
     return dist.get_rank(), dist.get_world_size()
@@ -181,7 +184,7 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
     if device.type == "cuda":
         enable_expandable_segments_unless_configured()
         torch.cuda.set_device(device)
-    rank, world = setup_distributed(cfg, device.type)
+    rank, world = setup_distributed(cfg, device)
     validate(cfg, world)
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
