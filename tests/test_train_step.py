@@ -158,6 +158,24 @@ def test_ssl_step_without_masked_patch(gram):
     assert all(torch.isfinite(p.grad).all() for p in arch.student.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("used", ["masked", "unmasked"])
+def test_gram_token_selection_is_dinov3s_boolean_index(used):
+    """gram.tokens_used gathers by index (no host sync); the tokens and their order are DINOv3's
+    `x[masks]` / `x[~masks]` on the [2B, HW, D] patch features."""
+    cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.ema_teacher=true", "gram.rep_update=false",
+                                                "crops.gram_teacher_crops_size=null", f"gram.tokens_used={used}"])
+    arch = SSLMetaArch(cfg)
+    masks = torch.rand(2 * 3, 16) < 0.4
+    mask_indices, _, _ = mask_metadata(masks)
+    student, teacher = (torch.randn(2, 3, 16, 5) for _ in range(2))
+    out = arch.get_gram_teacher_output(None, masks=masks, mask_indices=mask_indices,
+                                       teacher_global={"patch_pre_head": teacher},
+                                       student_global={"patch_pre_head": student}, student_crop_size=32)
+    keep = masks if used == "masked" else ~masks
+    assert torch.equal(out["student_patches"], student.flatten(0, 1)[keep])
+    assert torch.equal(out["teacher_patches"], teacher.flatten(0, 1)[keep])
+
+
 def test_ema_update_and_gram_refresh():
     cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.it_load_ema_teacher=0",
                                                 "crops.gram_teacher_crops_size=64"])

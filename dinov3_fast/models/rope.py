@@ -99,6 +99,13 @@ class RopePositionEmbedding(nn.Module):
                 coords = coords * torch.empty(1, **dd).uniform_(-r, r).exp()
         return coords
 
+    @property
+    def draws_per_call(self) -> bool:
+        """Whether a call draws fresh coordinate augmentations (training with any of them set);
+        otherwise the tables are a function of (H, W) alone, the same in every call."""
+        return self.training and any(a is not None for a in (self.shift_coords, self.jitter_coords,
+                                                              self.rescale_coords))
+
     def forward(self, *, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
         coords = self.coords(H, W)  # [HW, 2]
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [HW, 2, Dh/4]

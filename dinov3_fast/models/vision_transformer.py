@@ -5,7 +5,8 @@ tokens, N = R + HW tokens, D embed dim, Dh head dim.
 
 Tokens are [cls, storage_1..storage_S, patches]; there is no absolute position embedding, the
 blocks get RoPE tables from `rope_embed` (recomputed per block, so training-time coordinate
-augmentations are drawn per block and per crop, as DINOv3 does).
+augmentations are drawn per block and per crop, as DINOv3 does; without augmentations to draw,
+e.g. in eval mode, one set of tables serves every block).
 
 State-dict compatibility with DINOv3 (a DINOv3 checkpoint loads with strict=True):
   patch_embed.proj.{weight,bias}, cls_token [1,1,D], storage_tokens [1,S,D] (S > 0 only),
@@ -189,8 +190,11 @@ class DinoVisionTransformer(nn.Module):
             tokens, grid = self.prepare_tokens_with_masks(x, m, name=f"x[{i}]")
             xs.append(tokens)
             grids.append(grid)
+        # Fresh tables per block and crop when they are augmented (DINOv3's calls); otherwise one set
+        # serves every block (the teachers: ~10 small kernels per block and crop size saved).
+        shared = None if self.rope_embed.draws_per_call else self._ropes(grids)
         for blk in self.blocks:
-            xs = blk(xs, self._ropes(grids))
+            xs = blk(xs, self._ropes(grids) if shared is None else shared)
         r = self.n_storage_tokens + 1
         output = []
         for idx, (x, masks) in enumerate(zip(xs, masks_list)):
@@ -220,8 +224,9 @@ class DinoVisionTransformer(nn.Module):
         total = len(self.blocks)
         take = range(total - n, total) if isinstance(n, int) else n
         output = []
+        shared = None if self.rope_embed.draws_per_call else self._ropes([grid])[0]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, self.rope_embed(H=grid[0], W=grid[1]))
+            x = blk(x, self.rope_embed(H=grid[0], W=grid[1]) if shared is None else shared)
             if i in take:
                 output.append(x)
         if len(output) != len(take):

@@ -108,16 +108,17 @@ class ColorParams:
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype, inverse: bool = False) -> torch.Tensor:
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype, inverse: bool = False) -> torch.Tensor:
     """`values` as a tensor on `device` (its matrix inverse if `inverse`), made once per device and
     dtype: made per call on a GPU, it is a copy from pageable host memory, which waits for every
-    queued kernel (as does linalg.inv's check of its result), several times per crop."""
+    queued kernel (as does linalg.inv's check of its result), several times per crop. Shared with
+    the synthetic images (data.py), which need constants of their own per batch."""
     t = torch.tensor(values, dtype=dtype)
     return (torch.linalg.inv(t) if inverse else t).to(device)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (x * _constant(_GRAY, x.device, x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * device_constant(_GRAY, x.device, x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
@@ -129,12 +130,12 @@ def color(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     g = _gray(y)
     y = ((y - g) * v(p.saturation) + g).clamp(0, 1)
     # hue: rotate the chroma (I, Q) plane of YIQ by 2 pi h
-    yiq = torch.einsum("ij,bjhw->bihw", _constant(_RGB_TO_YIQ, x.device, x.dtype), y)
+    yiq = torch.einsum("ij,bjhw->bihw", device_constant(_RGB_TO_YIQ, x.device, x.dtype), y)
     ang = 2 * math.pi * p.hue
     c, s = v(ang.cos()), v(ang.sin())
     i, q = yiq[:, 1:2], yiq[:, 2:3]
     yiq = torch.cat([yiq[:, :1], c * i - s * q, s * i + c * q], 1)
-    y = torch.einsum("ij,bjhw->bihw", _constant(_RGB_TO_YIQ, x.device, x.dtype, inverse=True), yiq).clamp(0, 1)
+    y = torch.einsum("ij,bjhw->bihw", device_constant(_RGB_TO_YIQ, x.device, x.dtype, inverse=True), yiq).clamp(0, 1)
     x = torch.where(v(p.jitter), y, x)
     return torch.where(v(p.gray), _gray(x).expand_as(x), x)
 
@@ -179,8 +180,8 @@ class MultiCropAugmentation:
         self.cfg = crops
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = _constant(tuple(self.cfg.rgb_mean), x.device, x.dtype).view(1, 3, 1, 1)
-        std = _constant(tuple(self.cfg.rgb_std), x.device, x.dtype).view(1, 3, 1, 1)
+        mean = device_constant(tuple(self.cfg.rgb_mean), x.device, x.dtype).view(1, 3, 1, 1)
+        std = device_constant(tuple(self.cfg.rgb_std), x.device, x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
 
     @torch.no_grad()

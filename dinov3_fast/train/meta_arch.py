@@ -182,8 +182,8 @@ class SSLMetaArch(nn.Module):
                                                  mask_indices=mask_indices, n_masked_patches=n_masked)
         student_global, student_local = self.get_student_output(batch.global_crops, batch.local_crops, masks,
                                                                 mask_indices)
-        gram_global = (self.get_gram_teacher_output(batch.gram_crops, masks=masks, teacher_global=teacher_global,
-                                                    student_global=student_global,
+        gram_global = (self.get_gram_teacher_output(batch.gram_crops, masks=masks, mask_indices=mask_indices,
+                                                    teacher_global=teacher_global, student_global=student_global,
                                                     student_crop_size=batch.global_crops.shape[-1])
                        if self.gram_use_loss else {})
         loss, loss_dict = self.compute_losses(teacher_global, student_global, student_local, gram_global,
@@ -224,9 +224,13 @@ class SSLMetaArch(nn.Module):
                  "masked_patch_pre_head": g_patch.flatten(0, 1).index_select(0, mask_indices)},
                 {"cls_pre_head": l_cls.unflatten(0, (n_local, b))})
 
-    def get_gram_teacher_output(self, images: torch.Tensor | None, *, masks: torch.Tensor, teacher_global,
-                                student_global, student_crop_size: int) -> dict[str, torch.Tensor]:
-        """Student and Gram-teacher patch features [2B, HW, D] (or the selected tokens [N, D])."""
+    def get_gram_teacher_output(self, images: torch.Tensor | None, *, masks: torch.Tensor,
+                                mask_indices: torch.Tensor, teacher_global, student_global,
+                                student_crop_size: int) -> dict[str, torch.Tensor]:
+        """Student and Gram-teacher patch features [2B, HW, D], or with gram.tokens_used the selected
+        tokens [N, D]: the M masked ones (`mask_indices` into the flattened [2B*HW] tokens) or the
+        2B*HW - M others, gathered by index (a boolean mask index would sync the host with the GPU,
+        forward and backward, to learn N)."""
         student = student_global["patch_pre_head"].flatten(0, 1)
         if not self.has_gram_teacher:
             teacher = teacher_global["patch_pre_head"].flatten(0, 1)
@@ -247,10 +251,13 @@ class SSLMetaArch(nn.Module):
                                        align_corners=False, antialias=self.cfg.gram.global_teacher_resize_antialias)
                     teacher = hw.flatten(-2, -1).transpose(-2, -1)                     # [2B, HW, D]
         used = self.cfg.gram.tokens_used
-        if used == "masked":
-            student, teacher = student[masks], teacher[masks]
-        elif used == "unmasked":
-            student, teacher = student[~masks], teacher[~masks]
+        if used != "all":
+            if used == "masked":
+                index = mask_indices
+            else:  # a stable sort puts the unmasked first, in order; their count is known on the host
+                unmasked = masks.numel() - mask_indices.shape[0]
+                index = torch.argsort(masks.flatten().to(torch.uint8), stable=True)[:unmasked]
+            student, teacher = (x.flatten(0, 1).index_select(0, index) for x in (student, teacher))
         return {"student_patches": student, "teacher_patches": teacher}
 
     def compute_losses(self, teacher_global, student_global, student_local, gram_global, masks, mask_indices,
