@@ -170,6 +170,16 @@ def test_cli_train_and_clear_errors(tmp_path, capsys, monkeypatch):
     assert "contains no images" in capsys.readouterr().err
 
 
+def test_a_fixed_gpu_under_torchrun_is_refused(monkeypatch):
+    """train.device=cuda:N with several ranks would stack them all on GPU N; each rank takes
+    cuda:LOCAL_RANK instead (refused before anything touches a GPU)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = apply_overrides(get_preset("debug"), ["train.device=cuda:0"])
+    with pytest.raises(ConfigError, match=r"train.device=cuda:0 under torchrun.*here cuda:1"):
+        build_state(cfg)
+
+
 def test_cli_train_error_destroys_the_group_train_made(monkeypatch, capsys):
     """A checkpoint error after train set up its process group (torchrun's, or one CUDA rank's) is
     exit code 2 with the group destroyed: every rank raises it alike, so none waits for a peer."""

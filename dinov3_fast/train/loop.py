@@ -179,8 +179,12 @@ def warn_if_gram_crops_are_upsampled(crops: CropsConfig, image_size: int) -> Non
 def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainState:
     """Models (initialised, parallelised), optimizer, schedules and data pipeline for `cfg`."""
     device = torch.device(device or cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank)
+    elif device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index != local_rank:
+        raise ConfigError(f"train.device={device} under torchrun would put every rank on that GPU; "
+                          f"give train.device=cuda (each rank takes cuda:LOCAL_RANK, here cuda:{local_rank})")
     if device.type == "cuda":
         enable_expandable_segments_unless_configured()
         torch.cuda.set_device(device)
