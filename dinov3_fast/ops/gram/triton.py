@@ -26,6 +26,10 @@ Identity formulation (no clamping, wins when D < P), with Sig = Ys + Yt and Del 
   _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C), then the
                              normalisation backward over the same rows in a second sweep; launched
                              right after the products, in the same forward.
+Offsets: the group index and the row indices are int64 in every kernel (`.to(tl.int64)` where
+they are formed), so g * sxg, row * sxp and (g * P + row) * D cannot wrap at 2^31 elements (G * P * D
+reaches 2^30 at 64 x 4096 x 4096, and strided views such as the patch tokens after the prefix
+tokens carry larger group strides); offsets inside a row (column * sxd, up to D) stay int32.
 Products of two input tiles run on tensor cores in the input dtype with fp32 accumulation (the
 products of bf16 values are exact); E = dL/dGram is rounded to the input dtype (fp32 for fp16,
 whose range it can exceed) for the E Y products; everything elementwise is fp32.
@@ -52,8 +56,8 @@ def _gram_rownorm_kernel(
     P, D, sxg, sxp, sxd, eps,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    g = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     base = x_ptr + g * sxg + rows[:, None] * sxp
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -136,14 +140,14 @@ def _gram_tiled_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2).to(tl.int64)  # int64 group and rows: see "Offsets" above
     n_blocks = tl.num_programs(0)
     out = partial_ptr + (g * n_blocks + pid_m) * n_blocks + pid_n
     if pid_n < pid_m:  # lower triangle: mirrored by the upper one
         tl.store(out, 0.0)
     else:
-        rows_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-        rows_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        rows_m = (pid_m * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        rows_n = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
         off_diagonal = pid_n != pid_m
         s = _gram_tile(xs_ptr, rs_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
         t = _gram_tile(xt_ptr, rt_ptr, g, rows_m, rows_n, P, D, sxg, sxp, sxd, DOT_PRECISION, BLOCK, BLOCK, BLOCK_K)
@@ -187,12 +191,12 @@ def _gram_sigdel_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2).to(tl.int64)  # int64 group and rows: see "Offsets" above
     cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_K):
-        rows = p0 + tl.arange(0, BLOCK_K)
+        rows = (p0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         rs = tl.load(rs_ptr + g * P + rows, mask=rows < P, other=0.0)[:, None]
         rt = tl.load(rt_ptr + g * P + rows, mask=rows < P, other=0.0)[:, None]
         base = g * sxg + rows[:, None] * sxp
@@ -222,9 +226,9 @@ def _gram_identity_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(1).to(tl.int64)  # int64 group and rows: see "Offsets" above
     scale = inv_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     r_a = tl.load(ra_ptr + g * P + rows, mask=rows < P, other=0.0)
     r_b = tl.load(rb_ptr + g * P + rows, mask=rows < P, other=0.0)
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)

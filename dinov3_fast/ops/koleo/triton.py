@@ -200,8 +200,18 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
+    """x in a kernel dtype, with every element at an int32 offset: the kernels form row * sxm in
+    int32 (the contiguous rows DINOv3 passes reach 16,384 x 4096 = 2^26), so a strided view whose
+    rows span 2^31 elements or more (CLS tokens x[:, 0] of a [n, N, D] batch, n N D >= 2^31) is
+    copied to its n x D elements first."""
+    x = x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
+    if sum((n - 1) * s for n, s in zip(x.shape, x.stride())) > INT32_MAX:
+        x = x.contiguous()
+    return x
 
 
 def koleo_fwd_triton(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
