@@ -343,7 +343,9 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
             n = int(n_masked_patches)
             student, teacher = student[:n], teacher[:n]
         rows = student.shape[0]
-        if derived and masks_weight.shape[0] != rows:
+        if derived and torch.compiler.is_compiling():  # the mask's count is data-dependent: assert at run time
+            torch._check(masks_weight.shape[0] == rows)
+        elif derived and masks_weight.shape[0] != rows:
             raise ValueError(f"student_masks_flat marks {masks_weight.shape[0]} patches but {student_name} has "
                              f"{rows} rows (after n_masked_patches); they must agree")
         check_shape("masks_weight", masks_weight, (rows,), "(M,)")

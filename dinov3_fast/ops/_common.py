@@ -1,6 +1,7 @@
 """Constants and dtype rules shared by several op modules (imports torch only): the precision the
-ops compute and return in, the log2/ln2 factors of the exp2-based kernels, and the Gram loss's
-clamp modes (shared by its cpu and triton paths)."""
+ops compute and return in, the log2/ln2 factors of the exp2-based kernels, the Gram loss's
+clamp modes (shared by its cpu and triton paths), and the context the custom ops' implementations
+run in."""
 from __future__ import annotations
 
 import contextlib
@@ -37,3 +38,39 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def op_context(x: torch.Tensor):
+    """The context a custom op's implementation (or any backend function called outside one) runs
+    in, for its input `x`:
+      * autocast off on x's device type. Autocast does not see custom ops (it passes their inputs
+        through uncast) but stays on inside them, where it would recast the torch matmuls of the
+        cpu paths and the launchers to its lower precision: silently (Gram's identity products,
+        Sinkhorn's scaling, the fused head loss's logits gradient, which underflows in fp16 at
+        upstream gradient 1) or into a dtype clash with an out= buffer (Gram's tiled cpu path
+        raised). Every backend computes as documented whatever the caller's autocast state.
+      * for a CUDA tensor, x's device made current: Triton launches on the current device and
+        its current stream, not on the tensor's device.
+    """
+    kind = x.device.type
+    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    with (torch.autocast(kind, enabled=False) if autocast else contextlib.nullcontext(),
+          torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
+        yield
+
+
+def save_for_backward(ctx, *tensors: torch.Tensor | None) -> None:
+    """`ctx.save_for_backward(*tensors)`, except that an inference tensor (e.g. teacher targets
+    made under torch.inference_mode, which DINOv3's modules accept beside a student that requires
+    grad) is kept as a plain attribute: autograd refuses to save one. Nothing is lost: an inference
+    tensor has no version counter to check, and outside inference mode it cannot be modified in
+    place. Read them back with `saved_tensors(ctx)`."""
+    kept = [t is not None and t.is_inference() for t in tensors]
+    ctx.save_for_backward(*(None if k else t for t, k in zip(tensors, kept)))
+    ctx.inference_tensors = {i: t for i, (t, k) in enumerate(zip(tensors, kept)) if k}
+
+
+def saved_tensors(ctx) -> tuple[torch.Tensor | None, ...]:
+    """The tensors given to `save_for_backward`, in order."""
+    return tuple(ctx.inference_tensors.get(i, t) for i, t in enumerate(ctx.saved_tensors))

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dinov3_fast.ops._common import compute_dtype
+from dinov3_fast.ops._common import compute_dtype, op_context
 from dinov3_fast.ops._dispatch import (
     check_floating, check_no_double_backward, check_nonempty, check_positive_int, check_rank, check_same_device,
     dispatch_device_type, forced_by_env, select_backend,
@@ -66,7 +66,8 @@ def _rope_attention_fwd(qkv: torch.Tensor, sin: torch.Tensor | None, cos: torch.
                         seqinfo: torch.Tensor | None, num_heads: int, max_len: int,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _triton().rope_attention_fwd_triton if backend == "triton" else rope_attention_fwd_cpu
-    return impl(qkv, sin, cos, seqinfo, num_heads, max_len)
+    with op_context(qkv):
+        return impl(qkv, sin, cos, seqinfo, num_heads, max_len)
 
 
 @_rope_attention_fwd.register_fake
@@ -80,7 +81,8 @@ def _rope_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor
                         sin: torch.Tensor | None, cos: torch.Tensor | None, seqinfo: torch.Tensor | None,
                         num_heads: int, max_len: int, backend: str) -> torch.Tensor:
     impl = _triton().rope_attention_bwd_triton if backend == "triton" else rope_attention_bwd_cpu
-    return impl(dout, qkv, out, lse, sin, cos, seqinfo, num_heads, max_len)
+    with op_context(qkv):
+        return impl(dout, qkv, out, lse, sin, cos, seqinfo, num_heads, max_len)
 
 
 @_rope_attention_bwd.register_fake
@@ -108,7 +110,8 @@ _rope_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_
 def _apply_rope_fwd(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _triton().apply_rope_triton if backend == "triton" else apply_rope_cpu
-    return impl(q, k, sin, cos, False)
+    with op_context(q):
+        return impl(q, k, sin, cos, False)
 
 
 @_apply_rope_fwd.register_fake
@@ -121,7 +124,8 @@ def _(q, k, sin, cos, backend):
 def _apply_rope_bwd(grad_q: torch.Tensor, grad_k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _triton().apply_rope_triton if backend == "triton" else apply_rope_cpu
-    return impl(grad_q, grad_k, sin, cos, True)
+    with op_context(grad_q):
+        return impl(grad_q, grad_k, sin, cos, True)
 
 
 @_apply_rope_bwd.register_fake

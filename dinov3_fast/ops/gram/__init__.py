@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from dinov3_fast.ops._common import CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, result_dtype
+from dinov3_fast.ops._common import (
+    CLAMP_BOTH, CLAMP_NONE, CLAMP_TEACHER, op_context, result_dtype, save_for_backward, saved_tensors,
+)
 from dinov3_fast.ops._dispatch import (
     check_floating, check_no_double_backward, check_nonempty, check_rank, check_same_device, check_same_shape,
     select_backend,
@@ -60,7 +62,8 @@ def _impl(backend: str):
 def _gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int, backend: str,
                   need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     identity = uses_identity(clamp, student.shape[1], student.shape[2])
-    return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
+    with op_context(student):
+        return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
 
 def _grad_or_empty(x: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -78,7 +81,7 @@ def _(student, teacher, normalize, clamp, backend, need_student, need_teacher):
 
 def _setup_context(ctx, inputs, output):
     student, teacher, normalize, clamp, backend, _, _ = inputs
-    ctx.save_for_backward(student, teacher)  # only read by a second backward (retained graph)
+    save_for_backward(ctx, student, teacher)  # only read by a second backward (retained graph)
     ctx.options = (normalize, clamp, backend)
     # The gradient buffers are kept as attributes, not saved tensors: the first backward hands
     # them over (or scales them in place), so they must bypass saved-tensor hooks and checks.
@@ -102,12 +105,13 @@ def _backward(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
     check_no_double_backward("gram_loss")
     traced = torch.compiler.is_compiling() or is_fake(grad_loss)
     needed = ctx.needs_input_grad[:2]
-    student, teacher = ctx.saved_tensors
+    student, teacher = saved_tensors(ctx)
     normalize, clamp, backend = ctx.options
     grads = ctx.grads
     if grads is None:  # the first backward consumed the buffers
         identity = uses_identity(clamp, student.shape[1], student.shape[2])
-        grads = _impl(backend)(student, teacher, normalize, clamp, identity, *needed)[1:]
+        with op_context(student):
+            grads = _impl(backend)(student, teacher, normalize, clamp, identity, *needed)[1:]
     elif not traced:
         ctx.grads = None
     out = []

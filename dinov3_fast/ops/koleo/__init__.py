@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov3_fast.ops._common import result_dtype
+from dinov3_fast.ops._common import op_context, result_dtype
 from dinov3_fast.ops._dispatch import (
     check_floating, check_no_double_backward, check_positive, check_positive_int, check_rank, select_backend,
     single_rank_as_none,
@@ -39,9 +39,9 @@ def _triton():
 @torch.library.custom_op("dinov3_fast::koleo_fwd", mutates_args=())
 def _koleo_fwd(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int,
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().koleo_fwd_triton(x, q0, nq, eps, topk)
-    return koleo_fwd_cpu(x, q0, nq, eps, topk)
+    impl = _triton().koleo_fwd_triton if backend == "triton" else koleo_fwd_cpu
+    with op_context(x):
+        return impl(x, q0, nq, eps, topk)
 
 
 @_koleo_fwd.register_fake
@@ -55,7 +55,8 @@ def _(x, q0, nq, eps, topk, backend):
 def _koleo_bwd(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, r: torch.Tensor,
                q0: int, nq: int, eps: float, topk: int, backend: str) -> torch.Tensor:
     impl = _triton().koleo_bwd_triton if backend == "triton" else koleo_bwd_cpu
-    return impl(grad, x, idx, stats, r, q0, nq, eps, topk)
+    with op_context(x):
+        return impl(grad, x, idx, stats, r, q0, nq, eps, topk)
 
 
 @_koleo_bwd.register_fake

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov3_fast.ops._common import result_dtype
+from dinov3_fast.ops._common import op_context, result_dtype
 from dinov3_fast.ops._dispatch import check_no_double_backward, check_same_device, select_backend
 from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, grad_dtype, linear_soft_ce_chunked
 from dinov3_fast.ops.linear_soft_ce.reference import linear_soft_cross_entropy_ref
@@ -39,8 +39,9 @@ def _soft_ce_impls(backend: str):
 def _linear_soft_ce_op(features: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, coef: torch.Tensor,
                        student_temp: float, ignore_diagonal: bool, max_chunk_logits: int, backend: str,
                        need_features: bool, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_soft_ce_chunked(features, weight, teacher, coef, student_temp, ignore_diagonal, max_chunk_logits,
-                                  *_soft_ce_impls(backend), need_features, need_weight)
+    with op_context(features):
+        return linear_soft_ce_chunked(features, weight, teacher, coef, student_temp, ignore_diagonal,
+                                      max_chunk_logits, *_soft_ce_impls(backend), need_features, need_weight)
 
 
 @_linear_soft_ce_op.register_fake
@@ -117,13 +118,15 @@ def linear_soft_cross_entropy(
     """
     n_pairs = check_soft_ce_args("features", features, teacher_probs, student_temp, ignore_diagonal, weights,
                                  weight=weight)
-    if weight.dtype != features.dtype:
-        autocast = features.device.type
-        if not torch.is_autocast_enabled(autocast):
-            raise TypeError(f"weight and features must have the same dtype, got {weight.dtype} and {features.dtype}")
-        # the op is not autocast-aware; under autocast the Linear it replaces runs in the autocast dtype
+    autocast = features.device.type
+    if torch.amp.is_autocast_available(autocast) and torch.is_autocast_enabled(autocast):
+        # Autocast passes custom ops' inputs through uncast (and the op runs with it off): cast
+        # them as it casts the Linear this replaces, every input but fp64 to the autocast dtype,
+        # whether or not the dtypes already agree (fp32 features and weight make bf16/fp16 logits)
         dtype = torch.get_autocast_dtype(autocast)
-        features, weight = features.to(dtype), weight.to(dtype)
+        features, weight = (t if t.dtype == torch.float64 else t.to(dtype) for t in (features, weight))
+    if weight.dtype != features.dtype:
+        raise TypeError(f"weight and features must have the same dtype, got {weight.dtype} and {features.dtype}")
     check_same_device("weight", weight, "features", features)
     if max_chunk_logits is None:
         max_chunk_logits = CHUNK_LOGITS["cuda" if features.is_cuda else "cpu"]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import is_fake
 
-from dinov3_fast.ops._common import result_dtype
+from dinov3_fast.ops._common import op_context, result_dtype
 from dinov3_fast.ops._dispatch import check_floating, check_positive, check_rank, select_backend, single_rank_as_none
 from dinov3_fast.ops.sinkhorn.cpu import sinkhorn_cpu
 from dinov3_fast.ops.sinkhorn.reference import sinkhorn_knopp_ref
@@ -54,7 +54,8 @@ def _impl(backend: str):
 
 @torch.library.custom_op("dinov3_fast::sinkhorn_knopp_fwd", mutates_args=())
 def _sinkhorn_knopp_fwd(logits: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
-    return _impl(backend)(logits, teacher_temp, n_iterations, None)
+    with op_context(logits):
+        return _impl(backend)(logits, teacher_temp, n_iterations, None)
 
 
 @_sinkhorn_knopp_fwd.register_fake
@@ -152,5 +153,6 @@ def sinkhorn_knopp(
         if chosen == "reference":
             return sinkhorn_knopp_ref(teacher_logits, temp, n_iterations, n_samples, group)
         if group is not None:
-            return _impl(chosen)(teacher_logits, temp, n_iterations, group)
+            with op_context(teacher_logits):
+                return _impl(chosen)(teacher_logits, temp, n_iterations, group)
         return _sinkhorn_knopp_fwd(teacher_logits, temp, n_iterations, chosen)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov3_fast.ops._common import result_dtype
+from dinov3_fast.ops._common import op_context, result_dtype, save_for_backward, saved_tensors
 from dinov3_fast.ops._dispatch import (
     check_floating, check_no_double_backward, check_nonempty, check_positive, check_rank, check_same_device,
     check_shape, select_backend,
@@ -78,9 +78,9 @@ def check_soft_ce_args(student_name: str, student: torch.Tensor, teacher_probs: 
 @torch.library.custom_op("dinov3_fast::soft_ce_fwd", mutates_args=())
 def _soft_ce_fwd(student: torch.Tensor, teacher: torch.Tensor, student_temp: float, ignore_diagonal: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().soft_ce_fwd_triton(student, teacher, student_temp, ignore_diagonal)
-    return soft_ce_fwd_cpu(student, teacher, student_temp, ignore_diagonal)
+    impl = _triton().soft_ce_fwd_triton if backend == "triton" else soft_ce_fwd_cpu
+    with op_context(student):
+        return impl(student, teacher, student_temp, ignore_diagonal)
 
 
 @_soft_ce_fwd.register_fake
@@ -95,11 +95,13 @@ def _soft_ce_bwd(grad_row: torch.Tensor, student: torch.Tensor, teacher: torch.T
                  need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
     d_student = student.new_empty((0,))
     d_teacher = teacher.new_empty((0,))
-    if need_student:
-        impl = _triton().soft_ce_bwd_student_triton if backend == "triton" else soft_ce_bwd_student_cpu
-        d_student = impl(grad_row, student, teacher, row_max, lse_rest, a, student_temp, ignore_diagonal)
-    if need_teacher:
-        d_teacher = soft_ce_bwd_teacher(grad_row, student, teacher, row_max, lse_rest, student_temp, ignore_diagonal)
+    with op_context(student):
+        if need_student:
+            impl = _triton().soft_ce_bwd_student_triton if backend == "triton" else soft_ce_bwd_student_cpu
+            d_student = impl(grad_row, student, teacher, row_max, lse_rest, a, student_temp, ignore_diagonal)
+        if need_teacher:
+            d_teacher = soft_ce_bwd_teacher(grad_row, student, teacher, row_max, lse_rest, student_temp,
+                                            ignore_diagonal)
     return d_student, d_teacher
 
 
@@ -113,13 +115,13 @@ def _(grad_row, student, teacher, row_max, lse_rest, a, student_temp, ignore_dia
 def _setup_context(ctx, inputs, output):
     student, teacher, student_temp, ignore_diagonal, backend = inputs
     _, row_max, lse_rest, a = output
-    ctx.save_for_backward(student, teacher, row_max, lse_rest, a)
+    save_for_backward(ctx, student, teacher, row_max, lse_rest, a)  # the teacher may be an inference tensor
     ctx.options = (student_temp, ignore_diagonal, backend)
 
 
 def _backward(ctx, grad_row, _grad_max, _grad_rest, _grad_a):
     check_no_double_backward("soft_cross_entropy")
-    student, teacher, row_max, lse_rest, a = ctx.saved_tensors
+    student, teacher, row_max, lse_rest, a = saved_tensors(ctx)
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     d_s, d_t = _soft_ce_bwd(grad_row, student, teacher, row_max, lse_rest, a, *ctx.options, need_s, need_t)
     return (d_s if need_s else None), (d_t if need_t else None), None, None, None
