@@ -284,8 +284,8 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
     from dinov3_fast.train.meta_arch import SSLMetaArch
     forward_backward = SSLMetaArch.forward_backward
 
-    def nan_from_the_third_step(self, batch, *, teacher_temp, iteration=0):
-        loss, logs = forward_backward(self, batch, teacher_temp=teacher_temp, iteration=iteration)
+    def nan_from_the_third_step(self, batch, *, iteration=0, **kwargs):
+        loss, logs = forward_backward(self, batch, iteration=iteration, **kwargs)
         return (loss * float("nan") if iteration >= 2 else loss), logs
 
     monkeypatch.setattr(SSLMetaArch, "forward_backward", nan_from_the_third_step)

@@ -176,6 +176,21 @@ def test_gram_token_selection_is_dinov3s_boolean_index(used):
     assert torch.equal(out["teacher_patches"], teacher.flatten(0, 1)[keep])
 
 
+def test_autocast_covers_the_forward_only():
+    """forward_backward runs the forward under the autocast it is given and the backward outside
+    it, as torch advises (the trainer's non-FSDP path on a GPU passes one)."""
+    cfg = get_preset("debug")
+    arch = _arch(cfg)
+    seen = {"forward": [], "backward": []}
+    block = arch.student.backbone.blocks[0]
+    block.register_forward_hook(lambda *_: seen["forward"].append(torch.is_autocast_enabled("cpu")))
+    next(block.parameters()).register_hook(lambda g: seen["backward"].append(torch.is_autocast_enabled("cpu")))
+    loss, _ = arch.forward_backward(_batch(cfg), teacher_temp=0.05, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert torch.isfinite(loss)
+    assert seen["forward"] and all(seen["forward"])
+    assert seen["backward"] and not any(seen["backward"])
+
+
 def test_ema_update_and_gram_refresh():
     cfg = apply_overrides(get_preset("debug"), ["gram.use_loss=true", "gram.it_load_ema_teacher=0",
                                                 "crops.gram_teacher_crops_size=64"])

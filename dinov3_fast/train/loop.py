@@ -4,8 +4,8 @@
 
 Runs under `torchrun` (FSDP2 over all ranks: nccl on CUDA, gloo on CPU) or in one process: on
 CUDA with a low-precision compute_precision.param_dtype, FSDP2 on a 1-rank group (modules in that
-dtype, as on many ranks; `compute_precision.single_rank_fsdp=false`: fp32 modules under autocast
-instead); on the CPU, or in fp32, plain fp32 modules. Per iteration, DINOv3's order:
+dtype, as on many ranks; `compute_precision.single_rank_fsdp=false`: fp32 modules with the forward
+under autocast instead); on the CPU, or in fp32, plain fp32 modules. Per iteration, DINOv3's order:
 Gram-teacher load/refresh, schedules -> optimizer groups, batch (augmentation on the device),
 forward_backward, per-sub-model gradient clipping, AdamW step, EMA update.
 """
@@ -240,8 +240,7 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
     autocast = (torch.autocast("cuda", dtype=DTYPE[cfg.compute_precision.param_dtype])
                 if state.device.type == "cuda" and not state.sharded and cfg.compute_precision.param_dtype != "fp32"
                 else contextlib.nullcontext())
-    with autocast:
-        loss, logs = arch.forward_backward(batch, teacher_temp=values.teacher_temp, iteration=it)
+    loss, logs = arch.forward_backward(batch, teacher_temp=values.teacher_temp, iteration=it, autocast=autocast)
     norms = clip_gradients(arch.student, cfg.optim.clip_grad)
     state.optimizer.step()
     arch.update_ema(values.momentum)

@@ -19,6 +19,7 @@ attention included.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -171,8 +172,18 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self, batch: Batch, *, teacher_temp: float, iteration: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Forward every model, compute the weighted loss, backward it. Returns (loss, loss dict)."""
+    def forward_backward(self, batch: Batch, *, teacher_temp: float, iteration: int = 0,
+                         autocast: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward every model, compute the weighted loss, backward it. Returns (loss, loss dict).
+        `autocast` (a torch.autocast context) covers the forward only: torch advises running the
+        backward outside it (its ops then take the dtypes the forward's ops had)."""
+        with autocast or contextlib.nullcontext():
+            loss, loss_dict = self._forward(batch, teacher_temp, iteration)
+        loss.backward()
+        return loss.detach(), loss_dict
+
+    def _forward(self, batch: Batch, teacher_temp: float, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The weighted loss and its loss dict (see forward_backward)."""
         masks = batch.masks.flatten(0, 1)                                  # [2B, HW]
         if batch.mask_indices is not None:  # made with the masks, on the CPU
             mask_indices, masks_weight, n_masked = batch.mask_indices, batch.masks_weight, batch.n_masked
@@ -186,13 +197,11 @@ class SSLMetaArch(nn.Module):
                                                     teacher_global=teacher_global, student_global=student_global,
                                                     student_crop_size=batch.global_crops.shape[-1])
                        if self.gram_use_loss else {})
-        loss, loss_dict = self.compute_losses(teacher_global, student_global, student_local, gram_global,
-                                              masks, mask_indices, masks_weight, iteration=iteration)
-        # Only the autograd graph needs the outputs now: what it does not keep (the teacher's
-        # targets, once the fused head losses have consumed them) is freed before the backward.
-        del teacher_global, student_global, student_local, gram_global
-        loss.backward()
-        return loss.detach(), loss_dict
+        # Only the autograd graph needs the outputs once the losses are formed: what it does not keep
+        # (the teacher's targets, once the fused head losses have consumed them) is freed on return,
+        # before the backward.
+        return self.compute_losses(teacher_global, student_global, student_local, gram_global,
+                                   masks, mask_indices, masks_weight, iteration=iteration)
 
     @torch.no_grad()
     def get_teacher_output(self, images: torch.Tensor, *, teacher_temp: float, mask_indices: torch.Tensor,
