@@ -172,6 +172,14 @@ class DinoVisionTransformer(nn.Module):
     def _ropes(self, grids: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.rope_embed(H=h, W=w) for h, w in grids]
 
+    def _ropes_per_block(self, grids: Sequence[tuple[int, int]]):
+        """The tables of each block in turn (one (sin, cos) per grid): drawn afresh per block and
+        crop when the embedding draws augmentations (DINOv3's calls); otherwise one set serves every
+        block (the teachers: ~10 small kernels per block and crop size saved)."""
+        shared = None if self.rope_embed.draws_per_call else self._ropes(grids)
+        for _ in self.blocks:
+            yield self._ropes(grids) if shared is None else shared
+
     # ------------------------------------------------------------------ features
 
     def forward_features_list(self, x_list: list[torch.Tensor],
@@ -190,11 +198,8 @@ class DinoVisionTransformer(nn.Module):
             tokens, grid = self.prepare_tokens_with_masks(x, m, name=f"x[{i}]")
             xs.append(tokens)
             grids.append(grid)
-        # Fresh tables per block and crop when they are augmented (DINOv3's calls); otherwise one set
-        # serves every block (the teachers: ~10 small kernels per block and crop size saved).
-        shared = None if self.rope_embed.draws_per_call else self._ropes(grids)
-        for blk in self.blocks:
-            xs = blk(xs, self._ropes(grids) if shared is None else shared)
+        for blk, ropes in zip(self.blocks, self._ropes_per_block(grids)):
+            xs = blk(xs, ropes)
         r = self.n_storage_tokens + 1
         output = []
         for idx, (x, masks) in enumerate(zip(xs, masks_list)):
@@ -224,9 +229,8 @@ class DinoVisionTransformer(nn.Module):
         total = len(self.blocks)
         take = range(total - n, total) if isinstance(n, int) else n
         output = []
-        shared = None if self.rope_embed.draws_per_call else self._ropes([grid])[0]
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, self.rope_embed(H=grid[0], W=grid[1]) if shared is None else shared)
+        for i, (blk, (rope,)) in enumerate(zip(self.blocks, self._ropes_per_block([grid]))):
+            x = blk(x, rope)
             if i in take:
                 output.append(x)
         if len(output) != len(take):

@@ -53,10 +53,7 @@ def op_context(x: torch.Tensor):
       * for a CUDA tensor, x's device made current: Triton launches on the current device and
         its current stream, not on the tensor's device.
     """
-    kind = x.device.type
-    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    with (torch.autocast(kind, enabled=False) if autocast else contextlib.nullcontext(),
-          torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
+    with autocast_disabled(x.device.type), (torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
         yield
 
 

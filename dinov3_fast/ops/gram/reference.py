@@ -1,6 +1,7 @@
 """Plain-PyTorch Gram-anchoring loss with DINOv3's exact semantics (dinov3/loss/gram_loss.py).
 
-This is the test oracle (evaluated in float64) and the `reference` backend. Imports torch and ops._common only.
+This is the test oracle (evaluated in float64) and the `reference` backend. Imports torch and
+ops._common only.
 """
 from __future__ import annotations
 

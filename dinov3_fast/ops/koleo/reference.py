@@ -1,6 +1,7 @@
 """Plain-PyTorch KoLeo loss with DINOv3's exact semantics (dinov3/loss/koleo_loss.py).
 
-This is the test oracle (evaluated in float64) and the `reference` backend. Imports torch and ops._common only.
+This is the test oracle (evaluated in float64) and the `reference` backend. Imports torch and
+ops._common only.
 
 DINOv3, `KoLeoLoss.forward(student_output, eps=1e-8)` (autocast off):
     y = F.normalize(x, eps=eps)                          # (n, D)
@@ -16,8 +17,9 @@ through the search) and averages -log(d + eps) over the n * topk (row, neighbour
 Normalisation here is done in fp32 (fp64 for fp64 inputs) for every input dtype, as the fused
 backends do: a deliberate departure for bf16/fp16 inputs, which DINOv3 normalises in their own
 dtype. In bf16, dots near 1 are 2^-8 apart, so candidates within ~0.09 of a row (distance
-sqrt(2 - 2 dot)) tie and the neighbour search degenerates into an index-order pick. Ties are broken towards the lowest index for topk > 1 too (a stable sort), where
-torch.topk leaves the order unspecified.
+sqrt(2 - 2 dot)) tie and the neighbour search degenerates into an index-order pick. Ties are
+broken towards the lowest index for topk > 1 too (a stable sort), where torch.topk leaves the
+order unspecified.
 """
 from __future__ import annotations
 
