@@ -17,6 +17,7 @@ from dinov3_fast.ops._dispatch import (
     check_positive_int, check_rank, check_same_shape, check_shape, single_rank_as_none,
 )
 from dinov3_fast.ops.koleo import koleo_loss
+from dinov3_fast.ops.koleo.reference import koleo_neighbors_ref
 from dinov3_fast.ops.linear_soft_ce import linear_soft_cross_entropy
 from dinov3_fast.ops.sinkhorn import sinkhorn_knopp
 from dinov3_fast.ops.soft_ce import soft_cross_entropy
@@ -165,10 +166,12 @@ class _CenterEMA(nn.Module):
         self.center.zero_()
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output, teacher_temp, update_centers=True):
+    def _softmax_centered(self, teacher_logits, teacher_temp, update_centers):
+        """softmax((teacher_logits - center) / teacher_temp), applying a pending centre update first
+        if update_centers. Each loss's `softmax_center_teacher` calls it with DINOv3's argument name."""
         if update_centers:
             self.apply_center_update()
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+        return F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def _start_center_reduce(self, batch_center: torch.Tensor, count: int) -> None:
@@ -219,8 +222,9 @@ class DINOLoss(_CenterEMA):
 
     forward(student_logits (S, B, K), teacher_probs (T, B, K), ignore_diagonal=False) -> 0-dim fp32.
     Lists of (B, K) crops are stacked. forward_linear(student_features (S, B, d), last_layer_weight
-    (K, d), teacher_probs, ignore_diagonal=False): the same loss with the head's last layer fused in. sinkhorn_knopp_teacher(teacher_output (B, K), teacher_temp,
-    n_iterations=3) -> (B, K); softmax_center_teacher / update_center as in DINOv3.
+    (K, d), teacher_probs, ignore_diagonal=False): the same loss with the head's last layer fused in.
+    sinkhorn_knopp_teacher(teacher_output (B, K), teacher_temp, n_iterations=3) -> (B, K);
+    softmax_center_teacher(teacher_output, teacher_temp, update_centers=True) / update_center as in DINOv3.
     """
 
     def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, backend: str | None = None, group=None):
@@ -228,6 +232,9 @@ class DINOLoss(_CenterEMA):
         self.student_temp = student_temp
         self._init_center((1, out_dim), center_momentum, group, backend)
         self.len_teacher_output = None
+
+    def softmax_center_teacher(self, teacher_output, teacher_temp, update_centers=True):
+        return self._softmax_centered(teacher_output, teacher_temp, update_centers)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
@@ -270,6 +277,7 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
                    gets zero gradients, so its backward (and FSDP's collectives) run as on other ranks.
     forward_masked_linear(student_features (M, d), last_layer_weight (K, d), teacher (M, K), ...):
                    the same loss with the head's last layer fused in.
+    softmax_center_teacher(teacher_patch_tokens, teacher_temp, update_centers=True) / update_center as in DINOv3.
     `sinkhorn_knopp_teacher` is a SinkhornKnoppTeacher module, as in DINOv3 (which compiles it;
     the fused op needs no compilation).
     """
@@ -280,6 +288,9 @@ class iBOTPatchLoss(_CenterEMA):  # noqa: N801  (DINOv3's name)
         self._init_center((1, 1, patch_out_dim), center_momentum, group, backend)
         self.len_teacher_patch_tokens = None
         self.sinkhorn_knopp_teacher = SinkhornKnoppTeacher(backend=backend, group=group)
+
+    def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp, update_centers=True):
+        return self._softmax_centered(teacher_patch_tokens, teacher_temp, update_centers)
 
     def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
         check_rank("student_patch_tokens", student_patch_tokens, 3, "(B, N, K)")
@@ -368,11 +379,18 @@ class KoLeoLoss(nn.Module):
     forward(student_output, eps=1e-8):
         student_output: (n, D) features, n >= 2 (normalised inside in fp32, autocast off)
         returns a 0-dim fp32 loss, -mean log(||y_i - y_nn(i) + 1e-8|| + eps).
+    pairwise_NNs_inner(x): DINOv3's neighbour search alone (forward does not call it).
     """
 
     def __init__(self, backend: str | None = None):
         super().__init__()
         self.backend = backend
+
+    @torch.no_grad()
+    def pairwise_NNs_inner(self, x: torch.Tensor) -> torch.Tensor:  # noqa: N802  (DINOv3's name)
+        """x: (n, D) L2-normalised rows -> (n,) index of each row's nearest other row (largest dot;
+        ties to the lowest index). Forms the n x n dots, as DINOv3 does."""
+        return koleo_neighbors_ref(x, x, 0, 1)[:, 0]
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         return koleo_loss(student_output, eps=eps, backend=self.backend)
@@ -385,6 +403,7 @@ class KoLeoLossDistributed(nn.Module):
     forward(student_output, eps=1e-8):
         student_output: (n, D) this rank's features (the same n on every rank)
         returns a 0-dim fp32 loss: the mean over this rank's n * topk (row, neighbour) pairs.
+    pairwise_NNs_inner(x, all_x, rank): DINOv3's neighbour search alone (forward does not call it).
     """
 
     def __init__(self, topk: int = 1, loss_group_size: int | None = None, backend: str | None = None):
@@ -392,6 +411,13 @@ class KoLeoLossDistributed(nn.Module):
         self.topk = topk
         self.loss_group_size = loss_group_size
         self.backend = backend
+
+    @torch.no_grad()
+    def pairwise_NNs_inner(self, x: torch.Tensor, all_x: torch.Tensor, rank: int) -> torch.Tensor:  # noqa: N802
+        """x: (n, D) this rank's L2-normalised rows, all_x: (M, D) its loss group's, in which x starts
+        at row rank * n (`rank`: the rank's place in the group) -> (n, topk) indices into all_x, best
+        first (own entry scored -1; ties to the lowest index). Forms the n x M dots, as DINOv3 does."""
+        return koleo_neighbors_ref(x, all_x, rank * x.shape[0], self.topk)
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
