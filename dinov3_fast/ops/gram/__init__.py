@@ -3,7 +3,8 @@
 The loss compares the patch-to-patch cosine-similarity structure of the student with that of
 the Gram teacher (DINOv3 section 4): mean over all entries of (Ys Ys^T - Yt Yt^T)^2, where Y are
 the L2-normalised features. No backend other than `reference` ever forms a P x P matrix per image:
-  * identity formulation, O(P D^2), when nothing is clamped and D < P (fewer FLOPs);
+  * identity formulation, O(P D^2), when nothing is clamped, rows are normalised and D < P
+    (fewer FLOPs; see `uses_identity`);
   * tiled formulation, O(P^2 D) on chip / in bounded row chunks, otherwise.
 Both forms are exact in real arithmetic; see cpu.py and triton.py for how each is evaluated.
 """
@@ -28,13 +29,18 @@ __all__ = ["gram_loss", "gram_loss_ref", "tiled_block", "uses_identity"]
 PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu", "triton")}
 
 
-def uses_identity(clamp: int, num_rows: int, dim: int) -> bool:
-    """Identity form iff it is valid (no clamping) and cheaper. Per image, in multiply-adds:
-    2.33-3 P D^2 for the three D x D products (two of them symmetric) + 2 P D^2 for the student's
-    gradient, against 2 P^2 D for the two Gram blocks (halved by symmetry on triton) + P^2 D for
-    the gradient. Break-even lies between D = 0.7 P and 1.1 P; both backends use D < P so that
-    they agree on the formulation and its rounding."""
-    return clamp == CLAMP_NONE and dim < num_rows
+def uses_identity(clamp: int, num_rows: int, dim: int, normalize: bool = True) -> bool:
+    """Identity form iff it is valid (no clamping), accurate (normalised rows) and cheaper.
+
+    Cost per image, in multiply-adds: 2.33-3 P D^2 for the three D x D products (two of them
+    symmetric) + 2 P D^2 for the student's gradient, against 2 P^2 D for the two Gram blocks
+    (halved by symmetry on triton) + P^2 D for the gradient. Break-even lies between D = 0.7 P
+    and 1.1 P; both backends use D < P so that they agree on the formulation and its rounding.
+    Accuracy: the identity's gradient of one side forms 2 Del^T Ys as B + C^T (and 2 Sig^T Ys as
+    A + C), terms |Yt| / |Ys| times larger than the result, so it loses that factor in relative
+    precision. Unit rows bound the ratio; raw features (normalize=False) do not (a student 1000x
+    smaller than its teacher: 7e-5 in fp32), so they take the tiled form, accurate at any scale."""
+    return normalize and clamp == CLAMP_NONE and dim < num_rows
 
 
 def tiled_block(num_rows: int, dtype: torch.dtype) -> int:
@@ -61,7 +67,7 @@ def _impl(backend: str):
 @torch.library.custom_op("dinov3_fast::gram_loss", mutates_args=())
 def _gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, normalize: bool, clamp: int, backend: str,
                   need_student: bool, need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    identity = uses_identity(clamp, student.shape[1], student.shape[2])
+    identity = uses_identity(clamp, student.shape[1], student.shape[2], normalize)
     with op_context(student):
         return _impl(backend)(student, teacher, normalize, clamp, identity, need_student, need_teacher)
 
@@ -109,7 +115,7 @@ def _backward(ctx, grad_loss, _grad_d_student, _grad_d_teacher):
     normalize, clamp, backend = ctx.options
     grads = ctx.grads
     if grads is None:  # the first backward consumed the buffers
-        identity = uses_identity(clamp, student.shape[1], student.shape[2])
+        identity = uses_identity(clamp, student.shape[1], student.shape[2], normalize)
         with op_context(student):
             grads = _impl(backend)(student, teacher, normalize, clamp, identity, *needed)[1:]
     elif not traced:

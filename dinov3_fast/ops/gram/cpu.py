@@ -8,7 +8,8 @@ but the gradient itself outlives the forward, and no Gram product is formed twic
 Two formulations, both over features grouped as (G, P, D) (G = B images, or G = 1 flattened):
   identity  with Sig = Ys + Yt and Del = Ys - Yt, Ys Ys^T - Yt Yt^T = (Sig Del^T + Del Sig^T) / 2, so
             ||Ys Ys^T - Yt Yt^T||_F^2 = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2:
-            O(P D^2) work and D x D state; only valid without clamping. Unlike the expansion
+            O(P D^2) work and D x D state; only valid without clamping, only run on normalised
+            rows (see `dinov3_fast.ops.gram.uses_identity`). Unlike the expansion
             ||Ys^T Ys||^2 - 2 ||Yt^T Ys||^2 + ||Yt^T Yt||^2, no two large terms cancel when the
             student is close to the teacher (both terms scale with |Del|^2). Two sweeps over the
             rows of each image: one accumulates the D x D products, one writes the gradient rows.
@@ -110,18 +111,17 @@ def _mirror_upper_(g: torch.Tensor) -> None:
 
 class _SigDelRows:
     """Scratch for the identity sweeps: fills [Sig | Del] of a row block of the current image
-    straight from the raw rows (no normalised copy of either side is kept). One (rows, 2D) buffer
-    per call."""
+    straight from the raw rows and their inverse norms (no normalised copy of either side is
+    kept). One (rows, 2D) buffer per call."""
 
-    def __init__(self, P: int, D: int, dtype: torch.dtype, normalize: bool):
-        self.normalize = normalize
+    def __init__(self, P: int, D: int, dtype: torch.dtype):
         self.z = torch.empty((min(_IDENTITY_ROWS, P), 2 * D), dtype=dtype)  # [Sig | Del]
 
     def set_image(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
         """xs, xt: (P, D) student and teacher features of one image."""
         self.xs, self.xt = xs, xt
-        self.ns, self.nt = _row_norms(xs, self.normalize), _row_norms(xt, self.normalize)
-        self.rs, self.rt = (None, None) if self.ns is None else (_inverse(self.ns), _inverse(self.nt))
+        self.ns, self.nt = _row_norms(xs, True), _row_norms(xt, True)
+        self.rs, self.rt = _inverse(self.ns), _inverse(self.nt)
 
     def fill(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (Z, Sig, Del) for `rows`, Z = [Sig | Del] of shape (R, 2D). Del = Ys - Yt is
@@ -129,24 +129,18 @@ class _SigDelRows:
         dim = self.xs.shape[1]
         z = self.z[: rows.stop - rows.start]
         sig, dlt = z[:, :dim], z[:, dim:]
-        xs, xt = self.xs[rows], self.xt[rows]
-        if self.rs is None:
-            sig.copy_(xs)  # widened first: a half-precision sum would round
-            torch.sub(sig, xt, out=dlt)
-            sig.add_(xt)
-        else:
-            rt = self.rt[rows]
-            torch.mul(xs, self.rs[rows], out=sig)  # Ys
-            torch.mul(xt, rt, out=dlt)             # Yt
-            torch.sub(sig, dlt, out=dlt)
-            sig.addcmul_(xt, rt)
+        xs, xt, rt = self.xs[rows], self.xt[rows], self.rt[rows]
+        torch.mul(xs, self.rs[rows], out=sig)  # Ys
+        torch.mul(xt, rt, out=dlt)             # Yt
+        torch.sub(sig, dlt, out=dlt)
+        sig.addcmul_(xt, rt)
         return z, sig, dlt
 
     def normalize_backward_(self, grad_y: torch.Tensor, rows: slice, student: bool) -> torch.Tensor:
         """grad_y (R, D) = dL/dY of `rows` on the student's (or teacher's) side, taken through the
         normalisation in place."""
         x, norms = (self.xs, self.ns) if student else (self.xt, self.nt)
-        return normalize_rows_backward(grad_y, x[rows], None if norms is None else norms[rows])
+        return normalize_rows_backward(grad_y, x[rows], norms[rows])
 
 
 def _row_slices(P: int):
@@ -162,8 +156,8 @@ def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torc
         rows_scratch.normalize_backward_(torch.mm(z, weights, out=out[rows]), rows, student)
 
 
-def _identity(xs, xt, normalize, need_student, need_teacher):
-    """Identity form. Returns (M * loss in fp64, dL/dxs, dL/dxt)."""
+def _identity(xs, xt, need_student, need_teacher):
+    """Identity form on normalised rows. Returns (M * loss in fp64, dL/dxs, dL/dxt)."""
     G, P, D = xs.shape
     inv_m = 1.0 / (G * P * P)
     d_s, d_t = _grad_buffer(xs, need_student), _grad_buffer(xt, need_teacher)
@@ -172,7 +166,7 @@ def _identity(xs, xt, normalize, need_student, need_teacher):
     # weights = [B; A] (B = Del^T Del, A = Sig^T Sig), then [B + C^T; A + C]: the student's factors.
     weights = torch.empty((2 * D, D), dtype=dtype)
     C = torch.empty((D, D), dtype=dtype)
-    scratch = _SigDelRows(P, D, dtype, normalize)
+    scratch = _SigDelRows(P, D, dtype)
     for g in range(G):
         scratch.set_image(xs[g], xt[g])
         B, A = weights[:D].zero_(), weights[D:].zero_()
@@ -269,7 +263,7 @@ def gram_loss_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: in
     Args:
         xs, xt: (G, P, D) student and teacher features, any strides and float dtype.
         normalize, clamp: as `dinov3_fast.ops.gram_loss` (clamp: CLAMP_NONE / _BOTH / _TEACHER).
-        identity: use the D x D identity (caller guarantees clamp == CLAMP_NONE).
+        identity: use the D x D identity (caller guarantees clamp == CLAMP_NONE and normalize).
         need_student, need_teacher: which gradients to compute; the others cost nothing.
 
     Returns:
@@ -280,7 +274,7 @@ def gram_loss_cpu(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp: in
     """
     G, P, _ = xs.shape
     if identity:
-        total, d_s, d_t = _identity(xs, xt, normalize, need_student, need_teacher)
+        total, d_s, d_t = _identity(xs, xt, need_student, need_teacher)
     else:
         total, d_s, d_t = _tiled(xs, xt, normalize, clamp, need_student, need_teacher)
     return (total / (G * P * P)).to(compute_dtype(xs)), d_s, d_t

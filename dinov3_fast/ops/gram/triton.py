@@ -8,7 +8,7 @@ S = Ys Ys^T and T = Yt Yt^T (P x P per group, never stored), M = G * P * P.
 Every launcher returns the loss and the input gradients at upstream gradient 1 from one pass
 (see cpu.py: the autograd backward only applies the upstream gradient).
 
-Tiled formulation (any clamping, or D >= P):
+Tiled formulation (any clamping, no normalisation, or D >= P):
   _gram_tiled_kernel  one program per (row block m, col block n >= m, group): forms both Gram
                       tiles on chip over the full D, clamps, writes the tile's sum of squared
                       differences (off-diagonal tiles count twice, by symmetry), and, for each
@@ -18,7 +18,7 @@ Tiled formulation (any clamping, or D >= P):
                       rows per feature block cost D / BLOCK_D times the forward's tile FLOPs (8x at
                       D = 1024, 32x at ViT-7B's 4096).
   then the normalisation backward, elementwise in PyTorch on the (G, P, D) accumulator.
-Identity formulation (no clamping, wins when D < P), with Sig = Ys + Yt and Del = Ys - Yt:
+Identity formulation (no clamping, normalised rows, wins when D < P), with Sig = Ys + Yt and Del = Ys - Yt:
   M L = (<Sig^T Sig, Del^T Del> + <Sig^T Del, Del^T Sig>) / 2, whose terms both scale with |Del|^2,
   so nothing large cancels when the student is close to the teacher (see cpu.py).
   _gram_sigdel_kernel        one of A = Sig^T Sig, B = Del^T Del, C = Sig^T Del (D x D per group);
@@ -222,7 +222,7 @@ def _gram_identity_bwd_kernel(
     u_ptr, v_ptr,    # (G, D, D) fp32: dL/dYa = (Sig U + (Ya - Yb) V) / M; strides (scg, scr, scc)
     dx_ptr,          # (G, P, D) fp32 out, contiguous: first dL/dYa, then (in place, per row block) dL/dXa
     P, D, sxg, sxp, sxd, scg, scr, scc, inv_m,
-    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -258,11 +258,8 @@ def _gram_identity_bwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_D)
         omask = (rows[:, None] < P) & (cols[None, :] < D)
         grad_y = tl.load(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], mask=omask, other=0.0)
-        if NORMALIZE:
-            x = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
-            dx = r_a[:, None] * (grad_y - x.to(tl.float32) * r_a[:, None] * projected[:, None])
-        else:
-            dx = grad_y
+        x = tl.load(xa_ptr + g * sxg + rows[:, None] * sxp + cols[None, :] * sxd, mask=omask, other=0.0)
+        dx = r_a[:, None] * (grad_y - x.to(tl.float32) * r_a[:, None] * projected[:, None])
         tl.store(dx_ptr + (g * P + rows[:, None]) * D + cols[None, :], dx, mask=omask)
 
 
@@ -307,16 +304,16 @@ def _identity_products(xs, xt, rs, rt, prec):
     return products.unbind(0)
 
 
-def _identity_gradient(xa, xb, ra, rb, u, v, normalize, prec):
-    """dL/dXa (G, P, D) fp32 at upstream gradient 1 for the identity form, from the D x D factors
-    u (of Sig) and v (of Ya - Yb)."""
+def _identity_gradient(xa, xb, ra, rb, u, v, prec):
+    """dL/dXa (G, P, D) fp32 at upstream gradient 1 for the identity form (normalised rows), from
+    the D x D factors u (of Sig) and v (of Ya - Yb)."""
     G, P, D = xa.shape
     u, v = u.contiguous(), v.contiguous()  # the kernel reads both with u's strides
     dx = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
     bm = _block(P, 64)
     _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
-        xa, xb, ra, rb, u, v, dx, P, D, *xa.stride(), *u.stride(), 1.0 / (G * P * P), NORMALIZE=normalize, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64),
-        BLOCK_K=_block(D, 32), num_warps=8)
+        xa, xb, ra, rb, u, v, dx, P, D, *xa.stride(), *u.stride(), 1.0 / (G * P * P),
+        DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32), num_warps=8)
     return dx
 
 
@@ -349,7 +346,7 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
 
     Args:
         xs, xt: (G, P, D) student / teacher features, any strides, bf16 / fp16 / fp32 (fp64 runs in fp32).
-        identity: the D x D formulation (the caller guarantees clamp == CLAMP_NONE).
+        identity: the D x D formulation (the caller guarantees clamp == CLAMP_NONE and normalize).
         need_student, need_teacher: which gradients to compute.
 
     Returns:
@@ -370,9 +367,9 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
     if identity:
         A, B, C = _identity_products(xs, xt, rs, rt, prec)
         total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
-        d_s = _identity_gradient(xs, xt, rs, rt, B + C.mT, A + C, normalize, prec) if need_student else empty()
+        d_s = _identity_gradient(xs, xt, rs, rt, B + C.mT, A + C, prec) if need_student else empty()
         # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
-        d_t = _identity_gradient(xt, xs, rt, rs, B - C.mT, A - C, normalize, prec) \
+        d_t = _identity_gradient(xt, xs, rt, rs, B - C.mT, A - C, prec) \
             if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
     if (need_student or need_teacher) and torch.are_deterministic_algorithms_enabled():
