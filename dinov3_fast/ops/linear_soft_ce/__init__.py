@@ -130,6 +130,8 @@ def linear_soft_cross_entropy(
     check_same_device("weight", weight, "features", features)
     if max_chunk_logits is None:
         max_chunk_logits = CHUNK_LOGITS["cuda" if features.is_cuda else "cpu"]
+    elif isinstance(max_chunk_logits, bool) or not isinstance(max_chunk_logits, int):
+        raise TypeError(f"max_chunk_logits must be an int or None, got {type(max_chunk_logits).__name__}")
     elif max_chunk_logits < 1:
         raise ValueError(f"max_chunk_logits must be >= 1, got {max_chunk_logits}")
     grad_enabled = torch.is_grad_enabled()
@@ -149,5 +151,5 @@ def linear_soft_cross_entropy(
     per_image = (torch.full((batch,), 1.0 / batch, dtype=dtype, device=features.device) if weights is None
                  else weights.to(dtype))
     return _linear_soft_ce_op(features, weight, teacher_probs, per_image / n_pairs, temp, ignore_diagonal,
-                              int(max_chunk_logits), chosen, grad_enabled and features.requires_grad,
+                              max_chunk_logits, chosen, grad_enabled and features.requires_grad,
                               grad_enabled and weight.requires_grad)[0]

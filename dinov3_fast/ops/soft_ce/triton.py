@@ -8,12 +8,15 @@ it is exact and the backward recomputes the same scaled value), and accumulates 
 teacher crop d_t = sum_k t_k (x_k - r) and tsum_t = sum_k t_k; no log_softmax copy is made. The
 shift r is the split's first-tile max and stays fixed, so d needs no rescaling when m grows
 (|x - r| is bounded by the row's range, as |x - m| would be: nothing cancels badly); after the
-loop d_t -= tsum_t (m - r). d and tsum are kept as per-column partial sums, (T_PAD, BLOCK_K),
-and reduced once after the loop, and tsum is never read inside it. Both on purpose: Triton 3.6's
-OptimizeThreadLocality pass rewrites a loop-carried `acc += tl.sum(x, axis=1)` into such
-partials itself, but it then read tsum inside the loop (the rescaling term tsum * (m_old - m_new))
-as its initial zero (a 4.5% low loss on an H100, 2026-11-26, where the interpreter and Triton 3.9
-were right), and it asserts when the reduced result has more than one use after the loop.
+loop d_t -= tsum_t (m - r). Tiles of -inf logits only (before any finite one, or a whole split)
+are shifted by 0, not by their max: their exp terms are 0 and their d terms -inf (NaN where the
+teacher is 0), as in the reference, where -inf - -inf made the row NaN. d and tsum are kept as
+per-column partial sums, (T_PAD, BLOCK_K), and reduced once after the loop, and tsum is never
+read inside it. Both on purpose: Triton 3.6's OptimizeThreadLocality pass rewrites a loop-carried
+`acc += tl.sum(x, axis=1)` into such partials itself, but it then read tsum inside the loop (the
+rescaling term tsum * (m_old - m_new)) as its initial zero (a 4.5% low loss on an H100,
+2026-11-26, where the interpreter and Triton 3.9 were right), and it asserts when the reduced
+result has more than one use after the loop.
 Rows are split along K so that small batches still fill the GPU; programs of the same (split, b)
 are adjacent, so the T teacher chunks they share are read from L2. A combine kernel merges the
 splits per row. No launch fuses multiplies into adds (see the launchers).
@@ -63,7 +66,7 @@ def _soft_ce_fwd_kernel(
     s_row = s_ptr + s_idx.to(tl.int64) * sss + b.to(tl.int64) * ssb
     t_rows = t_ptr + b.to(tl.int64) * stb + trow.to(tl.int64)[:, None] * sts  # (T_PAD, 1)
     m = float("-inf")  # running max, raw units
-    r = 0.0            # the fixed shift of d: the first tile's max, raw units
+    r = 0.0            # the fixed shift of d: the first tile's max (the first above -inf), raw units
     l = 0.0
     d_acc = tl.zeros((T_PAD, BLOCK_K), tl.float32)  # per-column partial sums, reduced after the loop
     t_acc = tl.zeros((T_PAD, BLOCK_K), tl.float32)
@@ -73,16 +76,21 @@ def _soft_ce_fwd_kernel(
         raw = tl.load(s_row + cols, mask=cmask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + cols[None, :], mask=tvalid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.max(tl.where(cmask, raw, float("-inf")), axis=0))
-        first = m == float("-inf")  # nothing accumulated before the first tile
-        r = tl.where(first, m_new, r)
+        # Shift by 0 while every logit so far is -inf (-inf - -inf would be NaN): their exp2 terms
+        # are 0 and their d terms -inf (0 * -inf = NaN where t = 0), as in the reference, whatever r.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        first = m == float("-inf")  # nothing but -inf accumulated before this tile
+        r = tl.where(first, m_ref, r)
         grow = tl.where(first, 0.0, m * scale - m_new * scale)
-        xc = tl.where(cmask, raw * scale - m_new * scale, float("-inf"))
+        xc = tl.where(cmask, raw * scale - m_ref * scale, float("-inf"))
         l = l * tl.exp2(grow) + tl.sum(tl.exp2(xc), axis=0)
         d_acc += t * tl.where(cmask, raw * scale - r * scale, 0.0)[None, :]
         t_acc += t
         m = m_new
     tsum = tl.sum(t_acc, axis=1)
-    d = tl.sum(d_acc, axis=1) - tsum * (m * scale - r * scale)
+    # d relative to the split's max m; a split of -inf logits keeps d relative to r = 0 (its
+    # entries are -inf or NaN anyway) and the combine shifts it by -inf
+    d = tl.sum(d_acc, axis=1) - tsum * tl.where(m == float("-inf"), 0.0, m * scale - r * scale)
     row = s_idx * B + b
     tl.store(m_ptr + row * nsplit + split, m)
     tl.store(l_ptr + row * nsplit + split, l)
