@@ -12,8 +12,8 @@
 #   env (<= 30 s) -> build (<= 150 s) -> GPU tests (<= 150 s) -> op benches without the compiled
 #   baselines (bench.json) -> the compiled baselines at the presets whose goals name them
 #   (bench_compiled.json: Inductor compiles take ~10 s per graph, too slow for every preset) ->
-#   the ViT block benches (bench_model.json) -> the attention backward's schedule sweep
-#   (<= ATTN_SWEEP_CAP_S, default 90 s; benchmarks/attention_bwd_sweep.py, attn_bwd_sweep.json),
+#   the ViT block benches (bench_model.json) -> the attention schedule sweep, forward and backward
+#   (<= ATTN_SWEEP_CAP_S, default 90 s; benchmarks/attention_sweep.py, attn_sweep.json),
 #   last, so it only ever gets what the others left: with under 20 s it is skipped, and it stops
 #   starting candidates 20 s before its time is up.
 # A phase with under 20 s of the budget left is skipped and listed at the end; only a phase that
@@ -112,14 +112,14 @@ if command -v nvidia-smi > /dev/null; then  # GPU presets only: a CPU dry run ha
   bench bench_model 600 --model
 fi
 
-# the attention backward's schedules (no GPU: one line, nothing written); last and not counted
+# the attention's forward and backward schedules (no GPU: one line, nothing written); last and not counted
 sweep_cap="${ATTN_SWEEP_CAP_S:-90}"
-step "attention backward sweep (benchmarks/attention_bwd_sweep.py, <= ${sweep_cap} s)"
+step "attention schedule sweep (benchmarks/attention_sweep.py, <= ${sweep_cap} s)"
 sweep_budget=$(( $(left "$sweep_cap") - 20 ))
-phase "$sweep_cap" "$PY" benchmarks/attention_bwd_sweep.py --json "$OUT/attn_bwd_sweep.json" \
+phase "$sweep_cap" "$PY" benchmarks/attention_sweep.py --json "$OUT/attn_sweep.json" \
   --budget-s $(( sweep_budget > 0 ? sweep_budget : 0 )) >> "$OUT/log.txt" 2>&1
 rc=$?
-[ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIPPED" ] || step "attention backward sweep exit $rc (124/137: timeout; not counted)"
+[ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIPPED" ] || step "attention schedule sweep exit $rc (124/137: timeout; not counted)"
 
 rm -f "$OUT"/*.tmp  # a kill mid-write leaves one; the result files themselves are always whole
 step "summary"
@@ -134,14 +134,14 @@ for path in sorted(out.glob("bench*.json")):
         if r["impl"].startswith("fused"):
             t = r["fwd_bwd_ms"] or r["fwd_ms"]
             print(f"  {r['op']:<20}{r['preset']:<30}{r['impl']:<14}{t:9.3f} ms  x{r['speedup']:.2f}")
-sweep = out / "attn_bwd_sweep.json"
+sweep = out / "attn_sweep.json"
 if sweep.exists():
     report = json.loads(sweep.read_text())
     print(f"{sweep.name}: {len(report['rows'])} rows, skipped for time: {report['skipped']}")
     for r in report["rows"]:
         got = (f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s" + {None: "  no reference", True: "", False: "  WRONG"}[r["ok"]]
                if "ms" in r else r["error"][:60])
-        print(f"  {r['shape']:<16}{r['candidate']:<32}{got}")
+        print(f"  {r['shape']:<16}{r['candidate']:<36}{got}")
 PYEOF
 [ ${#skipped[@]} -eq 0 ] || step "skipped for time: ${skipped[*]}"
 step "done (status $status)"

@@ -13,7 +13,7 @@
 # attention kernels at N >= 1024, estimated +30-50 s). train_check.sh gets the rest minus 50 s
 # (200 s by default: two plans, two runs of 22 steps, no batch probe), and is skipped with under
 # 90 s. The call ran in 473 s at GPU_SESSION_BUDGET_S=510. device_check.sh's last phase (the
-# attention backward sweep, <= 90 s) only takes what is left of DEVICE_CHECK_BUDGET_S, so
+# attention schedule sweep, forward and backward, <= 90 s) only takes what is left of DEVICE_CHECK_BUDGET_S, so
 # train_check's share is unchanged; for the whole sweep, run it alone (its docstring).
 set -uo pipefail
 cd "$(dirname "$0")/.."

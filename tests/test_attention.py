@@ -179,12 +179,22 @@ def test_list_form_matches_separate_calls(backend):
 
 
 
-# Backward schedules beyond the default (rope_attention_bwd_triton's config, dq_config, prerotate),
-# which benchmarks/attention_bwd_sweep.py times on a GPU: tiles that do not divide N = 37.
+# Schedules beyond the defaults (rope_attention_fwd_triton's config and prerotate;
+# rope_attention_bwd_triton's config, dq_config and prerotate), which benchmarks/attention_sweep.py
+# times on a GPU: tiles that do not divide N = 37.
 def _tiles(block, inner, warps=4, stages=1):
     return dict(BLOCK=block, BLOCK_INNER=inner, num_warps=warps, num_stages=stages)
 
 
+def _fwd_tiles(block_m, block_n, warps=4, stages=1):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+FWD_SCHEDULES = {
+    "config": dict(config=_fwd_tiles(16, 32)),
+    "prerotate": dict(prerotate=True),
+    "prerotate_config": dict(config=_fwd_tiles(32, 16), prerotate=True),
+}
 BWD_SCHEDULES = {
     "config": dict(config=_tiles(32, 16)),
     "prerotate": dict(prerotate=True),
@@ -193,27 +203,37 @@ BWD_SCHEDULES = {
 }
 
 
-@pytest.fixture
-def triton_bwd_schedule(monkeypatch, request):
-    """The triton backend's backward run with schedule `request.param` (a BWD_SCHEDULES key); the
-    calls it served are counted in the yielded list."""
+def _run_with_schedule(monkeypatch, launcher: str, schedule: dict) -> list:
+    """Make the triton backend's `launcher` (a name in ops/attention/triton.py) run with `schedule`;
+    returns the list in which the calls it serves are counted."""
     from dinov3_fast.ops.attention import triton as attn_triton
 
-    calls, launcher = [], attn_triton.rope_attention_bwd_triton
+    calls, original = [], getattr(attn_triton, launcher)
 
     def scheduled(*args):
         calls.append(args[0].shape)
-        return launcher(*args, **BWD_SCHEDULES[request.param])
+        return original(*args, **schedule)
 
-    monkeypatch.setattr(attn_triton, "rope_attention_bwd_triton", scheduled)
+    monkeypatch.setattr(attn_triton, launcher, scheduled)
     return calls
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
-@pytest.mark.parametrize("triton_bwd_schedule", list(BWD_SCHEDULES), indirect=True)
-def test_bwd_schedules_match_oracle(triton_bwd_schedule):
-    """Each schedule's gradients against float64 DINOv3 at the fp32 bound of the default's test,
-    one crop size (head dims 32 and 64) and a crop list (variable length, one crop without rope)."""
+@pytest.fixture
+def triton_fwd_schedule(monkeypatch, request):
+    """The triton backend's forward run with schedule `request.param` (a FWD_SCHEDULES key)."""
+    return _run_with_schedule(monkeypatch, "rope_attention_fwd_triton", FWD_SCHEDULES[request.param])
+
+
+@pytest.fixture
+def triton_bwd_schedule(monkeypatch, request):
+    """The triton backend's backward run with schedule `request.param` (a BWD_SCHEDULES key)."""
+    return _run_with_schedule(monkeypatch, "rope_attention_bwd_triton", BWD_SCHEDULES[request.param])
+
+
+def _check_schedule_against_oracle():
+    """Values and gradients through the triton backend against float64 DINOv3 at the fp32 bound of
+    the default's test: one crop size (head dims 32 and 64) and a crop list (variable length, one
+    crop without rope). Three calls reach each launcher."""
     for head_dim in (32, 64):
         qkv = torch.randn(2, 37, 3 * 2 * head_dim)
         check_against_oracle(qkv, dinov3_rope(4, 8, head_dim, rescale=random_rescale()), 2, "triton", 1e-5)
@@ -223,11 +243,28 @@ def test_bwd_schedules_match_oracle(triton_bwd_schedule):
     outs = rope_attention_list(qkv_list, rope_list, num_heads=2, backend="triton")
     grads = [torch.randn_like(o) for o in outs]
     got = torch.autograd.grad(outs, qkv_list, grads)
-    for g, q, r, up in zip(got, qkv_list, rope_list, grads):
+    for o, g, q, r, up in zip(outs, got, qkv_list, rope_list, grads):
         q64 = q.detach().double().requires_grad_()
         want = rope_attention_ref(q64, None if r is None else tuple(t.double() for t in r), 2)
         (want_g,) = torch.autograd.grad(want, q64, up.double())
-        assert rel_err(g, want_g) < 1e-5
+        assert rel_err(o, want) < 1e-5 and rel_err(g, want_g) < 1e-5
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+@pytest.mark.parametrize("triton_fwd_schedule", list(FWD_SCHEDULES), indirect=True)
+def test_fwd_schedules_match_oracle(triton_fwd_schedule, interpreter_bf16_dots):
+    """Each forward schedule (its out and its lse, through the default backward) against float64
+    DINOv3, fp32 as the default's test and bf16 within 2x PyTorch's own error."""
+    _check_schedule_against_oracle()
+    check_against_oracle(torch.randn(1, 37, 3 * 2 * 64).bfloat16(), dinov3_rope(4, 8, 64), 2, "triton", "half")
+    assert len(triton_fwd_schedule) == 4
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-tensor triton needs the interpreter")
+@pytest.mark.parametrize("triton_bwd_schedule", list(BWD_SCHEDULES), indirect=True)
+def test_bwd_schedules_match_oracle(triton_bwd_schedule):
+    """Each backward schedule's gradients against float64 DINOv3 (see _check_schedule_against_oracle)."""
+    _check_schedule_against_oracle()
     assert len(triton_bwd_schedule) == 3
 
 
@@ -248,16 +285,16 @@ def test_prerotated_bwd_is_bitwise_the_default_bf16(interpreter_bf16_dots):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the dry run needs the interpreter (TRITON_INTERPRET set before triton loads)")
-def test_bwd_sweep_dry_run(tmp_path, capsys, monkeypatch):
-    """benchmarks/attention_bwd_sweep.py: without a GPU one line and exit 0; --dry-run times every
-    candidate on a tiny shape under the interpreter, each within TOL of the default's gradient,
-    with SDPA's flash backward as the bar (the CPU has no cuDNN: an error row)."""
+def test_sweep_dry_run(tmp_path, capsys, monkeypatch):
+    """benchmarks/attention_sweep.py: without a GPU one line and exit 0; --dry-run times every
+    forward and backward candidate on a tiny shape under the interpreter, each within TOL of its
+    pass's default, with SDPA's flash kernel as the bar (the CPU has no cuDNN: an error row)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_bwd_sweep.py"
-    spec = importlib.util.spec_from_file_location("attention_bwd_sweep", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_sweep.py"
+    spec = importlib.util.spec_from_file_location("attention_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, sweep)  # dataclasses resolve their module by name
     spec.loader.exec_module(sweep)
@@ -267,9 +304,14 @@ def test_bwd_sweep_dry_run(tmp_path, capsys, monkeypatch):
     assert sweep.main(["--dry-run", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["candidate"]: r for r in report["rows"]}
-    assert list(rows) == [c.name for c in sweep.candidates_for(32)] + ["sdpa:cudnn", "sdpa:flash"]
-    assert "error" in rows.pop("sdpa:cudnn") and not report["skipped"]
+    expected = []
+    for direction in ("fwd", "bwd"):
+        expected += [c.label for c in sweep.candidates_for(32) if c.direction == direction]
+        expected += [f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash"]
+    assert list(rows) == expected and expected[0] == "fwd:default" and "bwd:default" in expected
+    assert "error" in rows.pop("fwd:sdpa:cudnn") and "error" in rows.pop("bwd:sdpa:cudnn") and not report["skipped"]
     assert all(r["ok"] and r["ms"] > 0 for r in rows.values()), rows
+
 
 @pytest.fixture
 def sdpa_route_on_cpu(monkeypatch):
@@ -503,6 +545,20 @@ def test_nan_in_a_query_reaches_its_row(backend):
     assert torch.equal(torch.isnan(out), want)
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_large_finite_half_query_stays_finite(backend):
+    """fp16 with a query row whose sum exceeds fp16's range (2100 in each of 32 dims: 67200 >
+    65504) is finite input with a finite result, as DINOv3's SDPA gives. The reference's NaN-row
+    term (above) summed the row in fp16, and the overflow (inf * 0.0) made the row NaN."""
+    qkv = torch.randn(1, 6, 3 * 2 * 32)
+    qkv[0, 1, :32] = 2100.0  # q of prefix token 1, head 0 (not rotated)
+    qkv = qkv.half()
+    rope = dinov3_rope(1, 4, 32)
+    out = rope_attention(qkv, rope, num_heads=2, backend=backend)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, rope_attention_ref(qkv.double(), tuple(t.double() for t in rope), 2)) < 1e-2
+
+
 def test_nan_in_a_query_reaches_its_row_compiled():
     """The same through inductor, which simplifies arithmetic identities (0 * y -> 0) that would
     drop the NaN."""
@@ -596,6 +652,10 @@ def test_bad_input():
         rope_attention_list([qkv, qkv], [rope], num_heads=2)
     with pytest.raises(ValueError, match=r"qkv_list\[1\] must match qkv_list\[0\]"):
         rope_attention_list([qkv, qkv.half()], [rope, rope], num_heads=2)
+    with pytest.raises(TypeError, match=r"qkv_list\[1\] must be a torch.Tensor, got str"):
+        rope_attention_list([qkv, "qkv"], [rope, rope], num_heads=2)
+    with pytest.raises(TypeError, match=r"qkv_list\[0\] must be a floating-point tensor .*got torch.int64"):
+        rope_attention_list([qkv.long()], [rope], num_heads=2)
 
 
 @pytest.mark.gpu

@@ -76,7 +76,8 @@ def _launch_attention():
     qkv = torch.randn(sequences * tokens, 3 * heads * dh)
     out, lse = attention_triton.rope_attention_fwd_triton(qkv, None, None, None, heads, tokens)
     attention_triton.rope_attention_bwd_triton(torch.randn_like(out), qkv, out, lse, None, None, None, heads, tokens)
-    sin = cos = torch.randn(1, dh)  # the backward's other schedules: pre-rotated q and k, a separate dq launch
+    sin = cos = torch.randn(1, dh)  # the other schedules: pre-rotated q and k, a separate dq launch
+    attention_triton.rope_attention_fwd_triton(qkv, sin, cos, None, heads, tokens, prerotate=True)
     attention_triton.rope_attention_bwd_triton(torch.randn_like(out), qkv, out, lse, sin, cos, None, heads, tokens,
                                                dq_config=attention_triton.bwd_config(tokens, dh), prerotate=True)
 
@@ -153,6 +154,7 @@ def _attention(sequences, tokens, heads, dh, prefix=5):
     qkv = _meta(sequences * tokens, 3 * heads * dh)
     sin = cos = _meta(tokens - prefix, dh, dtype=torch.float32)
     out, lse = attention_triton.rope_attention_fwd_triton(qkv, sin, cos, None, heads, tokens)
+    attention_triton.rope_attention_fwd_triton(qkv, sin, cos, None, heads, tokens, prerotate=True)
     attention_triton.rope_attention_bwd_triton(torch.empty_like(out), qkv, out, lse, sin, cos, None, heads, tokens)
 
 

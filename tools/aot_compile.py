@@ -8,14 +8,15 @@ The Triton interpreter proves arithmetic but accepts code the GPU compiler rejec
   2. compiles each distinct launch with `triton.compile` for sm_90 and sm_80;
   3. reports registers, spills and shared memory (cuobjdump -res-usage on the cubin) and whether a
      kernel with a tensor-core dot lowered to wgmma on sm_90.
-The attention backward's optional schedules (pre-rotated q/k, separate dk/dv and dq passes),
-which default dispatch never launches, are recorded once each at ViT-7B's shape on bwd_config's
-tiles; `--attention-bwd-sweep` records instead every candidate of benchmarks/attention_bwd_sweep.py
-at its shapes (the sweep's registers, spills and wgmma, before any device time is spent on it).
+The attention's optional schedules (pre-rotated q/k forward and backward, separate dk/dv and dq
+passes), which default dispatch never launches, are recorded once each at ViT-7B's shape on
+fwd_config's / bwd_config's tiles; `--attention-sweep` records instead every candidate of
+benchmarks/attention_sweep.py at its shapes (the sweep's registers, spills and wgmma, before any
+device time is spent on it).
 It must run without TRITON_INTERPRET (kernels must be real JITFunctions).
 
     python tools/aot_compile.py --json out.json --doc docs/kernels.md
-    python tools/aot_compile.py --attention-bwd-sweep --target sm_90 --json sweep.json
+    python tools/aot_compile.py --attention-sweep --target sm_90 --json sweep.json
 """
 from __future__ import annotations
 
@@ -169,34 +170,41 @@ def exercise_ops(ops: list[str] | None = None) -> None:
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("attention_bwd_sweep", ROOT / "benchmarks" / "attention_bwd_sweep.py")
+    spec = importlib.util.spec_from_file_location("attention_sweep", ROOT / "benchmarks" / "attention_sweep.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve their module by name
     spec.loader.exec_module(mod)
     return mod
 
 
-def _attention_bwd(shape, **schedule) -> None:
-    """rope_attention_bwd_triton on empty bf16 inputs of a sweep Shape (B, H, N, Dh; 5 prefix tokens)."""
-    from dinov3_fast.ops.attention.triton import rope_attention_bwd_triton
+def _attention_pass(shape, direction: str, **schedule) -> None:
+    """rope_attention_{fwd,bwd}_triton on empty bf16 inputs of a sweep Shape (B, H, N, Dh; 5 prefix tokens)."""
+    from dinov3_fast.ops.attention.triton import rope_attention_bwd_triton, rope_attention_fwd_triton
 
     T, C = shape.B * shape.N, shape.H * shape.Dh
     qkv, out = torch.empty(T, 3 * C, dtype=torch.bfloat16), torch.empty(T, C, dtype=torch.bfloat16)
     sin = cos = torch.empty(shape.N - 5, shape.Dh)
-    rope_attention_bwd_triton(out, qkv, out, torch.empty(shape.H, T), sin, cos, None, shape.H, shape.N, **schedule)
+    if direction == "fwd":
+        rope_attention_fwd_triton(qkv, sin, cos, None, shape.H, shape.N, **schedule)
+    else:
+        rope_attention_bwd_triton(out, qkv, out, torch.empty(shape.H, T), sin, cos, None, shape.H, shape.N,
+                                  **schedule)
 
 
-def exercise_attention_bwd_schedules(sweep: bool) -> None:
-    """The attention backward's schedules beyond its default: each kernel variant once (ViT-7B,
-    bwd_config's tiles, pre-rotated, separate dq launch), or (sweep) every sweep candidate."""
+def exercise_attention_schedules(sweep: bool) -> None:
+    """The attention's schedules beyond its defaults: each kernel variant once (ViT-7B's shape,
+    fwd_config's / bwd_config's tiles: pre-rotated forward, pre-rotated backward with a separate dq
+    launch), or (sweep) every sweep candidate."""
     mod = _sweep_module()
     if not sweep:
-        _attention_bwd(mod.SHAPES[0], dq_config=dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2),
-                       prerotate=True)
+        seven_b = next(s for s in mod.SHAPES if s.Dh == 128)
+        _attention_pass(seven_b, "fwd", prerotate=True)
+        _attention_pass(seven_b, "bwd", dq_config=dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2),
+                        prerotate=True)
         return
     for shape in mod.SHAPES:
         for cand in mod.candidates_for(shape.Dh):
-            _attention_bwd(shape, **cand.kwargs)
+            _attention_pass(shape, cand.direction, **cand.kwargs)
 
 
 def all_kernels() -> set[tuple[str, str]]:
@@ -276,16 +284,16 @@ def main() -> int:
     parser.add_argument("--json", help="write per-launch results here")
     parser.add_argument("--doc", help="write the markdown resource table here")
     parser.add_argument("--op", action="append", help="only the bench cases of these ops (repeatable)")
-    parser.add_argument("--attention-bwd-sweep", action="store_true",
-                        help="only the candidates of benchmarks/attention_bwd_sweep.py, not the bench cases")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="only the candidates of benchmarks/attention_sweep.py, not the bench cases")
     parser.add_argument("--target", action="append", choices=sorted(TARGETS), help="only these targets (repeatable)")
     args = parser.parse_args()
     recorder = Recorder()
     recorder.install()
-    if not args.attention_bwd_sweep:
+    if not args.attention_sweep:
         exercise_ops(args.op)
-    if args.attention_bwd_sweep or not args.op or "rope_attention" in args.op:
-        exercise_attention_bwd_schedules(args.attention_bwd_sweep)
+    if args.attention_sweep or not args.op or "rope_attention" in args.op:
+        exercise_attention_schedules(args.attention_sweep)
     results = compile_all(recorder, args.target or sorted(TARGETS))
     compiled = {(r["module"], r["kernel"]) for r in results}
     report = {"results": results, "never_launched": sorted(map(list, all_kernels() - compiled)),

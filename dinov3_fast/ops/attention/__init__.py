@@ -286,6 +286,7 @@ def rope_attention_list(qkv_list: Sequence[torch.Tensor], rope_list: Sequence[Ro
     if not isinstance(qkv_list, (list, tuple)) or not qkv_list:
         raise TypeError(f"qkv_list must be a non-empty list of [B, N, 3C] tensors, got {type(qkv_list).__name__}")
     for i, qkv in enumerate(qkv_list):
+        check_floating(f"qkv_list[{i}]", qkv)
         check_rank(f"qkv_list[{i}]", qkv, 3, "[B, N, 3 * num_heads * head_dim]")
         check_same_device(f"qkv_list[{i}]", qkv, "qkv_list[0]", qkv_list[0])
         if qkv.shape[-1] != qkv_list[0].shape[-1] or qkv.dtype != qkv_list[0].dtype:

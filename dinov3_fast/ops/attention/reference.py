@@ -68,11 +68,12 @@ def rope_attention_ref(qkv: torch.Tensor, rope: Rope | None, num_heads: int) -> 
     x = F.scaled_dot_product_attention(q, k, v)
     if x.device.type == "cpu":
         # torch's CPU flash SDPA kernel writes 0, not NaN, for a query row holding a NaN (its math
-        # backend and our kernels give NaN): add the row's sum times 0.0 (NaN there, 0 elsewhere)
+        # backend and our kernels give NaN): add the row's max times 0.0 (NaN there, 0 elsewhere)
         # to that row of the output, per head: no host sync, no data-dependent branch, nothing
-        # saved for backward (the sum is detached; torch.where would keep its mask). Not an
-        # integer 0: inductor folds 0 * y to 0, dropping the NaN.
-        x = x + q.detach().sum(-1, keepdim=True) * 0.0
+        # saved for backward (the max is detached; torch.where would keep its mask). Not an
+        # integer 0: inductor folds 0 * y to 0, dropping the NaN. The max, not the sum: a sum of
+        # finite half-precision values can overflow (32 fp16 2100s) and would NaN a finite row.
+        x = x + q.detach().amax(-1, keepdim=True) * 0.0
     return x.transpose(1, 2).reshape(B, N, C)
 
 

@@ -6,7 +6,8 @@ input checks here. Packed layout, notation and the rotation formulas: see cpu.py
                                fp32 registers (prefix rows pass through by a select), rounds them
                                to the input dtype as DINOv3 does, and runs an online softmax in the
                                exp2 domain with the 1/sqrt(Dh) scale folded into the exponent.
-                               Writes [T, C] and lse [H, T].
+                               Writes [T, C] and lse [H, T]. PREROTATED reads q and k already
+                               rotated (no tables; one full-width product for the scores).
   _rope_attn_bwd_delta_kernel  delta = rowsum(dO * O) per (token, head), fp32.
   _rope_attn_bwd_kernel        one program per (block, sequence, head): dk and dv for the block's key
                                rows (loop over query blocks), then dq for the same rows as queries
@@ -15,10 +16,10 @@ input checks here. Packed layout, notation and the rotation formulas: see cpu.py
                                into the packed gradient [T, 3C]. DKDV / DQ select either half (two
                                launches, each on its own tiles); PREROTATED reads q and k already
                                rotated, so only that final transposed rotation reads the tables.
-  _rope_attn_bwd_rotate_kernel q and k rotated once into a [T, 2C] scratch, for PREROTATED.
+  _rope_attn_rotate_kernel     q and k rotated once into a [T, 2C] scratch, for PREROTATED.
   _rope_kernel                 standalone rotation (or its transpose) of q and k [B, H, N, Dh].
-q and k are handled as two halves [rows, Dh/2] throughout, so rotate-half needs no register
-shuffles: scores are q1 k1^T + q2 k2^T (two tensor-core products), dq and dk are produced per half.
+q and k are rotated as two halves [rows, Dh/2], so rotate-half needs no register shuffles: scores
+are then q1 k1^T + q2 k2^T (two tensor-core products), dq and dk are produced per half.
 Variable-length: a sequence table (first token, tokens, first rope row, rope rows) drives the
 programs; programs past the end of a shorter sequence exit at once.
 """
@@ -114,13 +115,15 @@ def _load_rotated(ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r,
 @triton.jit
 def _rope_attn_fwd_kernel(
     qkv_ptr,           # (T, 3 * H * DH) packed q | k | v per token, token stride stride_t, unit column stride
-    sin_ptr, cos_ptr,  # (R, DH) rope tables, row stride stride_r (unused without HAS_ROPE)
+    qk_ptr,            # (T, >= 2 * H * DH) q | k as read: qkv itself, or (PREROTATED) rotated copies,
+                       # token stride stride_qk, head h's q at column h * DH and its k at (H + h) * DH
+    sin_ptr, cos_ptr,  # (R, DH) rope tables, row stride stride_r (read only when rotating here)
     seq_ptr,           # (S, 4) int32 sequence table (VARLEN only)
     out_ptr,           # (T, H * DH) out, token stride stride_o
     lse_ptr,           # (H, T) fp32 out, natural-log logsumexp per query row
-    T, seq_len, rope_rows, stride_t, stride_r, stride_o, qk_scale, s0,
-    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    T, seq_len, rope_rows, stride_t, stride_qk, stride_r, stride_o, qk_scale, s0,
+    H: tl.constexpr, DH: tl.constexpr, HAS_ROPE: tl.constexpr, PREROTATED: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     s = s0 + tl.program_id(1)  # launched in chunks of at most 65535 sequences (CUDA's axis-1 limit)
@@ -129,26 +132,34 @@ def _rope_attn_fwd_kernel(
     if pid_m * BLOCK_M >= n:
         return
     HALF: tl.constexpr = DH // 2
+    ROTATE: tl.constexpr = HAS_ROPE and not PREROTATED  # rotate q and k as they are loaded
     dtype = qkv_ptr.dtype.element_ty
-    base_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t  # 64-bit bases per sequence, int32 offsets inside
-    q_ptr = base_ptr + h * DH
-    k_ptr = base_ptr + (H + h) * DH
-    v_ptr = base_ptr + (2 * H + h) * DH
+    qk_base = qk_ptr + tok0.to(tl.int64) * stride_qk  # 64-bit bases per sequence, int32 offsets inside
+    q_ptr = qk_base + h * DH
+    k_ptr = qk_base + (H + h) * DH
+    v_ptr = qkv_ptr + tok0.to(tl.int64) * stride_t + (2 * H + h) * DH
     sin_ptr += r0 * stride_r
     cos_ptr += r0 * stride_r
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, DH)
-    q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
+    if ROTATE:  # scores as two half-width products, q1 k1^T + q2 k2^T (see the module docstring)
+        q1, q2 = _load_rotated(q_ptr, sin_ptr, cos_ptr, rows, n, prefix, stride_qk, stride_r, True, HALF)
+    else:       # q and k as stored: one full-width product
+        q = tl.load(q_ptr + rows[:, None] * stride_qk + d[None, :], mask=(rows < n)[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, prefix, stride_t, stride_r, HAS_ROPE, HALF)
         v = tl.load(v_ptr + cols[:, None] * stride_t + d[None, :], mask=(cols < n)[:, None], other=0.0)
-        sc = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        sc = tl.dot(q2, tl.trans(k2), sc, input_precision=DOT_PRECISION)
+        if ROTATE:
+            k1, k2 = _load_rotated(k_ptr, sin_ptr, cos_ptr, cols, n, prefix, stride_qk, stride_r, True, HALF)
+            sc = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+            sc = tl.dot(q2, tl.trans(k2), sc, input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(k_ptr + cols[:, None] * stride_qk + d[None, :], mask=(cols < n)[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         sc = tl.where((cols < n)[None, :], sc * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         p = tl.math.exp2(sc - m_new[:, None])
@@ -283,7 +294,7 @@ def _rope_attn_bwd_kernel(
 
 
 @triton.jit
-def _rope_attn_bwd_rotate_kernel(
+def _rope_attn_rotate_kernel(
     qkv_ptr,           # (T, 3 * H * DH) forward input, token stride stride_t, unit column stride
     sin_ptr, cos_ptr,  # (R, DH) rope tables, row stride stride_r
     seq_ptr,           # (S, 4) int32 sequence table (VARLEN only)
@@ -352,7 +363,8 @@ def fwd_config(max_len: int, head_dim: int, itemsize: int = 2) -> dict:
     registers): one 64-row block covers a local crop; 64-row query blocks waste least on
     261-token crops; long sequences take 128-row query blocks over two warpgroups. fp32 tiles
     (itemsize 4) take twice the shared memory: with 3 stages they outgrew an A100's 163 KiB
-    (180-214 KiB), with 2 they take 128-148 KiB."""
+    (180-214 KiB), with 2 they take 128-148 KiB. Other tiles and the pre-rotated schedule: see
+    rope_attention_fwd_triton's `config` and `prerotate`, and benchmarks/attention_sweep.py."""
     if max_len <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=1)
     if max_len <= 512:
@@ -363,12 +375,12 @@ def fwd_config(max_len: int, head_dim: int, itemsize: int = 2) -> dict:
 def bwd_config(max_len: int, head_dim: int) -> dict:
     """Backward tiles: BLOCK rows own dk/dv (then dq); BLOCK_INNER rows stream past them. sm_90,
     compiled as a GPU launch specialises it (tools/aot_compile.py applies the JIT's own argument
-    specialisation: 16-byte aligned pointers, strides divisible by 16): 246 registers at head dim
-    128 and 159 at head dim 64, no spills. Compiled without that specialisation (every load
+    specialisation: 16-byte aligned pointers, strides divisible by 16): 254 registers at head dim
+    128 and 162 at head dim 64, no spills. Compiled without that specialisation (every load
     scalar, one 64-bit address per element) the head-dim-128 kernel reads ~750 B/thread of
     spills, which a GPU launch does not have. Other tiles and schedules: see
     rope_attention_bwd_triton's `config`, `dq_config` and `prerotate`, and
-    benchmarks/attention_bwd_sweep.py, which times them."""
+    benchmarks/attention_sweep.py, which times them."""
     return dict(BLOCK=64, BLOCK_INNER=32, num_warps=8, num_stages=2)
 
 
@@ -386,36 +398,50 @@ def _sequence_chunks(S: int):
         yield s0, min(S - s0, _MAX_GRID_AXIS_1)
 
 
-def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int):
-    """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout."""
+def rope_attention_fwd_triton(qkv, sin, cos, seqinfo, num_heads: int, max_len: int,
+                              config: dict | None = None, prerotate: bool = False):
+    """out [T, C] and lse [H, T] fp32; see cpu.rope_attention_fwd_cpu for the layout. The defaults
+    (fwd_config's tiles, q and k rotated as they are loaded) are what the op runs; the options are
+    schedules for a device sweep (benchmarks/attention_sweep.py), all computing the same numbers.
+
+    Args:
+        config: the kernel's tiles, dict(BLOCK_M, BLOCK_N, num_warps, num_stages); None: fwd_config.
+        prerotate: rotate q and k once (`_rope_attn_rotate_kernel`) into a scratch [T, 2C] in
+            qkv's dtype, which the kernel reads without the rope tables (each query block otherwise
+            re-reads the fp32 table rows of every key block, twice the bytes of the keys and values
+            themselves). Costs 2 T C elements of qkv's dtype of transient memory. No effect without rope.
+    """
     if qkv.stride(1) != 1:
         qkv = qkv.contiguous()
     T, C, dh, S, rope_rows = _common(qkv, sin, seqinfo, num_heads, max_len)
     out = qkv.new_empty(T, C)
     lse = qkv.new_empty(num_heads, T, dtype=torch.float32)
-    cfg = fwd_config(max_len, dh, qkv.element_size())
+    cfg = config or fwd_config(max_len, dh, qkv.element_size())
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
+    prerotate = prerotate and rope_rows > 0
+    qk = _rotated_qk(qkv, sin, cos, seqinfo, num_heads, max_len, S) if prerotate else qkv
     for s0, n_seq in _sequence_chunks(S):
         grid = (triton.cdiv(max_len, cfg["BLOCK_M"]), n_seq, num_heads)
         _rope_attn_fwd_kernel[grid](
-            qkv, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
-            T, max_len, rope_rows, qkv.stride(0), sin.stride(0), out.stride(0), LOG2E / math.sqrt(dh), s0,
-            H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, VARLEN=seqinfo is not None,
+            qkv, qk, sin, cos, seqinfo if seqinfo is not None else qkv, out, lse,
+            T, max_len, rope_rows, qkv.stride(0), qk.stride(0), sin.stride(0), out.stride(0),
+            LOG2E / math.sqrt(dh), s0,
+            H=num_heads, DH=dh, HAS_ROPE=rope_rows > 0, PREROTATED=prerotate, VARLEN=seqinfo is not None,
             DOT_PRECISION=dot_precision(qkv.dtype), **cfg)
     return out, lse
 
 
-def _rotated_qk(qkv, sin, cos, seqinfo, num_heads: int, max_len: int, S: int, rope_rows: int):
+def _rotated_qk(qkv, sin, cos, seqinfo, num_heads: int, max_len: int, S: int):
     """Rotated q | k [T, 2C] in qkv's dtype (prefix rows copied as they are), rounded as the
     attention kernels round them."""
     T, C = qkv.shape[0], qkv.shape[1] // 3
     qk = qkv.new_empty(T, 2 * C)
     block = 64
     for s0, n_seq in _sequence_chunks(S):
-        _rope_attn_bwd_rotate_kernel[(triton.cdiv(max_len, block), n_seq, num_heads)](
+        _rope_attn_rotate_kernel[(triton.cdiv(max_len, block), n_seq, num_heads)](
             qkv, sin, cos, seqinfo if seqinfo is not None else qkv, qk,
-            max_len, rope_rows, qkv.stride(0), sin.stride(0), s0,
+            max_len, sin.shape[0], qkv.stride(0), sin.stride(0), s0,
             H=num_heads, DH=C // num_heads, VARLEN=seqinfo is not None, BLOCK=block)
     return qk
 
@@ -425,7 +451,7 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
                               prerotate: bool = False):
     """dqkv [T, 3C] in qkv's dtype. The defaults (one kernel on bwd_config's tiles, rotating q and
     k as it loads them) are what the op runs; the options are schedules for a device sweep
-    (benchmarks/attention_bwd_sweep.py), all computing the same numbers.
+    (benchmarks/attention_sweep.py), all computing the same numbers.
 
     Args:
         dout, out: [T, C]; qkv: [T, 3C]; lse: [H, T] fp32; sin, cos: [R, Dh] or None; seqinfo:
@@ -434,7 +460,7 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
         dq_config: tiles of a separate dq launch (its BLOCK query rows stream BLOCK_INNER key
             rows); the first launch then computes dk and dv alone (FlashAttention-2's layout, each
             pass on its own tiles). None: one launch computes dk/dv and then dq for its rows.
-        prerotate: rotate q and k once (`_rope_attn_bwd_rotate_kernel`) into a scratch [T, 2C] in
+        prerotate: rotate q and k once (`_rope_attn_rotate_kernel`) into a scratch [T, 2C] in
             qkv's dtype, which the kernels read without the rope tables; only the transposed
             rotation of dq and dk (once per program, in the store epilogue) still reads them.
             Costs 2 T C elements of qkv's dtype of transient memory. No effect without rope.
@@ -452,7 +478,7 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
     sin = sin.contiguous() if sin is not None else qkv
     cos = cos.contiguous() if cos is not None else qkv
     prerotate = prerotate and rope_rows > 0
-    qk = _rotated_qk(qkv, sin, cos, seqinfo, num_heads, max_len, S, rope_rows) if prerotate else qkv
+    qk = _rotated_qk(qkv, sin, cos, seqinfo, num_heads, max_len, S) if prerotate else qkv
     passes = [(config or bwd_config(max_len, dh), True, dq_config is None)]
     if dq_config is not None:
         passes.append((dq_config, False, True))
