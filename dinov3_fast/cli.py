@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -104,6 +105,61 @@ def _train_config(args: argparse.Namespace):
     return apply_overrides(cfg, overrides + list(args.opts or []))
 
 
+def _check_device(cfg) -> None:
+    """Refuse a train.device this machine cannot run (torch would fail deep inside, e.g. in
+    torch.cuda.set_device without a GPU), before anything is built."""
+    from dinov3_fast.train.config import ConfigError
+
+    name = cfg.train.device
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device (--device) must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device (--device) must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device (--device) {name}: no CUDA GPU is present; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device (--device) {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def _check_paths(cfg) -> None:
+    """Refuse, before anything is built (the run would fail only where it first reads or writes
+    them, after the model is built), a train.dataset_path that is not a folder (nor "synthetic"),
+    and a train.output_dir that cannot become a folder this process writes into: a file, a path
+    under a file, a folder without write permission."""
+    from dinov3_fast.train.config import ConfigError
+    from dinov3_fast.train.data import IMAGE_SUFFIXES
+
+    data = cfg.train.dataset_path
+    if data != "synthetic" and not Path(data).is_dir():
+        raise ConfigError(f"train.dataset_path (--data) {data} is not a folder: give a folder of "
+                          f"{'/'.join(IMAGE_SUFFIXES)} images (searched recursively), or 'synthetic'")
+    out = cfg.train.output_dir
+    target = Path(out).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir (--output-dir) {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir (--output-dir) {out}: {existing} is not writable")
+
+
+def _check_json(path: str | None) -> None:
+    """Refuse a --json file that cannot be written (its folder missing or read-only, or a folder
+    itself) before the run: train writes it at its first logged interval and would stop there."""
+    from dinov3_fast.train.config import ConfigError
+
+    if path is None:
+        return
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file name")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--json {path}: {target.parent} is not a folder this process can write into")
+
+
 def _train(args: argparse.Namespace) -> int:
     """A configuration or input error (ConfigError, a missing config file, an unreadable --resume
     checkpoint) is one line and exit code 2; any other error keeps its traceback."""
@@ -127,6 +183,9 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         cfg = _train_config(args)
+        _check_device(cfg)
+        _check_paths(cfg)
+        _check_json(args.json)
         history = train(cfg, resume=args.resume, progress=not args.no_progress,
                         on_log=write_json if args.json else None)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:
@@ -150,6 +209,7 @@ def _plan(args: argparse.Namespace) -> int:
         if args.arch is not None:
             overrides += arch_overrides(args.arch)
         cfg = apply_overrides(cfg, overrides + list(args.opts or []))
+        _check_json(args.json)
         plan = plan_memory(cfg, world_size=args.gpus)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -162,10 +222,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dinov3_fast.train.checkpoint import CheckpointError, export_from_checkpoint
+    from dinov3_fast.train.config import ConfigError
 
     try:
         out = export_from_checkpoint(args.checkpoint, args.out, which=args.which)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, ConfigError, OSError) as exc:  # OSError: --out cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -17,13 +17,16 @@ rank, not only there: the others would otherwise go on and wait in their next co
 process group timed out. A load checks the manifest (present, every file there with its size) before
 DCP reads anything, and raises `CheckpointError` naming the folder and the problem; rank 0 resolves
 and checks the folder for every rank, so all load the same one and fail together. It then
-compares the checkpoint's keys with the model's: a checkpoint without a Gram teacher (a
+compares the checkpoint's entries with the model's: a checkpoint without a Gram teacher (a
 pretraining run, which a Gram-anchoring stage continues, as in DINOv3) loads everything else and
-leaves the Gram teacher uninitialised; any other missing key is a `ConfigError` (the run's
-configuration does not match the checkpoint's), not corruption.
+leaves the Gram teacher uninitialised; any other missing entry, a model entry the run does not
+have (another depth: DCP would load the rest and say nothing) or a tensor of another shape is a
+`ConfigError` naming them (the run's configuration does not match the checkpoint's), not
+corruption. Loads and exports also take a run's train.output_dir (its checkpoints are in ckpt/).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,6 +48,7 @@ from dinov3_fast.train.config import ConfigError
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+RUN_ROOT = "ckpt"  # the checkpoint root inside a run's train.output_dir (loop.py)
 GRAM_TEACHER_PREFIX = "model.gram_teacher."  # the Gram teacher's keys in the checkpoint (DCP's flattened names)
 
 
@@ -60,6 +64,15 @@ def _rank_world() -> tuple[int, int]:
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP without its warning that one process saves or loads alone: given no_dist=True on
+    purpose, it warns at every call, so every checkpoint of a single-process run printed it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _check_all_ranks(error: Exception | None, what: str) -> None:
@@ -125,7 +138,8 @@ def save_checkpoint(root: str | Path, step: int, arch: torch.nn.Module, optimize
     _check_all_ranks(error, f"creating {tmp}")
     model_sd, optim_sd = get_state_dict(arch, optimizer)
     # DCP gathers every rank's write result and raises on all of them if one failed
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
     try:
         torch.save({**rank_state, "step": step, "world_size": world}, tmp / f"rank{rank}.pt")
     except Exception as exc:  # noqa: BLE001
@@ -220,49 +234,65 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a checkpoint root (-> its most recently saved checkpoint that verifies)."""
+    """A checkpoint folder, or a checkpoint root, or a run's train.output_dir (whose root is its
+    RUN_ROOT sub-folder) -> the root's most recently saved checkpoint that verifies."""
     path = Path(path)
     if (path / MANIFEST).exists() or path.name.startswith("step_") or path.name.startswith(".tmp_step_"):
         verify_checkpoint(path)
         return path
-    found = complete_checkpoints(path)
+    found = complete_checkpoints(path) or complete_checkpoints(path / RUN_ROOT)
     for cand in reversed(found):
         try:
             verify_checkpoint(cand)
             return cand
         except CheckpointError as exc:
             warnings.warn(f"skipping {exc}", stacklevel=2)
-    raise CheckpointError(f"no complete checkpoint under {path}")
+    raise CheckpointError(f"no complete checkpoint under {path}" + ("" if path.exists() else " (it does not exist)"))
 
 
-def _expected_keys(state: dict[str, Any]) -> set[str]:
-    """The checkpoint keys (DCP's flattened names) that `state` = {"model": model state dict[,
-    "optim": optimizer state dict]} reads: every model tensor and every per-parameter optimizer
-    state (the optimizer's param_groups are left to DCP)."""
-    keys = {f"model.{fqn}" for fqn in state["model"]}
+def _expected_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint entries (DCP's flattened names -> this run's tensors) that `state` = {"model":
+    model state dict[, "optim": optimizer state dict]} reads: every model tensor and every
+    per-parameter optimizer state (the optimizer's param_groups are left to DCP)."""
+    out = {f"model.{fqn}": t for fqn, t in state["model"].items()}
     for fqn, per_param in state.get("optim", {}).get("state", {}).items():
-        keys |= {f"optim.state.{fqn}.{name}" for name in per_param}
-    return keys
+        out |= {f"optim.state.{fqn}.{name}": t for name, t in per_param.items()}
+    return out
 
 
-def _missing_keys(path: Path, state: dict[str, Any]) -> set[str]:
-    """The keys `state` reads that the checkpoint at `path` does not hold (from its DCP metadata)."""
+def _saved_entries(path: Path) -> dict[str, Any]:
+    """The checkpoint's entries (flattened name -> DCP storage metadata), from its DCP metadata."""
     try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as exc:  # noqa: BLE001  (an unreadable .metadata file)
         raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
-    return _expected_keys(state) - set(saved)
 
 
-def _loads_without_gram_teacher(path: Path, missing: set[str]) -> bool:
-    """True when the checkpoint lacks exactly the Gram teacher (saved by a run without one: the
-    model loads the rest and the Gram teacher stays uninitialised); False when it lacks nothing.
-    Any other missing key raises ConfigError naming them: the checkpoint is intact, but it was
-    saved with another configuration."""
-    others = sorted(k for k in missing if not k.startswith(GRAM_TEACHER_PREFIX))
-    if others:
-        shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
-        raise ConfigError(f"checkpoint {path} does not match this run's configuration: it has no {shown}; "
+def _shown(items: list[str]) -> str:
+    """The first five of `items`, and how many there are in all if more."""
+    return ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+
+
+def _loads_without_gram_teacher(path: Path, state: dict[str, Any]) -> bool:
+    """Whether the checkpoint at `path` lacks exactly the Gram teacher that `state` reads (saved by
+    a run without one: the model loads the rest and the Gram teacher stays uninitialised); False
+    when it holds everything. A checkpoint saved with another configuration is a ConfigError naming
+    what differs, not corruption and never a partial load: entries `state` reads that it lacks
+    (other than the Gram teacher's), model entries it holds that `state` does not read (but a Gram
+    teacher's: a run may leave Gram anchoring off), and tensors of another shape."""
+    saved, expected = _saved_entries(path), _expected_tensors(state)
+    missing = sorted(k for k in expected if k not in saved)
+    problems = []
+    if others := [k for k in missing if not k.startswith(GRAM_TEACHER_PREFIX)]:
+        problems.append(f"it has no {_shown(others)}")
+    if extra := sorted(k for k in saved if k.startswith("model.") and k not in expected
+                       and not k.startswith(GRAM_TEACHER_PREFIX)):
+        problems.append(f"this run's model has no {_shown(extra)}")
+    if shapes := [f"{k} is {list(saved[k].size)} there, {list(t.shape)} here" for k, t in expected.items()
+                  if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(t.shape)]:
+        problems.append(_shown(shapes))
+    if problems:
+        raise ConfigError(f"checkpoint {path} does not match this run's configuration: {'; '.join(problems)}; "
                           f"resume with the configuration it was saved with (its config.yaml)")
     return bool(missing)
 
@@ -283,7 +313,7 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
 
     def resolve() -> tuple[str, bool]:
         found = resolve_checkpoint(path)
-        return str(found), _loads_without_gram_teacher(found, _missing_keys(found, state))
+        return str(found), _loads_without_gram_teacher(found, state)
 
     # Rank 0 picks and checks the checkpoint for all (the keys are the same on every rank): ranks that
     # resolved a root on their own could pick different folders (one being written or pruned, a lagging
@@ -291,8 +321,9 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
     found, without_gram_teacher = _from_rank0(resolve, f"resolving checkpoint {path}")
     path = Path(found)
     try:  # the Gram teacher's entries, if not in the checkpoint, keep their values
-        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=without_gram_teacher),
-                 no_dist=not _dist_on())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path),
+                     planner=DefaultLoadPlanner(allow_partial_load=without_gram_teacher), no_dist=not _dist_on())
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: {exc}") from exc
     if optimizer is not None:
@@ -346,7 +377,8 @@ def _write_backbone(sd: dict[str, torch.Tensor], out: Path) -> None:
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> Path:
     """Offline export: rebuild the run's models from the checkpoint's config.yaml on the CPU,
-    load it (any saved world size) and write the backbone (see `export_backbone`)."""
+    load it (any saved world size) and write the backbone (see `export_backbone`) to `out`, or
+    (`out` None or a folder) to a file named for the checkpoint, next to it or in that folder."""
     from dinov3_fast.train.config import load_config
     from dinov3_fast.train.meta_arch import SSLMetaArch
     path = resolve_checkpoint(checkpoint)
@@ -356,11 +388,16 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path | None = None
     cfg = load_config(cfg_file, base="debug")
     arch = SSLMetaArch(cfg, device="cpu")
     load_checkpoint(path, arch)
-    if out is None:
-        try:
-            import safetensors  # noqa: F401
-            suffix = ".safetensors"
-        except ImportError:
-            suffix = ".pth"
-        out = path.parent / f"{path.name}_{which}_backbone{suffix}"
+    if out is None or Path(out).is_dir():  # a folder: the default name in it
+        out = (path.parent if out is None else Path(out)) / _export_name(path, which)
     return export_backbone(arch, out, which)
+
+
+def _export_name(checkpoint: Path, which: str) -> str:
+    """The default export file name: <step folder>_<which>_backbone, .safetensors when the package is there."""
+    try:
+        import safetensors  # noqa: F401
+        suffix = ".safetensors"
+    except ImportError:
+        suffix = ".pth"
+    return f"{checkpoint.name}_{which}_backbone{suffix}"

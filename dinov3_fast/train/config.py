@@ -2,8 +2,12 @@
 
 Section and key names are DINOv3's (`ssl_default_config.yaml`: student, teacher, dino, ibot,
 gram, optim, crops, train, compute_precision, checkpointing), so a DINOv3 YAML file loads with
-the keys we implement; unknown keys raise (a typo is an error, not a silent default). Keys that
-DINOv3 does not have are marked "ours".
+the keys we implement; unknown keys raise (a typo is an error, not a silent default). DINOv3's
+keys for features we do not have (fp8, distillation, pretrained weights, ...) load at the value
+that leaves the feature off, its default, and raise at any other (`_DINOV3_OFF`), so DINOv3's own
+ViT-L recipe (configs/train/vitl_im1k_lin834.yaml) loads; its 7B files use its v2 `schedules:`
+section, which the `vit7b16` preset translates. Keys that DINOv3 does not have are marked "ours".
+`validate` names any value out of its range before anything is built.
 
     cfg = get_preset("vitl16_h100")                      # a named preset
     cfg = load_config("run.yaml", base="debug")         # a YAML file over a preset
@@ -200,8 +204,9 @@ class ComputePrecisionConfig:
 
 @dataclass
 class CheckpointingConfig:
-    """DINOv3 `checkpointing:`: save every `period` iterations (0: only at the end, -1: never), keep the last few."""
-    period: int = 0
+    """DINOv3 `checkpointing:`: save every `period` iterations (0: only at the end, -1: never), keep the last few.
+    A run saves at its end too; DINOv3's period (3750), so a long run that fails keeps its last checkpoint."""
+    period: int = 3750
     max_to_keep: int = 3
 
 
@@ -292,7 +297,48 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 _DINOV3_ALIASES = {("train", "checkpointing"): ("train", "ac", lambda v: "selective" if v else None),
                    ("train", "checkpointing_full"): ("train", "ac", lambda v: "full" if v else None)}
 _DINOV3_IGNORED = {("train", "num_workers"), ("train", "cache_dataset"), ("train", "saveckp_freq"),
-                   ("optim", "multi_tensor_optim"), ("optim", "optimizer"), ("train", "use_teacher_head")}
+                   ("optim", "multi_tensor_optim"), ("optim", "optimizer"), ("train", "use_teacher_head"),
+                   ("MODEL", "META_ARCHITECTURE"), ("MODEL", "DEVICE"), ("MODEL", "DTYPE"),
+                   ("evaluation", "low_freq_every"), ("evaluation", "config_files")}  # DINOv3's eval harness
+# DINOv3 keys for features this trainer does not have, at the value that leaves them off (DINOv3's
+# default), so DINOv3's own YAML files load: accepted at that value, a ConfigError at any other.
+_DINOV3_OFF = {
+    "MODEL": {"WEIGHTS": ""},
+    "dino": {"head_norm_last_layer": False, "koleo_distributed_replicas": 0, "koleo_distributed_loss_group_data": True,
+             "force_weight_norm": False},
+    "ibot": {"mask_random_circular_shift": False, "force_masking_even_with_zero_weight": False,
+             "head_norm_last_layer": False},
+    "gram": {"compute_stats": False, "ckpt": None},
+    "train": {"data_config": None, "monitor_gradient_norm": False, "chunk_schedule": [],
+              "learn_from_teacher_tokens": False, "cudagraphs": False, "fsdp_reshard_after_forward": True,
+              "sharded_eval_checkpoint": False, "cell_augmentation": False, "cell_augmentation_type": "hpa"},
+    "student": {"patch_drop": 0.0, "pretrained_weights": "", "resume_from_teacher_chkpt": "", "pos_embed_type": "rope",
+                "pos_embed_rope_min_period": None, "pos_embed_rope_max_period": None,
+                "pos_embed_rope_normalize_coords": "separate", "pos_embed_rope_shift_coords": None,
+                "pos_embed_rope_jitter_coords": None, "fp8_enabled": False, "fp8_filter": "blocks"},
+    "teacher": {"in_chans": 3},
+    "distillation": {"enabled": False, "full_cfg_path": "", "checkpoint_path": ""},
+    "multidistillation": {"enabled": False},
+    "hrft": {"enabled": False, "checkpoint_path": ""},
+    "optim": {"schedule_trunc_extra": 0.0, "dump_fsdp_weights_path": ""},
+    "crops": {"global_local_crop_pairs_ratios": 1.0, "localcrops_subset_of_globalcrops": False,
+              "share_color_jitter": False, "teacher_to_student_resolution_scale": 1.0},
+    "checkpointing": {"keep_every": 99999999999999999},
+}
+
+
+def _dinov3_only(section: str, key: str, value: Any) -> bool:
+    """Whether section.key is a DINOv3 key this trainer accepts and drops (`_DINOV3_IGNORED`, or
+    `_DINOV3_OFF` at its value); ConfigError for a `_DINOV3_OFF` key set to turn its feature on."""
+    if (section, key) in _DINOV3_IGNORED:
+        return True
+    off = _DINOV3_OFF.get(section, {})
+    if key not in off:
+        return False
+    if value != off[key]:
+        raise ConfigError(f"{section}.{key}={value!r}: this DINOv3 option is not implemented here; "
+                          f"remove it or set it to {off[key]!r}")
+    return True
 
 
 def update_config(cfg: Config, data: dict[str, Any]) -> Config:
@@ -300,15 +346,16 @@ def update_config(cfg: Config, data: dict[str, Any]) -> Config:
     cfg = copy.deepcopy(cfg)
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    sections = [f.name for f in dataclasses.fields(cfg)]
     for section, values in data.items():
-        if not hasattr(cfg, section) or section.startswith("_") or section == "total_steps":
-            raise ConfigError(f"unknown config section {section!r}; sections: {[f.name for f in dataclasses.fields(cfg)]}")
-        sub = getattr(cfg, section)
+        if section not in sections and section not in _DINOV3_OFF:
+            raise ConfigError(f"unknown config section {section!r}; sections: {sections}")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-        hints = typing.get_type_hints(type(sub))
+        sub = getattr(cfg, section, None)
+        hints = typing.get_type_hints(type(sub)) if sub is not None else {}
         for key, value in values.items():
-            if (section, key) in _DINOV3_IGNORED:
+            if _dinov3_only(section, key, value):
                 continue
             if (section, key) in _DINOV3_ALIASES:
                 _, target, fn = _DINOV3_ALIASES[(section, key)]
@@ -324,11 +371,10 @@ def update_config(cfg: Config, data: dict[str, Any]) -> Config:
 
 def load_config(path: str | Path, base: str | Config = "cpu") -> Config:
     """A YAML file (DINOv3's layout) over a preset (or Config). Raises on unknown keys."""
-    import yaml
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path.read_text(), f"config file {path}") or {}
     base_cfg = get_preset(base) if isinstance(base, str) else base
     return update_config(base_cfg, data)
 
@@ -349,15 +395,23 @@ def _lists(x: Any) -> Any:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """DINOv3's command-line `opts`: "section.key=value" strings, values parsed as YAML."""
-    import yaml
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override must look like section.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        data.setdefault(section, {})[key] = yaml.safe_load(raw)
+        data.setdefault(section, {})[key] = _parse_yaml(raw, f"override {item!r}")
     return update_config(cfg, data)
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load(text), a ConfigError naming `what` (the file, the override) if it is not YAML."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def arch_overrides(arch: str) -> list[str]:
@@ -368,12 +422,104 @@ def arch_overrides(arch: str) -> list[str]:
 
 # --------------------------------------------------------------------------- validation
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Raise ValueError naming the key for any setting the trainer cannot run."""
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _unit(v) -> bool:
+    return 0 <= v <= 1
+
+
+def _scale(v) -> bool:
+    return 0 < v[0] <= v[1] <= 1
+
+
+# Range checks, (key, test, what is expected): each value that fails its test (None, where a key
+# allows it, is not tested) is a ConfigError naming the key, where it would otherwise crash deep
+# inside the model or a loss, or train silently on a wrong number (a negative lr, a zero std).
+_RANGES = (
+    ("student.patch_size", _positive, "a positive integer"),
+    ("student.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("student.n_storage_tokens", _non_negative, ">= 0"),
+    ("student.in_chans", lambda v: v == 3, "3 (the augmentation makes RGB crops)"),
+    ("student.embed_dim", _positive, "a positive integer (or null: the arch's)"),
+    ("student.depth", _positive, "a positive integer (or null: the arch's)"),
+    ("student.num_heads", _positive, "a positive integer (or null: the arch's)"),
+    ("student.ffn_ratio", _positive, "> 0 (or null: the arch's)"),
+    ("teacher.momentum_teacher", _unit, "in [0, 1]"),
+    ("teacher.final_momentum_teacher", _unit, "in [0, 1]"),
+    ("teacher.warmup_teacher_temp", _positive, "> 0"),
+    ("teacher.teacher_temp", _positive, "> 0"),
+    ("teacher.warmup_teacher_temp_epochs", _non_negative, ">= 0"),
+    *((f"{head}.head_{k}", _positive, "a positive integer")
+      for head in ("dino", "ibot") for k in ("n_prototypes", "bottleneck_dim", "hidden_dim", "nlayers")),
+    ("optim.epochs", _positive, "a positive integer"),
+    ("optim.lr", _non_negative, ">= 0"),
+    ("optim.min_lr", _non_negative, ">= 0"),
+    ("optim.warmup_epochs", _non_negative, ">= 0"),
+    ("optim.weight_decay", _non_negative, ">= 0"),
+    ("optim.weight_decay_end", _non_negative, ">= 0"),
+    ("optim.freeze_last_layer_epochs", _non_negative, ">= 0"),
+    ("optim.patch_embed_lr_mult", _non_negative, ">= 0"),
+    ("optim.layerwise_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.adamw_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adamw_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("crops.global_crops_scale", _scale, "(min, max) with 0 < min <= max <= 1"),
+    ("crops.local_crops_scale", _scale, "(min, max) with 0 < min <= max <= 1"),
+    ("crops.rgb_std", lambda v: min(v) > 0, "three positive values"),
+    ("train.steps", _positive, "a positive integer (or null: optim.epochs x train.OFFICIAL_EPOCH_LENGTH)"),
+    ("train.OFFICIAL_EPOCH_LENGTH", _positive, "a positive integer"),
+    ("train.image_size", lambda v: v >= 8, ">= 8 (or null: 1.25 x the largest crop)"),
+    ("train.synthetic_classes", _positive, "a positive integer"),
+    ("checkpointing.period", lambda v: v >= -1, ">= -1 (0: only at the end, -1: never)"),
+    ("evaluation.knn_val_samples", _non_negative, ">= 0 (0: no kNN probe)"),
+)
+_KNN_RANGES = (  # checked when the probe runs (evaluation.knn_val_samples > 0)
+    ("evaluation.knn_k", _positive, "a positive integer"),
+    ("evaluation.knn_train_samples", _positive, "a positive integer"),
+)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Raise ConfigError for the first value out of its range (`_RANGES`, `_KNN_RANGES`)."""
+    for key, ok, expected in _RANGES + (_KNN_RANGES if cfg.evaluation.knn_val_samples > 0 else ()):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _check_student(cfg: Config) -> None:
+    """The student's arch, its trunk (the arch's, with the config's overrides) and its layer names,
+    checked before anything is built (the model would raise without naming the config key)."""
     from dinov3_fast.models import ARCHS
-    s, c, t = cfg.student, cfg.crops, cfg.train
+    from dinov3_fast.models.ffn import FFN_LAYERS
+    from dinov3_fast.models.norms import NORM_LAYERS
+    from dinov3_fast.models.vision_transformer import ROPE_DTYPES
+    s = cfg.student
     if s.arch not in ARCHS:
         raise ConfigError(f"student.arch: unknown arch {s.arch!r}; choose from {sorted(ARCHS)}")
+    for key, value, choices in (("student.ffn_layer", s.ffn_layer, FFN_LAYERS),
+                                ("student.norm_layer", s.norm_layer, NORM_LAYERS),
+                                ("student.pos_embed_rope_dtype", s.pos_embed_rope_dtype, ROPE_DTYPES)):
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+    embed_dim = s.embed_dim or ARCHS[s.arch]["embed_dim"]
+    num_heads = s.num_heads or ARCHS[s.arch]["num_heads"]
+    if embed_dim % num_heads:
+        raise ConfigError(f"student.embed_dim ({embed_dim}) must be divisible by student.num_heads ({num_heads}); "
+                          f"null takes {s.arch}'s")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise ConfigError (a ValueError) naming the key for any setting the trainer cannot run."""
+    s, c, t = cfg.student, cfg.crops, cfg.train
+    _check_ranges(cfg)
+    _check_student(cfg)
     for name, size in (("crops.global_crops_size", c.global_crops_size), ("crops.local_crops_size", c.local_crops_size),
                        ("crops.gram_teacher_crops_size", c.gram_teacher_crops_size)):
         if size is not None and (size <= 0 or size % s.patch_size):

@@ -140,23 +140,16 @@ class ImageFolder:
         return len(self.files)
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
-        try:
-            from PIL import Image
-        except ImportError as exc:
-            raise ImportError("reading an image folder needs Pillow: pip install 'dinov3-fast[train]'") from exc
+        """Image i as uint8 [3, S, S] and its label. A file Pillow cannot decode (corrupt, truncated,
+        not an image) is a ConfigError naming it, where Pillow's own error may name none."""
         path = self.files[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = self.image_size / min(w, h)
-            im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
-                           Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-            im = im.crop((left, top, left + self.image_size, top + self.image_size))
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        try:
+            image = _read_square(path, self.image_size)
+        except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for a bad file
+            raise ConfigError(f"image {path} could not be decoded ({type(exc).__name__}: {exc}); "
+                              f"remove or replace it, then resume from the last checkpoint") from exc
         parts = path.relative_to(self.root).parts
-        return data.view(self.image_size, self.image_size, 3).permute(2, 0, 1), self._class.get(parts[0], 0) if len(parts) > 1 else 0
+        return image, self._class.get(parts[0], 0) if len(parts) > 1 else 0
 
     def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images uint8 -> float [B, 3, S, S] in [0, 1] on `device` and labels [B] for dataset
@@ -168,6 +161,34 @@ class ImageFolder:
         items = list(self._pool.map(self.load, [int(i) % len(self) for i in idx.tolist()]))
         images = to_device_async(torch.stack([x for x, _ in items]), device).float() / 255
         return images, to_device_async(torch.tensor([y for _, y in items]), device)
+
+
+def _read_square(path: Path, size: int) -> torch.Tensor:
+    """The image at `path` as uint8 [3, size, size]: 8-bit RGB, short side resized to `size`
+    (bicubic), centre-cropped."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("reading an image folder needs Pillow: pip install 'dinov3-fast[train]'") from exc
+    with Image.open(path) as im:
+        im = _to_rgb(im)
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, 3).permute(2, 0, 1)
+
+
+def _to_rgb(im):
+    """A Pillow image as 8-bit RGB. 16-bit grayscale PNGs (Pillow's modes "I;16*", or "I") are
+    scaled to 8 bits first: Pillow's own conversion clips them at 255, which turns all but the
+    darkest 0.4% of their range white. Any other mode converts as DINOv3's loader does."""
+    if im.mode.startswith("I"):
+        im = im.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return im.convert("RGB")
 
 
 def source_image_size(cfg) -> int:

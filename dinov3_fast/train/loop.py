@@ -279,6 +279,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     state = build_state(cfg, device)
     if resume is not None:
         state.restore(load_checkpoint(resume, state.arch, state.optimizer))
+        if state.step >= cfg.total_steps:  # it would train nothing and save the same step again
+            raise ConfigError(f"checkpoint {resume} is at step {state.step}, and this run stops at step "
+                              f"{cfg.total_steps} (train.steps, --steps): nothing to train; give more steps")
     g = cfg.gram
     if state.arch.has_gram_teacher and not state.arch.gram_teacher_initialized:
         # the Gram loss runs from the first step, and its teacher can only start as the EMA teacher
