@@ -1,6 +1,6 @@
 """Tests of dinov3_fast.models: DINOv3's ViT family, RoPE module, heads, counts.
 
-The oracle `dinov3_forward_oracle` is written here from DINOv3's documented semantics, straight
+The oracle `dinov3_forward_list_oracle` is written here from DINOv3's documented semantics, straight
 from a DINOv3-named state dict, in float64: it shares no code with the model.
 """
 from __future__ import annotations
@@ -118,14 +118,25 @@ def random_dinov3_checkpoint(cfg: dict) -> dict[str, torch.Tensor]:
     return sd
 
 
-def dinov3_forward_oracle(sd: dict, cfg: dict, x: torch.Tensor, masks=None, training_local=False):
-    """DINOv3's eval forward_features in float64, from a state dict (the semantics of
-    dinov3/models/vision_transformer.py + layers/, written out). Returns the output dict."""
+def dinov3_forward_list_oracle(sd: dict, cfg: dict, xs: list[torch.Tensor], masks_list=None, training=False):
+    """DINOv3's forward_features_list in float64, from a state dict (the semantics of
+    dinov3/models/vision_transformer.py + layers/, written out). Returns one output dict per crop.
+
+    training=True runs DINOv3's training path: before each block, every crop's RoPE coordinate
+    augmentations (shift: 2 values, jitter: 2, rescale: 1, drawn in fp32, the tables' dtype, so
+    cfg must use fp32 tables); then, with drop_path_rate, the block's branches on sample subsets
+    (layers/block.py `_forward_list`: every crop's randperm for attention, then every crop's for
+    the FFN, added back with index_add and alpha B / subset); and local_cls_norm for the second crop.
+    """
+    if training:
+        assert cfg.get("pos_embed_rope_dtype") == "fp32", "the oracle draws the augmentations in fp32"
     sd = {k: v.double() for k, v in sd.items()}
-    x = x.double()
+    masks_list = masks_list or [None] * len(xs)
     d, nh = cfg["embed_dim"], cfg["num_heads"]
     dh, p, s = d // nh, cfg.get("patch_size", 16), cfg.get("n_storage_tokens", 0)
+    r = 1 + s
     eps = NORM_EPS[cfg.get("norm_layer", "layernorm")]
+    rate = cfg.get("drop_path_rate", 0.0) if training else 0.0
 
     def norm(t, pre):
         if cfg.get("norm_layer") == "rmsnorm":
@@ -138,51 +149,85 @@ def dinov3_forward_oracle(sd: dict, cfg: dict, x: torch.Tensor, masks=None, trai
             bias = bias * sd[pre + ".bias_mask"]
         return t @ sd[pre + ".weight"].T + (0 if bias is None else bias)
 
-    B, _, H, W = x.shape
-    gh, gw = H // p, W // p
-    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
-    tok = tok.flatten(2).transpose(1, 2)
-    if masks is not None:
-        tok = torch.where(masks.reshape(B, -1, 1), sd["mask_token"][None], tok)
-    prefix = [sd["cls_token"].expand(B, 1, d)] + ([sd["storage_tokens"].expand(B, s, d)] if s else [])
-    h = torch.cat(prefix + [tok], dim=1)
-    r = 1 + s
-    # RoPE: patch centres in [-1, 1] per axis, angle 2 pi c / period, [y | x] tiled twice.
-    ys = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh * 2 - 1
-    xs = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw * 2 - 1
-    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-    per = sd["rope_embed.periods"]
-    ang = torch.cat([2 * math.pi * cy.reshape(-1, 1) / per, 2 * math.pi * cx.reshape(-1, 1) / per], dim=1)
-    ang = torch.cat([ang, ang], dim=1)
-    sin, cos = ang.sin(), ang.cos()
+    def tokens(x, masks):  # [B, r + HW, D]
+        B = x.shape[0]
+        tok = F.conv2d(x.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+        tok = tok.flatten(2).transpose(1, 2)
+        if masks is not None:
+            tok = torch.where(masks.reshape(B, -1, 1), sd["mask_token"][None], tok)
+        prefix = [sd["cls_token"].expand(B, 1, d)] + ([sd["storage_tokens"].expand(B, s, d)] if s else [])
+        return torch.cat(prefix + [tok], dim=1)
 
-    def rot(t):  # t [B, nh, N, dh]; patches only
-        pt = t[:, :, r:]
-        half = torch.cat([-pt[..., dh // 2:], pt[..., : dh // 2]], dim=-1)
-        return torch.cat([t[:, :, :r], pt * cos + half * sin], dim=2)
+    def rope(gh, gw):  # patch centres in [-1, 1] per axis, angle 2 pi c / period, [y | x] tiled twice
+        ys = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh * 2 - 1
+        xs_ = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw * 2 - 1
+        c = torch.stack([t.reshape(-1) for t in torch.meshgrid(ys, xs_, indexing="ij")], dim=1)  # [HW, 2]
+        if training and cfg.get("pos_embed_rope_shift_coords") is not None:
+            shift = cfg["pos_embed_rope_shift_coords"]
+            c = c + torch.empty(2).uniform_(-shift, shift).double()
+        if training and cfg.get("pos_embed_rope_jitter_coords") is not None:
+            j = math.log(cfg["pos_embed_rope_jitter_coords"])
+            c = c * torch.empty(2).uniform_(-j, j).exp().double()
+        if training and cfg.get("pos_embed_rope_rescale_coords") is not None:
+            j = math.log(cfg["pos_embed_rope_rescale_coords"])
+            c = c * torch.empty(1).uniform_(-j, j).exp().double()
+        ang = 2 * math.pi * c[:, :, None] / sd["rope_embed.periods"]  # [HW, 2, dh/4]
+        ang = torch.cat([ang.flatten(1), ang.flatten(1)], dim=1)
+        return ang.sin(), ang.cos()
 
-    for i in range(cfg["depth"]):
-        b = f"blocks.{i}."
-        n = h.shape[1]
+    def attn(h, b, sin_cos):  # ls1(attn(norm1(h)))
+        sin, cos = sin_cos
+        B, n, _ = h.shape
+
+        def rot(t):  # t [B, nh, N, dh]; patches only
+            pt = t[:, :, r:]
+            half = torch.cat([-pt[..., dh // 2:], pt[..., : dh // 2]], dim=-1)
+            return torch.cat([t[:, :, :r], pt * cos + half * sin], dim=2)
+
         qkv = linear(norm(h, b + "norm1"), b + "attn.qkv").reshape(B, n, 3, nh, dh).permute(2, 0, 3, 1, 4)
         q, k, v = rot(qkv[0]), rot(qkv[1]), qkv[2]
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ v
-        a = linear(a.transpose(1, 2).reshape(B, n, d), b + "attn.proj")
-        h = h + a * sd.get(b + "ls1.gamma", 1.0)
+        return linear(a.transpose(1, 2).reshape(B, n, d), b + "attn.proj") * sd.get(b + "ls1.gamma", 1.0)
+
+    def ffn(h, b):  # ls2(mlp(norm2(h)))
         m = norm(h, b + "norm2")
         if cfg.get("ffn_layer", "mlp") == "mlp":
             m = linear(F.gelu(linear(m, b + "mlp.fc1")), b + "mlp.fc2")
         else:
             m = linear(F.silu(linear(m, b + "mlp.w1")) * linear(m, b + "mlp.w2"), b + "mlp.w3")
-        h = h + m * sd.get(b + "ls2.gamma", 1.0)
-    if training_local:
-        cls_reg = norm(h[:, :r], "local_cls_norm")
-    elif cfg.get("untie_cls_and_patch_norms"):
-        cls_reg = norm(h[:, :r], "cls_norm")
-    else:
-        cls_reg = norm(h[:, :r], "norm")
-    return {"x_norm_clstoken": cls_reg[:, 0], "x_storage_tokens": cls_reg[:, 1:],
-            "x_norm_patchtokens": norm(h[:, r:], "norm"), "x_prenorm": h}
+        return m * sd.get(b + "ls2.gamma", 1.0)
+
+    hs = [tokens(x, m) for x, m in zip(xs, masks_list)]
+    grids = [(x.shape[-2] // p, x.shape[-1] // p) for x in xs]
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        ropes = [rope(gh, gw) for gh, gw in grids]
+        if rate > 0:
+            keep = [max(int(h.shape[0] * (1 - rate)), 1) for h in hs]
+            idx = [torch.randperm(h.shape[0])[:k] for h, k in zip(hs, keep)]
+            hs = [h.index_add(0, j, attn(h[j], b, sc), alpha=h.shape[0] / k)
+                  for h, j, sc, k in zip(hs, idx, ropes, keep)]
+            idx = [torch.randperm(h.shape[0])[:k] for h, k in zip(hs, keep)]
+            hs = [h.index_add(0, j, ffn(h[j], b), alpha=h.shape[0] / k) for h, j, k in zip(hs, idx, keep)]
+        else:
+            hs = [h + attn(h, b, sc) for h, sc in zip(hs, ropes)]
+            hs = [h + ffn(h, b) for h in hs]
+    out = []
+    for i, h in enumerate(hs):
+        if training and i == 1 and cfg.get("untie_global_and_local_cls_norm"):
+            cls_reg = norm(h[:, :r], "local_cls_norm")
+        elif cfg.get("untie_cls_and_patch_norms"):
+            cls_reg = norm(h[:, :r], "cls_norm")
+        else:
+            cls_reg = norm(h[:, :r], "norm")
+        out.append({"x_norm_clstoken": cls_reg[:, 0], "x_storage_tokens": cls_reg[:, 1:],
+                    "x_norm_patchtokens": norm(h[:, r:], "norm"), "x_prenorm": h})
+    return out
+
+
+def dinov3_forward_oracle(sd: dict, cfg: dict, x: torch.Tensor, masks=None):
+    """DINOv3's eval forward_features of one crop (`dinov3_forward_list_oracle`)."""
+    return dinov3_forward_list_oracle(sd, cfg, [x], [masks])[0]
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -296,6 +341,25 @@ def test_dinov3_checkpoint_roundtrip(cfg):
     torch.testing.assert_close(again.eval().forward_features(x, masks)["x_prenorm"], out["x_prenorm"])
 
 
+@pytest.mark.parametrize("name", sorted(ARCHS) + sorted(PRESETS))
+def test_every_arch_and_preset_has_dinov3s_state_dict(name):
+    """Names and shapes of each factory (DINOv3's defaults) and published backbone, on the meta device:
+    what DINOv3 builds for the same options, so its checkpoints load with strict=True."""
+    cfg = {**ARCHS[PRESETS[name]["arch"]], **PRESETS[name]} if name in PRESETS else dict(ARCHS[name])
+    model = meta_model(name)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == dinov3_state_dict_spec(cfg)
+
+
+def test_sat493m_vitl_has_the_untied_local_cls_norm():
+    """dinov3/hub/backbones.py builds ViT-L for its SAT-493M weights (hash eadcf0ff) with
+    untie_global_and_local_cls_norm=True, so that checkpoint holds local_cls_norm.{weight,bias}
+    and the LVD-1689M one does not; the 7B has it for both weights."""
+    sat = meta_model("dinov3_vitl16_sat493m").state_dict()
+    lvd = meta_model("dinov3_vitl16").state_dict()
+    assert set(sat) - set(lvd) == {"local_cls_norm.weight", "local_cls_norm.bias"}
+    assert "local_cls_norm.weight" in meta_model("dinov3_vit7b16").state_dict()
+
+
 def test_untied_local_cls_norm_in_training_only():
     cfg = dict(TINY_7B_LIKE)
     ckpt = random_dinov3_checkpoint(cfg)
@@ -305,12 +369,64 @@ def test_untied_local_cls_norm_in_training_only():
     model.train()  # no drop path, no rope augmentation in this config: deterministic
     out = model.forward_features([g, loc], [None, None])
     torch.testing.assert_close(out[1]["x_norm_clstoken"],
-                               dinov3_forward_oracle(ckpt, cfg, loc, training_local=True)["x_norm_clstoken"].float(),
-                               rtol=1e-5, atol=1e-5)
+                               dinov3_forward_list_oracle(ckpt, cfg, [g, loc], training=True)[1]["x_norm_clstoken"]
+                               .float(), rtol=1e-5, atol=1e-5)
     model.eval()
     out = model.forward_features([g, loc], [None, None])
     torch.testing.assert_close(out[1]["x_norm_clstoken"],
                                dinov3_forward_oracle(ckpt, cfg, loc)["x_norm_clstoken"].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_7B_LIKE], ids=["vits_like", "vit7b_like"])
+def test_training_forward_draws_dinov3s_numbers(cfg):
+    """The seeded training forward (drop path, all three RoPE augmentations, a mask, a global and a
+    local crop group) against DINOv3's training path: the same draws in the same order, the same
+    numbers (a draw out of order moves whole images and fails by O(1))."""
+    cfg = dict(cfg, drop_path_rate=0.4, pos_embed_rope_shift_coords=0.1, pos_embed_rope_jitter_coords=1.3,
+               pos_embed_rope_rescale_coords=2.0)
+    ckpt = random_dinov3_checkpoint(cfg)
+    model = DinoVisionTransformer(**cfg, backend="reference")
+    model.load_state_dict(ckpt, strict=True)
+    model.train()
+    xs, masks = [torch.randn(4, 3, 32, 48), torch.randn(6, 3, 16, 16)], [torch.rand(4, 6) < 0.4, None]
+    torch.manual_seed(5)
+    out = model.forward_features(xs, masks)
+    torch.manual_seed(5)
+    ref = dinov3_forward_list_oracle(ckpt, cfg, xs, masks, training=True)
+    for crop, want in zip(out, ref):
+        for key in want:
+            assert rel_err(crop[key], want[key]) < 1e-5, key
+
+
+def test_init_weights_draws_dinov3s_numbers():
+    """After the same seed, init_weights() gives DINOv3's values: its init_weights draws cls and
+    storage tokens N(0, 0.02), then named_apply(init_weights_vit) (children before parents, leaves in
+    module order): patch embed U(+-1/sqrt(C p^2)) weight then bias, every Linear's weight
+    trunc_normal(std 0.02); biases and the mask token 0, LayerScale to its init, norms reset."""
+    model = tiny_model()  # perturbed: init must overwrite everything
+    torch.manual_seed(11)
+    model.init_weights()
+    sd = model.state_dict()
+    torch.manual_seed(11)
+    d, bound = TINY["embed_dim"], 1 / math.sqrt(3 * 16 * 16)
+    draws = {"cls_token": torch.empty(1, 1, d).normal_(0, 0.02),
+             "storage_tokens": torch.empty(1, 4, d).normal_(0, 0.02),
+             "patch_embed.proj.weight": torch.empty(d, 3, 16, 16).uniform_(-bound, bound),
+             "patch_embed.proj.bias": torch.empty(d).uniform_(-bound, bound)}
+    for i in range(TINY["depth"]):
+        for name, shape in (("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("mlp.fc1", (4 * d, d)),
+                            ("mlp.fc2", (d, 4 * d))):
+            draws[f"blocks.{i}.{name}.weight"] = torch.nn.init.trunc_normal_(torch.empty(shape), std=0.02)
+    for name, want in draws.items():
+        assert torch.equal(sd[name], want), name
+    for name, value in sd.items():
+        if name in draws or name.endswith(("bias_mask", "periods")):
+            continue
+        if name.endswith("gamma"):
+            fill = TINY["layerscale_init"]
+        else:
+            fill = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        assert value.eq(fill).all(), name
 
 
 # ----------------------------------------------------------------------------- backends
@@ -399,6 +515,23 @@ def test_rope_tables_match_formula():
         RopePositionEmbedding(96, num_heads=2, base=100.0, min_period=1.0, max_period=10.0)
     with pytest.raises(ValueError, match="multiple of 4"):
         RopePositionEmbedding(90, num_heads=2)
+
+
+def test_rope_bf16_tables_are_dinov3s():
+    """DINOv3's default pos_embed_rope_dtype is bf16: coordinates, periods and angles are bf16 tensors
+    and every step rounds (layers/rope_position_encoding.py), which is not fp32 tables cast to bf16."""
+    bf16 = torch.bfloat16
+    model = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=2)
+    sin, cos = model.rope_embed(H=5, W=7)
+    assert model.rope_embed.periods.dtype == sin.dtype == cos.dtype == bf16
+    periods = 100.0 ** (2 * torch.arange(8, dtype=bf16) / 16)
+    ys, xs = torch.arange(0.5, 5, dtype=bf16) / 5, torch.arange(0.5, 7, dtype=bf16) / 7
+    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+    angles = (2 * math.pi * coords[:, :, None] / periods).flatten(1, 2).tile(2)
+    assert torch.equal(model.rope_embed.periods, periods)
+    assert torch.equal(sin, angles.sin()) and torch.equal(cos, angles.cos())
+    fp32 = RopePositionEmbedding(64, num_heads=2, dtype=torch.float32)(H=5, W=7)
+    assert not torch.equal(fp32[0].to(bf16), sin)
 
 
 def test_rope_augmentations_train_only_and_seeded():

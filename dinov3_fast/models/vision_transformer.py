@@ -315,8 +315,10 @@ vit_huge2 = _factory("vit_huge2")
 vit_giant2 = _factory("vit_giant2")
 vit_7b = _factory("vit_7b")
 
-# The published backbones (dinov3/hub/backbones.py, LVD-1689M weights): common options, then
-# per model. Their checkpoints load into these with strict=True.
+# The published backbones (dinov3/hub/backbones.py): common options, then per model. Their
+# checkpoints load into these with strict=True. The weights are LVD-1689M's, except the SAT-493M
+# ViT-L (dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth), which DINOv3 builds with an untied local CLS
+# norm; the SAT-493M ViT-7B has dinov3_vit7b16's options.
 _PUBLISHED = dict(patch_size=16, img_size=224, in_chans=3, pos_embed_rope_base=100,
                   pos_embed_rope_normalize_coords="separate", pos_embed_rope_rescale_coords=2,
                   pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, layerscale_init=1e-5,
@@ -327,6 +329,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dinov3_vits16plus": {**_PUBLISHED, "arch": "vit_small", "ffn_ratio": 6, "ffn_layer": "swiglu"},
     "dinov3_vitb16": {**_PUBLISHED, "arch": "vit_base"},
     "dinov3_vitl16": {**_PUBLISHED, "arch": "vit_large"},
+    "dinov3_vitl16_sat493m": {**_PUBLISHED, "arch": "vit_large", "untie_global_and_local_cls_norm": True},
     "dinov3_vitl16plus": {**_PUBLISHED, "arch": "vit_large", "ffn_ratio": 6.0, "ffn_layer": "swiglu"},
     "dinov3_vith16plus": {**_PUBLISHED, "arch": "vit_huge2", "ffn_ratio": 6.0, "ffn_layer": "swiglu"},
     "dinov3_vit7b16": {**_PUBLISHED, "arch": "vit_7b", "qkv_bias": False, "ffn_layer": "swiglu64",
