@@ -9,18 +9,23 @@ What it measures, per shape, bf16:
   backward candidate, and as the bar SDPA's backward on the pre-rotated q, k and v as the SDPA
   route holds them (the route's rotation and its transpose are not in that time).
 Shapes: ViT-L N=261 (Dh=64, the 224-px global crops that dominate the trainer's attention time),
-ViT-7B N=4101 (Dh=128) and ViT-L N=1029 (Dh=64). Each time is the median of >= 20 calls: CUDA
-events around each call, the L2 flushed before it and the device drained after the flush, after a
-warm-up (the first call compiles).
+ViT-7B N=4101 (Dh=128) and ViT-L N=1029 (Dh=64). Each time is a median of >= 20 calls after a
+warm-up (the first call compiles), CUDA events around each call, the L2 flushed before it and the
+device drained after the flush: `ms`, the device time, with the launches hidden behind a sleep
+kernel queued before the start event (what a training step, whose host runs ahead, pays), and
+`wall_ms` without it (the host's launch time counts: at N=261 most of it).
 
-How to read it: `tflops` counts the forward as 4 B H N^2 Dh and the backward as 2.5x that (as
-dinov3_fast/bench/cases/attention.py does), so the kernels' recomputation does not count; an
-H100's measured bf16 rate is ~716. `rel_diff` is the largest |result - default's result| over the
-largest |default's result| of the same pass (out for the forward, dqkv for the backward; SDPA's dq
-and dk taken back through the transposed rotation): schedules differ in summation order only, so
-anything above TOL (`ok` false) is a wrong kernel, whatever its speed. A schedule's ms against its
-pass's `default` is its speed-up; against `sdpa:cudnn` whether it could replace the SDPA route
-(ops/attention SDPA_ROUTE_MIN_TOKENS).
+How to read it: `tflops` (of `ms`) counts the forward as 4 B H N^2 Dh and the backward as 2.5x
+that (as dinov3_fast/bench/cases/attention.py does), so the kernels' recomputation does not count;
+an H100's measured bf16 rate is ~716. `rel_diff` is the largest |result - default's result| over
+the largest |default's result| of the same pass (out and lse for the forward, dqkv for the
+backward; SDPA's dq and dk taken back through the transposed rotation), on inputs other than the
+timed ones (see ShapeRun: an unwritten output element cannot read back as right); forward
+candidates must also give exactly out = 1 and lse = ln N on a probe with q = 0, v = 1
+(`probe_ok`), which catches an unmasked padded key at any N. Schedules differ in summation order
+only, so anything above TOL or a failed probe (`ok` false) is a wrong kernel, whatever its speed.
+A schedule's ms against its pass's `default` is its speed-up; against `sdpa:cudnn` whether it
+could replace the SDPA route (ops/attention SDPA_ROUTE_MIN_TOKENS).
 Candidates run in priority order; past --budget-s the rest are listed under `skipped`, and the
 JSON is rewritten after every row, so a kill keeps what was measured.
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,10 +54,12 @@ PREFIX = 5  # cls + 4 storage tokens
 
 
 def verdict(row: dict) -> str:
-    """rel_diff against the default's result, and WRONG above TOL; "no reference" when the default failed."""
+    """rel_diff against the default's result, the forward's probe, and WRONG if either fails;
+    "no reference" when the default failed."""
+    probe = {None: "", True: ", probe exact", False: ", probe FAILED"}[row.get("probe_ok")]
     if row["ok"] is None:
-        return "rel_diff -: no reference (the default did not run)"
-    return f"rel_diff {row['rel_diff']:.1e}" + ("" if row["ok"] else "  WRONG")
+        return f"rel_diff -: no reference (the default did not run){probe}"
+    return f"rel_diff {row['rel_diff']:.1e}{probe}" + ("" if row["ok"] else "  WRONG")
 
 
 @dataclass(frozen=True)
@@ -154,10 +162,16 @@ def flops(s: Shape, direction: str) -> float:
 
 # ----------------------------------------------------------------------------- timing
 
-def median_ms(fn, device, reps: int) -> float:
-    """Median ms of fn over `reps` calls, fn having run once (compiled). CUDA: two warm-up calls,
-    then events around each call, the L2 flushed before it and the device drained after the
-    flush (no launch hides behind it)."""
+SLEEP_CYCLES = 2_000_000  # ~1 ms on an H100: longer than any candidate's host launch time
+
+
+def median_ms(fn, device, reps: int) -> tuple[float, float]:
+    """(device ms, wall ms): medians over `reps` calls each, fn having run once (compiled). CUDA:
+    two warm-up calls, the L2 flushed before every call and the device drained after the flush;
+    wall: events around the call with the GPU idle at the start event, so the host's launch time
+    counts, as a caller waiting for the call sees it; device: the same with a ~1 ms sleep kernel
+    queued before the start event, which the launches hide behind, so only the kernels' own time
+    counts (what a training step, whose host runs ahead, pays). CPU: wall time, twice."""
     import torch
 
     if device.type != "cuda":
@@ -166,75 +180,120 @@ def median_ms(fn, device, reps: int) -> float:
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        return statistics.median(times), statistics.median(times)
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # several times an H100's 50 MiB L2
     for _ in range(2):
         fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        flush.zero_()
+    medians = []
+    for hide_launches in (True, False):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            flush.zero_()
+            torch.cuda.synchronize()
+            if hide_launches:
+                torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fn()
+            end.record()
         torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+        medians.append(statistics.median(s.elapsed_time(e) for s, e in events))
+    return medians[0], medians[1]
 
 
 # ----------------------------------------------------------------------------- one shape
 
+@dataclass
+class Inputs:
+    """One draw of a shape's inputs, and the default forward's out and lse on them (what the
+    backward reads)."""
+    qkv: object
+    dout: object
+    sin: object
+    cos: object
+    out: object = None
+    lse: object = None
+
+
 class ShapeRun:
-    """Inputs and forward outputs at one shape, and per pass the result the others are compared
-    with (that pass's first candidate's, `default`)."""
+    """A shape's inputs and, per pass, the result the others are compared with (that pass's first
+    candidate's, `default`). Results are checked on their own draw (`checked`), never on the one
+    the timing loop runs (`timed`): a buffer freed by a timed call, which the caching allocator
+    may hand to the next candidate's output, then holds numbers for other inputs, so an output
+    element a candidate fails to write cannot read back as right; and every checked result but
+    the reference is filled with NaN before it is freed. A forward is also run on a `probe` draw
+    (q = 0, v = 1): every score is exactly 0, so a right kernel's out is exactly 1 and its lse
+    exactly ln N; a padded key that is not masked out, or a wrong normaliser, moves both at any N,
+    where against the default it would hide in bf16 rounding at long N."""
 
     def __init__(self, s: Shape, device, dtype):
         import torch
 
-        from dinov3_fast.bench.cases.attention import rope_tables
         from dinov3_fast.ops.attention import triton as attn_triton
 
-        self.s, self.ops = s, attn_triton
-        gen = torch.Generator(device).manual_seed(0)
-        T, C = s.B * s.N, s.H * s.Dh
-        self.qkv = torch.randn(T, 3 * C, device=device, dtype=dtype, generator=gen)
-        self.dout = torch.randn(T, C, device=device, dtype=dtype, generator=gen)
-        self.sin, self.cos = rope_tables(s.N - PREFIX, s.Dh, device)
-        self.out, self.lse = attn_triton.rope_attention_fwd_triton(self.qkv, self.sin, self.cos, None, s.H, s.N)
+        self.s, self.ops, self.torch = s, attn_triton, torch
+        self.timed, self.checked = (self._draw(seed, device, dtype) for seed in (0, 1))
+        C = s.H * s.Dh
+        self.probe = Inputs(self.checked.qkv.clone(), None, self.checked.sin, self.checked.cos)
+        self.probe.qkv[:, :C] = 0
+        self.probe.qkv[:, 2 * C:] = 1
         self.ref = {"fwd": None, "bwd": None}
 
-    def call(self, cand: Candidate):
-        """The candidate's result: out [T, C] (forward) or dqkv [T, 3C] (backward)."""
+    def _draw(self, seed: int, device, dtype) -> Inputs:
+        from dinov3_fast.bench.cases.attention import rope_tables
+
+        torch, s = self.torch, self.s
+        gen = torch.Generator(device).manual_seed(seed)
+        T, C = s.B * s.N, s.H * s.Dh
+        x = Inputs(torch.randn(T, 3 * C, device=device, dtype=dtype, generator=gen),
+                   torch.randn(T, C, device=device, dtype=dtype, generator=gen), *rope_tables(s.N - PREFIX, s.Dh, device))
+        x.out, x.lse = self.ops.rope_attention_fwd_triton(x.qkv, x.sin, x.cos, None, s.H, s.N)
+        return x
+
+    def call(self, cand: Candidate, x: Inputs) -> tuple:
+        """The candidate's results on x: (out [T, C], lse [H, T]) forward, (dqkv [T, 3C],) backward."""
         s = self.s
         if cand.direction == "fwd":
-            return self.ops.rope_attention_fwd_triton(self.qkv, self.sin, self.cos, None, s.H, s.N, **cand.kwargs)[0]
-        return self.ops.rope_attention_bwd_triton(self.dout, self.qkv, self.out, self.lse, self.sin, self.cos,
-                                                  None, s.H, s.N, **cand.kwargs)
+            return self.ops.rope_attention_fwd_triton(x.qkv, x.sin, x.cos, None, s.H, s.N, **cand.kwargs)
+        return (self.ops.rope_attention_bwd_triton(x.dout, x.qkv, x.out, x.lse, x.sin, x.cos, None, s.H, s.N,
+                                                   **cand.kwargs),)
 
-    def rel_diff(self, result, direction: str, is_default: bool) -> float | None:
-        """Largest |result - default's| over the largest |default's| of the pass; the default's own
-        row sets the reference (0.0); None when the default did not run, so nothing is compared
-        against another candidate."""
-        import torch
+    def probe_ok(self, cand: Candidate) -> bool:
+        """Whether a forward candidate's out is exactly 1 and its lse ln N (fp32 rounding) on `probe`."""
+        out, lse = self.call(cand, self.probe)
+        ln_n = math.log(self.s.N)
+        ok = bool((out == 1).all()) and bool(((lse - ln_n).abs() <= 1e-5 * ln_n).all())
+        out.fill_(float("nan"))
+        return ok
 
+    def rel_diff(self, results: tuple, direction: str, is_default: bool) -> float | None:
+        """Largest |result - default's| over the largest |default's| of the pass, over each result
+        (out and lse forward, dqkv backward; SDPA's forward has no lse: out alone); the default's
+        own row sets the reference (0.0); None when the default did not run, so nothing is
+        compared against another candidate. Results other than the reference are then poisoned."""
+        torch = self.torch
         if is_default:
-            self.ref[direction] = result
+            self.ref[direction] = results
         ref = self.ref[direction]
         if ref is None:
             return None
-        if not torch.isfinite(result).all():
-            return float("inf")
-        return ((result.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+        diffs = [float("inf") if not torch.isfinite(got).all() else
+                 ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+                 for got, want in zip(results, ref)]
+        if not is_default:
+            for got in results:
+                got.fill_(float("nan"))
+        return max(diffs)
 
-    def sdpa(self, backend: str, direction: str):
-        """(callable timing SDPA's pass on the rotated q, k and v; its out [T, C], or its dqkv
-        [T, 3C] with dq and dk rotated back)."""
-        import torch
+    def sdpa(self, backend: str, direction: str, x: Inputs):
+        """(callable timing SDPA's pass on x's rotated q, k and v; its results on x: (out [T, C],)
+        forward, (dqkv [T, 3C],) backward with dq and dk rotated back)."""
+        torch = self.torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         s = self.s
-        q, k, v = self.qkv.view(s.B, s.N, 3, s.H, s.Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh] views
-        q, k = self.ops.apply_rope_triton(q, k, self.sin, self.cos, transpose=False)
+        q, k, v = x.qkv.view(s.B, s.N, 3, s.H, s.Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh] views
+        q, k = self.ops.apply_rope_triton(q, k, x.sin, x.cos, transpose=False)
         q, k, v = (t.detach().requires_grad_(direction == "bwd") for t in (q, k, v))
         forced = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
         if direction == "fwd":
@@ -242,18 +301,17 @@ class ShapeRun:
                 with sdpa_kernel(forced):
                     return F.scaled_dot_product_attention(q, k, v)
 
-            return step, step().transpose(1, 2).reshape(s.B * s.N, -1)
+            return step, (step().transpose(1, 2).reshape(s.B * s.N, -1),)
         with sdpa_kernel(forced):
             o = F.scaled_dot_product_attention(q, k, v)
-        do = self.dout.view(s.B, s.N, s.H, s.Dh).transpose(1, 2)
+        do = x.dout.view(s.B, s.N, s.H, s.Dh).transpose(1, 2)
 
         def step():
             return torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
 
         dq, dk, dv = step()
-        dq, dk = self.ops.apply_rope_triton(dq, dk, self.sin, self.cos, transpose=True)
-        dqkv = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(s.B * s.N, -1)  # [B, N, 3, H, Dh]
-        return step, dqkv
+        dq, dk = self.ops.apply_rope_triton(dq, dk, x.sin, x.cos, transpose=True)
+        return step, (torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(s.B * s.N, -1),)  # [B, N, 3, H, Dh]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -302,16 +360,23 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
                 row.update(config=what.config, dq_config=what.dq_config, prerotate=what.prerotate, note=what.note)
             try:
                 run = run or ShapeRun(s, device, dtype)
+                probe = None
                 if isinstance(what, Candidate):
-                    step, result = functools.partial(run.call, what), run.call(what)  # the first call compiles
+                    results = run.call(what, run.checked)  # the first call compiles
+                    step = functools.partial(run.call, what, run.timed)
+                    if direction == "fwd":
+                        probe = run.probe_ok(what)
                 elif device.type == "cuda" or what[1] == "flash":  # the CPU has no cuDNN
-                    step, result = run.sdpa(what[1], direction)
+                    results = run.sdpa(what[1], direction, run.checked)[1]
+                    step = run.sdpa(what[1], direction, run.timed)[0]
                 else:
                     raise RuntimeError("no cuDNN on the CPU")
-                ms = median_ms(step, device, reps)
-                diff = run.rel_diff(result, direction, is_default=name.endswith(":default"))
-                row.update(ms=round(ms, 4), tflops=round(flops(s, direction) / ms / 1e9, 1), rel_diff=diff,
-                           ok=None if diff is None else diff <= TOL)
+                diff = run.rel_diff(results, direction, is_default=name.endswith(":default"))
+                del results
+                ms, wall_ms = median_ms(step, device, reps)
+                row.update(ms=round(ms, 4), wall_ms=round(wall_ms, 4), tflops=round(flops(s, direction) / ms / 1e9, 1),
+                           rel_diff=diff, probe_ok=probe,
+                           ok=None if diff is None else diff <= TOL and probe is not False)
             except Exception as exc:  # noqa: BLE001 - an unavailable backend or a failed launch is a row, not the end
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 if device.type == "cuda":

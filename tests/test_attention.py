@@ -310,7 +310,9 @@ def test_sweep_dry_run(tmp_path, capsys, monkeypatch):
         expected += [f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash"]
     assert list(rows) == expected and expected[0] == "fwd:default" and "bwd:default" in expected
     assert "error" in rows.pop("fwd:sdpa:cudnn") and "error" in rows.pop("bwd:sdpa:cudnn") and not report["skipped"]
-    assert all(r["ok"] and r["ms"] > 0 for r in rows.values()), rows
+    assert all(r["ok"] and r["ms"] > 0 and r["wall_ms"] > 0 for r in rows.values()), rows
+    for name, r in rows.items():  # the probe runs on our forward kernels only
+        assert r["probe_ok"] is (True if name.startswith("fwd:") and ":sdpa:" not in name else None), name
 
 
 @pytest.fixture
