@@ -167,6 +167,20 @@ def test_run_case_rows_and_ratios():
     assert "cpu_tiny" in table and "fused" in table
 
 
+def test_cli_table_shows_a_cpus_rates_in_units_that_do_not_round_to_zero():
+    """A 2-core CPU runs at tens of GFLOP/s and a few GB/s: the table says so instead of printing
+    every row as 0.00 TFLOP/s and 0 GB/s; a GPU's rates stay in TFLOP/s."""
+    from dinov3_fast.bench.runner import BenchRow
+
+    cpu = BenchRow("toy", "cpu_tiny", "fused", 1.0, 2.0, 1.0, 1.0, 1.0, 0.0345, None, 0.19, None)
+    table = format_table([cpu])
+    assert "GFLOP/s" in table and "TFLOP/s" not in table
+    assert "34.50" in table and "0.19" in table
+    gpu = BenchRow("toy", "big", "fused", 1.0, 2.0, 1.0, 1.0, 1.0, 250.0, 0.35, 1500.0, 0.5)
+    table = format_table([gpu])
+    assert "TFLOP/s" in table and "250.00" in table and "1500" in table
+
+
 def test_graph_times_on_cpu_are_absent_and_not_shown():
     """CUDA-graph device times exist only on CUDA; a CPU table shows no graph columns."""
     rows = run_case(_tiny_case(), torch.device("cpu"), roofline=None, min_run_time=0.01)
@@ -252,6 +266,19 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     assert out_png.stat().st_size > 0
 
 
+def test_plot_label_names_the_pass_its_speedups_compare():
+    """Sinkhorn-Knopp has no backward: its bars are forward speed-ups, and the axis says so."""
+    from dinov3_fast.bench.plot import speedup_label
+    from dinov3_fast.bench.runner import BenchRow
+
+    def row(fwd_bwd_ms):
+        return BenchRow("toy", "p", "fused", 1.0, fwd_bwd_ms, 1.0, 1.0, 1.0, None, None, None, None)
+
+    assert speedup_label([row(2.0)]) == "speed-up over baseline (fwd+bwd)"
+    assert speedup_label([row(None)]) == "speed-up over baseline (fwd)"
+    assert speedup_label([row(2.0), row(None)]) == "speed-up over baseline (fwd+bwd; fwd if no bwd)"
+
+
 def test_cli_bench_skip_impl(tmp_path, monkeypatch, capsys):
     """--skip-impl leaves an implementation out of every case, and refuses to leave out a baseline."""
     monkeypatch.setattr("dinov3_fast.bench.cases.all_cases", lambda: [_tiny_case()])
@@ -290,6 +317,11 @@ def test_goal_evaluation():
     assert md.evaluate(bwd, [kernels]) == 100.0
     routed = dict(kernels, bwd_tflops=500.0)
     assert md.evaluate(bwd, [routed, dict(kernels, impl="fused:kernels")]) == 100.0
+    # a routed run whose fused:kernels row was left out (--skip-impl) does not judge the route instead
+    from dinov3_fast.bench.cases import attention
+    note = next(c.note for c in attention.cases() if c.op == bwd.op and c.preset == bwd.preset)
+    assert "fused:kernels" in note
+    assert md.evaluate(bwd, [dict(routed, note=note)]) is None
 
 
 def test_goals_show_the_device_time_ratio_beside_the_judged_one():
@@ -355,6 +387,82 @@ def test_rates_are_rederived_with_todays_counts_and_the_impls_compute_dtype():
     assert md.rederive([unknown], {"roofline": ROOFLINE}) == [unknown]
 
 
+def test_goal_figures_never_round_onto_the_other_side_of_the_threshold():
+    """2.996x against a 3x goal is not met, and reads 2.996x, not 3.00x; likewise 74.96% of copy
+    bandwidth against 75% and 449.6 TFLOP/s against 450."""
+    md = load_tool("benchmarks_md")
+
+    def goal(metric):
+        return next(g for g in md.GOALS if g.metric == metric)
+
+    assert md._goal_value(goal("speedup"), goal("speedup").threshold - 0.004) == \
+        f"{goal('speedup').threshold - 0.004:.3f}x"
+    assert md._goal_value(goal("bw_frac"), 0.7496) == "74.96%"
+    assert md._goal_value(goal("tflops"), goal("tflops").threshold - 0.4) == f"{goal('tflops').threshold - 0.4:.1f} TFLOP/s"
+    assert md._goal_value(goal("speedup"), 5.123) == "5.12x"
+
+
+def test_koleo_cpu_fused_counts_the_tiles_its_search_forms():
+    """The extension's search forms the tiles of y y^T on and above the block diagonal, each whole:
+    not n^2 D (half of 2 n^2 D) but 2 D sum_{I <= J} n_I n_J, all of y y^T at n <= one tile. Its
+    tile edge is csrc/koleo_cpu.cpp's kBlock."""
+    import re
+
+    from dinov3_fast.bench.cases import koleo
+
+    kblock = re.search(r"constexpr int64_t kBlock = (\d+);",
+                       (Path(__file__).resolve().parents[1] / "csrc" / "koleo_cpu.cpp").read_text())
+    assert kblock and int(kblock.group(1)) == koleo.CPU_TILE
+    cases = {c.preset: c for c in koleo.cases() if c.device == "cpu"}
+    for preset, n, D in (("cpu_n4096_d384", 4096, 384), ("cpu_n1024_d384_top4", 1024, 384),
+                         ("cpu_cls_n32_d1024", 32, 1024)):
+        edges = range(0, n, koleo.CPU_TILE)
+        tiles = sum(min(koleo.CPU_TILE, n - i) * min(koleo.CPU_TILE, n - j) for i in edges for j in edges if j >= i)
+        assert cases[preset].impl_flops["fused"] == 2 * D * tiles, preset
+    assert cases["cpu_cls_n32_d1024"].impl_flops["fused"] == 2 * 32 * 32 * 1024  # one tile: all of y y^T
+
+
+def test_earlier_goal_figures_name_their_run_and_code(tmp_path):
+    """The figures of earlier runs beside a goal say which run (machine, date) and which code and
+    harness they come from, like the judged one."""
+    md = load_tool("benchmarks_md")
+    from dinov3_fast.bench.runner import BenchRow
+
+    goal = next(g for g in md.GOALS if g.op == "koleo_loss" and g.device == "cpu")
+
+    def run(fused_ms, meta):
+        rows = [BenchRow(goal.op, goal.preset, impl, 1.0, ms, 4.0, None, None, None, None, None, None).as_dict()
+                for impl, ms in (("reference", 3.0), ("fused", fused_ms))]
+        return {"meta": {"device_type": "cpu", "device": "AMD EPYC", **meta}, "rows": rows}
+
+    text = md.render([(Path("cpu_xeon_2026-12-01.json"), run(1.0, {"date": "2026-12-01"})),
+                      (Path("cpu_epyc_2026-12-02.json"), run(2.0, {"time": "2026-12-02T10:00:00", "git": "abcdef0123",
+                                                                  "git_dirty": False, "harness": 2}))],
+                     logs=tmp_path)
+    assert ("| 1.50x (earlier runs: 3.00x in cpu_xeon_2026-12-01 (git unknown, harness 1)) | met "
+            "| cpu_epyc_2026-12-02.json (abcdef0, harness 2) |") in text
+
+
+def test_figures_of_an_op_running_a_failed_ops_kernels_are_marked(tmp_path):
+    """The head loss runs the soft-CE kernels and a ViT block the attention kernels: a failed GPU
+    test of those marks their figures too, as the op's own would."""
+    md = load_tool("benchmarks_md")
+    from dinov3_fast.bench.runner import BenchRow
+
+    (tmp_path / "h100_run9_pytest.log").write_text(
+        "FAILED tests/test_attention.py::test_gpu_matches_oracle[x] - AssertionError\n"
+        "================== 1 failed, 9 passed in 1.00s ===================\n")
+    goal = next(g for g in md.GOALS if g.op == "vit_block")
+    rows = [BenchRow(goal.op, goal.preset, impl, 1.0, ms, 8.0, None, None, None, None, None, None).as_dict()
+            for impl, ms in (("reference", 2.0), ("fused", 1.0))]
+    text = md.render([(Path("h100_run9_model.json"), {"meta": {"device_type": "cuda", "device": "NVIDIA H100"},
+                                                      "rows": rows})], logs=tmp_path)
+    assert "| 2.00x † (device time not measured) | met |" in text
+    assert "- † vit_block runs rope_attention, which failed 1 GPU test(s) in this run" in text
+    info = md.run_info(Path("h100_run9.json"), {}, tmp_path)
+    assert info.failed_for("linear_soft_cross_entropy") == {} and "rope_attention" in info.failed_for("vit_block")
+
+
 def test_run_info_reads_the_device_calls_logs(tmp_path):
     """Runs from before the meta fields get their revision from the call's env.json and their GPU
     test results from its pytest log; a goal figure of an op that failed a test there is marked."""
@@ -401,8 +509,8 @@ def test_latest_run_judges_a_goal():
 
     text = md.render([(Path("h100_run1.json"), run(1.0)), (Path("h100_run1_compiled.json"), run(0.5)),
                       (Path("h100_run2.json"), run(3.0))])
-    assert ("| vitl_261tok | 1.00x (device time not measured; earlier runs: 3.00x) | not met (1 of 1 earlier: met) "
-            "| h100_run2.json (git unknown, harness 1) |") in text
+    assert ("| vitl_261tok | 1.00x (device time not measured; earlier runs: 3.00x in h100_run1 (git unknown, "
+            "harness 1)) | not met (1 of 1 earlier: met) | h100_run2.json (git unknown, harness 1) |") in text
     # by start time, then run number -- not by name: run10 follows run9, a later torch follows an
     # earlier one whatever their version strings; a goal naming the H100 ignores other cards
     dated = [(Path("h100_torch2.9_run9.json"), dict(run(3.0), meta={**run(3.0)["meta"], "time": "2026-12-01T10:00:00"})),
@@ -410,8 +518,8 @@ def test_latest_run_judges_a_goal():
              (Path("h200_run11.json"), dict(run(0.5), meta={"device_type": "cuda", "device": "NVIDIA H200",
                                                            "time": "2026-12-03T10:00:00"}))]
     text = md.render(dated)
-    latest = ("| vitl_261tok | 3.00x (device time not measured; earlier runs: 1.00x) | met (1 of 1 earlier: not met) "
-              "| h100_torch2.11_run10.json (git unknown, harness 2) |")
+    latest = ("| vitl_261tok | 3.00x (device time not measured; earlier runs: 1.00x in h100_torch2.9_run9 (git "
+              "unknown, harness 2)) | met (1 of 1 earlier: not met) | h100_torch2.11_run10.json (git unknown, harness 2) |")
     assert latest in text
     # a run's companion file starts later than its main file: still the same run, not a later one
     companion = dict(run(0.5), meta={**run(0.5)["meta"], "time": "2026-12-02T10:05:00"})

@@ -94,6 +94,18 @@ def test_goals_met_and_not_met(tr, tmp_path):
     assert _goal(tr, slow, "plan_error") == (pytest.approx(1 - 52 / 60), "not met")
 
 
+def test_a_figure_never_rounds_onto_the_other_side_of_its_threshold(tr, tmp_path):
+    """19.96% less memory is "not met" against 20%: the row must not print it as 20.0%; a planner
+    error of 10.04% is "not met" against at most 10%: not 10.0%."""
+    record = tr.build_record(_out_dir(tmp_path, fused=(240.0, 0.8004 * 66.0), plans=(0.8004 * 66.0 * 1.1004, 63.0)))
+    rows = {g.key: row for g, row in zip(tr.GOALS, tr.goal_rows([("run.json", record)]))}
+    assert "| 19.96% (b96) | not met |" in rows["mem_saving"]
+    assert "| 10.04% (b96) | not met |" in rows["plan_error"]
+    assert tr.figure_text(0.1996, 0.2, scale=100, digits=1) == "19.96"
+    assert tr.figure_text(0.0996, 0.1, higher_is_better=False, scale=100, digits=1) == "10.0"  # 9.96 is met: rounds freely
+    assert tr.figure_text(2.996, 3.0) == "2.996" and tr.figure_text(3.004, 3.0) == "3.00"
+
+
 def test_goals_not_measured(tr, tmp_path):
     h200 = tr.build_record(_out_dir(tmp_path, gpu="NVIDIA H200"))
     assert _goal(tr, h200, "mfu") == (None, "not measured (not an H100: NVIDIA H200)")

@@ -44,6 +44,10 @@ HARNESS_2_SINCE = "2026-11-27T03:28:15"
 TEST_FILE_OPS = {"test_gram.py": "gram_loss", "test_koleo.py": "koleo_loss", "test_sinkhorn.py": "sinkhorn_knopp",
                  "test_soft_ce.py": "soft_cross_entropy", "test_linear_soft_ce.py": "linear_soft_cross_entropy",
                  "test_attention.py": "rope_attention", "test_rope.py": "apply_rope", "test_models.py": "vit_block"}
+# the ops whose kernels an op's fused impl runs at the bench's presets: a failed test of one of them
+# marks its figures too (the head loss is the soft-CE kernels on chunks of logits; the ViT blocks'
+# fused attention is the rope_attention kernels at their 261- and 54-token crops)
+RUNS_OPS = {"linear_soft_cross_entropy": ("soft_cross_entropy",), "vit_block": ("rope_attention",)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,11 @@ def _compared(goal: Goal, rows: list[dict], time) -> tuple[dict | None, dict | N
     """(baseline row, fused row) of a goal in one run's rows; "best" is the baseline fastest by
     `time`, and only if every baseline has one."""
     group = {r["impl"]: r for r in rows if r["op"] == goal.op and r["preset"] == goal.preset}
-    fused = group.get(goal.impl, group.get("fused"))
+    fused = group.get(goal.impl)
+    if fused is None and "fused:kernels" not in (group.get("fused") or {}).get("note", ""):
+        # a run from before the SDPA route, whose "fused" row was the kernels; a routed "fused" row
+        # (its note names fused:kernels) times SDPA's backward, so it never stands in for them
+        fused = group.get("fused")
     if goal.against != "best":
         return group.get(goal.against), fused
     baselines = [r for name, r in group.items() if not name.startswith("fused")]
@@ -179,6 +187,10 @@ class RunInfo:
     tests: str | None = None  # the GPU tests' summary line of the same device call
     failed: dict[str, list[str]] = field(default_factory=dict)  # op -> its failed GPU tests
 
+    def failed_for(self, op: str) -> dict[str, list[str]]:
+        """The failed GPU tests behind `op`'s figures: its own and those of the ops it runs, by op."""
+        return {o: self.failed[o] for o in (op, *RUNS_OPS.get(op, ())) if o in self.failed}
+
     def code(self) -> str:
         """e.g. `ba113b1*, harness 1` (* = uncommitted changes)."""
         rev = "git unknown" if not self.git else self.git[:7] + ("*" if self.dirty else "")
@@ -239,10 +251,10 @@ def rederive(rows: list[dict], meta: dict) -> list[dict]:
 def _goal_value(goal: Goal, value: float) -> str:
     """A goal's figure in its own unit: a ratio, TFLOP/s or a fraction of copy bandwidth."""
     if goal.metric in ("tflops", "bwd_tflops"):
-        return f"{value:.0f} TFLOP/s"
+        return train_results.figure_text(value, goal.threshold, digits=0) + " TFLOP/s"
     if goal.metric == "bw_frac":
-        return f"{100 * value:.0f}%"
-    return f"{value:.2f}x"
+        return train_results.figure_text(value, goal.threshold, scale=100, digits=0) + "%"
+    return train_results.figure_text(value, goal.threshold) + "x"
 
 
 INTRO = [
@@ -261,15 +273,24 @@ INTRO = [
     "  the flush, and the crop-list / RoPE cases timed an added `cat` / sum; its small-shape ratios are",
     "  wall-clock and not comparable with harness 2's.",
     "- **Rates are re-derived** from each row's measured forward time with today's counts",
-    "  (`dinov3_fast/bench/cases`: the FLOPs each impl executes, the op's minimal bytes) and the run's",
-    "  own roofline, so runs made under older counting conventions read alike. TFLOP/s, % peak, GB/s",
+    "  (`dinov3_fast/bench/cases`: the FLOPs each impl executes, the op's bytes) and the run's own",
+    "  roofline, so runs made under older counting conventions read alike. TFLOP/s, % peak, GB/s",
     "  and % bw are of the forward pass; speed-up is of forward+backward where the op has a backward.",
     "  % peak is of the matmul rate of the dtype the impl computes in (DINOv3's Gram and KoLeo",
-    "  references upcast to fp32: their % is of the fp32 rate). GB/s divides the op's minimal bytes by",
-    "  each impl's time, so on a reference row it is an effective rate, not that impl's traffic.",
-    "- **peak MiB** is the memory a call allocates above its live inputs (forward+backward).",
-    "- **Tests.** A figure marked † comes from a run in which that op failed at least one of its GPU",
-    "  tests (listed in the run's section).",
+    "  references upcast to fp32: their % is of the fp32 rate). GB/s divides the op's bytes by each",
+    "  impl's time: its minimal traffic (inputs read once, outputs written once), except for",
+    "  Sinkhorn-Knopp, whose bytes are the fused schedule's 7 reads + 1 write (issue #4 judges that",
+    "  schedule; its goal shows the minimal traffic's fraction beside it). On a reference row GB/s is",
+    "  an effective rate, not that impl's traffic. `bwd` rates (attention, head loss) are the",
+    "  backward's useful FLOPs (attention 2.5x the forward's, the head loss 2x) over the fwd+bwd time",
+    "  less the forward time (the forward timed without gradients).",
+    "- **peak MiB** is the memory a call allocates above its live inputs: forward+backward (the",
+    "  gradients it keeps included) where the op has a backward, else the forward.",
+    "- **Tests.** A figure marked † comes from a run in which that op, or an op whose kernels its fused",
+    "  impl runs (the soft-CE kernels for the head loss, the attention kernels for a ViT block), failed",
+    "  at least one of its GPU tests (listed in the run's section).",
+    "- **Earlier runs** beside a goal name their run and code: they may be other machines (a CPU goal",
+    "  takes every CPU run), harnesses or trees than the run that judges it.",
 ]
 
 
@@ -299,7 +320,7 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
             continue
 
         def shown(value: float, info: RunInfo) -> str:
-            return _goal_value(goal, value) + (" †" if goal.op in info.failed else "")
+            return _goal_value(goal, value) + (" †" if info.failed_for(goal.op) else "")
 
         runs_in_order = sorted(found.values(), key=lambda v: v[0])
         _, value, name, device, minimal, info = runs_in_order.pop()  # the latest run judges: the newest code
@@ -311,7 +332,10 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
         if minimal is not None:
             beside.append(f"minimal traffic: {100 * minimal:.0f}%")
         if runs_in_order:
-            beside.append(f"earlier runs: {', '.join(shown(v[1], v[5]) for v in runs_in_order)}")
+            # each earlier figure names its run and code: they may be other machines (a CPU goal takes
+            # any CPU run), other harnesses and other trees than the judged one
+            beside.append("earlier runs: " + ", ".join(f"{shown(v[1], v[5])} in {v[0][2]} ({v[5].code()})"
+                                                       for v in runs_in_order))
         met = value >= goal.threshold
         status = "met" if met else "not met"
         split = sum((v[1] >= goal.threshold) != met for v in runs_in_order)
@@ -380,8 +404,11 @@ def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
                 + (f" {_fmt(_graph_time(r), '.3f')} | {_fmt(r.get('graph_speedup'), '.2f')} |" if graphs else ""))
         notes = dict.fromkeys(r["note"] for r in rows if r["note"])
         out += [""] + [f"- {n}" for n in notes]
-        if op in info.failed:
-            out.append(f"- † {op} failed {len(info.failed[op])} GPU test(s) in this run: its figures may not be of a correct kernel.")
+        for failed_op, tests in info.failed_for(op).items():
+            out.append(f"- † {op} failed {len(tests)} GPU test(s) in this run: its figures may not be of a correct kernel."
+                       if failed_op == op else
+                       f"- † {op} runs {failed_op}, which failed {len(tests)} GPU test(s) in this run: its fused "
+                       "figures may not be of a correct kernel.")
     return out
 
 

@@ -211,14 +211,31 @@ def evaluate(goal: TrainGoal, record: dict[str, Any]) -> tuple[float | str | Non
     return value, "met" if met else "not met"
 
 
+def figure_text(value: float, threshold: float | None, higher_is_better: bool = True, scale: float = 1.0,
+                digits: int = 2) -> str:
+    """`scale * value` with `digits` decimals, or more where fewer would round it onto the other side
+    of the threshold (2.996 against 3 reads "2.996", not "3.00" beside "not met")."""
+    def met(v: float) -> bool:
+        return v >= threshold if higher_is_better else v <= threshold
+
+    text = format(scale * value, f".{digits}f")
+    if threshold is None:
+        return text
+    for extra in range(1, 7):
+        if met(float(text) / scale) == met(value):
+            break
+        text = format(scale * value, f".{digits + extra}f")
+    return text
+
+
 def _fmt_goal_value(goal: TrainGoal, value: float | str | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
     if goal.key == "speedup":
-        return f"{value:.2f}x"
-    return f"{100 * value:.1f}%"
+        return figure_text(value, goal.threshold, goal.higher_is_better) + "x"
+    return figure_text(value, goal.threshold, goal.higher_is_better, scale=100, digits=1) + "%"
 
 
 def goal_rows(records: list[tuple[str, dict[str, Any]]]) -> list[str]:

@@ -198,15 +198,20 @@ def format_table(rows: list[BenchRow]) -> str:
         return "-" if v is None else format(v, spec)
 
     graphs = any(r.graph_ms is not None for r in rows)
+    # a CPU's (or a tiny case's) rates are well below 1 TFLOP/s and 10 GB/s: TFLOP/s to two decimals
+    # and whole GB/s would print them all as 0
+    small_flops = all(r.tflops is None or r.tflops < 1 for r in rows)
+    rate, scale = ("GFLOP/s", 1e3) if small_flops else ("TFLOP/s", 1.0)
+    gb_spec = ".2f" if all(r.gbps is None or r.gbps < 10 for r in rows) else ".0f"
     header = f"{'op':<20}{'preset':<24}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
-             f"{'speedup':>9}{'mem x':>8}{'TFLOP/s':>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}" \
+             f"{'speedup':>9}{'mem x':>8}{rate:>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}" \
              + (f"{'graph ms':>10}{'graph x':>9}" if graphs else "")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r.op:<20}{r.preset:<24}{r.impl:<22}{f(r.fwd_ms, '.3f'):>10}{f(r.fwd_bwd_ms, '.3f'):>12}"
             f"{f(r.peak_mb, '.1f'):>10}{f(r.speedup, '.2f'):>9}{f(r.mem_ratio, '.1f'):>8}"
-            f"{f(r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
-            f"{f(r.gbps, '.0f'):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}"
+            f"{f(r.tflops and scale * r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
+            f"{f(r.gbps, gb_spec):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}"
             + (f"{f(r.graph_ms, '.3f'):>10}{f(r.graph_speedup, '.2f'):>9}" if graphs else ""))
     return "\n".join(lines)

@@ -34,6 +34,19 @@ def _inputs(n, D, dtype, device):
     return (torch.randn(n, D, device=device, dtype=dtype, requires_grad=True),), {}
 
 
+# csrc/koleo_cpu.cpp's kBlock: the query / candidate tile edge of the extension's search
+CPU_TILE = 64
+
+
+def _cpu_search_flops(n: int, D: int) -> int:
+    """FLOPs of the extension's search when every row queries every row (`search_all`): the tiles
+    on and above the block diagonal, each formed whole (a diagonal tile's lower half included):
+    2 D sum_{I <= J} n_I n_J = D (n^2 + sum_I n_I^2). Half of 2 n^2 D only as the tiles get
+    small against n: 1.02x that half at n = 4096, 2x (one tile, all of y y^T) at n <= 64."""
+    sizes = [min(CPU_TILE, n - i) for i in range(0, n, CPU_TILE)]
+    return D * (n * n + sum(s * s for s in sizes))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_reference(topk: int):
     return torch.compile(functools.partial(koleo_loss_ref, topk=topk))
@@ -52,8 +65,9 @@ def cases() -> list[BenchCase]:
                 "fused": functools.partial(koleo_loss, topk=topk),
             },
             # the references compute in fp32 (DINOv3's upcast); on the CPU the fused op's search
-            # (the extension's, which `make` always builds) forms only the upper triangle of y y^T
-            flops=2 * n * n * D, impl_flops={"fused": n * n * D} if device == "cpu" else {},
+            # (the extension's, which `make` always builds) forms only the tiles on and above the
+            # diagonal of y y^T
+            flops=2 * n * n * D, impl_flops={"fused": _cpu_search_flops(n, D)} if device == "cpu" else {},
             fp32_impls=("reference", "reference+compile"), bytes=n * D * elt,
             note=f"n={n} D={D} {str(dtype)[6:]} topk={topk}; reference forms the n x n dots "
                  f"({n * n * 4 / 2**20:.1f} MiB fp32), the fused op never does",

@@ -72,7 +72,8 @@ def _parameters(name, dtype, device) -> list[torch.Tensor]:
 
 
 def _flops(name: str, images: int, crops) -> int:
-    """Forward matmul FLOPs of the block: qkv + proj (4 N D^2), attention (4 N^2 D), FFN."""
+    """Forward matmul FLOPs of the block per crop of N tokens: qkv + proj (8 N D^2), attention
+    (4 N^2 D), FFN (2 N D hidden per matrix: 2 for the MLP, 3 for SwiGLU)."""
     arch = MODEL_PRESETS[name]
     shape = ARCHS[arch["arch"]]
     d = shape["embed_dim"]
