@@ -24,7 +24,7 @@ import torch
 
 from dinov3_fast.train.augment import MultiCropAugmentation, device_constant
 from dinov3_fast.train.config import ConfigError
-from dinov3_fast.train.masking import MaskingGenerator, mask_metadata, sample_masks
+from dinov3_fast.train.masking import MaskingGenerator, global_crop_masker, mask_metadata, sample_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # per ImageFolder; Pillow releases the GIL while it decodes
@@ -274,8 +274,7 @@ def synthetic_batch(cfg, n_images: int, seed: int = 0, device=None) -> Batch:
 
     source = SyntheticShapes(source_image_size(cfg), cfg.train.synthetic_classes, seed)
     images, labels = source.batch(torch.arange(n_images), device)
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(seed))
+    masker = global_crop_masker(cfg.crops.global_crops_size, cfg.student.patch_size, random.Random(seed))
     gen = torch.Generator(device=images.device).manual_seed(seed)
     return make_batch(images, labels, MultiCropAugmentation(cfg.crops), gen, masker, cfg.ibot.mask_ratio_min_max,
                       cfg.ibot.mask_sample_probability)

@@ -33,7 +33,7 @@ from dinov3_fast.train.checkpoint import complete_checkpoints, load_checkpoint, 
 from dinov3_fast.train.config import Config, ConfigError, CropsConfig, save_config, validate
 from dinov3_fast.train.data import build_source, make_batch, source_image_size, step_indices
 from dinov3_fast.train.knn import knn_probe
-from dinov3_fast.train.masking import MaskingGenerator
+from dinov3_fast.train.masking import MaskingGenerator, global_crop_masker
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
 from dinov3_fast.train.parallelize import parallelize, shards_single_process
@@ -212,8 +212,8 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
     warn_if_gram_crops_are_upsampled(cfg.crops, image_size)
     source = build_source(t.dataset_path, image_size, t.synthetic_classes, t.seed)
     gen = torch.Generator(device=device).manual_seed(t.seed * 1000 + rank)
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masker = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid, rng=random.Random(t.seed * 1000 + rank))
+    masker = global_crop_masker(cfg.crops.global_crops_size, cfg.student.patch_size,
+                                random.Random(t.seed * 1000 + rank))
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank streams from here on (drop path, RoPE jitter)
     return TrainState(cfg, arch, optimizer, Schedules(cfg, world), source, MultiCropAugmentation(cfg.crops), gen,
                       masker, device, rank, world, sharded)

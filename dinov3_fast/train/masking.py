@@ -72,6 +72,21 @@ class MaskingGenerator:
         return torch.from_numpy(mask)
 
 
+def dinov3_max_num_patches(crop_size: int, patch_size: int) -> float:
+    """The generator's `max_num_patches` as DINOv3's train.py passes it: the expression
+    `0.5 * img_size // patch_size * img_size // patch_size`, evaluated left to right,
+    ((0.5 * S) // p * S) // p. It is half the grid for an even grid side and less for an odd one
+    (S = 112, p = 16: 21.0, not 24.5)."""
+    return ((0.5 * crop_size) // patch_size * crop_size) // patch_size
+
+
+def global_crop_masker(crop_size: int, patch_size: int, rng: random.Random) -> MaskingGenerator:
+    """DINOv3's iBOT mask generator for global crops of `crop_size` px: the (grid, grid) patch grid,
+    train.py's `max_num_patches`, and its own random source `rng` (which a checkpoint restores)."""
+    grid = crop_size // patch_size
+    return MaskingGenerator((grid, grid), max_num_patches=dinov3_max_num_patches(crop_size, patch_size), rng=rng)
+
+
 def mask_counts(n_images: int, n_tokens: int, mask_ratio_min_max: tuple[float, float],
                 mask_probability: float) -> list[int]:
     """Masked patches per masked image, DINOv3's collate: int(n_images * mask_probability) images,
