@@ -6,8 +6,9 @@ Legend: B images, S source side, G / L / Gg global, local and Gram-teacher crop 
     crops = aug(images_B3SS, generator)   # images in [0, 1], any device (run it on the GPU)
     crops.global_crops [2, B, 3, G, G], crops.local_crops [n, B, 3, L, L], crops.gram_crops [2, B, 3, Gg, Gg] | None
 
-Per crop and image, as DINOv3: random resized crop (bicubic, scale from crops.*_scale, aspect
-ratio log-uniform in [3/4, 4/3]), horizontal flip (p 0.5), colour jitter (p 0.8: brightness 0.4,
+Per crop and image, as DINOv3: random resized crop (scale from crops.*_scale, aspect ratio
+log-uniform in [3/4, 4/3]; the box resized as Pillow's bicubic resize of that crop, antialiased
+when it shrinks, `render`), horizontal flip (p 0.5), colour jitter (p 0.8: brightness 0.4,
 contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), then Gaussian blur (kernel 9, sigma in
 [0.1, 2]; with the probabilities DINOv3's code runs, `BLUR_PROB`), solarize (second global crop,
 p 0.2), and normalisation with crops.rgb_mean / rgb_std.
@@ -20,7 +21,8 @@ resized to G before the distortions (so the blur acts at G) and to Gg for the Gr
 gets no distortion. A resize to M is the identity; without a Gram teacher M = G.
 
 Differences from torchvision, each a batched equivalent: the crop box is drawn once and clamped
-to the image (torchvision retries 10 times, then centre-crops); the jitter ops run in a fixed
+to the image (torchvision retries 10 times, then centre-crops), and is not rounded to whole
+pixels (Pillow's resize takes such a box: `resample_weights`); the jitter ops run in a fixed
 order (torchvision permutes them); hue is a rotation in YIQ space (torchvision goes through HSV).
 """
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _coin(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
 
 
 def crop_boxes(n: int, scale: tuple[float, float], flips: bool, gen: torch.Generator, device) -> torch.Tensor:
-    """Affine maps theta [n, 2, 3] from a crop's normalised coordinates to the source image's."""
+    """Crop boxes as affine maps theta [n, 2, 3] from a crop's normalised coordinates to the source
+    image's (half-width and half-height, centre; a negative theta[:, 0, 0] mirrors the crop)."""
     area = _uniform(n, *scale, gen, device)
     log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), gen, device)
     ratio = log_ratio.exp()
@@ -75,10 +78,50 @@ def crop_boxes(n: int, scale: tuple[float, float], flips: bool, gen: torch.Gener
     return theta
 
 
+_CUBIC_A = -0.5  # Keys' cubic as Pillow has it (and torch's antialiased bicubic); grid_sample's is -0.75
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()
+    a = _CUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(lo: torch.Tensor, hi: torch.Tensor, out: int, size: int) -> torch.Tensor:
+    """Rows [B, out, size] that resample the source span [lo, hi) (pixels, per image) of a
+    `size`-pixel axis to `out` pixels as Pillow's bicubic resize of that crop: output pixel o is
+    centred at lo + (o + 0.5) * scale, scale = (hi - lo) / out; its taps are the cubic stretched
+    by max(scale, 1) (antialiasing when the crop shrinks), over the source pixels that the crop
+    covers (a crop is cut before it is resized), normalised to sum 1."""
+    dt = torch.float32 if lo.dtype != torch.float64 else lo.dtype
+    lo, hi = lo.to(dt), hi.to(dt)
+    scale = (hi - lo) / out
+    stretch = scale.clamp(min=1.0)
+    centre = lo[:, None] + (torch.arange(out, device=lo.device, dtype=dt) + 0.5) * scale[:, None]  # [B, out]
+    pix = torch.arange(size, device=lo.device, dtype=dt)
+    w = _cubic((pix + 0.5 - centre[..., None]) / stretch[:, None, None])
+    # the crop's pixels: an edge within 1e-3 px of a pixel boundary is on it (box fractions x side
+    # are not exact in floating point)
+    first, last = (lo + 1e-3).floor(), (hi - 1e-3).ceil()
+    w = w * ((pix >= first[:, None, None]) & (pix < last[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
 def render(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resample of images [B, 3, S, S] through theta [B, 2, 3] to [B, 3, size, size]."""
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+    """Crops of images [B, 3, H, W] resized to [B, 3, size, size] as DINOv3's RandomResizedCrop on
+    its PIL images: Pillow's bicubic (antialiased) resize of the box that theta [B, 2, 3] maps
+    the output onto, mirrored where theta[:, 0, 0] < 0 (the flip), clamped to [0, 1] as 8-bit
+    pixels are. Separable, so two batched matmuls."""
+    h, w = images.shape[-2:]
+    cx, cy = (theta[:, 0, 2] + 1) * (w / 2), (theta[:, 1, 2] + 1) * (h / 2)
+    half_w, half_h = theta[:, 0, 0].abs() * (w / 2), theta[:, 1, 1] * (h / 2)
+    wx = resample_weights(cx - half_w, cx + half_w, size, w)  # [B, size, W]
+    wx = torch.where((theta[:, 0, 0] < 0)[:, None, None], wx.flip(1), wx)
+    wy = resample_weights(cy - half_h, cy + half_h, size, h)  # [B, size, H]
+    x = images.to(wx.dtype) @ wx.transpose(1, 2)[:, None]  # [B, 3, H, size]
+    return (wy[:, None] @ x).to(images.dtype).clamp_(0, 1)
 
 
 def resize(x: torch.Tensor, size: int, pixels: bool) -> torch.Tensor:

@@ -138,7 +138,8 @@ class GramConfig:
 class OptimConfig:
     """DINOv3 `optim:`: AdamW, its schedules and parameter groups."""
     epochs: int = 100
-    schedule: str = "cosine"  # ours: "cosine" (DINOv3's v1) or "constant" after warmup (its 7B run)
+    schedule: str = "cosine"  # ours: "cosine" (DINOv3's v1) or "constant" after warmup (its 7B run's
+                              # v2 `schedules:`, whose warmups leave out their endpoint)
     lr: float = 0.001  # the base lr (DINOv3's default); the scaling rule turns it into the peak lr
     min_lr: float = 1.0e-6
     warmup_epochs: float = 10

@@ -13,10 +13,15 @@ from dinov3_fast.train.config import Config, WeightSchedule
 
 @dataclass(frozen=True)
 class Schedule:
-    """DINOv3's `CosineScheduler`: linear warmup `linspace(start_warmup_value, base_value, warmup_iters)`
-    (endpoint included: the last warmup iteration is at `base_value`), then cosine to `final_value` at
-    `total_iters` ("cosine"), or held at `base_value` ("constant"); `final_value` afterwards. Iterations
-    below `zero_iters` give 0 (the frozen last layer)."""
+    """DINOv3's `CosineScheduler` (its v1 schedules): linear warmup `linspace(start_warmup_value,
+    base_value, warmup_iters)` (endpoint included: the last warmup iteration is at `base_value`),
+    then cosine to `final_value` at `total_iters` ("cosine"); `final_value` afterwards. Iterations
+    below `zero_iters` give 0 (the frozen last layer).
+
+    `warmup_endpoint=False` is the warmup of DINOv3's v2 `schedules:` (`linear_warmup_cosine_decay`:
+    `linspace(start, peak, warmup, endpoint=False)`, so `base_value` is first reached at
+    `warmup_iters`); with kind "constant" (the 7B recipe's v2 schedules, whose cosine runs from
+    the peak to an equal end) the value then stays at `base_value`."""
     base_value: float
     final_value: float
     total_iters: int
@@ -24,14 +29,16 @@ class Schedule:
     start_warmup_value: float = 0.0
     kind: str = "cosine"
     zero_iters: int = 0
+    warmup_endpoint: bool = True
 
     def __call__(self, it: int) -> float:
         if it < self.zero_iters:
             return 0.0
         if it < self.warmup_iters:
-            if self.warmup_iters == 1:  # linspace(a, b, 1) == [a]
+            steps = self.warmup_iters - 1 if self.warmup_endpoint else self.warmup_iters
+            if steps == 0:  # linspace(a, b, 1) == [a]
                 return self.start_warmup_value
-            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / (self.warmup_iters - 1)
+            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / steps
         if self.kind == "constant":
             return self.base_value
         if it >= self.total_iters:
@@ -105,21 +112,29 @@ class StepValues:
 
 
 class Schedules:
-    """lr, last-layer lr, weight decay, teacher momentum and teacher temperature, DINOv3's way."""
+    """lr, last-layer lr, weight decay, teacher momentum and teacher temperature, DINOv3's way.
+
+    optim.schedule "cosine" is DINOv3's v1 schedules (`build_schedulers`, `CosineScheduler`);
+    "constant" is its v2 `schedules:` section as the 7B recipe sets it (`build_schedulers_v2`:
+    `linear_warmup_cosine_decay` with peak == end), whose lr and teacher-temperature warmups
+    leave out their endpoint. Weight decay and momentum follow the v1 cosine in both (the 7B
+    recipe holds them constant, where v1 and v2 agree)."""
 
     def __init__(self, cfg: Config, world_size: int = 1) -> None:
         epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
         total = cfg.total_steps
         o, t = cfg.optim, cfg.teacher
+        v1 = o.schedule != "constant"
         warmup = int(o.warmup_epochs * epoch)
         peak = scaled_lr(cfg, world_size)
-        self.lr = Schedule(peak, o.min_lr, total, warmup, 0.0, o.schedule)
+        self.lr = Schedule(peak, o.min_lr, total, warmup, 0.0, o.schedule, warmup_endpoint=v1)
         self.last_layer_lr = Schedule(peak, o.min_lr, total, warmup, 0.0, o.schedule,
-                                      zero_iters=int(o.freeze_last_layer_epochs * epoch))
+                                      zero_iters=int(o.freeze_last_layer_epochs * epoch), warmup_endpoint=v1)
         self.weight_decay = Schedule(o.weight_decay, o.weight_decay_end, total)
         self.momentum = Schedule(t.momentum_teacher, t.final_momentum_teacher, total)
         temp_warmup = int(t.warmup_teacher_temp_epochs * epoch)
-        self.teacher_temp = Schedule(t.teacher_temp, t.teacher_temp, temp_warmup, temp_warmup, t.warmup_teacher_temp)
+        self.teacher_temp = Schedule(t.teacher_temp, t.teacher_temp, temp_warmup, temp_warmup, t.warmup_teacher_temp,
+                                     warmup_endpoint=v1)
 
     def at(self, it: int) -> StepValues:
         return StepValues(self.lr(it), self.last_layer_lr(it), self.weight_decay(it), self.momentum(it),
