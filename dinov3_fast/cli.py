@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile each block")
     train.add_argument("--device", choices=("cpu", "cuda"))
     train.add_argument("--output-dir", help="train.output_dir (config, checkpoints)")
-    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint root (its newest complete one)")
+    train.add_argument("--resume", help="a checkpoint folder, a checkpoint root or a run's --output-dir "
+                       "(the newest complete checkpoint there)")
     train.add_argument("--log-every", type=int)
     train.add_argument("--profile-steps", type=int,
                        help="profile the last this many steps (torch.profiler), an interval of their own "
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.set_defaults(func=_plan)
 
     export = sub.add_parser("export", help="write a checkpoint's backbone as a plain full state dict")
-    export.add_argument("checkpoint", help="a checkpoint folder or root")
+    export.add_argument("checkpoint", help="a checkpoint folder, a checkpoint root or a run's --output-dir")
     export.add_argument("--out", default=None, help="output file (.safetensors, or .pth)")
     export.add_argument("--which", choices=("teacher", "student"), default="teacher")
     export.set_defaults(func=_export)

@@ -37,7 +37,7 @@ def test_random_resized_crop_is_pillows_bicubic_resize_of_the_crop():
     shrink factor when the crop is larger than its output: antialiased), then flipped. Held here on
     float ('F' mode) images, so Pillow neither rounds nor clips, for shrinking and enlarging boxes.
     grid_sample's bicubic (a = -0.75, no antialiasing) missed it by ~1.4% of the range on average
-    and up to ~25% on single pixels."""
+    and up to 26% on single pixels."""
     image_mod = pytest.importorskip("PIL.Image")
     side = 64
     images, _ = SyntheticShapes(side).batch(torch.arange(6))
