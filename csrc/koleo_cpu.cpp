@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "bindings.h"
@@ -225,14 +226,25 @@ void backward(const T* y, const T* r, int64_t M, int64_t D, int64_t q0, int64_t 
   }
 }
 
+// The bindings take raw pointers, so sizes are all they can check before the loops index with
+// them (dtypes and layouts are checked on the Python side, dinov3_fast/ops/koleo/cpu.py).
+void check_sizes(const char* fn, int64_t D, int64_t q0, int64_t nq, int64_t topk) {
+  if (D < 1 || topk < 1 || q0 < 0 || nq < 0)
+    throw std::invalid_argument(std::string(fn) + ": need D >= 1, topk >= 1, q0 >= 0 and nq >= 0");
+}
+
+void check_sizes(const char* fn, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk) {
+  check_sizes(fn, D, q0, nq, topk);
+  if (topk > M || q0 + nq > M) throw std::invalid_argument(std::string(fn) + ": need topk <= M and q0 + nq <= M");
+}
+
 }  // namespace
 
 void bind_koleo(pybind11::module_& m) {
   m.def(
       "koleo_search",
       [](uintptr_t y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t out, bool fp64) {
-        if (topk < 1 || topk > M || q0 < 0 || q0 + nq > M || D < 1)
-          throw std::invalid_argument("koleo_search: need 1 <= topk <= M, 0 <= q0, q0 + nq <= M and D >= 1");
+        check_sizes("koleo_search", M, D, q0, nq, topk);
         pybind11::gil_scoped_release release;
         if (fp64)
           search(reinterpret_cast<const double*>(y), M, D, q0, nq, topk, reinterpret_cast<int64_t*>(out));
@@ -246,6 +258,7 @@ void bind_koleo(pybind11::module_& m) {
   m.def(
       "koleo_pair_stats",
       [](uintptr_t y, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx, uintptr_t stats, bool fp64) {
+        check_sizes("koleo_pair_stats", D, q0, nq, topk);  // M is not passed: idx comes from koleo_search
         pybind11::gil_scoped_release release;
         const auto* ix = reinterpret_cast<const int64_t*>(idx);
         if (fp64)
@@ -260,6 +273,7 @@ void bind_koleo(pybind11::module_& m) {
       "koleo_backward",
       [](uintptr_t y, uintptr_t r, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx,
          uintptr_t stats, uintptr_t order, uintptr_t start, double scale, double eps, uintptr_t dx, bool fp64) {
+        check_sizes("koleo_backward", M, D, q0, nq, topk);
         pybind11::gil_scoped_release release;
         const auto* ix = reinterpret_cast<const int64_t*>(idx);
         const auto* od = reinterpret_cast<const int64_t*>(order);

@@ -192,11 +192,44 @@ cudaError_t launch(const void* x, float* out, void* workspace, int64_t workspace
                                      dim3(kThreads), args, 0, stream);
 }
 
+// Sizes the launcher can take. Checked before anything divides by them: plan() divides by B and
+// by cols_per_split (0 when K is 0), a host SIGFPE; with n_iter < 1 no round writes the partials
+// that the final pass reads, and the output would be the workspace's garbage.
+bool valid_problem(int64_t B, int64_t K, int64_t stride_b, int n_iter) {
+  return B >= 1 && B <= kMaxBatch && K >= 1 && stride_b >= 0 && n_iter >= 1;
+}
+
+// Makes `device` current for the queries and the launch, and restores the caller's device after:
+// the occupancy query reads the current device (not the one passed to plan()), and a bare
+// cudaSetDevice would leave the calling thread on `device` once the call returns.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int current = -1;
+    err_ = cudaGetDevice(&current);
+    if (err_ != cudaSuccess || current == device) return;  // nothing to switch, nothing to restore
+    err_ = cudaSetDevice(device);
+    if (err_ == cudaSuccess) restore_ = current;
+  }
+  ~DeviceGuard() {
+    if (restore_ >= 0) cudaSetDevice(restore_);
+  }
+  cudaError_t error() const { return err_; }
+
+ private:
+  int restore_ = -1;
+  cudaError_t err_ = cudaSuccess;
+};
+
 }  // namespace
 
 extern "C" int64_t dinov3_fast_sinkhorn_max_batch() { return kMaxBatch; }
 
 extern "C" int dinov3_fast_sinkhorn_workspace(int64_t B, int64_t K, int dtype, int device, int64_t* bytes) {
+  *bytes = 0;
+  if (!valid_problem(B, K, /*stride_b=*/K, /*n_iter=*/1)) return static_cast<int>(cudaErrorInvalidValue);  // sizes only
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return static_cast<int>(guard.error());
   int grid = 0, nsplit = 0;
   int64_t cols = 0;
   cudaError_t err = dtype == 0   ? plan<float>(B, K, device, &grid, &nsplit, &cols)
@@ -210,8 +243,12 @@ extern "C" int dinov3_fast_sinkhorn_workspace(int64_t B, int64_t K, int dtype, i
 extern "C" int dinov3_fast_sinkhorn_launch(const void* x, int dtype, float* out, void* workspace,
                                            int64_t workspace_bytes, int64_t B, int64_t K, int64_t stride_b,
                                            float scale, int n_iter, int device, uintptr_t stream) {
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return static_cast<int>(err);
+  if (!valid_problem(B, K, stride_b, n_iter) || x == nullptr || out == nullptr || workspace == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return static_cast<int>(guard.error());
+  cudaError_t err = cudaSuccess;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case 0: err = launch<float>(x, out, workspace, workspace_bytes, B, K, stride_b, scale, n_iter, device, s); break;

@@ -5,6 +5,8 @@
 extern "C" {
 // Largest batch the persistent kernel supports (its sample potentials live in shared memory).
 int64_t dinov3_fast_sinkhorn_max_batch();
+// Both calls make `device` current for their duration and restore the caller's device; sizes
+// outside 1 <= B <= max_batch, K >= 1, stride_b >= 0, n_iter >= 1 return cudaErrorInvalidValue.
 // Bytes of device workspace the launch needs for (B, K) on `device`; returns a cudaError_t code.
 int dinov3_fast_sinkhorn_workspace(int64_t B, int64_t K, int dtype, int device, int64_t* bytes);
 // One cooperative launch running all n_iter Sinkhorn-Knopp rounds and the final write.

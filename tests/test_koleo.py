@@ -247,6 +247,127 @@ def test_cpu_search_native_equals_pytorch_formulation():
             assert torch.equal(search_native(y, q0, nq, topk), search_torch(y, q0, nq, topk))
 
 
+def _search_oracle(y: torch.Tensor, q0: int, nq: int, topk: int) -> torch.Tensor:
+    """(nq, topk) neighbours by elementwise products summed per pair (float64), own entry -1, NaN
+    above every number, ties to the lowest index (a stable sort)."""
+    y = y.double()
+    dots = (y[q0:q0 + nq, None, :] * y[None, :, :]).sum(-1)
+    dots[torch.arange(nq), torch.arange(q0, q0 + nq)] = -1
+    return torch.sort(dots.nan_to_num(nan=float("inf")), dim=1, descending=True, stable=True).indices[:, :topk]
+
+
+def test_cpu_native_search_at_tile_edges():
+    """The C++ search (64 x 64 tiles of 4 x 4 register blocks, ragged edges re-read a row) at sizes
+    on and off both multiples, D = 1 (every dot is +-1: nothing but exact ties, so the lowest-index
+    rule decides every neighbour), topk up to M, symmetric and row-range searches, in float64
+    (exact against the oracle, whose dots are the same products summed in another order)."""
+    from dinov3_fast.ops.koleo.cpu import search_native
+
+    for M in (1, 2, 3, 5, 63, 64, 65, 129):
+        for D in (1, 3, 17):
+            y = F.normalize(torch.randn(M, D, dtype=torch.float64), dim=-1)
+            if M > 5:
+                y[M - 1] = y[1]
+                y[M // 2] = y[1]
+            for topk in sorted({1, 2, M - 1, M} & set(range(1, M + 1))):
+                for q0, nq in sorted({(0, M), (M // 2, M - M // 2), (M - 1, 1), (0, 0)}):
+                    assert torch.equal(search_native(y, q0, nq, topk), _search_oracle(y, q0, nq, topk)), \
+                        (M, D, topk, q0, nq)
+
+
+def test_cpu_native_results_independent_of_thread_count():
+    """Neighbours, pair statistics and the gradient of the C++ path are bitwise the same at 1 and 2
+    OpenMP threads and from run to run (the search merges per-thread lists under a total order;
+    stats and backward own whole pairs and rows), with exact ties (copies), sizes off the tile,
+    topk > 1 and a row-range search. The loss is a torch mean (its reduction may split by thread)."""
+    from dinov3_fast.ops.koleo.cpu import koleo_bwd_cpu, koleo_fwd_cpu
+
+    x = torch.randn(203, 19)
+    x[150] = x[7]
+    x[151] = x[7]
+    x[80] = x[200]
+    threads = torch.get_num_threads()
+    try:
+        for topk, q0, nq in ((1, 0, 203), (3, 0, 203), (2, 61, 100)):
+            results = []
+            for n_threads in (1, 2, 2, 1):
+                torch.set_num_threads(n_threads)
+                _, idx, stats, r = koleo_fwd_cpu(x, q0, nq, 1e-8, topk)
+                dx = koleo_bwd_cpu(torch.tensor(0.7), x, idx, stats, r, q0, nq, 1e-8, topk)
+                results.append((idx, stats, dx))
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b), (topk, q0, nq)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_native_arguments_are_checked():
+    """The C++ kernels read raw pointers: search_native copies a strided view (a column-major y was
+    read in memory order: other neighbours) and refuses a dtype it would read as raw bytes (bf16 y
+    was read as fp32, twice its buffer's size); the bindings refuse sizes they would index with."""
+    from dinov3_fast._ext import native
+    from dinov3_fast.ops.koleo.cpu import search_native
+
+    y = F.normalize(torch.randn(50, 8), dim=-1)
+    col_major = y.T.contiguous().T
+    assert torch.equal(search_native(col_major, 0, 50, 2), search_native(y, 0, 50, 2))
+    for bad in (y.bfloat16(), y.half(), y.to(torch.int64)):
+        with pytest.raises(TypeError, match="native KoLeo kernels need a CPU tensor"):
+            search_native(bad, 0, 50, 1)
+    lib, ptr = native(), 0  # null: a size that slipped through crashes here rather than corrupting memory
+    for call in (lambda: lib.koleo_search(ptr, 50, 8, 0, -1, 1, ptr, False),   # nq < 0
+                 lambda: lib.koleo_search(ptr, 50, 0, 0, 50, 1, ptr, False),   # D = 0
+                 lambda: lib.koleo_search(ptr, 50, 8, 40, 11, 1, ptr, False),  # q0 + nq > M
+                 lambda: lib.koleo_pair_stats(ptr, 8, 0, 50, 0, ptr, ptr, False),  # topk = 0
+                 lambda: lib.koleo_pair_stats(ptr, 8, -1, 50, 1, ptr, ptr, False),  # q0 < 0
+                 lambda: lib.koleo_backward(ptr, ptr, 50, 8, 10, 41, 1, ptr, ptr, ptr, ptr, 1.0, 1e-8, ptr, False),
+                 lambda: lib.koleo_backward(ptr, ptr, 50, 8, 0, 50, 51, ptr, ptr, ptr, ptr, 1.0, 1e-8, ptr, False)):
+        with pytest.raises(ValueError, match="need"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_reads_strided_saved_tensors(backend):
+    """A saved-tensor hook may unpack idx and stats as strided views of the same values (here: kept
+    transposed); the C++ and Triton backwards read them in memory order (gradients off by 100% and
+    170%)."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    x = torch.randn(40, 6, dtype=dtype, requires_grad=True)
+    want, = torch.autograd.grad(koleo_loss(x, topk=2, backend=backend), x)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.mT.contiguous() if t.dim() >= 2 else t,
+                                                  lambda t: t.mT if t.dim() >= 2 else t):
+        loss = koleo_loss(x, topk=2, backend=backend)
+    got, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_native_pair_offsets_past_int32():
+    """Row offsets of the C++ kernels are int64: pair statistics of rows that start past 2^31
+    elements (a sparse 8 GiB mapping; only the rows written and read get pages) match those of the
+    same rows copied out. (The search reads every row, 38 s at this size: not run here.)"""
+    import mmap
+
+    import numpy as np
+    from dinov3_fast._ext import native
+
+    D, M = 1 << 14, (1 << 17) + 3  # rows M - 3 .. M - 1 start past 2^31 elements
+    try:
+        mapping = mmap.mmap(-1, M * D * 4)
+    except (OSError, OverflowError, ValueError) as exc:
+        pytest.skip(f"no 8 GiB virtual mapping here: {exc}")
+    y = torch.from_numpy(np.frombuffer(mapping, dtype=np.float32)).view(M, D)
+    y[M - 3:] = F.normalize(torch.randn(3, D), dim=-1)
+    idx = torch.tensor([[M - 3, M - 2]])
+    stats = torch.empty(3, 1, 2)
+    native().koleo_pair_stats(y.data_ptr(), D, M - 1, 1, 2, idx.data_ptr(), stats.data_ptr(), False)
+    small, small_idx = y[M - 3:].clone(), torch.tensor([[0, 1]])
+    want = torch.empty(3, 1, 2)
+    native().koleo_pair_stats(small.data_ptr(), D, 2, 1, 2, small_idx.data_ptr(), want.data_ptr(), False)
+    assert torch.equal(stats, want)
+    del y
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     x = torch.randn(9, 6, requires_grad=True)

@@ -328,6 +328,52 @@ def test_dispatch_batch_limit_is_the_kernels():
     assert CUDA_MAX_BATCH == native().sinkhorn_max_batch()
 
 
+@pytest.mark.skipif(not native_has_cuda(), reason="dinov3_fast._C was built without nvcc")
+def test_cuda_launcher_refuses_bad_sizes_before_any_device_call():
+    """B = 0 and K = 0 reached a division by zero in the launcher's plan (a host SIGFPE on a GPU
+    machine), n_iter < 1 returned the uninitialised workspace: each is now cudaErrorInvalidValue,
+    checked before any CUDA call (which is why this runs without a GPU too)."""
+    from dinov3_fast._ext import native
+
+    mod = native()
+    for B, K in ((0, 8), (4, 0), (mod.sinkhorn_max_batch() + 1, 8), (-1, 8)):
+        with pytest.raises(RuntimeError, match="invalid argument"):
+            mod.sinkhorn_workspace_bytes(B, K, 0, 0)
+    ptr = 256  # never dereferenced: the arguments are refused first
+    for x, B, K, stride_b, n_iter in ((ptr, 0, 8, 8, 3), (ptr, 4, 0, 0, 3), (ptr, 4, 8, 8, 0), (ptr, 4, 8, -1, 3),
+                                      (0, 4, 8, 8, 3)):
+        with pytest.raises(RuntimeError, match="invalid argument"):
+            mod.sinkhorn_knopp_cuda(x, 0, ptr, ptr, 1 << 20, B, K, stride_b, 1.0, n_iter, 0, 0)
+
+
+def test_cuda_launcher_returns_empty_without_rows(monkeypatch):
+    """No row (B = 0): an empty result without calling the extension, whose plan divides by B
+    (a meta tensor stands in for a CUDA one)."""
+    from dinov3_fast.ops.sinkhorn import cuda as sinkhorn_cuda_module
+
+    monkeypatch.setattr(sinkhorn_cuda_module, "native", lambda: pytest.fail("the extension was called with B = 0"))
+    out = sinkhorn_cuda_module.sinkhorn_cuda(torch.empty(0, 64, dtype=torch.bfloat16, device="meta"), 0.07, 3)
+    assert out.shape == (0, 64) and out.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_launcher_leaves_the_current_device_alone():
+    """The launcher makes the tensor's device current for its queries and launch, then restores the
+    caller's: called directly (outside the op's device context) on cuda:1 from cuda:0, its bare
+    cudaSetDevice(1) was never undone, and the workspace was sized with cuda:0's occupancy. Not
+    yet run on a GPU."""
+    if not native_has_cuda() or torch.cuda.device_count() < 2:
+        pytest.skip("needs the CUDA kernels and two GPUs")
+    from dinov3_fast.ops.sinkhorn.cuda import sinkhorn_cuda
+
+    logits = torch.randn(8, 1000, device="cuda:1")
+    with torch.cuda.device(0):
+        out = sinkhorn_cuda(logits, 0.07, 3)
+        assert torch.cuda.current_device() == 0
+    assert out.device == logits.device
+    assert rel_err(out, sinkhorn_knopp_ref(logits.double(), 0.07)) < 1e-5
+
+
 @pytest.mark.parametrize("shape,dtype,group,cuda_first", [
     ((32, 262144), torch.float32, None, True), ((2048, 1024), torch.bfloat16, None, True),
     ((2049, 1024), torch.float32, None, False), ((512, 98305), torch.float32, None, False),

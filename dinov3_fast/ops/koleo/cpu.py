@@ -32,8 +32,19 @@ def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return (x * r[:, None]).contiguous(), r
 
 
+def _native_arg(t: torch.Tensor, name: str, *dtypes: torch.dtype) -> torch.Tensor:
+    """`t` as the C++ kernels read it: a dense row-major CPU array of one of `dtypes`. They take
+    raw pointers, so a strided view would be read as its storage in memory order (a wrong result)
+    and a narrower dtype as raw bytes (past the end of its buffer): views are copied, a wrong
+    dtype or device refused. Keep the returned tensor alive for the duration of the call."""
+    if t.device.type != "cpu" or t.dtype not in dtypes:
+        raise TypeError(f"{name}: the native KoLeo kernels need a CPU tensor of {dtypes}, got {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
 def search_native(y: torch.Tensor, q0: int, nq: int, topk: int) -> torch.Tensor:
-    """(nq, topk) int64 neighbours of rows [q0, q0 + nq) of y (M, D) contiguous, via dinov3_fast._C."""
+    """(nq, topk) int64 neighbours of rows [q0, q0 + nq) of y (M, D) fp32/fp64, via dinov3_fast._C."""
+    y = _native_arg(y, "y", torch.float32, torch.float64)
     out = torch.empty((nq, topk), dtype=torch.int64)
     native().koleo_search(y.data_ptr(), y.shape[0], y.shape[1], q0, nq, topk, out.data_ptr(),
                           y.dtype == torch.float64)
@@ -121,6 +132,10 @@ def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats:
     lib = native()
     if lib is None:
         return backward_torch(grad, y, r, idx, stats, q0, nq, eps, topk).to(x.dtype)
+    # idx, stats and r are saved tensors: a saved-tensor hook may unpack them as strided views
+    r = _native_arg(r, "r", torch.float32, torch.float64)
+    idx = _native_arg(idx, "idx", torch.int64)
+    stats = _native_arg(stats, "stats", r.dtype)
     sorted_idx, order = torch.sort(idx.flatten(), stable=True)
     start = torch.searchsorted(sorted_idx, torch.arange(y.shape[0] + 1))
     dx = torch.empty_like(y)

@@ -20,8 +20,10 @@ def sinkhorn_cuda(logits: torch.Tensor, teacher_temp: float, n_iterations: int, 
         raise ValueError("backend='cuda' has no all-reduce between its passes; use backend='triton' with a process group")
     if logits.dtype not in _DTYPE_CODES:
         raise TypeError(f"backend='cuda' needs float32, bfloat16 or float16 teacher_logits, got {logits.dtype}")
-    mod = native()
     B, K = logits.shape
+    if B == 0:  # nothing to normalise; the kernel's plan divides by B
+        return torch.empty((0, K), dtype=torch.float32, device=logits.device)
+    mod = native()
     if B > mod.sinkhorn_max_batch():
         raise ValueError(f"backend='cuda' supports B <= {mod.sinkhorn_max_batch()}, got B={B}; use backend='triton'")
     if logits.stride(1) != 1:
