@@ -465,10 +465,8 @@ def rope_attention_bwd_triton(dout, qkv, out, lse, sin, cos, seqinfo, num_heads:
             rotation of dq and dk (once per program, in the store epilogue) still reads them.
             Costs 2 T C elements of qkv's dtype of transient memory. No effect without rope.
     """
-    if qkv.stride(1) != 1:
-        qkv = qkv.contiguous()
-    if dout.stride(1) != 1:
-        dout = dout.contiguous()
+    qkv, dout, out = (t if t.stride(1) == 1 else t.contiguous() for t in (qkv, dout, out))
+    lse = lse.contiguous()  # indexed as a dense [H, T] (a saved-tensor hook may hand back a view)
     T, C, dh, S, rope_rows = _common(qkv, sin, seqinfo, num_heads, max_len)
     delta = torch.empty(num_heads, T, dtype=torch.float32, device=qkv.device)
     block_t = 64 if dh <= 64 else 32

@@ -252,6 +252,8 @@ def koleo_bwd_triton(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, sta
     """
     out_dtype = x.dtype
     x = _kernel_input(x)
+    # the kernel indexes r, idx and stats as dense arrays: a saved-tensor hook may hand back views
+    r, idx, stats = (t.contiguous() for t in (r, idx, stats))
     M, D = x.shape
     sorted_idx, order = torch.sort(idx.flatten(), stable=True)
     start = torch.searchsorted(sorted_idx, torch.arange(M + 1, device=x.device, dtype=torch.int64))

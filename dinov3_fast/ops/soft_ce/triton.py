@@ -233,6 +233,8 @@ def soft_ce_bwd_student_triton(grad_row: torch.Tensor, student: torch.Tensor, te
     of row_loss."""
     out_dtype = student.dtype
     student, teacher = _unit_stride(student), _unit_stride(teacher)
+    # the forward's state is indexed as dense arrays: a saved-tensor hook may hand back views
+    row_max, lse_rest, a = (t.contiguous() for t in (row_max, lse_rest, a))
     S, B, K = student.shape
     T = teacher.shape[0]
     block, warps, nsplit, cols = _config(student.device, S * B, K, T)
