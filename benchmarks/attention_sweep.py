@@ -226,11 +226,9 @@ class ShapeRun:
     where against the default it would hide in bf16 rounding at long N."""
 
     def __init__(self, s: Shape, device, dtype):
-        import torch
-
         from dinov3_fast.ops.attention import triton as attn_triton
 
-        self.s, self.ops, self.torch = s, attn_triton, torch
+        self.s, self.ops = s, attn_triton
         self.timed, self.checked = (self._draw(seed, device, dtype) for seed in (0, 1))
         C = s.H * s.Dh
         self.probe = Inputs(self.checked.qkv.clone(), None, self.checked.sin, self.checked.cos)
@@ -239,9 +237,11 @@ class ShapeRun:
         self.ref = {"fwd": None, "bwd": None}
 
     def _draw(self, seed: int, device, dtype) -> Inputs:
+        import torch
+
         from dinov3_fast.bench.cases.attention import rope_tables
 
-        torch, s = self.torch, self.s
+        s = self.s
         gen = torch.Generator(device).manual_seed(seed)
         T, C = s.B * s.N, s.H * s.Dh
         x = Inputs(torch.randn(T, 3 * C, device=device, dtype=dtype, generator=gen),
@@ -270,7 +270,8 @@ class ShapeRun:
         (out and lse forward, dqkv backward; SDPA's forward has no lse: out alone); the default's
         own row sets the reference (0.0); None when the default did not run, so nothing is
         compared against another candidate. Results other than the reference are then poisoned."""
-        torch = self.torch
+        import torch
+
         if is_default:
             self.ref[direction] = results
         ref = self.ref[direction]
@@ -287,7 +288,7 @@ class ShapeRun:
     def sdpa(self, backend: str, direction: str, x: Inputs):
         """(callable timing SDPA's pass on x's rotated q, k and v; its results on x: (out [T, C],)
         forward, (dqkv [T, 3C],) backward with dq and dk rotated back)."""
-        torch = self.torch
+        import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
