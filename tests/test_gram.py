@@ -168,6 +168,31 @@ def test_unnormalised_sides_of_different_scales(backend, small):
     check_against_oracle(feats["student"], feats["teacher"], backend, 1e-5, normalize=False)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["zero_student_image", "tiny_student_image", "zero_student_rows",
+                                  "zero_teacher_image"])
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 150, 100)], ids=["one_block", "multi_block"])
+def test_rows_under_the_norm_clamp(backend, case, shape):
+    """Rows of norm <= eps, where F.normalize clamps the norm: y = x / eps, and the gradient that
+    reaches x is dL/dy / eps, 1e12 times it. In an image whose every student row is zero, dL/dYs
+    is exactly 0 (each of its terms carries a row of Ys); the identity form wrote it as
+    Sig (B + C^T) + Del (A + C), sums of products that cancel only up to their rounding (~1e-8),
+    and the gradient was 1e12 times that (triton: 12.5 where the reference has 0). Images with
+    such rows now take those factors as direct products, 2 Del^T Ys and 2 Sig^T Ys, which vanish
+    with Ys (and likewise for the teacher's side)."""
+    assert uses_identity(0, shape[1], shape[2])
+    student, teacher = torch.randn(shape), torch.randn(shape)
+    if case == "zero_student_image":
+        student[1] = 0
+    elif case == "tiny_student_image":  # every row below eps but not zero: y = x / eps ~ 1e-3
+        student[1] *= 1e-15
+    elif case == "zero_student_rows":  # the rest of the image is normal: 1e12-scale gradients on those rows
+        student[1, :5] = 0
+    else:
+        teacher[1] = 0
+    check_against_oracle(student, teacher, backend, 1e-5)
+
+
 @pytest.mark.parametrize("form,shape", [("identity", (2, 90, 48)), ("tiled", (2, 70, 150))], ids=["identity", "tiled"])
 def test_bf16_inputs_triton(form, shape, interpreter_bf16_dots):
     """bf16 through the Triton kernels on CPU (see the interpreter_bf16_dots fixture), in the form of
@@ -237,8 +262,9 @@ def test_strided_inputs_with_equal_strides(backend, layout, shape, remove_neg, t
         launches = triton_launches(gram_triton, "_gram_sigdel_kernel" if identity else "_gram_tiled_kernel")
     check_against_oracle(student, teacher, backend, 1e-5, remove_neg=remove_neg)
     if backend == "triton":  # the kernels read the caller's memory, not a contiguous copy
+        # (the teacher's gradient factors take the pair in the other order)
         assert launches and all(
-            args[0].data_ptr() == student.data_ptr() and args[1].data_ptr() == teacher.data_ptr()
+            {args[0].data_ptr(), args[1].data_ptr()} == {student.data_ptr(), teacher.data_ptr()}
             and args[0].stride() == student.stride() for args in launches)
 
 

@@ -116,6 +116,7 @@ class _SigDelRows:
 
     def __init__(self, P: int, D: int, dtype: torch.dtype):
         self.z = torch.empty((min(_IDENTITY_ROWS, P), 2 * D), dtype=dtype)  # [Sig | Del]
+        self.y = None  # (rows, D) Ys or Yt, made where an image needs it (`side_rows`)
 
     def set_image(self, xs: torch.Tensor, xt: torch.Tensor) -> None:
         """xs, xt: (P, D) student and teacher features of one image."""
@@ -135,6 +136,18 @@ class _SigDelRows:
         torch.sub(sig, dlt, out=dlt)
         sig.addcmul_(xt, rt)
         return z, sig, dlt
+
+    def side_rows(self, rows: slice, student: bool) -> torch.Tensor:
+        """Ys (or Yt) of `rows`, (R, D), in a buffer of its own."""
+        x, r = (self.xs, self.rs) if student else (self.xt, self.rt)
+        if self.y is None:
+            self.y = torch.empty((self.z.shape[0], x.shape[1]), dtype=self.z.dtype)
+        return torch.mul(x[rows], r[rows], out=self.y[: rows.stop - rows.start])
+
+    def has_clamped_rows(self, student: bool) -> bool:
+        """Whether a row of that side has a norm at or near eps, where F.normalize clamps it (see
+        `_identity`)."""
+        return bool(((self.ns if student else self.nt) <= 2 * _EPS).any())
 
     def normalize_backward_(self, grad_y: torch.Tensor, rows: slice, student: bool) -> torch.Tensor:
         """grad_y (R, D) = dL/dY of `rows` on the student's (or teacher's) side, taken through the
@@ -156,8 +169,23 @@ def _write_grad_rows(out: torch.Tensor, rows_scratch: _SigDelRows, weights: torc
         rows_scratch.normalize_backward_(torch.mm(z, weights, out=out[rows]), rows, student)
 
 
+def _swap_halves(f: torch.Tensor) -> torch.Tensor:
+    """(2D, D) [Sig^T Y; Del^T Y] -> [Del^T Y; Sig^T Y], the order of the gradient's weights."""
+    d = f.shape[1]
+    return torch.cat((f[d:], f[:d]))
+
+
 def _identity(xs, xt, need_student, need_teacher):
-    """Identity form on normalised rows. Returns (M * loss in fp64, dL/dxs, dL/dxt)."""
+    """Identity form on normalised rows. Returns (M * loss in fp64, dL/dxs, dL/dxt).
+
+    The gradients' D x D factors, M dL/dYs = Sig (2 Del^T Ys) + Del (2 Sig^T Ys) and
+    M dL/dYt = -Sig (2 Del^T Yt) - Del (2 Sig^T Yt), are sums of the loss's products:
+    2 Del^T Ys = B + C^T, 2 Sig^T Ys = A + C (2 Del^T Yt = C^T - B, 2 Sig^T Yt = A - C), at no
+    extra cost. Those sums cancel up to their rounding where a side's rows are small; that only
+    matters where F.normalize clamps a row's norm (the gradient reaching x is then dL/dy / eps,
+    1e12 times it; in an all-zero image the exact gradient is 0). An image with such rows on a
+    differentiated side takes that side's factors as direct products, Z^T Y with Z = [Sig | Del],
+    which vanish with Y."""
     G, P, D = xs.shape
     inv_m = 1.0 / (G * P * P)
     d_s, d_t = _grad_buffer(xs, need_student), _grad_buffer(xt, need_teacher)
@@ -169,27 +197,40 @@ def _identity(xs, xt, need_student, need_teacher):
     scratch = _SigDelRows(P, D, dtype)
     for g in range(G):
         scratch.set_image(xs[g], xt[g])
+        # the direct products Z^T Ys and Z^T Yt, for the sides that need them
+        f_s = torch.zeros((2 * D, D), dtype=dtype) if need_student and scratch.has_clamped_rows(True) else None
+        f_t = torch.zeros((2 * D, D), dtype=dtype) if need_teacher and scratch.has_clamped_rows(False) else None
         B, A = weights[:D].zero_(), weights[D:].zero_()
         C.zero_()
         for rows in _row_slices(P):
-            _, sig, dlt = scratch.fill(rows)
+            z, sig, dlt = scratch.fill(rows)
             _add_sym_product_(A, sig)
             _add_sym_product_(B, dlt)
             C.addmm_(sig.T, dlt)
+            if f_s is not None:
+                f_s.addmm_(z.T, scratch.side_rows(rows, student=True))
+            if f_t is not None:
+                f_t.addmm_(z.T, scratch.side_rows(rows, student=False))
         _mirror_upper_(A)
         _mirror_upper_(B)
         # M L = (<A, B> + <C, C^T>) / 2: both terms scale with |Del|^2. Row sums in the compute
         # dtype, the rest in fp64.
         total += 0.5 * (_row_dot(A, B).double().sum() + _row_dot(C, C.mT).double().sum())
         if need_teacher:  # M dL/dYt = Sig (B - C^T) - Del (A - C)
-            teacher_weights = torch.empty_like(weights)
-            torch.sub(B, C.mT, out=teacher_weights[:D])
-            torch.sub(C, A, out=teacher_weights[D:])
+            if f_t is not None:
+                teacher_weights = _swap_halves(f_t).mul_(-2.0)
+            else:
+                teacher_weights = torch.empty_like(weights)
+                torch.sub(B, C.mT, out=teacher_weights[:D])
+                torch.sub(C, A, out=teacher_weights[D:])
             _write_grad_rows(d_t[g], scratch, teacher_weights.mul_(inv_m), student=False)
             del teacher_weights
         if need_student:  # M dL/dYs = Sig (B + C^T) + Del (A + C)
-            B.add_(C.mT)
-            A.add_(C)
+            if f_s is not None:
+                weights.copy_(_swap_halves(f_s)).mul_(2.0)
+            else:
+                B.add_(C.mT)
+                A.add_(C)
             _write_grad_rows(d_s[g], scratch, weights.mul_(inv_m), student=True)
     return total, d_s, d_t
 

@@ -25,7 +25,9 @@ Identity formulation (no clamping, normalised rows, wins when D < P), with Sig =
                              Sig / Del are formed from both inputs' tiles on chip.
   _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C), then the
                              normalisation backward over the same rows in a second sweep; launched
-                             right after the products, in the same forward.
+                             right after the products, in the same forward. In groups with a row
+                             under F.normalize's norm clamp, U and V are direct products instead
+                             (`_gradient_factors`: the same kernel, gated per group on the device).
 Offsets: the group index and the row indices are int64 in every kernel (`.to(tl.int64)` where
 they are formed), so g * sxg, row * sxp and (g * P + row) * D cannot wrap at 2^31 elements (G * P * D
 reaches 2^30 at 64 x 4096 x 4096, and strided views such as the patch tokens after the prefix
@@ -184,14 +186,29 @@ def _gram_sigdel_kernel(
     xs_ptr, xt_ptr,  # (G, P, D) student / teacher features, strides (sxg, sxp, sxd)
     rs_ptr, rt_ptr,  # (G * P,) fp32 inverse row norms
     c_ptr,           # (G, D, D) fp32 out: (Ys + LEFT Yt)^T (Ys + RIGHT Yt), strides (scg, scr, scc)
+    gate_ptr,        # (G,) int8: with GATED, only the groups where it is nonzero are computed
     P, D, sxg, sxp, sxd, scg, scr, scc,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr,  # +1.0 (Sig) or -1.0 (Del)
-    DOT_PRECISION: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr,  # +1.0 (Sig), -1.0 (Del), 0.0 (Ys alone: RIGHT only)
+    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    g = tl.program_id(2).to(tl.int64)  # int64 group and rows: see "Offsets" above
+    if GATED:
+        if tl.load(gate_ptr + g) != 0:
+            _gram_sigdel_block(xs_ptr, xt_ptr, rs_ptr, rt_ptr, c_ptr, g, P, D, sxg, sxp, sxd, scg, scr, scc,
+                               LEFT, RIGHT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _gram_sigdel_block(xs_ptr, xt_ptr, rs_ptr, rt_ptr, c_ptr, g, P, D, sxg, sxp, sxd, scg, scr, scc,
+                           LEFT, RIGHT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gram_sigdel_block(xs_ptr, xt_ptr, rs_ptr, rt_ptr, c_ptr, g, P, D, sxg, sxp, sxd, scg, scr, scc,
+                       LEFT: tl.constexpr, RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) block (program ids 0, 1) of group g's product, stored to c_ptr."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)  # int64 group and rows: see "Offsets" above
     cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -293,15 +310,37 @@ def inverse_row_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 def _identity_products(xs, xt, rs, rt, prec):
     """A = Sig^T Sig, B = Del^T Del, C = Sig^T Del, each (G, D, D) fp32."""
+    return _products(xs, xt, rs, rt, ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)), None, prec)
+
+
+def _products(xs, xt, rs, rt, signs, gate, prec):
+    """(Ys + left Yt)^T (Ys + right Yt) for each (left, right) in signs, each (G, D, D) fp32; with a
+    gate (G,) bool, only in the groups where it is set (the others are left unwritten)."""
     G, P, D = xs.shape
     bm, bk = _block(D, 64), _block(P, 32)
     nb = triton.cdiv(D, bm)
-    products = torch.empty((3, G, D, D), device=xs.device, dtype=torch.float32)
-    for out, (left, right) in zip(products, ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))):
+    products = torch.empty((len(signs), G, D, D), device=xs.device, dtype=torch.float32)
+    gate_arg = rs if gate is None else gate.to(torch.int8)
+    for out, (left, right) in zip(products, signs):
         _gram_sigdel_kernel[(nb, nb, G)](
-            xs, xt, rs, rt, out, P, D, *xs.stride(), *out.stride(),
-            LEFT=left, RIGHT=right, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk)
+            xs, xt, rs, rt, out, gate_arg, P, D, *xs.stride(), *out.stride(),
+            LEFT=left, RIGHT=right, GATED=gate is not None, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bm, BLOCK_K=bk)
     return products.unbind(0)
+
+
+def _gradient_factors(xa, xb, ra, rb, u, v, prec):
+    """The D x D factors of side a's gradient, M dL/dYa = Sig u + (Ya - Yb) v, where
+    u = 2 (Ya - Yb)^T Ya and v = 2 Sig^T Ya: given as sums of the loss's products (the student's
+    B + C^T and A + C, the teacher's B - C^T and A - C), which cancel up to their rounding where
+    side a's rows are small. That only matters where F.normalize clamps a row's norm (the gradient
+    reaching x is then dL/dy / eps, 1e12 times it; in an all-zero image the exact gradient is 0),
+    so the groups with a row of norm at or near eps (r >= 1 / (2 eps)) take u and v as direct
+    products instead, which vanish with Ya; the kernel skips every other group."""
+    G, P, _ = xa.shape
+    gate = (ra.view(G, P) >= 0.5 / NORM_EPS).any(1)
+    direct_u, direct_v = _products(xa, xb, ra, rb, ((-1.0, 0.0), (1.0, 0.0)), gate, prec)
+    gate = gate.view(G, 1, 1)
+    return torch.where(gate, 2.0 * direct_u, u), torch.where(gate, 2.0 * direct_v, v)
 
 
 def _identity_gradient(xa, xb, ra, rb, u, v, prec):
@@ -367,10 +406,11 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
     if identity:
         A, B, C = _identity_products(xs, xt, rs, rt, prec)
         total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
-        d_s = _identity_gradient(xs, xt, rs, rt, B + C.mT, A + C, prec) if need_student else empty()
+        d_s = _identity_gradient(xs, xt, rs, rt, *_gradient_factors(xs, xt, rs, rt, B + C.mT, A + C, prec),
+                                 prec) if need_student else empty()
         # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
-        d_t = _identity_gradient(xt, xs, rt, rs, B - C.mT, A - C, prec) \
-            if need_teacher else empty()
+        d_t = _identity_gradient(xt, xs, rt, rs, *_gradient_factors(xt, xs, rt, rs, B - C.mT, A - C, prec),
+                                 prec) if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
     if (need_student or need_teacher) and torch.are_deterministic_algorithms_enabled():
         _alert_not_deterministic()
