@@ -40,7 +40,7 @@ def test_16_bit_png_keeps_its_brightness(tmp_path):
     """Pillow reads a 16-bit grayscale PNG in mode I;16 and its convert("RGB") clips at 255, so a
     mid-grey image came out white (1.0 instead of 0.46)."""
     _png16(tmp_path / "a.png", np.full((20, 30), 30000, np.uint16))
-    images, _ = ImageFolder(tmp_path, 16).batch(torch.arange(1))
+    images, _, _ = ImageFolder(tmp_path, 16).batch_with_extents(torch.arange(1))
     assert images.mean().item() == pytest.approx(30000 / 65535, abs=1 / 255)
 
 

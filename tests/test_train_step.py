@@ -483,8 +483,9 @@ def test_image_folder(tmp_path):
         (tmp_path / cls).mkdir(exist_ok=True)
         Image.new("RGB", (40 + 10 * i, 30), (50 * i, 100, 200)).save(tmp_path / cls / f"{i}.png")
     folder = ImageFolder(tmp_path, 24)
-    images, labels = folder.batch(torch.arange(4))
-    assert images.shape == (4, 3, 24, 24) and labels.tolist() == [0, 0, 1, 0]
+    images, labels, extents = folder.batch_with_extents(torch.arange(4))
+    assert images.shape == (4, 3, 24, 48) and labels.tolist() == [0, 0, 1, 0]
+    assert extents.tolist() == [[24, 32], [24, 40], [24, 48], [24, 32]]  # short side 24, aspect kept
     assert images[2, 0].mean().item() == pytest.approx(100 / 255, abs=0.01)
 
 

@@ -1,17 +1,24 @@
 """DINOv3's multi-crop augmentation (dinov3/data/augmentations.py) as batched torch ops.
 
-Legend: B images, S source side, G / L / Gg global, local and Gram-teacher crop sides.
+Legend: B images, H x W their canvas, G / L / Gg global, local and Gram-teacher crop sides.
 
     aug = MultiCropAugmentation(cfg.crops)
-    crops = aug(images_B3SS, generator)   # images in [0, 1], any device (run it on the GPU)
+    crops = aug(images_B3HW, generator)  # images in [0, 1], any device (run it on the GPU)
+    crops = aug(canvas_B3HW, generator, extents_B2)  # images of their own sizes, padded (data.py)
     crops.global_crops [2, B, 3, G, G], crops.local_crops [n, B, 3, L, L], crops.gram_crops [2, B, 3, Gg, Gg] | None
 
-Per crop and image, as DINOv3: random resized crop (scale from crops.*_scale, aspect ratio
-log-uniform in [3/4, 4/3]; the box resized as Pillow's bicubic resize of that crop, antialiased
-when it shrinks, `render`), horizontal flip (p 0.5), colour jitter (p 0.8: brightness 0.4,
-contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), then Gaussian blur (kernel 9, sigma in
-[0.1, 2]; with the probabilities DINOv3's code runs, `BLUR_PROB`), solarize (second global crop,
-p 0.2), and normalisation with crops.rgb_mean / rgb_std.
+Images of different sizes come as one padded canvas: image i fills the top-left extents[i] =
+(height, width) pixels of canvas i, and nothing reads the rest (a crop's resampling taps cover
+only its box, `resample_weights`, and every box lies inside its image). Without extents every
+image fills its canvas.
+
+Per crop and image, as DINOv3: random resized crop (`crop_boxes`: area a fraction uniform in
+crops.*_scale of the image's own area in pixels, pixel aspect ratio log-uniform in [3/4, 4/3],
+position uniform over where the box fits; the box resized as Pillow's bicubic resize of that
+crop, antialiased when it shrinks, `render`), horizontal flip (p 0.5), colour jitter (p 0.8:
+brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p 0.2), then Gaussian blur
+(kernel 9, sigma in [0.1, 2]; with the probabilities DINOv3's code runs, `BLUR_PROB`), solarize
+(second global crop, p 0.2), and normalisation with crops.rgb_mean / rgb_std.
 
 Global crops with a Gram teacher (crops.gram_teacher_crops_size = Gg), DINOv3's order: each global
 view is cropped once at M = max(G, Gg). With the distortions shared (the default), they run at M,
@@ -20,10 +27,14 @@ to Gg for the Gram teacher. With crops.gram_teacher_no_distortions, the undistor
 resized to G before the distortions (so the blur acts at G) and to Gg for the Gram teacher, which
 gets no distortion. A resize to M is the identity; without a Gram teacher M = G.
 
-Differences from torchvision, each a batched equivalent: the crop box is drawn once and clamped
-to the image (torchvision retries 10 times, then centre-crops), and is not rounded to whole
-pixels (Pillow's resize takes such a box: `resample_weights`); the jitter ops run in a fixed
-order (torchvision permutes them); hue is a rotation in YIQ space (torchvision goes through HSV).
+Differences from torchvision, each a batched equivalent: the crop box is drawn once and its
+width and height each clamped to the image's (torchvision retries 10 times, then centre-crops a
+box of ratio clamped to [3/4, 4/3]): a box drawn too wide or too tall for its image spans it on
+that axis, with less than the drawn area and a pixel ratio between the drawn one and the
+image's own (so outside [3/4, 4/3] only on images outside it: at most sqrt(2 x 4/3) = 1.63 on
+an image folder's 2 : 1 images, data.py); the box is not rounded to whole pixels (Pillow's
+resize takes such a box: `resample_weights`); the jitter ops run in a fixed order (torchvision
+permutes them); hue is a rotation in YIQ space (torchvision goes through HSV).
 """
 from __future__ import annotations
 
@@ -61,12 +72,21 @@ def _coin(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) < p
 
 
-def crop_boxes(n: int, scale: tuple[float, float], flips: bool, gen: torch.Generator, device) -> torch.Tensor:
-    """Crop boxes as affine maps theta [n, 2, 3] from a crop's normalised coordinates to the source
-    image's (half-width and half-height, centre; a negative theta[:, 0, 0] mirrors the crop)."""
+def crop_boxes(n: int, scale: tuple[float, float], flips: bool, gen: torch.Generator, device,
+               aspect: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop boxes as affine maps theta [n, 2, 3] from a crop's normalised coordinates to its source
+    image's (half-width and half-height, centre, as fractions of the image's own width and height;
+    a negative theta[:, 0, 0] mirrors the crop). v2.RandomResizedCrop's draw in pixels: area
+    a = s h_i w_i for s uniform in `scale`, ratio r log-uniform in [3/4, 4/3], width sqrt(a r),
+    height sqrt(a / r), each clamped to the image's (the module docstring), the position uniform
+    over where the box fits. `aspect` [n]: each image's width / height in pixels (None: square
+    images); in fractions of the image the box is then sqrt(s r / aspect) wide and
+    sqrt(s aspect / r) high."""
     area = _uniform(n, *scale, gen, device)
     log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), gen, device)
     ratio = log_ratio.exp()
+    if aspect is not None:  # the ratio of the box's fractions of its image's width and height
+        ratio = ratio / aspect.to(device=ratio.device, dtype=ratio.dtype)
     w = (area * ratio).sqrt().clamp(max=1.0)
     h = (area / ratio).sqrt().clamp(max=1.0)
     cx = w / 2 + torch.rand(n, generator=gen, device=device) * (1 - w)
@@ -109,17 +129,24 @@ def resample_weights(lo: torch.Tensor, hi: torch.Tensor, out: int, size: int) ->
     return w / w.sum(-1, keepdim=True)
 
 
-def render(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def render(images: torch.Tensor, theta: torch.Tensor, size: int, extents: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Crops of images [B, 3, H, W] resized to [B, 3, size, size] as DINOv3's RandomResizedCrop on
     its PIL images: Pillow's bicubic (antialiased) resize of the box that theta [B, 2, 3] maps
     the output onto, mirrored where theta[:, 0, 0] < 0 (the flip), clamped to [0, 1] as 8-bit
-    pixels are. Separable, so two batched matmuls."""
-    h, w = images.shape[-2:]
+    pixels are. theta is in fractions of each image's extent: extents [B, 2] (height, width; the
+    image's top-left pixels of the canvas), or the whole H x W without extents. Separable, so two
+    batched matmuls; a box inside its image puts no weight on the canvas beyond it."""
+    if extents is None:
+        h, w = images.shape[-2:]
+    else:
+        ext = extents.to(device=theta.device, dtype=theta.dtype)
+        h, w = ext[:, 0], ext[:, 1]
     cx, cy = (theta[:, 0, 2] + 1) * (w / 2), (theta[:, 1, 2] + 1) * (h / 2)
     half_w, half_h = theta[:, 0, 0].abs() * (w / 2), theta[:, 1, 1] * (h / 2)
-    wx = resample_weights(cx - half_w, cx + half_w, size, w)  # [B, size, W]
+    wx = resample_weights(cx - half_w, cx + half_w, size, images.shape[-1])  # [B, size, W]
     wx = torch.where((theta[:, 0, 0] < 0)[:, None, None], wx.flip(1), wx)
-    wy = resample_weights(cy - half_h, cy + half_h, size, h)  # [B, size, H]
+    wy = resample_weights(cy - half_h, cy + half_h, size, images.shape[-2])  # [B, size, H]
     x = images.to(wx.dtype) @ wx.transpose(1, 2)[:, None]  # [B, 3, H, size]
     return (wy[:, None] @ x).to(images.dtype).clamp_(0, 1)
 
@@ -228,31 +255,38 @@ class MultiCropAugmentation:
         return (x - mean) / std
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> Crops:
-        """images [B, 3, S, S] (float in [0, 1], or uint8) -> Crops. `gen` lives on images' device."""
+    def __call__(self, images: torch.Tensor, gen: torch.Generator, extents: torch.Tensor | None = None) -> Crops:
+        """images [B, 3, H, W] (float in [0, 1], or uint8) -> Crops. `gen` lives on images' device.
+        extents [B, 2] (height, width), on images' device: image i is the top-left extents[i] of
+        its canvas images[i], of which nothing else is read (None: each fills its canvas)."""
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if extents is not None and tuple(extents.shape) != (images.shape[0], 2):
+            raise ValueError(f"extents must be [B, 2] = [{images.shape[0]}, 2], got {tuple(extents.shape)}")
         if images.dtype == torch.uint8:
             images = images.float() / 255
         c, b, dev = self.cfg, images.shape[0], images.device
-        globals_, grams = zip(*(self._global_crop(images, i == 0, gen) for i in range(2)))
+        aspect = None if extents is None else extents[:, 1].float() / extents[:, 0].float()
+        globals_, grams = zip(*(self._global_crop(images, i == 0, gen, extents, aspect) for i in range(2)))
         locals_ = []
         for _ in range(c.local_crops_number):
-            theta = crop_boxes(b, c.local_crops_scale, c.horizontal_flips, gen, dev)
-            x = color(render(images, theta, c.local_crops_size), ColorParams.draw(b, gen, dev))
+            theta = crop_boxes(b, c.local_crops_scale, c.horizontal_flips, gen, dev, aspect)
+            x = color(render(images, theta, c.local_crops_size, extents), ColorParams.draw(b, gen, dev))
             locals_.append(self._normalize(blur(x, BlurParams.draw(b, BLUR_PROB[2], gen, dev))))
         gram_crops = torch.stack(grams) if c.gram_teacher_crops_size is not None else None
         return Crops(torch.stack(globals_), torch.stack(locals_), gram_crops)
 
-    def _global_crop(self, images: torch.Tensor, first: bool, gen: torch.Generator
+    def _global_crop(self, images: torch.Tensor, first: bool, gen: torch.Generator,
+                     extents: torch.Tensor | None = None, aspect: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One global view of images [B, 3, S, S]: the normalised student / teacher crop [B, 3, G, G]
+        """One global view of images [B, 3, H, W] (extents and their width / height `aspect` as in
+        __call__): the normalised student / teacher crop [B, 3, G, G]
         and the Gram teacher's [B, 3, Gg, Gg] (None without crops.gram_teacher_crops_size), cropped
         once at M = max(G, Gg) and resized in DINOv3's order (module docstring). `first`: the first
         global crop (blur `BLUR_PROB[0]`, no solarisation; the second: `BLUR_PROB[1]`, solarisation
         p 0.2)."""
         c, b, dev = self.cfg, images.shape[0], images.device
-        theta = crop_boxes(b, c.global_crops_scale, c.horizontal_flips, gen, dev)
+        theta = crop_boxes(b, c.global_crops_scale, c.horizontal_flips, gen, dev, aspect)
         colors = ColorParams.draw(b, gen, dev)
         blurs = BlurParams.draw(b, BLUR_PROB[0] if first else BLUR_PROB[1], gen, dev)
         solar = None if first else _coin(b, 0.2, gen, dev)
@@ -262,7 +296,7 @@ class MultiCropAugmentation:
             return x if solar is None else solarize(x, solar)
 
         gram_size = c.gram_teacher_crops_size
-        view = render(images, theta, max(c.global_crops_size, gram_size or 0))  # [B, 3, M, M]
+        view = render(images, theta, max(c.global_crops_size, gram_size or 0), extents)  # [B, 3, M, M]
         if gram_size is not None and c.gram_teacher_no_distortions:
             student = distort(resize(view, c.global_crops_size, pixels=True))
             return self._normalize(student), self._normalize(resize(view, gram_size, pixels=True))

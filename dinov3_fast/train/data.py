@@ -6,8 +6,15 @@ class colour over a noisy two-colour gradient -- from a hidden class label. Each
 function of (seed, index) but for its background noise, which is drawn per batch (see `batch`);
 generated in batches with torch ops on any device.
 
-`ImageFolder` reads the user's own JPEG/PNG files (recursively), resized (short side) and centre
-cropped to a fixed side, so batches stack.
+`ImageFolder` reads the user's own JPEG/PNG files (recursively), short side resized to a fixed
+side S and aspect ratio kept up to 2 : 1 (a longer side is centre-cropped to 2 S), and batches
+them as one canvas padded to the batch's largest height and width, with each image's extent
+(height, width), so the augmentation draws its crops from the whole image as DINOv3 does (its
+RandomResizedCrop runs on the full decoded image) and still runs batched on the device.
+
+Both sources give `batch_with_extents(idx, device)` -> (images, labels, extents | None), what a
+training step crops from (extents None: every image fills its [S, S]); the synthetic source also
+`batch(idx, device)` -> (images [B, 3, S, S], labels), which the kNN probe reads.
 
 `Batch` is what one SSL step consumes, DINOv3's collated dict as a dataclass; `make_batch` builds
 one from source images (augmentation on the images' device, masks on the CPU).
@@ -27,6 +34,11 @@ from dinov3_fast.train.config import ConfigError
 from dinov3_fast.train.masking import MaskingGenerator, global_crop_masker, mask_metadata, sample_masks
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# An image folder's images keep their aspect ratio up to this (long side / short side); longer
+# sides are centre-cropped to it. It bounds a batch's canvas to MAX_ASPECT^2 = 4 x S^2 per image
+# (a batch holding the longest landscape and the longest portrait image), while 3 : 2 photos and
+# 16 : 9 frames stay whole; only panoramas lose their ends.
+MAX_ASPECT = 2
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # per ImageFolder; Pillow releases the GIL while it decodes
 
 
@@ -110,6 +122,10 @@ class SyntheticShapes:
         img = torch.where(inside.unsqueeze(1), fgc, bg)
         return img.clamp(0, 1), lab
 
+    def batch_with_extents(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """`batch` and no extents (every image fills its [S, S]): what a training step crops from."""
+        return (*self.batch(idx, device), None)
+
 
 def _hue_to_rgb(h: torch.Tensor) -> torch.Tensor:
     """Saturated colours for hues h [B, 1, 1] in [0, 1): [B, 3, 1, 1]. The channel offsets are a
@@ -122,7 +138,8 @@ def _hue_to_rgb(h: torch.Tensor) -> torch.Tensor:
 
 class ImageFolder:
     """The user's own images: every .jpg/.jpeg/.png under `root`, short side resized to
-    `image_size` and centre-cropped. Labels are the index of the first sub-folder (or 0)."""
+    `image_size` (S), aspect ratio kept up to MAX_ASPECT (beyond it, the long side centre-cropped
+    to MAX_ASPECT x S). Labels are the index of the first sub-folder (or 0)."""
 
     def __init__(self, root: str | Path, image_size: int) -> None:
         self.root = Path(root)
@@ -140,32 +157,47 @@ class ImageFolder:
         return len(self.files)
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
-        """Image i as uint8 [3, S, S] and its label. A file Pillow cannot decode (corrupt, truncated,
-        not an image) is a ConfigError naming it, where Pillow's own error may name none."""
+        """Image i as uint8 [3, h, w] (min(h, w) = S, max(h, w) <= MAX_ASPECT x S) and its label. A
+        file Pillow cannot decode (corrupt, truncated, not an image) is a ConfigError naming it,
+        where Pillow's own error may name none."""
         path = self.files[i]
         try:
-            image = _read_square(path, self.image_size)
+            image = _read_image(path, self.image_size)
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for a bad file
             raise ConfigError(f"image {path} could not be decoded ({type(exc).__name__}: {exc}); "
                               f"remove or replace it, then resume from the last checkpoint") from exc
         parts = path.relative_to(self.root).parts
         return image, self._class.get(parts[0], 0) if len(parts) > 1 else 0
 
-    def batch(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images uint8 -> float [B, 3, S, S] in [0, 1] on `device` and labels [B] for dataset
-        indices idx [B] (a CPU tensor). Decoded on DECODE_THREADS threads, in idx's order: one after
-        another, 500 x 375 px JPEGs took ~7 ms each on the CI machine, 0.9 s of host time per step
-        at batch 128, more than the H100 ViT-L step (0.63 s, BENCHMARKS.md)."""
+    def _load_all(self, idx: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """`load` of dataset indices idx [B] (a CPU tensor), on DECODE_THREADS threads, in idx's
+        order: one after another, 500 x 375 px JPEGs took ~7 ms each on the CI machine, 0.9 s of
+        host time per step at batch 128, more than the H100 ViT-L step (0.63 s, BENCHMARKS.md)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="dinov3_fast-decode")
-        items = list(self._pool.map(self.load, [int(i) % len(self) for i in idx.tolist()]))
-        images = to_device_async(torch.stack([x for x, _ in items]), device).float() / 255
-        return images, to_device_async(torch.tensor([y for _, y in items]), device)
+        return list(self._pool.map(self.load, [int(i) % len(self) for i in idx.tolist()]))
+
+    def batch_with_extents(self, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a training step crops from, for dataset indices idx [B] (a CPU tensor): the images
+        as one canvas float [B, 3, H, W] in [0, 1] on `device` (H, W: the batch's largest height
+        and width; image i in its top-left h_i x w_i pixels, zeros beyond), labels [B] and extents
+        [B, 2] = (h_i, w_i) (int64). The canvas holds S^2 to 4 S^2 pixels per image
+        (MAX_ASPECT), sent to the device as uint8."""
+        items = self._load_all(idx)
+        ext = torch.tensor([x.shape[1:] for x, _ in items], dtype=torch.int64).view(-1, 2)
+        h, w = (int(v) for v in ext.amax(0)) if items else (self.image_size,) * 2
+        pin = device is not None and torch.device(device).type == "cuda"
+        canvas = torch.zeros(len(items), 3, h, w, dtype=torch.uint8, pin_memory=pin)
+        for c, (x, _) in zip(canvas, items):
+            c[:, :x.shape[1], :x.shape[2]] = x
+        images = to_device_async(canvas, device).float() / 255
+        labels = to_device_async(torch.tensor([y for _, y in items]), device)
+        return images, labels, to_device_async(ext, device)
 
 
-def _read_square(path: Path, size: int) -> torch.Tensor:
-    """The image at `path` as uint8 [3, size, size]: 8-bit RGB, short side resized to `size`
-    (bicubic), centre-cropped."""
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    """The image at `path` as uint8 [3, h, w]: 8-bit RGB, short side resized to `size` (bicubic),
+    aspect ratio kept up to MAX_ASPECT (a longer side centre-cropped to MAX_ASPECT x size)."""
     try:
         from PIL import Image
     except ImportError as exc:
@@ -176,10 +208,13 @@ def _read_square(path: Path, size: int) -> torch.Tensor:
         scale = size / min(w, h)
         im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        cap = MAX_ASPECT * size
+        if max(w, h) > cap:
+            left, top = max(0, (w - cap) // 2), max(0, (h - cap) // 2)
+            im = im.crop((left, top, left + min(w, cap), top + min(h, cap)))
+            w, h = im.size
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1)
+    return data.view(h, w, 3).permute(2, 0, 1)
 
 
 def _to_rgb(im):
@@ -257,10 +292,12 @@ class Batch:
 
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, aug: MultiCropAugmentation, gen: torch.Generator,
-               masker: MaskingGenerator, mask_ratio_min_max: tuple[float, float], mask_probability: float) -> Batch:
-    """Augment images [B, 3, S, S] (on their device); draw the iBOT masks and their metadata on
-    the CPU and send them over without waiting for the device."""
-    crops = aug(images, gen)
+               masker: MaskingGenerator, mask_ratio_min_max: tuple[float, float], mask_probability: float,
+               extents: torch.Tensor | None = None) -> Batch:
+    """Augment images [B, 3, H, W] (on their device; extents [B, 2] of a padded canvas, or None:
+    `MultiCropAugmentation.__call__`); draw the iBOT masks and their metadata on the CPU and send
+    them over without waiting for the device."""
+    crops = aug(images, gen, extents)
     b = images.shape[0]
     masks = sample_masks(2 * b, (masker.height, masker.width), mask_ratio_min_max, mask_probability, masker)
     meta = [to_device_async(t, images.device) for t in mask_metadata(masks)]

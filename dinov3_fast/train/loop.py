@@ -220,11 +220,13 @@ def build_state(cfg: Config, device: torch.device | str | None = None) -> TrainS
 
 
 def next_batch(state: TrainState):
+    """This rank's batch at state.step: the source's images (an image folder's as a padded canvas
+    with each image's extent, so crops come from whole images), augmented and masked."""
     cfg = state.cfg
     idx = step_indices(state.source, state.step, cfg.train.batch_size_per_gpu, state.rank, state.world, cfg.train.seed)
-    images, labels = state.source.batch(idx, state.device)
+    images, labels, extents = state.source.batch_with_extents(idx, state.device)
     return make_batch(images, labels, state.aug, state.gen, state.masker, cfg.ibot.mask_ratio_min_max,
-                      cfg.ibot.mask_sample_probability)
+                      cfg.ibot.mask_sample_probability, extents)
 
 
 def train_step(state: TrainState) -> dict[str, torch.Tensor]:
