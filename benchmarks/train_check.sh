@@ -21,6 +21,12 @@
 #                             busy time, time by kind of kernel, host synchronisations; in train_<ops>.json
 #   TRAIN_CHECK_COMPILE=      "" the preset's (vitl16_h100: on), 0 eager, 1 compiled
 #   TRAIN_CHECK_OPTS=         extra overrides "section.key=value ..." for every step (plans included)
+#   TRAIN_CHECK_AC_FULL_BATCH=256  one batch at which both ops settings run a few eager steps with
+#                             train.ac=full, for the memory goal at an equal batch under full AC
+#                             (probe_ac_full.json; "" skips it). Planned (2026-11-27, vitl16_h100,
+#                             1 GPU): fused 22.0 / reference 36.5 GiB, 40% less. The timed runs use the
+#                             preset's selective AC, where every block keeps the same matmul outputs
+#                             under both settings and the plan says 13% (43.9 / 50.4 GiB at 128)
 #   TRAIN_CHECK_PROBE_BATCHES="160 192 208 224"  ascending batches for the probe ("" skips it)
 #   TRAIN_CHECK_BUDGET_S=285  wall-clock budget of the whole script; every step's `timeout` is cut to
 #                             what is left of it, and the probe runs only if >= 50 s are left. After
@@ -29,7 +35,8 @@
 #                             minus 30 s, and give the call a timeout_s 20 s above it
 # CPU dry run (30-45 s on 2 cores; exercises every step and file, judges no goal):
 #   OUT=/tmp/train_check PYTHON=.venv/bin/python TRAIN_CHECK_PRESET=debug TRAIN_CHECK_BATCH=4 \
-#   TRAIN_CHECK_STEPS=6 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" bash benchmarks/train_check.sh
+#   TRAIN_CHECK_STEPS=6 TRAIN_CHECK_LOG_EVERY=2 TRAIN_CHECK_PROBE_BATCHES="4 8" TRAIN_CHECK_AC_FULL_BATCH=4 \
+#   bash benchmarks/train_check.sh
 #
 # Batch 128 for both settings, chosen with the planner (`dinov3-fast plan --preset vitl16_h100 --gpus 1
 # --batch B --ops O`, on a CPU; it measures what the GPU kernels keep in the one-GPU trainer's eager
@@ -46,14 +53,16 @@
 # ~60-100 s (start-up, cold per-block compile of the student fwd+bwd and the teacher forward, Triton
 # JIT, then 22 steps of ~0.5-1.1 s: 1.6 TFLOP per image, 128 images; the 2 profiled ones add the profiler's
 # post-processing, a few s); the probe ~20-40 s per setting
-# (eager, models built once, 2 steps per batch). Files back: at most 8 (env, log, 2 plans, 2 runs,
-# probe, summary), so the trainer's output dir (config.yaml) lives outside $OUT.
+# (eager, models built once, 2 steps per batch); the full-AC probe ~30-40 s per setting (estimate).
+# Files: 9 (env, log, 2 plans, 2 runs, 2 probes, summary), so the trainer's output dir (config.yaml)
+# lives outside $OUT; gpu_session.sh returns them as one tarball (the device tool returns at most 8
+# files: alone, tar them the same way; summary.json is rebuilt from the others by train_results.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench_out/train}"
 mkdir -p "$OUT"
 # a reused $OUT must not mix runs (the probe merges into probe.json)
-rm -f "$OUT"/{env,summary,probe,plan_fused,plan_reference,train_fused,train_reference}.json "$OUT/log.txt"
+rm -f "$OUT"/{env,summary,probe,probe_ac_full,plan_fused,plan_reference,train_fused,train_reference}.json "$OUT/log.txt"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 PRESET="${TRAIN_CHECK_PRESET:-vitl16_h100}"
@@ -65,6 +74,7 @@ PROFILE_STEPS="${TRAIN_CHECK_PROFILE_STEPS:-2}"
 COMPILE="${TRAIN_CHECK_COMPILE:-}"
 read -r -a OPTS <<< "${TRAIN_CHECK_OPTS:-}"
 PROBE_BATCHES="${TRAIN_CHECK_PROBE_BATCHES-160 192 208 224}"
+AC_FULL_BATCH="${TRAIN_CHECK_AC_FULL_BATCH-256}"
 BUDGET="${TRAIN_CHECK_BUDGET_S:-285}"
 RUN_DIR="$(mktemp -d)"
 trap 'rm -rf "$RUN_DIR"' EXIT
@@ -113,6 +123,25 @@ for ops in fused reference; do
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { status=1; echo "train ($ops) exit $rc (124/137: timeout)" | tee -a "$OUT/log.txt"; }
 done
+
+# Full AC at one equal batch (before the probe: it judges a goal, the probe only reports), with >= 60 s.
+rest=$((BUDGET - SECONDS - 15))
+if [ -z "$AC_FULL_BATCH" ]; then
+  step "full-AC probe skipped (TRAIN_CHECK_AC_FULL_BATCH is empty)"
+elif [ "$rest" -lt 60 ]; then
+  step "full-AC probe skipped: ${rest}s left of the budget, under the 60 s it needs"
+else
+  for ops in fused reference; do
+    [ "$ops" = fused ] && t=$((rest / 2)) || t=$((BUDGET - SECONDS - 15))
+    if [ "$t" -lt 25 ]; then step "full-AC probe ($ops) skipped: ${t}s left of the budget"; continue; fi
+    step "full-AC probe ($ops, batch $AC_FULL_BATCH, timeout ${t}s)"
+    timeout -k 10 "$t" "$PY" tools/train_probe.py --preset "$PRESET" ${ARCH:+--arch "$ARCH"} --ops "$ops" \
+      --batches "$AC_FULL_BATCH" --json "$OUT/probe_ac_full.json" "${OPTS[@]}" train.ac=full 2>&1 | tee -a "$OUT/log.txt"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || echo "full-AC probe ($ops) exit $rc (124/137: timeout)" | tee -a "$OUT/log.txt"
+    case "$rc" in 0|124|137) ;; *) status=1 ;; esac
+  done
+fi
 
 # The probe: only with time to spare (each setting needs start-up + ~2 steps per batch); half the rest each.
 rest=$((BUDGET - SECONDS - 15))

@@ -37,13 +37,15 @@ def _plan(ops, total_gib, batch=96, arch="vit_large"):
 
 
 def _out_dir(tmp_path, *, gpu="NVIDIA H100 80GB HBM3", fused=(240.0, 50.0), reference=(180.0, 66.0),
-             plans=(52.0, 63.0), probe=None, skip=()):
+             plans=(52.0, 63.0), probe=None, ac_full=None, skip=()):
     env = {"gpu": gpu, "torch": "2.11.0", "triton": "3.6.0", "driver": "580", "git": "abc"}
     files = {"env.json": env,
              "train_fused.json": _train("fused", *fused), "train_reference.json": _train("reference", *reference),
              "plan_fused.json": _plan("fused", plans[0]), "plan_reference.json": _plan("reference", plans[1])}
     if probe is not None:
         files["probe.json"] = probe
+    if ac_full is not None:
+        files["probe_ac_full.json"] = ac_full
     tmp_path.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         if name not in skip:
@@ -140,6 +142,29 @@ def test_largest_batch_from_the_probe(tr, tmp_path):
     assert _goal(tr, record, "largest") == ("fused 112 (120 OOM) / reference 96 (104 OOM)", "reported")
     record["probe"]["fused"] = trials((104, True))
     assert tr.largest_batch(record, "fused") == ">= 104 (no OOM)"
+
+
+def test_memory_saving_under_full_ac_from_its_probe(tr, tmp_path):
+    """The full-AC goal compares the two settings' peaks at the largest batch both trained under
+    train.ac=full; it is not measured without both, at another AC, or with no common batch."""
+    def entry(ac, *trials):
+        return {"ac": ac, "trials": [{"batch": b, "ok": peak is not None, "peak_mem_gib": peak, "plan_gib": 1.0}
+                                     for b, peak in trials]}
+    ac_full = {"fused": entry("full", (128, 12.0), (256, 22.0)), "reference": entry("full", (128, 18.0), (256, 37.0))}
+    record = tr.build_record(_out_dir(tmp_path, ac_full=ac_full))
+    value, status = _goal(tr, record, "mem_saving_full_ac")
+    assert value == pytest.approx(1 - 22 / 37) and status == "met"
+    assert _goal(tr, record, "mem_saving")[1] == "met"  # the timed runs' own figure: 1 - 50 / 66
+    row = next(r for r in tr.goal_rows([("h100.json", record)]) if "full AC probe" in r)
+    assert "| 40.5% (b256, full AC, eager) | met |" in row
+    assert any("| fused | full | 256 | yes | 22.00 |" in line for line in tr.record_lines("h100.json", record))
+    record["ac_full"]["reference"] = entry("full", (128, 18.0), (256, None))  # the reference ran out of memory
+    assert _goal(tr, record, "mem_saving_full_ac") == (pytest.approx(1 - 12 / 18), "met")
+    record["ac_full"]["reference"] = entry("selective", (256, 37.0))
+    assert _goal(tr, record, "mem_saving_full_ac") == (
+        None, "not measured (the full-AC probe did not run with train.ac=full)")
+    record["ac_full"] = {"fused": entry("full", (256, 22.0))}
+    assert _goal(tr, record, "mem_saving_full_ac")[1].startswith("not measured (no full-AC probe of both")
 
 
 def test_goal_rows_and_saved_record(tr, tmp_path):
