@@ -162,10 +162,13 @@ def _check_json(path: str | None) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """A configuration or input error (ConfigError, a missing config file, an unreadable --resume
-    checkpoint) is one line and exit code 2; any other error keeps its traceback."""
+    checkpoint) is one line and exit code 2; a stop on a signal (train.preemption: SIGTERM, SIGINT,
+    SIGUSR1, after saving a checkpoint) is one line and 128 + the signal's number (143 for SIGTERM,
+    130 for SIGINT), as a shell reports a process killed by it; any other error keeps its traceback."""
     from dinov3_fast.train.checkpoint import CheckpointError
     from dinov3_fast.train.config import ConfigError
     from dinov3_fast.train.loop import train
+    from dinov3_fast.train.preemption import Preempted
 
     def write_json(history: dict) -> None:  # after every logged interval and at the end
         write_json_atomically(args.json, {"config": cfg.to_dict(), "steps": history["steps"], "knn": history["knn"],
@@ -192,6 +195,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         destroy_own_group()
         return 2
+    except Preempted as exc:  # every rank stops at the same step
+        print(f"stopped: {exc}", file=sys.stderr)
+        destroy_own_group()
+        if args.json and exc.history["state"].rank == 0:
+            write_json(exc.history)  # with the checkpoint just saved
+        return exc.exit_code
     destroy_own_group()
     if args.json and history["state"].rank == 0:
         write_json(history)

@@ -37,6 +37,7 @@ from dinov3_fast.train.masking import MaskingGenerator, global_crop_masker
 from dinov3_fast.train.meta_arch import SSLMetaArch
 from dinov3_fast.train.optim import apply_schedule, build_optimizer, clip_gradients
 from dinov3_fast.train.parallelize import parallelize, shards_single_process
+from dinov3_fast.train.preemption import Preempted, Preemption, signal_name
 from dinov3_fast.train.profiling import StepProfiler, format_summary
 from dinov3_fast.train.schedules import Schedules
 
@@ -270,7 +271,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     """Run cfg.total_steps iterations (from a checkpoint with `resume`). Returns the history:
     per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint.
     on_log(history) is called on rank 0 after every logged interval, e.g. to persist the figures
-    so far: a run killed by a time limit keeps what it measured."""
+    so far: a run killed by a time limit keeps what it measured.
+
+    SIGTERM, SIGINT or SIGUSR1 during the steps (a preemption, Ctrl-C) stops the run after a step
+    all ranks agree on (the one in flight, or the next with several ranks), which saves a
+    checkpoint as a periodic save would and raises `Preempted` (the CLI exits with 128 + the
+    signal's number). The handlers are train's only while it runs, and only when it runs in the
+    main thread; see preemption.py."""
     from tqdm import tqdm
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "ckpt"
@@ -317,67 +324,88 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     # slow what follows (pytorch#144455), which must not reach the timed steps.
     profile_from = max(state.step, total - cfg.train.profile_steps) if cfg.train.profile_steps > 0 else None
     profiler = StepProfiler(state.device) if profile_from is not None and profile_from < total else None
-    while state.step < total:
-        if profiler is not None and state.step == profile_from:
-            profiler.start()
-        try:
-            pending.append(train_step(state))
-        except BaseException:
-            if profiler is not None:
-                profiler.abort()
-            raise
-        bar.update(1)
-        it = state.step
-        profiled = it == total and profiler is not None
-        if profiled:
-            history["profile"] = profiler.stop() | {"steps": it - profile_from, "first_step": profile_from + 1}
-            if state.rank == 0 and log_fn is not None:
-                log_fn(format_summary(history["profile"], it - profile_from))
-        in_profile = profiler is not None and profiler.active  # no logging (it syncs) inside the window
-        saves = period > 0 and it % period == 0 and it < total
-        # a checkpoint step is a logged one too, so its losses are checked (below) before it saves
-        if (it % cfg.train.log_every == 0 or it == total or it == profile_from or saves) and not in_profile:
-            if state.device.type == "cuda":
-                torch.cuda.synchronize(state.device)
-            # the profiled span's time is the profiler's own wall time (without its summary work)
-            now = t_last + history["profile"]["wall_s"] if profiled else time.perf_counter()
-            step_time = (now - t_last) / max(it - n_last, 1)
-            t_last, n_last = now, it
-            for step, logs in enumerate(pending, start=it - len(pending) + 1):
-                history["steps"].append(_reduce_logs(logs, state.world))
-                nan_run = nan_run + 1 if not math.isfinite(history["steps"][-1]["total_loss"]) else 0
-                if nan_run > MAX_NAN_STEPS:  # DINOv3 stops at the third NaN step in a row, before saving it
-                    raise RuntimeError(f"the loss was not finite for {nan_run} steps in a row (to step {step}); "
-                                       f"the last checkpoint ({history['checkpoint']}) predates them")
-            pending.clear()
-            last = history["steps"][-1]
-            img_s = global_batch / step_time
-            mfu = flops * img_s / (peak * state.world) if peak else None
-            last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device), mfu=mfu)
+
+    def save(step: int) -> None:  # every rank
+        history["checkpoint"] = str(save_checkpoint(ckpt_root, step, state.arch, state.optimizer, state.rank_state(),
+                                                    config_yaml, cfg.checkpointing.max_to_keep))
+
+    with Preemption(state.device, state.world) as preemption:  # see preemption.py
+        while state.step < total:
+            if profiler is not None and state.step == profile_from:
+                profiler.start()
+            try:
+                pending.append(train_step(state))
+            except BaseException:
+                if profiler is not None:
+                    profiler.abort()
+                raise
+            bar.update(1)
+            it = state.step
+            profiled = it == total and profiler is not None
             if profiled:
-                last["profiled"] = True
-            bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
-            if "allocator" not in history:  # once, after real allocations
-                history["allocator"] = allocator_record(state.device)
-            if state.rank == 0 and log_fn is not None:
-                losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
-                log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
-                       f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
-                       f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-            if state.rank == 0 and on_log is not None:
-                on_log(history)
-        if saves and nan_run:  # a non-finite step may have left NaN weights: keep the last good checkpoint
-            if state.rank == 0 and log_fn is not None:
-                log_fn(f"step {it}: no checkpoint, the loss was not finite for the last {nan_run} step(s)")
-        elif saves:
-            history["checkpoint"] = str(save_checkpoint(ckpt_root, it, state.arch, state.optimizer, state.rank_state(),
-                                                        config_yaml, cfg.checkpointing.max_to_keep))
-        if knn and evals > 0 and it % evals == 0 and it < total:
-            history["knn"].append((it, _knn(state)))
-    bar.close()
-    if period >= 0 and cfg.train.output_dir and not nan_run:
-        history["checkpoint"] = str(save_checkpoint(ckpt_root, state.step, state.arch, state.optimizer,
-                                                    state.rank_state(), config_yaml, cfg.checkpointing.max_to_keep))
+                history["profile"] = profiler.stop() | {"steps": it - profile_from, "first_step": profile_from + 1}
+                if state.rank == 0 and log_fn is not None:
+                    log_fn(format_summary(history["profile"], it - profile_from))
+            in_profile = profiler is not None and profiler.active  # no logging (it syncs) inside the window
+            saves = period > 0 and it % period == 0 and it < total
+            # a signal's number once every rank has seen it, else 0 (with several ranks a collective, at
+            # the same steps on all); none inside the profiled window, nor at the last step, which saves anyway
+            stop = 0 if in_profile or it == total else preemption.agreed()
+            # a checkpoint step is a logged one too, so its losses are checked (below) before it saves
+            if (it % cfg.train.log_every == 0 or it in (total, profile_from) or saves or stop) and not in_profile:
+                if state.device.type == "cuda":
+                    torch.cuda.synchronize(state.device)
+                # the profiled span's time is the profiler's own wall time (without its summary work)
+                now = t_last + history["profile"]["wall_s"] if profiled else time.perf_counter()
+                step_time = (now - t_last) / max(it - n_last, 1)
+                t_last, n_last = now, it
+                for step, logs in enumerate(pending, start=it - len(pending) + 1):
+                    history["steps"].append(_reduce_logs(logs, state.world))
+                    nan_run = nan_run + 1 if not math.isfinite(history["steps"][-1]["total_loss"]) else 0
+                    if nan_run > MAX_NAN_STEPS:  # DINOv3 stops at the third NaN step in a row, before saving it
+                        raise RuntimeError(f"the loss was not finite for {nan_run} steps in a row (to step {step}); "
+                                           f"the last checkpoint ({history['checkpoint']}) predates them")
+                pending.clear()
+                last = history["steps"][-1]
+                img_s = global_batch / step_time
+                mfu = flops * img_s / (peak * state.world) if peak else None
+                last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device),
+                            mfu=mfu)
+                if profiled:
+                    last["profiled"] = True
+                bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
+                if "allocator" not in history:  # once, after real allocations
+                    history["allocator"] = allocator_record(state.device)
+                if state.rank == 0 and log_fn is not None:
+                    losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
+                    log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
+                           f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
+                           f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+                if state.rank == 0 and on_log is not None:
+                    on_log(history)
+            if saves and nan_run:  # a non-finite step may have left NaN weights: keep the last good checkpoint
+                if state.rank == 0 and log_fn is not None:
+                    log_fn(f"step {it}: no checkpoint, the loss was not finite for the last {nan_run} step(s)")
+            elif saves:
+                save(it)
+            if stop:  # this step's checkpoint, by the periodic save's rules (unless that saved it just now), then out
+                skip = ("checkpointing.period=-1" if period < 0 else "no train.output_dir" if not cfg.train.output_dir
+                        else f"the loss was not finite for the last {nan_run} step(s)" if nan_run else None)
+                if skip is None and not saves:
+                    save(it)
+                bar.close()
+                history["state"] = state
+                where = (f"saved checkpoint {history['checkpoint']} (resume: --resume {out_dir})" if skip is None
+                         else f"no checkpoint of this step ({skip}); the last one: {history['checkpoint']}")
+                message = f"{signal_name(stop)} received: stopped after step {it}/{total}, {where}"
+                if state.rank == 0 and log_fn is not None:
+                    log_fn(message)
+                raise Preempted(message, stop, it, history["checkpoint"], history)
+            if knn and evals > 0 and it % evals == 0 and it < total:
+                history["knn"].append((it, _knn(state)))
+        bar.close()
+        if period >= 0 and cfg.train.output_dir and not nan_run:
+            save(state.step)
     if knn:
         history["knn"].append((state.step, _knn(state)))
         if state.rank == 0 and log_fn is not None:
