@@ -257,13 +257,67 @@ def train_step(state: TrainState) -> dict[str, torch.Tensor]:
                    "momentum": torch.tensor(values.momentum)}
 
 
-def _reduce_logs(logs: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    keys = sorted(logs)
-    vec = torch.stack([logs[k].detach().float().reshape(()).to(logs["total_loss"].device) for k in keys])
+def _reduce_logs(pending: list[dict[str, torch.Tensor]], world: int) -> list[dict[str, float]]:
+    """Each step's logs (0-dim tensors) as floats, averaged over the ranks in one all-reduce for
+    all the steps (every rank logs the same keys at each step)."""
+    if not pending:
+        return []
+    device = pending[0]["total_loss"].device
+    keys = [sorted(logs) for logs in pending]
+    vec = torch.stack([logs[k].detach().float().reshape(()).to(device) for logs, ks in zip(pending, keys) for k in ks])
     if world > 1:
         dist.all_reduce(vec)
         vec /= world
-    return dict(zip(keys, vec.tolist()))
+    values = iter(vec.tolist())
+    return [{k: next(values) for k in ks} for ks in keys]
+
+
+class _Intervals:
+    """A run's logged intervals. `close` ends the one since the last: its steps' logs, reduced over
+    the ranks, go to history["steps"]; their losses are checked (DINOv3 stops at the third
+    non-finite step in a row, before saving it); the last row gets the interval's step time, img/s,
+    peak memory and MFU, which rank 0 logs and hands to on_log."""
+
+    def __init__(self, state: TrainState, history: dict[str, Any], bar, log_fn, on_log):
+        self.state, self.history, self.bar, self.log_fn, self.on_log = state, history, bar, log_fn, on_log
+        self.flops, self.peak = train_flops_per_image(state.arch, state.cfg), peak_flops(state.device)
+        self.global_batch = state.cfg.train.batch_size_per_gpu * state.world
+        self.pending: list[dict[str, torch.Tensor]] = []  # the unsynchronised logs of the open interval
+        self.t_last, self.n_last = time.perf_counter(), state.step
+        self.nan_run = 0  # consecutive steps with a non-finite loss
+
+    def close(self, it: int, profile_wall_s: float | None = None) -> None:
+        """End the interval at step `it` (a device synchronisation). profile_wall_s: the profiler's own
+        wall time of the interval, when it was the profiled one (without the profiler's summary work)."""
+        state, history = self.state, self.history
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        now = self.t_last + profile_wall_s if profile_wall_s is not None else time.perf_counter()
+        step_time = (now - self.t_last) / max(it - self.n_last, 1)
+        self.t_last, self.n_last = now, it
+        for step, row in enumerate(_reduce_logs(self.pending, state.world), start=it - len(self.pending) + 1):
+            history["steps"].append(row)
+            self.nan_run = self.nan_run + 1 if not math.isfinite(row["total_loss"]) else 0
+            if self.nan_run > MAX_NAN_STEPS:
+                raise RuntimeError(f"the loss was not finite for {self.nan_run} steps in a row (to step {step}); "
+                                   f"the last checkpoint ({history['checkpoint']}) predates them")
+        self.pending.clear()
+        last = history["steps"][-1]
+        img_s = self.global_batch / step_time
+        mfu = self.flops * img_s / (self.peak * state.world) if self.peak else None
+        last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device), mfu=mfu)
+        if profile_wall_s is not None:
+            last["profiled"] = True
+        self.bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
+        if "allocator" not in history:  # once, after real allocations
+            history["allocator"] = allocator_record(state.device)
+        if state.rank == 0 and self.log_fn is not None:
+            losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
+            self.log_fn(f"step {it}/{state.cfg.total_steps} {losses} lr={last['lr']:.3g} "
+                        f"teacher_temp={last['teacher_temp']:.4f} img/s={img_s:.1f} step={step_time * 1e3:.0f}ms "
+                        f"peak_mem={last['peak_mem_gib']:.2f}GiB mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        if state.rank == 0 and self.on_log is not None:
+            self.on_log(history)
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, device=None,
@@ -305,17 +359,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     config_yaml = (out_dir / "config.yaml").read_text() if state.rank == 0 else None
-    flops = train_flops_per_image(state.arch, cfg)
-    peak = peak_flops(state.device)
     total = cfg.total_steps
-    global_batch = cfg.train.batch_size_per_gpu * state.world
     history: dict[str, Any] = {"steps": [], "knn": [], "checkpoint": None}
-    pending: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=total, initial=state.step, disable=not progress or state.rank != 0, dynamic_ncols=True)
     if log_fn is print and not bar.disable:
         log_fn = bar.write  # keeps the bar intact
-    t_last, n_last = time.perf_counter(), state.step
-    nan_run = 0  # consecutive steps with a non-finite loss
+    intervals = _Intervals(state, history, bar, log_fn, on_log)
     period, evals = cfg.checkpointing.period, cfg.evaluation.eval_period_iterations
     # the kNN probe needs the synthetic data's hidden labels, and is off with no validation images
     knn = cfg.train.dataset_path == "synthetic" and cfg.evaluation.knn_val_samples > 0
@@ -329,12 +378,28 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         history["checkpoint"] = str(save_checkpoint(ckpt_root, step, state.arch, state.optimizer, state.rank_state(),
                                                     config_yaml, cfg.checkpointing.max_to_keep))
 
+    def preempted(signum: int, it: int, saved: bool) -> Preempted:
+        """Save step `it` by the periodic save's rules (unless `saved`: a periodic save just did),
+        log why the run stops, and return the exception that stops it."""
+        nan_run = intervals.nan_run
+        skip = ("checkpointing.period=-1" if period < 0 else "no train.output_dir" if not cfg.train.output_dir
+                else f"the loss was not finite for the last {nan_run} step(s)" if nan_run else None)
+        if skip is None and not saved:
+            save(it)
+        history["state"] = state
+        where = (f"saved checkpoint {history['checkpoint']} (resume: --resume {out_dir})" if skip is None
+                 else f"no checkpoint of this step ({skip}); the last one: {history['checkpoint']}")
+        message = f"{signal_name(signum)} received: stopped after step {it}/{total}, {where}"
+        if state.rank == 0 and log_fn is not None:
+            log_fn(message)
+        return Preempted(message, signum, it, history["checkpoint"], history)
+
     with Preemption(state.device, state.world) as preemption:  # see preemption.py
         while state.step < total:
             if profiler is not None and state.step == profile_from:
                 profiler.start()
             try:
-                pending.append(train_step(state))
+                intervals.pending.append(train_step(state))
             except BaseException:
                 if profiler is not None:
                     profiler.abort()
@@ -353,58 +418,20 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             stop = 0 if in_profile or it == total else preemption.agreed()
             # a checkpoint step is a logged one too, so its losses are checked (below) before it saves
             if (it % cfg.train.log_every == 0 or it in (total, profile_from) or saves or stop) and not in_profile:
-                if state.device.type == "cuda":
-                    torch.cuda.synchronize(state.device)
-                # the profiled span's time is the profiler's own wall time (without its summary work)
-                now = t_last + history["profile"]["wall_s"] if profiled else time.perf_counter()
-                step_time = (now - t_last) / max(it - n_last, 1)
-                t_last, n_last = now, it
-                for step, logs in enumerate(pending, start=it - len(pending) + 1):
-                    history["steps"].append(_reduce_logs(logs, state.world))
-                    nan_run = nan_run + 1 if not math.isfinite(history["steps"][-1]["total_loss"]) else 0
-                    if nan_run > MAX_NAN_STEPS:  # DINOv3 stops at the third NaN step in a row, before saving it
-                        raise RuntimeError(f"the loss was not finite for {nan_run} steps in a row (to step {step}); "
-                                           f"the last checkpoint ({history['checkpoint']}) predates them")
-                pending.clear()
-                last = history["steps"][-1]
-                img_s = global_batch / step_time
-                mfu = flops * img_s / (peak * state.world) if peak else None
-                last.update(step=it, step_time=step_time, img_per_s=img_s, peak_mem_gib=_peak_memory(state.device),
-                            mfu=mfu)
-                if profiled:
-                    last["profiled"] = True
-                bar.set_postfix(loss=f"{last['total_loss']:.3f}", img_s=f"{img_s:.1f}")
-                if "allocator" not in history:  # once, after real allocations
-                    history["allocator"] = allocator_record(state.device)
+                intervals.close(it, history["profile"]["wall_s"] if profiled else None)
+            if saves and intervals.nan_run:  # a non-finite step may have left NaN weights: keep the last good one
                 if state.rank == 0 and log_fn is not None:
-                    losses = " ".join(f"{k}={last[k]:.4f}" for k in sorted(last) if k.endswith("loss"))
-                    log_fn(f"step {it}/{total} {losses} lr={last['lr']:.3g} teacher_temp={last['teacher_temp']:.4f} "
-                           f"img/s={img_s:.1f} step={step_time * 1e3:.0f}ms peak_mem={last['peak_mem_gib']:.2f}GiB "
-                           f"mfu={'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-                if state.rank == 0 and on_log is not None:
-                    on_log(history)
-            if saves and nan_run:  # a non-finite step may have left NaN weights: keep the last good checkpoint
-                if state.rank == 0 and log_fn is not None:
-                    log_fn(f"step {it}: no checkpoint, the loss was not finite for the last {nan_run} step(s)")
+                    log_fn(f"step {it}: no checkpoint, the loss was not finite for the last {intervals.nan_run} "
+                           f"step(s)")
             elif saves:
                 save(it)
-            if stop:  # this step's checkpoint, by the periodic save's rules (unless that saved it just now), then out
-                skip = ("checkpointing.period=-1" if period < 0 else "no train.output_dir" if not cfg.train.output_dir
-                        else f"the loss was not finite for the last {nan_run} step(s)" if nan_run else None)
-                if skip is None and not saves:
-                    save(it)
+            if stop:
                 bar.close()
-                history["state"] = state
-                where = (f"saved checkpoint {history['checkpoint']} (resume: --resume {out_dir})" if skip is None
-                         else f"no checkpoint of this step ({skip}); the last one: {history['checkpoint']}")
-                message = f"{signal_name(stop)} received: stopped after step {it}/{total}, {where}"
-                if state.rank == 0 and log_fn is not None:
-                    log_fn(message)
-                raise Preempted(message, stop, it, history["checkpoint"], history)
+                raise preempted(stop, it, saved=saves)
             if knn and evals > 0 and it % evals == 0 and it < total:
                 history["knn"].append((it, _knn(state)))
         bar.close()
-        if period >= 0 and cfg.train.output_dir and not nan_run:
+        if period >= 0 and cfg.train.output_dir and not intervals.nan_run:
             save(state.step)
     if knn:
         history["knn"].append((state.step, _knn(state)))
