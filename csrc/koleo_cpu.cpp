@@ -189,11 +189,12 @@ void pair_stats(const T* y, int64_t D, int64_t q0, int64_t nq, int64_t topk, con
 
 // dx (M, D) in one pass per row i, no atomics: i's own pairs plus the pairs that chose i as their
 // neighbour (CSR: order[start[i] .. start[i+1]) are their pair ids). Per pair, c = scale / ((d + eps) d)
-// and dx_i += r_i c (u - [||x_i|| > eps] y_i (y_i.u)) with the sign of d/dy_i. Terms are summed in
+// and dx_i += c (u - [nrm_i > eps] y_i (y_i.u)) / nrm_i with the sign of d/dy_i, where
+// nrm = max(||x||, eps) (a row at or below eps is divided by eps: no radial term). Terms are summed in
 // fp64: a duplicated row gets equal and opposite terms ~1 / (n d^2) from its own pair and its
 // twin's, which must cancel without swamping the rest. A row paired with itself (topk = n) gets 0.
 template <typename T>
-void backward(const T* y, const T* r, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk,
+void backward(const T* y, const T* nrm, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk,
               const int64_t* idx, const T* stats, const int64_t* order, const int64_t* start, double scale,
               double eps, T* dx) {
   const int64_t pairs = nq * topk;
@@ -205,7 +206,7 @@ void backward(const T* y, const T* r, int64_t M, int64_t D, int64_t q0, int64_t 
     for (int64_t i = 0; i < M; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
       const T* yi = y + i * D;
-      const T radial = double(r[i]) * eps < 1 ? T(1) : T(0);
+      const T radial = nrm[i] > T(eps) ? T(1) : T(0);  // in T: nrm holds eps rounded to T
       if (i >= q0 && i < q0 + nq) {
         for (int64_t p = (i - q0) * topk; p < (i - q0 + 1) * topk; ++p) {
           if (idx[p] == i) continue;
@@ -221,7 +222,7 @@ void backward(const T* y, const T* r, int64_t M, int64_t D, int64_t q0, int64_t 
         const T* yq = y + row * D;
         for (int64_t k = 0; k < D; ++k) acc[k] -= double(c * ((yq[k] - yi[k] + T(kPdistEps)) - rb * yi[k]));
       }
-      for (int64_t k = 0; k < D; ++k) dx[i * D + k] = T(r[i] * acc[k]);
+      for (int64_t k = 0; k < D; ++k) dx[i * D + k] = T(acc[k] / nrm[i]);
     }
   }
 }
@@ -271,7 +272,7 @@ void bind_koleo(pybind11::module_& m) {
       pybind11::arg("idx"), pybind11::arg("stats"), pybind11::arg("fp64"));
   m.def(
       "koleo_backward",
-      [](uintptr_t y, uintptr_t r, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx,
+      [](uintptr_t y, uintptr_t nrm, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t idx,
          uintptr_t stats, uintptr_t order, uintptr_t start, double scale, double eps, uintptr_t dx, bool fp64) {
         check_sizes("koleo_backward", M, D, q0, nq, topk);
         pybind11::gil_scoped_release release;
@@ -279,15 +280,16 @@ void bind_koleo(pybind11::module_& m) {
         const auto* od = reinterpret_cast<const int64_t*>(order);
         const auto* st = reinterpret_cast<const int64_t*>(start);
         if (fp64)
-          backward(reinterpret_cast<const double*>(y), reinterpret_cast<const double*>(r), M, D, q0, nq, topk, ix,
+          backward(reinterpret_cast<const double*>(y), reinterpret_cast<const double*>(nrm), M, D, q0, nq, topk, ix,
                    reinterpret_cast<const double*>(stats), od, st, scale, eps, reinterpret_cast<double*>(dx));
         else
-          backward(reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(r), M, D, q0, nq, topk, ix,
+          backward(reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(nrm), M, D, q0, nq, topk, ix,
                    reinterpret_cast<const float*>(stats), od, st, scale, eps, reinterpret_cast<float*>(dx));
       },
-      "Gradient (M, D) w.r.t. x of scale * sum log(d + eps), one row per task, CSR inverse index "
+      "Gradient (M, D) w.r.t. x of scale * sum log(d + eps) (y = x / nrm, nrm = max(||x||, eps)), one row "
+      "per task, CSR inverse index "
       "order/start of the neighbour pairs, fp64 sums.",
-      pybind11::arg("y"), pybind11::arg("r"), pybind11::arg("M"), pybind11::arg("D"), pybind11::arg("q0"),
+      pybind11::arg("y"), pybind11::arg("nrm"), pybind11::arg("M"), pybind11::arg("D"), pybind11::arg("q0"),
       pybind11::arg("nq"), pybind11::arg("topk"), pybind11::arg("idx"), pybind11::arg("stats"), pybind11::arg("order"),
       pybind11::arg("start"), pybind11::arg("scale"), pybind11::arg("eps"), pybind11::arg("dx"), pybind11::arg("fp64"));
 }

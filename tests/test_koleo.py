@@ -166,6 +166,55 @@ def test_eps_argument(backend):
     check_against_oracle(torch.randn(10, 6), backend, 1e-5, eps=1e-3)
 
 
+def _backend_or_fallback(backend: str, monkeypatch) -> str:
+    """"cpu_fallback": the cpu backend without dinov3_fast._C (its PyTorch formulation)."""
+    if backend == "cpu_fallback":
+        from dinov3_fast.ops.koleo import cpu as koleo_cpu
+
+        monkeypatch.setattr(koleo_cpu, "native", lambda: None)
+        return "cpu"
+    return backend
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpu_fallback"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-3, 1.1e-8, 1e-5])
+def test_rows_just_below_eps_have_no_radial_gradient(monkeypatch, backend, dtype, eps):
+    """Rows with ||x|| < eps are divided by eps (F.normalize), so their gradient has no radial
+    term, however close to eps their norm is. The backwards used to decide that by
+    `1 / max(||x||, eps) * eps < 1`, which also holds for clamped rows where fl(1 / eps) * eps
+    rounds below 1 (each of these eps on some backend and dtype): the cpu backend's gradient was
+    44% off at eps = 1e-3 in fp32. They now test max(||x||, eps) > eps in its own dtype."""
+    backend = _backend_or_fallback(backend, monkeypatch)
+    x = torch.randn(12, 8, dtype=dtype)
+    x[2] *= 0.5 * eps / x[2].norm()
+    x[5] *= 0.9 * eps / x[5].norm()
+    check_against_oracle(x, backend, 1e-10 if dtype == torch.float64 and backend == "cpu" else 1e-5, eps=eps)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpu_fallback", "reference"])
+def test_one_feature_rows_normalise_to_exactly_plus_or_minus_one(monkeypatch, backend):
+    """D = 1: F.normalize maps every row to exactly +-1 (x / |x| is exact in IEEE arithmetic), so
+    rows of the same sign are ||1e-8|| apart and the gradient is exactly zero (the normalised
+    rows do not move). Normalising by a reciprocal, x * (1 / |x|), left 14% of fp32 rows an ulp
+    off +-1: distances of 6e-8 instead of 1e-8, a loss of 17.48 instead of 17.73 and gradient
+    entries up to 0.29 (the fp32 reference's own autograd gives up to 1: its gradient is not
+    checked)."""
+    backend = _backend_or_fallback(backend, monkeypatch)
+    x = torch.randn(40, 1)
+    x[:2] = x[:2].abs()
+    x[2:4] = -x[2:4].abs()  # both signs have neighbours
+    x64 = x.double()
+    want, want_idx = oracle(x64, 1e-8, 1)
+    loss, grad, idx = run_backend(x, backend) if backend != "reference" else (koleo_loss_ref(x), None, None)
+    assert abs(loss.item() - want.item()) < 1e-5 * want.item(), (loss.item(), want.item())
+    if grad is not None:
+        assert grad.abs().max().item() < 1e-6, grad.abs().max().item()
+        if backend == "cpu":  # exact dots: ties go to the lowest index (the triton search scales x x^T by 1 / |x|)
+            assert torch.equal(idx, want_idx)
+        assert torch.equal(x[idx.flatten()].sign(), x.sign())  # a neighbour of the same sign
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf / inf
 def test_nan_propagates(bad):

@@ -52,29 +52,29 @@ def _(x, q0, nq, eps, topk, backend):
 
 
 @torch.library.custom_op("dinov3_fast::koleo_bwd", mutates_args=())
-def _koleo_bwd(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, r: torch.Tensor,
+def _koleo_bwd(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, nrm: torch.Tensor,
                q0: int, nq: int, eps: float, topk: int, backend: str) -> torch.Tensor:
     impl = _triton().koleo_bwd_triton if backend == "triton" else koleo_bwd_cpu
     with op_context(x):
-        return impl(grad, x, idx, stats, r, q0, nq, eps, topk)
+        return impl(grad, x, idx, stats, nrm, q0, nq, eps, topk)
 
 
 @_koleo_bwd.register_fake
-def _(grad, x, idx, stats, r, q0, nq, eps, topk, backend):
+def _(grad, x, idx, stats, nrm, q0, nq, eps, topk, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     x, q0, nq, eps, topk, backend = inputs
-    _, idx, stats, r = output
-    ctx.save_for_backward(x, idx, stats, r)
+    _, idx, stats, nrm = output
+    ctx.save_for_backward(x, idx, stats, nrm)
     ctx.options = (q0, nq, eps, topk, backend)
 
 
 def _backward(ctx, grad_loss, _grad_idx, _grad_stats, _grad_r):
     check_no_double_backward("koleo_loss")
-    x, idx, stats, r = ctx.saved_tensors
-    dx = _koleo_bwd(grad_loss, x, idx, stats, r, *ctx.options) if ctx.needs_input_grad[0] else None
+    x, idx, stats, nrm = ctx.saved_tensors
+    dx = _koleo_bwd(grad_loss, x, idx, stats, nrm, *ctx.options) if ctx.needs_input_grad[0] else None
     return dx, None, None, None, None, None
 
 

@@ -11,8 +11,9 @@ see docs/architecture.md for both figures. The PyTorch formulation (`search_torc
 `pair_stats_torch`, `backward_torch`) runs when the extension is not built. Neither allocates
 more than a tile / row chunk of dots.
 
-Notation as in triton.py: queries are rows [q0, q0 + nq) of x (M, D); r = 1 / max(||x||, eps);
-y = r x; u = y_q - y_j + 1e-8; d = ||u||. Math in fp32 (fp64 for fp64 inputs).
+Notation as in triton.py: queries are rows [q0, q0 + nq) of x (M, D); nrm = max(||x||, eps);
+y = x / nrm (a division, as F.normalize: a reciprocal's extra rounding leaves D = 1 rows an ulp
+off +-1); u = y_q - y_j + 1e-8; d = ||u||. Math in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ _CHUNK_ELEMS = 1 << 22  # dots per row chunk of the PyTorch search: 16 MiB in fp
 
 
 def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, D) -> (y (M, D) contiguous, r (M,)) in the compute dtype."""
+    """x (M, D) -> (y (M, D) contiguous, nrm (M,)) in the compute dtype, y = x / nrm as F.normalize."""
     x = x.to(compute_dtype(x))
-    r = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)
-    return (x * r[:, None]).contiguous(), r
+    nrm = torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)
+    return (x / nrm[:, None]).contiguous(), nrm
 
 
 def _native_arg(t: torch.Tensor, name: str, *dtypes: torch.dtype) -> torch.Tensor:
@@ -75,21 +76,21 @@ def pair_stats_torch(y: torch.Tensor, idx: torch.Tensor, q0: int, nq: int) -> to
     return torch.stack((torch.linalg.vector_norm(u, dim=-1), (y_q * u).sum(-1), (y_j * u).sum(-1)))
 
 
-def backward_torch(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor,
+def backward_torch(grad: torch.Tensor, y: torch.Tensor, nrm: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor,
                    q0: int, nq: int, eps: float, topk: int) -> torch.Tensor:
     """The PyTorch formulation of the backward (see koleo_bwd_cpu), (M, D) fp64."""
-    y_q, r_q = y[q0:q0 + nq], r[q0:q0 + nq, None]
+    y_q, nrm_q = y[q0:q0 + nq], nrm[q0:q0 + nq, None]
     d, a_dot, b_dot = stats
     self_pair = idx == torch.arange(q0, q0 + nq)[:, None]
     c = torch.where(self_pair | (d == 0), 0.0, -grad.to(d.dtype) / (nq * topk * (d + eps) * d))
-    radial = (r * eps < 1).to(r.dtype)[:, None]
+    radial = (nrm > eps).to(nrm.dtype)[:, None]  # compared in nrm's dtype, which holds eps rounded
     dx = torch.zeros(y.shape, dtype=torch.float64)
     for s in range(topk):
         j = idx[:, s]
         y_j = y[j]
         u = y_q - y_j + PDIST_EPS
-        dx[q0:q0 + nq] += (u - radial[q0:q0 + nq] * a_dot[:, s, None] * y_q).mul_(c[:, s, None] * r_q)
-        theirs = (u - radial[j] * b_dot[:, s, None] * y_j).mul_(c[:, s, None] * r[j, None])
+        dx[q0:q0 + nq] += (u - radial[q0:q0 + nq] * a_dot[:, s, None] * y_q).mul_(c[:, s, None]).div_(nrm_q)
+        theirs = (u - radial[j] * b_dot[:, s, None] * y_j).mul_(c[:, s, None]).div_(nrm[j, None])
         dx.index_add_(0, j, theirs.double(), alpha=-1)
     return dx
 
@@ -101,9 +102,9 @@ def koleo_fwd_cpu(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
         loss: 0-dim fp32 (fp64 for fp64 inputs).
         idx: (nq, topk) int64 neighbour indices into x, best first.
         stats: (3, nq, topk): d, y_q.u and y_j.u per pair (for the backward).
-        r: (M,) inverse row norms.
+        nrm: (M,) row norms clamped to eps, max(||x||, eps).
     """
-    y, r = _normalized(x, eps)
+    y, nrm = _normalized(x, eps)
     lib = native()
     if lib is None:
         idx = search_torch(y, q0, nq, topk)
@@ -113,33 +114,33 @@ def koleo_fwd_cpu(x: torch.Tensor, q0: int, nq: int, eps: float, topk: int):
         stats = y.new_empty((3, nq, topk))
         lib.koleo_pair_stats(y.data_ptr(), y.shape[1], q0, nq, topk, idx.data_ptr(), stats.data_ptr(),
                              y.dtype == torch.float64)
-    return -torch.log(stats[0] + eps).mean(), idx, stats, r
+    return -torch.log(stats[0] + eps).mean(), idx, stats, nrm
 
 
-def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, r: torch.Tensor,
+def koleo_bwd_cpu(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, stats: torch.Tensor, nrm: torch.Tensor,
                   q0: int, nq: int, eps: float, topk: int) -> torch.Tensor:
     """Backward. grad: 0-dim upstream gradient; the rest as returned by the forward.
 
     Returns:
         (M, D) gradient w.r.t. x, in x's dtype. Per pair, with c = -grad / (nq topk (d + eps) d):
-        dx_q += c r_q (u - y_q (y_q.u)) and dx_j -= c r_j (u - y_j (y_j.u)), the radial term
-        dropped for rows with ||x|| <= eps (F.normalize divides by eps there) and c = 0 for a row
+        dx_q += c (u - y_q (y_q.u)) / nrm_q and dx_j -= c (u - y_j (y_j.u)) / nrm_j, the radial
+        term dropped for rows with nrm = eps (F.normalize divides by eps there) and c = 0 for a row
         paired with itself (topk = n). Terms are computed in the compute dtype and summed in fp64:
         a duplicated row gets equal and opposite terms of size ~1 / (n d^2) from its own pair and
         its twin's, which must cancel without swamping the rest of its gradient.
     """
-    y = (x.to(r.dtype) * r[:, None]).contiguous()
+    y = (x.to(nrm.dtype) / nrm[:, None]).contiguous()
     lib = native()
     if lib is None:
-        return backward_torch(grad, y, r, idx, stats, q0, nq, eps, topk).to(x.dtype)
-    # idx, stats and r are saved tensors: a saved-tensor hook may unpack them as strided views
-    r = _native_arg(r, "r", torch.float32, torch.float64)
+        return backward_torch(grad, y, nrm, idx, stats, q0, nq, eps, topk).to(x.dtype)
+    # idx, stats and nrm are saved tensors: a saved-tensor hook may unpack them as strided views
+    nrm = _native_arg(nrm, "nrm", torch.float32, torch.float64)
     idx = _native_arg(idx, "idx", torch.int64)
-    stats = _native_arg(stats, "stats", r.dtype)
+    stats = _native_arg(stats, "stats", nrm.dtype)
     sorted_idx, order = torch.sort(idx.flatten(), stable=True)
     start = torch.searchsorted(sorted_idx, torch.arange(y.shape[0] + 1))
     dx = torch.empty_like(y)
-    lib.koleo_backward(y.data_ptr(), r.data_ptr(), y.shape[0], y.shape[1], q0, nq, topk, idx.data_ptr(),
+    lib.koleo_backward(y.data_ptr(), nrm.data_ptr(), y.shape[0], y.shape[1], q0, nq, topk, idx.data_ptr(),
                        stats.data_ptr(), order.data_ptr(), start.data_ptr(), -float(grad) / (nq * topk), eps,
                        dx.data_ptr(), y.dtype == torch.float64)
     return dx.to(x.dtype)
