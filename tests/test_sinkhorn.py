@@ -78,6 +78,19 @@ def test_matches_oracle_fp32(backend, device, shape, n_iterations):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_many_prototypes_few_samples(backend, device):
+    """K = 65,536 prototypes, B = 2 samples: after the first round each sample's mass is a sum of
+    ~K/B equal terms. The cpu backend summed them in one BLAS matrix-vector product, whose few
+    sequential accumulators round the same way on every term: 2.6e-5 relative error (rows off 1
+    by 3e-5; 1.2e-4 at B=4, K=262,144), where DINOv3's own fp32 code errs ~1e-7."""
+    logits = torch.randn(2, 65536)
+    want = sinkhorn_knopp_ref(logits.double(), 0.07)
+    out = sinkhorn_knopp(logits.to(device), 0.07, backend=backend).cpu()
+    assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
+    torch.testing.assert_close(out.double().sum(1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_fp16_input(backend, device):
     logits = torch.randn(4, 333).half()
     want = sinkhorn_knopp_ref(logits.double(), 0.04)
@@ -289,6 +302,7 @@ def test_module_drop_in():
     ({"n_samples": torch.tensor([0])}, ValueError, "n_samples must be >= 1 .*got 0"),
     ({"logits": torch.randn(0, 4), "n_samples": torch.tensor([-1])}, ValueError, "n_samples must be >= 0"),
     ({"backend": "tpu"}, ValueError, "backend must be one of"),
+    ({"group": "x"}, TypeError, "group must be a torch.distributed ProcessGroup or None, got str"),
 ])
 def test_bad_input(kwargs, error, match):
     logits = kwargs.pop("logits", torch.randn(3, 4))
@@ -303,6 +317,22 @@ def test_n_samples_tensor_value_checked_on_cpu(backend):
     for n in (0, torch.tensor([0]), torch.tensor([0.0])):
         with pytest.raises(ValueError, match="n_samples must be >= 1"):
             sinkhorn_knopp(torch.randn(3, 8), 0.1, n_samples=n, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_n_samples_any_one_element_tensor(backend):
+    """Every 1-element count the checks accept is used, whatever its shape or real dtype: the
+    reference backend divided the (K, B) matrix in place by a (1, 1, 1) tensor and raised torch's
+    broadcast error."""
+    logits = torch.randn(3, 40)
+    want = sinkhorn_knopp_ref(logits.double(), 0.07)
+    for n in (torch.tensor(3), torch.tensor([[[3]]]), torch.tensor([3], dtype=torch.int32), torch.tensor([3.0])):
+        assert rel_err(sinkhorn_knopp(logits, 0.07, n_samples=n, backend=backend), want) < 1e-5
+
+
+def test_n_samples_complex_tensor_named():
+    with pytest.raises(TypeError, match="n_samples must be an integer or floating-point tensor, got torch.complex64"):
+        sinkhorn_knopp(torch.randn(3, 8), 0.1, n_samples=torch.tensor([3 + 0j]))
 
 
 def test_n_samples_device_tensor_value_not_read():

@@ -31,10 +31,16 @@ def _check_split_batch(rank: int, world: int, full: torch.Tensor, temp: float):
     # drop-ins use the world group when torch.distributed is initialised
     out = dinov3_fast.DINOLoss(full.shape[1], backend="triton").sinkhorn_knopp_teacher(local, temp)
     assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
-    n_masked = torch.tensor([local.shape[0]])
-    out = dinov3_fast.SinkhornKnoppTeacher(backend="cpu")(local, temp, n_masked)
-    assert n_masked.item() == full.shape[0]  # all-reduced in place, as in DINOv3
-    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+    for backend in ("cpu", "triton", "reference"):  # iBOT: an int64 count, all-reduced by the module
+        n_masked = torch.tensor([local.shape[0]])
+        out = dinov3_fast.SinkhornKnoppTeacher(backend=backend)(local, temp, n_masked)
+        assert n_masked.item() == full.shape[0]  # all-reduced in place, as in DINOv3
+        assert ((out.double() - want).norm() / want.norm()).item() < 1e-5, backend
+    # a NaN logit on the last rank reaches every rank through the all-reduced sums, as in DINOv3
+    poisoned = full.clone()
+    poisoned[-1, 3] = float("nan")
+    for backend in ("cpu", "triton", "reference"):
+        assert torch.isnan(sinkhorn_knopp(poisoned.chunk(world)[rank], temp, group=group, backend=backend)).all()
     # asynchronous centre EMA over both ranks
     mod = dinov3_fast.DINOLoss(full.shape[1], center_momentum=0.5)
     mod.init_weights()

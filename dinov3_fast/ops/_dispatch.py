@@ -241,6 +241,8 @@ def single_rank_as_none(group):
     group of an initialised torch.distributed."""
     if group is not None:
         import torch.distributed as dist
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
         if dist.get_world_size(group) == 1:
             return None
     return group

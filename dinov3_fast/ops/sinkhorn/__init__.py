@@ -87,6 +87,8 @@ def _check_n_samples(n_samples, n_rows: int) -> None:
     if isinstance(n_samples, torch.Tensor):
         if n_samples.numel() != 1:
             raise ValueError(f"n_samples must be an int or a 1-element tensor, got shape {tuple(n_samples.shape)}")
+        if n_samples.is_complex():
+            raise TypeError(f"n_samples must be an integer or floating-point tensor, got {n_samples.dtype}")
         if n_samples.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(n_samples):
             return
         value = n_samples.item()

@@ -4,7 +4,8 @@ Both compute Q = diag(v) E diag(u) with the same fixed points as triton.py (DINO
 1/sum Q, 1/K, 1/B_total and the final *B_total cancel exactly and are not applied):
   * scaling (fast): E = exp(y - g) once, with y = logits / temp and g the global per-prototype
     max (so E <= 1 and every prototype has an entry 1), then u = 1 / (v E) and v = 1 / (E u) as
-    BLAS matrix-vector products: one exp pass instead of one per normalisation.
+    BLAS matrix-vector products: one exp pass instead of one per normalisation. E u is taken in
+    column chunks (`_row_sums`): one product over K = 65,536 erred by 2.6e-5.
   * log domain (robust): potentials a = -logsumexp_b(y + beta), beta = -logsumexp_k(y + a).
     Used when a sample's scaled mass leaves the safe fp32 range (a sample beaten by > ~80 nats in
     every prototype underflows in E), or the result holds a non-finite entry; both decisions are
@@ -22,6 +23,7 @@ from dinov3_fast.ops._common import compute_dtype
 
 NEG_INF = float("-inf")
 _SAFE_MIN = 1e-30  # smallest sample mass E u trusted in fp32 (well above the denormal range)
+_DOT_CHUNK = 4096  # columns per matrix-vector product in _row_sums
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -37,13 +39,24 @@ def _prototype_shift(y: torch.Tensor, group) -> torch.Tensor:
     return torch.where(shift == NEG_INF, 0.0, shift)
 
 
+def _row_sums(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """e @ u for e (B, K), u (K,), as a sum of products over chunks of _DOT_CHUNK columns. After
+    the first round a sample's mass is a sum of up to K/B equal terms, which one BLAS product adds
+    in a few sequential accumulators, rounding the same way every time: 2.6e-5 relative error at
+    B=2, K=65,536 (1.2e-4 at B=4, K=262,144), against ~1e-6 in chunks, for ~0.2 ms per call."""
+    mass = e[:, :_DOT_CHUNK] @ u[:_DOT_CHUNK]
+    for j in range(_DOT_CHUNK, e.shape[1], _DOT_CHUNK):
+        mass.addmv_(e[:, j:j + _DOT_CHUNK], u[j:j + _DOT_CHUNK])
+    return mass
+
+
 def _sinkhorn_scaling(y: torch.Tensor, n_iterations: int, group) -> torch.Tensor | None:
     """Scaling form; overwrites y with the result. None when a sample mass left the safe range."""
     e = y.sub_(_prototype_shift(y, group)).exp_()        # (B, K), in place
     v = e.new_ones(e.shape[0])
     for _ in range(n_iterations):
         u = 1.0 / _all_reduce(v @ e, dist.ReduceOp.SUM, group)
-        mass = e @ u
+        mass = _row_sums(e, u)
         bad = ~((mass > _SAFE_MIN) & (mass < 1.0 / _SAFE_MIN)).all()
         if _all_reduce(bad.to(e.dtype).reshape(1), dist.ReduceOp.MAX, group).item() > 0:
             return None

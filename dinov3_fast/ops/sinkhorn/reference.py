@@ -39,6 +39,8 @@ def sinkhorn_knopp_ref(
     q = torch.exp(teacher_logits.to(dtype) / teacher_temp).t()  # (K, B)
     world = dist.get_world_size(group) if group is not None else 1
     b_total = n_samples if n_samples is not None else q.shape[1] * world
+    if isinstance(b_total, torch.Tensor):  # any 1-element shape; 0-dim broadcasts against q in place
+        b_total = b_total.reshape(())
     k = q.shape[0]
     sum_q = torch.sum(q)
     if group is not None:
