@@ -7,14 +7,16 @@ Layout under the run's checkpoint root:
                         config.yaml, and MANIFEST.json (every file's size) written last
     .tmp_step_00000200/ a save in progress (or one that crashed): never loaded
     .old_step_00000100/ the previous copy of a step being saved again, until the new one is in place
+                        (a crash between the two renames leaves it as that step's copy: loads find it)
     latest              the name of the most recently saved complete checkpoint (for people and
                         scripts; loads order checkpoints by the manifest's `saved_at`)
 
 A save writes everything into the temporary folder, then rank 0 writes the manifest and renames
 the folder (an atomic rename on one filesystem), so a crash at any point leaves the previous
-checkpoint loadable. A step that fails on one rank (rank 0's rename, one rank's file) raises on every
-rank, not only there: the others would otherwise go on and wait in their next collective until the
-process group timed out. A load checks the manifest (present, every file there with its size) before
+checkpoint loadable. Every file and both folders are fsynced before the rename is, and pruning
+never removes the checkpoint just saved. A step that fails on one rank (rank 0's rename, one rank's
+file) raises on every rank, not only there: the others would otherwise go on and wait in their next
+collective until the process group timed out. A load checks the manifest (present, every file there with its size) before
 DCP reads anything, and raises `CheckpointError` naming the folder and the problem; rank 0 resolves
 and checks the folder for every rank, so all load the same one and fail together. It then
 compares the checkpoint's entries with the model's: a checkpoint without a Gram teacher (a
@@ -141,7 +143,10 @@ def save_checkpoint(root: str | Path, step: int, arch: torch.nn.Module, optimize
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _dist_on())
     try:
-        torch.save({**rank_state, "step": step, "world_size": world}, tmp / f"rank{rank}.pt")
+        with open(tmp / f"rank{rank}.pt", "wb") as f:
+            torch.save({**rank_state, "step": step, "world_size": world}, f)
+            f.flush()
+            os.fsync(f.fileno())
     except Exception as exc:  # noqa: BLE001
         error = exc
     _check_all_ranks(error, f"writing the rank state into {tmp}")
@@ -158,10 +163,11 @@ def _finalise(root: Path, tmp: Path, final: Path, step: int, world: int, config_
               max_to_keep: int) -> None:
     """Rank 0, once every rank's files are in `tmp`: the manifest, the rename to `final`, `latest`, pruning."""
     if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml)
+        _write_synced(tmp / "config.yaml", config_yaml)
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_synced(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "saved_at": time.time(),
                                               "files": files}, indent=1))
+    _fsync_dir(tmp)  # the files' names, before the rename makes them a checkpoint
     replaced = root / f".old_step_{step:08d}"
     if final.exists():  # a re-save of this step: the old copy stays complete until the new one is in place
         shutil.rmtree(replaced, ignore_errors=True)
@@ -171,8 +177,9 @@ def _finalise(root: Path, tmp: Path, final: Path, step: int, world: int, config_
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
     _fsync_dir(root)  # the renames themselves survive a power loss
     shutil.rmtree(replaced, ignore_errors=True)
-    if max_to_keep > 0:
-        for old in complete_checkpoints(root)[:-max_to_keep]:
+    if max_to_keep > 0:  # never `final` itself, whatever the clock said (saved_at is wall time)
+        others = [p for p in complete_checkpoints(root) if p != final]
+        for old in others[:max(0, len(others) - (max_to_keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -202,7 +209,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(manifest.read_text())
         files = meta["files"]
-    except (ValueError, KeyError) as exc:
+        if not (isinstance(files, dict) and all(type(size) is int for size in files.values())):
+            raise ValueError("'files' is not a map of names to sizes")
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST} ({exc})") from None
     for name, size in files.items():
         f = path / name
@@ -226,11 +235,16 @@ def _saved_at(path: Path) -> float:
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Folders step_* under root that have a manifest, in the order they were saved, oldest first
-    (not by step: a run resumed from an earlier step saves lower steps after higher ones)."""
+    (not by step: a run resumed from an earlier step saves lower steps after higher ones). A
+    .old_step_N with a manifest counts where step_N has none: a re-save of step N died between
+    moving the old copy aside and renaming the new one, so it is that step's only copy."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if (p / MANIFEST).is_file()), key=lambda p: (_saved_at(p), p.name))
+    found = [p for p in root.glob("step_*") if (p / MANIFEST).is_file()]
+    found += [p for p in root.glob(".old_step_*") if (p / MANIFEST).is_file()
+              and not (root / p.name.removeprefix(".old_") / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: (_saved_at(p), p.name))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -333,7 +347,15 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
         rank_file = path / "rank0.pt"
-    rank_state = torch.load(rank_file, weights_only=False)
+    rank_state, error = None, None
+    try:  # weights_only: tensors and plain Python values, never code a crafted file could run
+        rank_state = torch.load(rank_file, weights_only=True)
+        if not isinstance(rank_state, dict):
+            raise TypeError(f"a {type(rank_state).__name__}, not a dict")
+    except Exception as exc:  # noqa: BLE001  (raised on every rank by _check_all_ranks)
+        error = CheckpointError(f"checkpoint {path} is corrupted: file {rank_file.name} could not be read: "
+                                f"{type(exc).__name__}: {exc}")
+    _check_all_ranks(error, f"reading the rank state of checkpoint {path}")
     if rank_state.get("world_size") != world:
         rank_state.pop("rng", None)  # another world size: RNG streams do not map to ranks
     if without_gram_teacher:
@@ -343,8 +365,9 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
 
 def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teacher") -> Path:
     """Write the full backbone state dict (DINOv3's DinoVisionTransformer keys) of the teacher or
-    student to `out`: safetensors when its suffix is .safetensors (ImportError, with the install
-    hint, without the package), else torch.save. Every rank calls it (FSDP gathers); rank 0 writes."""
+    student to `out`, atomically (a temporary file, renamed): safetensors when its suffix is
+    .safetensors (ImportError, with the install hint, without the package), else torch.save. Every
+    rank calls it (FSDP gathers); rank 0 writes."""
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     backbone = getattr(arch, which).backbone
@@ -362,17 +385,26 @@ def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teache
 
 
 def _write_backbone(sd: dict[str, torch.Tensor], out: Path) -> None:
+    """Write to a temporary file next to `out`, fsync, rename: `out` is the old file or the whole new one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    if out.suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError as exc:
-            raise ImportError("writing .safetensors needs safetensors: pip install 'dinov3-fast[train]', "
-                              "or export to a .pth file") from exc
-        save_file(tensors, str(out))
-    else:
-        torch.save(tensors, out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.suffix == ".safetensors":
+            try:
+                from safetensors.torch import save_file
+            except ImportError as exc:
+                raise ImportError("writing .safetensors needs safetensors: pip install 'dinov3-fast[train]', "
+                                  "or export to a .pth file") from exc
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(tensors, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(out.parent)
 
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path | None = None, which: str = "teacher") -> Path:
