@@ -124,45 +124,29 @@ for ops in fused reference; do
   [ "$rc" -eq 0 ] || { status=1; echo "train ($ops) exit $rc (124/137: timeout)" | tee -a "$OUT/log.txt"; }
 done
 
-# Full AC at one equal batch (before the probe: it judges a goal, the probe only reports), with >= 60 s.
-rest=$((BUDGET - SECONDS - 15))
-if [ -z "$AC_FULL_BATCH" ]; then
-  step "full-AC probe skipped (TRAIN_CHECK_AC_FULL_BATCH is empty)"
-elif [ "$rest" -lt 60 ]; then
-  step "full-AC probe skipped: ${rest}s left of the budget, under the 60 s it needs"
-else
+# probe NAME BATCHES JSON NEED_S [overrides...]: tools/train_probe.py for both ops settings, with at
+# least NEED_S seconds of the budget left (the fused setting gets half of them). A timeout ends a walk
+# up the batches (what was measured is kept); any other failure is a crash, and the run fails.
+probe() {
+  local name=$1 batches=$2 json=$3 need=$4; shift 4
+  local rest=$((BUDGET - SECONDS - 15)) ops t rc
+  if [ -z "$batches" ]; then step "$name skipped (no batches given)"; return; fi
+  if [ "$rest" -lt "$need" ]; then step "$name skipped: ${rest}s left of the budget, under the $need s it needs"; return; fi
   for ops in fused reference; do
     [ "$ops" = fused ] && t=$((rest / 2)) || t=$((BUDGET - SECONDS - 15))
-    if [ "$t" -lt 25 ]; then step "full-AC probe ($ops) skipped: ${t}s left of the budget"; continue; fi
-    step "full-AC probe ($ops, batch $AC_FULL_BATCH, timeout ${t}s)"
+    if [ "$t" -lt 20 ]; then step "$name ($ops) skipped: ${t}s left of the budget"; continue; fi
+    step "$name ($ops, batches $batches, timeout ${t}s)"
     timeout -k 10 "$t" "$PY" tools/train_probe.py --preset "$PRESET" ${ARCH:+--arch "$ARCH"} --ops "$ops" \
-      --batches "$AC_FULL_BATCH" --json "$OUT/probe_ac_full.json" "${OPTS[@]}" train.ac=full 2>&1 | tee -a "$OUT/log.txt"
+      --batches "$batches" --json "$OUT/$json" "${OPTS[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
     rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || echo "full-AC probe ($ops) exit $rc (124/137: timeout)" | tee -a "$OUT/log.txt"
+    [ "$rc" -eq 0 ] || echo "$name ($ops) exit $rc (124/137: timeout; what was measured is kept)" | tee -a "$OUT/log.txt"
     case "$rc" in 0|124|137) ;; *) status=1 ;; esac
   done
-fi
+}
 
-# The probe: only with time to spare (each setting needs start-up + ~2 steps per batch); half the rest each.
-rest=$((BUDGET - SECONDS - 15))
-if [ -z "$PROBE_BATCHES" ]; then
-  step "probe skipped (TRAIN_CHECK_PROBE_BATCHES is empty)"
-elif [ "$rest" -lt 50 ]; then
-  step "probe skipped: ${rest}s left of the budget, under the 50 s it needs"
-else
-  for ops in fused reference; do
-    [ "$ops" = fused ] && t=$((rest / 2)) || t=$((BUDGET - SECONDS - 15))
-    if [ "$t" -lt 20 ]; then step "probe ($ops) skipped: ${t}s left of the budget"; continue; fi
-    step "probe ($ops, batches $PROBE_BATCHES, timeout ${t}s)"
-    timeout -k 10 "$t" "$PY" tools/train_probe.py --preset "$PRESET" ${ARCH:+--arch "$ARCH"} --ops "$ops" \
-      --batches "$PROBE_BATCHES" --json "$OUT/probe.json" "${OPTS[@]}" 2>&1 | tee -a "$OUT/log.txt"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || echo "probe ($ops) exit $rc (124/137: timeout; the batches measured so far are kept)" \
-      | tee -a "$OUT/log.txt"
-    # a timeout ends the walk up the batches (budget); any other failure is a crash: the run fails
-    case "$rc" in 0|124|137) ;; *) status=1 ;; esac
-  done
-fi
+# Full AC at one equal batch first (it judges a goal; the largest-batch probe only reports).
+probe "full-AC probe" "$AC_FULL_BATCH" probe_ac_full.json 60 train.ac=full
+probe "probe" "$PROBE_BATCHES" probe.json 50
 
 rm -f "$OUT"/*.tmp  # a kill mid-write leaves one; the result files themselves are always whole
 step "summary"
