@@ -159,3 +159,18 @@ def test_the_export_is_written_atomically(tmp_path, monkeypatch):
         export_backbone(arch, out)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.safetensors"]
+
+
+def test_a_checkpoint_from_another_world_size_says_its_random_streams_restart(tmp_path):
+    """The per-rank RNG states do not map onto another number of ranks: they are dropped, which
+    was silent (a resume that is not bitwise without saying so)."""
+    m, opt = _model()
+    saved = _save(tmp_path, 1, m, opt)
+    state = torch.load(saved / "rank0.pt", weights_only=True)
+    with pytest.warns(UserWarning, match="saved by 2 rank.*loads on 1.*random streams start afresh"):
+        torch.save({**state, "world_size": 2}, saved / "rank0.pt")
+        manifest = json.loads((saved / "MANIFEST.json").read_text())
+        manifest["files"]["rank0.pt"] = (saved / "rank0.pt").stat().st_size
+        (saved / "MANIFEST.json").write_text(json.dumps(manifest))
+        loaded = load_checkpoint(saved, m, opt)
+    assert "rng" not in loaded and loaded["step"] == 1

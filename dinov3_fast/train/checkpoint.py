@@ -356,8 +356,12 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
         error = CheckpointError(f"checkpoint {path} is corrupted: file {rank_file.name} could not be read: "
                                 f"{type(exc).__name__}: {exc}")
     _check_all_ranks(error, f"reading the rank state of checkpoint {path}")
-    if rank_state.get("world_size") != world:
-        rank_state.pop("rng", None)  # another world size: RNG streams do not map to ranks
+    if rank_state.get("world_size") != world:  # another world size: RNG streams do not map to ranks
+        rank_state.pop("rng", None)
+        if rank == 0:
+            warnings.warn(f"checkpoint {path} was saved by {rank_state.get('world_size')} rank(s) and loads on "
+                          f"{world}: the model, optimizer and step resume, the random streams start afresh "
+                          f"(the run goes on, but not bitwise as it would have)", stacklevel=2)
     if without_gram_teacher:
         rank_state["gram_initialized"] = False
     return rank_state
