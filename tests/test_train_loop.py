@@ -70,6 +70,9 @@ def test_resume_gives_identical_next_step_loss(tmp_path):
     s_res = resumed["state"].arch.state_dict()
     for k in s_full:
         assert torch.equal(s_full[k], s_res[k]), k
+    # a resumed run that saves nothing names the checkpoint it resumed from (it named None)
+    no_saves = apply_overrides(cfg, [f"train.output_dir={tmp_path / 'c'}", "checkpointing.period=-1", "train.steps=3"])
+    assert train(no_saves, resume=ckpts[0], progress=False, log_fn=None)["checkpoint"] == str(ckpts[0])
 
 
 def test_corrupted_and_partial_checkpoints(tmp_path):

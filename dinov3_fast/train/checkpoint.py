@@ -314,7 +314,8 @@ def _loads_without_gram_teacher(path: Path, state: dict[str, Any]) -> bool:
 def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                     ) -> dict[str, Any]:
     """Load model (and optimizer) state into `arch`, resharding as needed. Returns this rank's
-    saved rank state (step, RNG states, "gram_initialized"); every rank calls it. A checkpoint
+    saved rank state (step, RNG states, "gram_initialized") and "checkpoint", the folder it loaded
+    (a root or run folder resolves to its newest complete checkpoint); every rank calls it. A checkpoint
     without the Gram teacher `arch` has (saved by a pretraining run) loads the rest and returns
     "gram_initialized" False, so the loop's rule (copy the EMA teacher at
     gram.it_load_ema_teacher) starts it; other missing keys raise ConfigError."""
@@ -364,7 +365,7 @@ def load_checkpoint(path: str | Path, arch: torch.nn.Module, optimizer: torch.op
                           f"(the run goes on, but not bitwise as it would have)", stacklevel=2)
     if without_gram_teacher:
         rank_state["gram_initialized"] = False
-    return rank_state
+    return rank_state | {"checkpoint": str(path)}
 
 
 def export_backbone(arch: torch.nn.Module, out: str | Path, which: str = "teacher") -> Path:

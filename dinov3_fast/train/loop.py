@@ -323,7 +323,8 @@ class _Intervals:
 def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True, device=None,
           log_fn=print, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run cfg.total_steps iterations (from a checkpoint with `resume`). Returns the history:
-    per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint.
+    per-step reduced logs, kNN accuracies, throughput figures and the last checkpoint (this run's
+    newest save, else the one it resumed from, else None).
     on_log(history) is called on rank 0 after every logged interval, e.g. to persist the figures
     so far: a run killed by a time limit keeps what it measured.
 
@@ -340,8 +341,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         raise ConfigError(f"train.output_dir {out_dir} already holds checkpoints ({ckpt_root}): resume from them "
                          f"(--resume {ckpt_root}) or choose another output_dir")
     state = build_state(cfg, device)
+    resumed_from = None  # the checkpoint folder, until this run saves its own
     if resume is not None:
-        state.restore(load_checkpoint(resume, state.arch, state.optimizer))
+        loaded = load_checkpoint(resume, state.arch, state.optimizer)
+        state.restore(loaded)
+        resumed_from = loaded["checkpoint"]
         if state.step >= cfg.total_steps:  # it would train nothing and save the same step again
             raise ConfigError(f"checkpoint {resume} is at step {state.step}, and this run stops at step "
                               f"{cfg.total_steps} (train.steps, --steps): nothing to train; give more steps")
@@ -360,7 +364,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         save_config(cfg, out_dir / "config.yaml")
     config_yaml = (out_dir / "config.yaml").read_text() if state.rank == 0 else None
     total = cfg.total_steps
-    history: dict[str, Any] = {"steps": [], "knn": [], "checkpoint": None}
+    history: dict[str, Any] = {"steps": [], "knn": [], "checkpoint": resumed_from}
     bar = tqdm(total=total, initial=state.step, disable=not progress or state.rank != 0, dynamic_ncols=True)
     if log_fn is print and not bar.disable:
         log_fn = bar.write  # keeps the bar intact
