@@ -82,3 +82,15 @@ def test_soft_ce_launches_do_not_fuse_multiply_adds(aot_report):
     launches = [r for r in report["results"] if r["kernel"].startswith("_soft_ce_")]
     assert {r["kernel"] for r in launches} == {"_soft_ce_fwd_kernel", "_soft_ce_combine_kernel", "_soft_ce_bwd_kernel"}
     assert all(r.get("enable_fp_fusion") is False for r in launches)
+
+
+def test_tensor_core_instructions_are_read_from_the_sass(aot_report):
+    """The SASS census behind docs/kernels.md's shapes: a launch whose PTX has wgmma must show
+    HGMMA instructions on sm_90, and one with a half-precision dot HMMA on sm_80. A census that
+    read nothing (a changed cuobjdump format) would leave the table's shapes silently empty."""
+    report, _ = aot_report
+    unread = [f"{r['kernel']} {r['target']} {r['constexprs']}" for r in report["results"] if "error" not in r and (
+        (r["target"] == "sm_90" and r["wgmma"] and not any(k.startswith("HGMMA.") for k in r["mma"]))
+        or (r["target"] == "sm_80" and r["has_dot"] and r["half_inputs"]
+            and not any(k.startswith("HMMA.") for k in r["mma"])))]
+    assert not unread, unread
