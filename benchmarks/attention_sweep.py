@@ -8,8 +8,9 @@ What it measures, per shape, bf16:
   pre-rotation, the dk/dv and dq kernels), with the forward's outputs precomputed, for each
   backward candidate, and as the bar SDPA's backward on the pre-rotated q, k and v as the SDPA
   route holds them (the route's rotation and its transpose are not in that time).
-Shapes: ViT-L N=261 (Dh=64, the 224-px global crops that dominate the trainer's attention time),
-ViT-7B N=4101 (Dh=128) and ViT-L N=1029 (Dh=64). Each time is a median of >= 20 calls after a
+Shapes: ViT-L N=261 and N=54 (Dh=64: DINOv3's 256 / 112 px global and local crops, near the
+vitl16_h100 trainer's 224 / 96 px, N = 201 / 41, whose local crops carry 45% of its attention
+tokens), ViT-7B N=4101 (Dh=128) and ViT-L N=1029 (Dh=64). Each time is a median of >= 20 calls after a
 warm-up (the first call compiles), CUDA events around each call, the L2 flushed before it and the
 device drained after the flush: `ms`, the device time, with the launches hidden behind a sleep
 kernel queued before the start event (what a training step, whose host runs ahead, pays), and
@@ -34,7 +35,8 @@ JSON is rewritten after every row, so a kill keeps what was measured.
 
 Without a GPU (and without --dry-run) it prints one line and exits 0. --dry-run runs a tiny fp32
 shape under the Triton interpreter (every candidate, the checks and the JSON; times meaningless).
-Registers, spills and wgmma of every candidate: `python tools/aot_compile.py --attention-sweep`.
+Registers, spills, wgmma and SASS tensor-core instruction shapes of every candidate: `python
+tools/aot_compile.py --attention-sweep`.
 """
 from __future__ import annotations
 
@@ -109,8 +111,8 @@ def tiles(block: int, inner: int, warps: int = 8, stages: int = 2) -> dict:
     return dict(BLOCK=block, BLOCK_INNER=inner, num_warps=warps, num_stages=stages)
 
 
-SHAPES = (Shape("vitl_261tok", 32, 16, 261, 64), Shape("vit7b_4101tok", 4, 32, 4101, 128),
-          Shape("vitl_1029tok", 16, 16, 1029, 64))
+SHAPES = (Shape("vitl_261tok", 32, 16, 261, 64), Shape("vitl_54tok", 128, 16, 54, 64),
+          Shape("vit7b_4101tok", 4, 32, 4101, 128), Shape("vitl_1029tok", 16, 16, 1029, 64))
 DRY_RUN_SHAPES = (Shape("dry_run_37tok", 2, 2, 37, 32),)
 # Per head dim, in priority order, the forward's first; sm_90 registers/spills from
 # tools/aot_compile.py --attention-sweep (triton 3.9, with the JIT's specialisation): none spills
