@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinov3_fast.train.profiling import format_summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the device runs it from a bare checkout
+
+from dinov3_fast.train.profiling import format_summary  # noqa: E402
 
 GIB = 2**30
 OPS = ("fused", "reference")
