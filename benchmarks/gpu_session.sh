@@ -13,9 +13,9 @@
 # attention kernels at N >= 1024, estimated +30-50 s). train_check.sh gets the rest minus 50 s
 # (200 s by default: two plans, two runs of 22 steps; the full-AC probe and the batch probe only if
 # time is left), and is skipped with under 90 s. The call ran in 473 s at GPU_SESSION_BUDGET_S=510.
-# device_check.sh's last phase (the attention schedule sweep, forward and backward, <= 90 s) only
-# takes what is left of DEVICE_CHECK_BUDGET_S, so train_check's share is unchanged; for the whole
-# sweep, run it alone (its docstring). If the full-AC probe was skipped and the machine is still
+# device_check.sh's attention schedule sweep (<= 60 s, after the op benches, ViT-L's N=261 and 54
+# first) takes its time from DEVICE_CHECK_BUDGET_S, ahead of the compiled baselines and the block
+# benches, so train_check's share is unchanged; for the whole sweep, run it alone (its docstring). If the full-AC probe was skipped and the machine is still
 # warm with >= 2 min of device time, a second call measures it alone (~80 s, estimated):
 #   mkdir -p $OUT/t && for ops in fused reference; do python3 tools/train_probe.py --ops $ops \
 #     --batches 256 --json $OUT/t/probe_ac_full.json train.ac=full; done
