@@ -32,10 +32,18 @@ def result_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
     return compute_dtype(x) if backend in FP64_BACKENDS else torch.float32
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """`torch.amp.is_autocast_available`, which torch.compile takes as the constant it is. Dynamo
+    before torch 2.13 cannot trace the builtin behind it: a graph break in every compiled caller
+    (an error under fullgraph=True; measured with torch 2.11)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     """A context with autocast off on `device_type`, for the references' fp32 sections; no
     context where autocast does not exist (the meta device, on which torch.autocast raises)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov3_fast.ops._common import op_context, result_dtype
+from dinov3_fast.ops._common import autocast_available, op_context, result_dtype
 from dinov3_fast.ops._dispatch import check_no_double_backward, check_same_device, select_backend
 from dinov3_fast.ops.linear_soft_ce.chunked import CHUNK_LOGITS, grad_dtype, linear_soft_ce_chunked
 from dinov3_fast.ops.linear_soft_ce.reference import linear_soft_cross_entropy_ref
@@ -119,7 +119,7 @@ def linear_soft_cross_entropy(
     n_pairs = check_soft_ce_args("features", features, teacher_probs, student_temp, ignore_diagonal, weights,
                                  weight=weight)
     autocast = features.device.type
-    if torch.amp.is_autocast_available(autocast) and torch.is_autocast_enabled(autocast):
+    if autocast_available(autocast) and torch.is_autocast_enabled(autocast):
         # Autocast passes custom ops' inputs through uncast (and the op runs with it off): cast
         # them as it casts the Linear this replaces, every input but fp64 to the autocast dtype,
         # whether or not the dtypes already agree (fp32 features and weight make bf16/fp16 logits)
