@@ -9,13 +9,26 @@ The tolerance (rtol 1e-5, atol 1e-6) and why it holds across x86 machines: dinov
 """
 import json
 
+import pytest
 import torch
 
 from dinov3_fast.train import golden
 
 
+def _release(version: str) -> str:
+    """"2.13" from "2.13.0+cpu"."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def test_golden_loss_trace_matches():
     want = json.loads(golden.GOLDEN_PATH.read_text())
+    if _release(torch.__version__) != _release(want["torch"]):
+        # Measured with torch 2.11 against the 2.13 trace: 5e-4 off at step 1 and 1e-2 by step 7;
+        # at least nn.init.trunc_normal_ (the ViT's weight init) draws other values from the same
+        # seed in 2.11. Another torch release gives another valid trace; CI pins the recorded one.
+        pytest.skip(f"the golden trace was recorded with torch {want['torch']}, this is {torch.__version__}: "
+                    "torch releases differ in their random initialisers (nn.init.trunc_normal_ at least, between "
+                    "2.11 and 2.13), so the traces are not comparable")
     threads = torch.get_num_threads()
     got = golden.run_trace()  # on one intra-op thread
     assert torch.get_num_threads() == threads
