@@ -80,6 +80,17 @@ def graph_median_seconds(fn: Callable[[], object], device: torch.device, min_run
     from triton.testing import do_bench_cudagraph
 
     try:
+        # A host synchronisation is refused by one eager call first, before any capture. A capture
+        # that fails can leave the caching allocator counting a capture that never ended
+        # (pytorch#180395, fixed in 2.12; the device runs 2.11) and keeps the graph's private pool
+        # reserved for the rest of the process (pytorch#190348): every later case of the run would
+        # lose memory and empty_cache's effect.
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
         # the unrolled graph holds `rep` ms of calls and is replayed 10 times: half min_run_time in all
         ms = do_bench_cudagraph(fn, rep=max(5, int(min_run_time * 50)), return_mode="median")
     except RuntimeError as exc:  # torch's CUDA errors (AcceleratorError included) are RuntimeErrors
