@@ -9,7 +9,8 @@
 # One wall-clock budget (DEVICE_CHECK_BUDGET_S, default 390 s: the call's limit minus 30 s) is cut
 # into phases, each under `timeout` with what is left of it, most important first, so a slow phase
 # costs the later ones, never the files already written:
-#   env (<= 30 s) -> build (<= 150 s) -> GPU tests (<= 150 s) -> op benches without the compiled
+#   env (<= 30 s) -> build (<= 150 s) -> GPU tests (<= 150 s, 8 processes; then the `serial` ones,
+#   <= 60 s, alone on the GPU; both into pytest.log) -> op benches without the compiled
 #   baselines (bench.json) -> the attention schedule sweep, forward and backward (<=
 #   ATTN_SWEEP_CAP_S, default 60 s; benchmarks/attention_sweep.py, attn_sweep.json; its shapes in
 #   priority order, ViT-L's N=261 and N=54 first: they decide the trainer's attention route, see
@@ -93,14 +94,18 @@ print(json.dumps(env["extension"]))
 PYEOF
 judge backends $?
 
-step "GPU tests (pytest -m gpu)"
-pytest_opts=(-v -m gpu tests -p no:cacheprovider -rfE --durations=15)
-# Triton's JIT compiles dominate: spread them over 8 of the 16 cores; -v prints each result as it
-# comes, so a phase killed at its cap still says which tests passed; no test may hang the phase
-"$PY" -c "import xdist" 2> /dev/null && pytest_opts+=(-n 8)
+step "GPU tests (pytest -m 'gpu and not serial', then -m 'gpu and serial' in one process)"
+pytest_opts=(-v tests -p no:cacheprovider -rfE --durations=15)
+# -v prints each result as it comes, so a phase killed at its cap still says which tests passed;
+# no test may hang the phase
 "$PY" -c "import pytest_timeout" 2> /dev/null && pytest_opts+=(--timeout=120)
-phase 150 "$PY" -m pytest "${pytest_opts[@]}" > "$OUT/pytest.log" 2>&1
+parallel=()  # Triton's JIT compiles dominate: spread them over 8 of the 16 cores
+"$PY" -c "import xdist" 2> /dev/null && parallel+=(-n 8)
+phase 150 "$PY" -m pytest -m "gpu and not serial" "${pytest_opts[@]}" "${parallel[@]}" > "$OUT/pytest.log" 2>&1
 judge "GPU tests" $?
+# timing tests that other processes' kernels would disturb (the `serial` marker), with the GPU alone
+phase 60 "$PY" -m pytest -m "gpu and serial" "${pytest_opts[@]}" >> "$OUT/pytest.log" 2>&1
+judge "serial GPU tests" $?
 tail -40 "$OUT/pytest.log"
 
 bench() {  # bench NAME CAP ARGS...: one bench phase, its table into log.txt, rows into $OUT/NAME.json

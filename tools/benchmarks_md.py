@@ -211,7 +211,7 @@ def run_info(path: Path, meta: dict, logs: Path = DEVICE_LOGS) -> RunInfo:
     if log_path.is_file():
         lines = log_path.read_text().splitlines()
         summary = [line.strip("= ") for line in lines if re.match(r"^=+ .*\b(passed|failed)\b.* in [\d.]+s", line)]
-        tests = summary[-1] if summary else None
+        tests = "; ".join(summary) if summary else None  # device_check.sh runs two sessions: parallel, serial
         for line in lines:
             hit = re.match(r"^(?:FAILED|ERROR) tests/(test_\w+\.py)::(\S+)", line)
             if hit:
