@@ -66,11 +66,12 @@ def _bench(args: argparse.Namespace) -> int:
             "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version(),
             "triton": triton_version(), "harness": HARNESS, **git_revision()}
 
-    def write_json(rows) -> None:  # after every case: a run stopped early keeps its rows
-        write_json_atomically(args.json, {"meta": meta, "rows": [r.as_dict() for r in rows]})
+    def write_json(rows, failures) -> None:  # after every case: a run stopped early keeps its rows
+        write_json_atomically(args.json, {"meta": {**meta, "failed_cases": failures},
+                                          "rows": [r.as_dict() for r in rows]})
 
-    rows = run_cases(cases, device, roofline, min_run_time=args.min_run_time,
-                     on_case=write_json if args.json else None)
+    rows, failures = run_cases(cases, device, roofline, min_run_time=args.min_run_time,
+                               on_case=write_json if args.json else None)
     print(f"dinov3-fast bench on {meta['device']} (torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads); speedup and mem x are relative to the first impl of each preset, measured in this run")
     print(format_table(rows))
@@ -81,11 +82,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(note)
     if args.json:
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and rows:
         from dinov3_fast.bench.plot import plot_rows
         plot_rows(rows, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    for failure in failures:
+        print(f"error: case failed, no rows: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _train_config(args: argparse.Namespace):

@@ -269,6 +269,26 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     assert out_png.stat().st_size > 0
 
 
+def test_cli_bench_goes_on_past_a_failing_case(tmp_path, monkeypatch, capsys):
+    """A case that raises (an out-of-memory on the GPU) costs that case only: the later cases are
+    measured, the failure is in the JSON and on stderr, and the exit status is 1."""
+    import dataclasses
+
+    def out_of_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    tiny = _tiny_case()
+    failing = dataclasses.replace(tiny, preset="cpu_oom", impls={**tiny.impls, "reference": out_of_memory})
+    monkeypatch.setattr("dinov3_fast.bench.cases.all_cases", lambda: [failing, tiny])
+    out_json = tmp_path / "b.json"
+    assert cli.main(["bench", "--device", "cpu", "--min-run-time", "0.01", "--json", str(out_json)]) == 1
+    data = json.loads(out_json.read_text())
+    assert {(r["preset"], r["impl"]) for r in data["rows"]} == {("cpu_tiny", "reference"), ("cpu_tiny", "fused")}
+    assert data["meta"]["failed_cases"] == ["toy/cpu_oom: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                                            "80.00 GiB"]
+    assert "error: case failed, no rows: toy/cpu_oom" in capsys.readouterr().err
+
+
 def test_plot_label_names_the_pass_its_speedups_compare():
     """Sinkhorn-Knopp has no backward: its bars are forward speed-ups, and the axis says so."""
     from dinov3_fast.bench.plot import speedup_label

@@ -177,18 +177,25 @@ def _row(case: BenchCase, impl: str, roofline: Roofline | None, half: bool, fwd_
 
 def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofline | None,
               min_run_time: float = 0.5,
-              on_case: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
-    """Every case in turn; `on_case(rows so far)` after each (e.g. to save partial results, so a
-    run stopped by a time limit keeps what it measured)."""
+              on_case: Callable[[list[BenchRow], list[str]], None] | None = None) -> tuple[list[BenchRow], list[str]]:
+    """Every case in turn: (rows, failures). A case that raises (an out-of-memory, a kernel that
+    fails to launch) is one failure, "op/preset: Error: message", and the run goes on to the next
+    case: one GPU session measures every other case. `on_case(rows, failures)` after each (e.g. to
+    save partial results, so a run stopped by a time limit keeps what it measured)."""
     cases = list(cases)
     rows: list[BenchRow] = []
+    failures: list[str] = []
     for case in tqdm(cases, desc="bench", unit="case", leave=False):
-        rows.extend(run_case(case, device, roofline, min_run_time))
+        try:
+            rows.extend(run_case(case, device, roofline, min_run_time))
+        except Exception as exc:  # noqa: BLE001 - reported as the case's failure, the run goes on
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            failures.append(f"{case.op}/{case.preset}: {type(exc).__name__}: {message}"[:500])
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if on_case is not None:
-            on_case(rows)
-    return rows
+            on_case(rows, failures)
+    return rows, failures
 
 
 def format_table(rows: list[BenchRow]) -> str:
