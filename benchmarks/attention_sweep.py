@@ -145,6 +145,9 @@ CANDIDATES = {
         fwd("prerot_64x64_w4", fwd_tiles(64, 64, warps=4), True, "128 regs, 56 KiB smem"),
         fwd("prerot_128x128", fwd_tiles(128, 128), True, "178 regs, 112 KiB smem"),
         bwd("default", note="bwd_config: one kernel 64/32, rotation in the loops; 162 regs"),
+        bwd("prerot_64x64_w4", tiles(64, 64, warps=4), prerotate=True,
+            note="one warpgroup per 64-row tile: no n=16 wgmma (64x64x16 and 64x32x16); 250 regs, 49 KiB smem; "
+                 "N=54 fits one tile"),
         bwd("prerot_128x64", tiles(128, 64), prerotate=True, note="240 regs"),
         bwd("prerot_split_128x64_128x64", tiles(128, 64), tiles(128, 64), True, "dkdv 218 regs, dq 127"),
         bwd("prerot_128x32", tiles(128, 32), prerotate=True, note="234 regs"),
