@@ -502,6 +502,13 @@ def test_run_info_reads_the_device_calls_logs(tmp_path):
     assert (info.git, info.dirty, info.harness) == ("abcdef0123", True, 1)
     assert info.code() == "abcdef0*, harness 1"
     assert info.tests == "2 failed, 78 passed, 2 warnings in 48.29s; 1 passed in 3.10s"
+    (tmp_path / "h100_run6_pytest.log").write_text(  # the parallel session killed at its cap
+        "============================= test session starts ==============================\n"
+        "tests/test_gram.py::test_gpu_triton_matches_oracle[x] PASSED\n"
+        "============================= test session starts ==============================\n"
+        "============================== 1 passed in 3.10s ===============================\n")
+    assert md.run_info(Path("h100_run6.json"), {}, tmp_path).tests == \
+        "1 passed in 3.10s (1 of 2 sessions ended without a summary: killed?)"
     assert set(info.failed) == {"soft_cross_entropy", "gram_loss"}
     recorded = md.run_info(Path("h100_run8.json"), {"git": "1234567890", "git_dirty": False, "harness": 2}, tmp_path)
     assert recorded.code() == "1234567, harness 2" and recorded.tests is None

@@ -212,6 +212,9 @@ def run_info(path: Path, meta: dict, logs: Path = DEVICE_LOGS) -> RunInfo:
         lines = log_path.read_text().splitlines()
         summary = [line.strip("= ") for line in lines if re.match(r"^=+ .*\b(passed|failed)\b.* in [\d.]+s", line)]
         tests = "; ".join(summary) if summary else None  # device_check.sh runs two sessions: parallel, serial
+        sessions = sum(1 for line in lines if re.match(r"^=+ test session starts =+$", line))
+        if tests and sessions > len(summary):  # a session killed at its time cap prints no summary
+            tests += f" ({sessions - len(summary)} of {sessions} sessions ended without a summary: killed?)"
         for line in lines:
             hit = re.match(r"^(?:FAILED|ERROR) tests/(test_\w+\.py)::(\S+)", line)
             if hit:

@@ -191,10 +191,10 @@ def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofli
         except Exception as exc:  # noqa: BLE001 - reported as the case's failure, the run goes on
             message = str(exc).splitlines()[0] if str(exc) else ""
             failures.append(f"{case.op}/{case.preset}: {type(exc).__name__}: {message}"[:500])
+        if on_case is not None:  # first: after a sticky CUDA error empty_cache raises too
+            on_case(rows, failures)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if on_case is not None:
-            on_case(rows, failures)
     return rows, failures
 
 
