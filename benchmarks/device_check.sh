@@ -141,8 +141,11 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 for path in sorted(out.glob("bench*.json")):
-    rows = json.loads(path.read_text())["rows"]
-    print(f"{path.name}: {len(rows)} rows")
+    report = json.loads(path.read_text())
+    rows, failed = report["rows"], report["meta"].get("failed_cases", [])
+    print(f"{path.name}: {len(rows)} rows" + (f", {len(failed)} failed cases:" if failed else ""))
+    for failure in failed:
+        print(f"  FAILED {failure}")
     for r in rows:
         if r["impl"].startswith("fused"):
             t = r["fwd_bwd_ms"] or r["fwd_ms"]
