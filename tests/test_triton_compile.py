@@ -86,9 +86,13 @@ def test_soft_ce_launches_do_not_fuse_multiply_adds(aot_report):
 
 def test_tensor_core_instructions_are_read_from_the_sass(aot_report):
     """The SASS census behind docs/kernels.md's shapes: a launch whose PTX has wgmma must show
-    HGMMA instructions on sm_90, and one with a half-precision dot HMMA on sm_80. A census that
-    read nothing (a changed cuobjdump format) would leave the table's shapes silently empty."""
+    HGMMA instructions on sm_90, one with a half-precision dot HMMA on sm_80, and every launch a
+    global store (each kernel writes its results with STG). A census that read nothing (a changed
+    cuobjdump format) would leave the table's columns silently empty."""
     report, _ = aot_report
+    no_store = [f"{r['kernel']} {r['target']}" for r in report["results"]
+                if "error" not in r and not any(k.startswith("STG.") for k in r["global"])]
+    assert not no_store, no_store
     unread = [f"{r['kernel']} {r['target']} {r['constexprs']}" for r in report["results"] if "error" not in r and (
         (r["target"] == "sm_90" and r["wgmma"] and not any(k.startswith("HGMMA.") for k in r["mma"]))
         or (r["target"] == "sm_80" and r["has_dot"] and r["half_inputs"]

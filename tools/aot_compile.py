@@ -7,8 +7,9 @@ The Triton interpreter proves arithmetic but accepts code the GPU compiler rejec
      autotuned kernels record every config they could pick;
   2. compiles each distinct launch with `triton.compile` for sm_90 and sm_80;
   3. reports registers, spills and shared memory (cuobjdump -res-usage on the cubin), whether a
-     kernel with a tensor-core dot lowered to wgmma on sm_90, and its tensor-core instructions by
-     shape (cuobjdump -sass: HGMMA m x n x k on sm_90, HMMA on sm_80).
+     kernel with a tensor-core dot lowered to wgmma on sm_90, and from its SASS (cuobjdump -sass)
+     its tensor-core instructions by shape (HGMMA m x n x k on sm_90, HMMA on sm_80) and its
+     global loads and stores by width.
 The attention's optional schedules (pre-rotated q/k forward and backward, separate dk/dv and dq
 passes), which default dispatch never launches, are recorded once each at ViT-7B's shape on
 fwd_config's / bwd_config's tiles; `--attention-sweep` records instead every candidate of
@@ -248,6 +249,24 @@ def mma_census(sass: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# A global load or store and its width: LDG.E.128 (a 16-byte vector), LDG.E.64, LDG.E.U16, plain LDG.E (32
+# bits); LDGSTS is the asynchronous global-to-shared copy (cp.async) of pipelined loops
+_GLOBAL = re.compile(r"\b(LDGSTS|LDG|STG)(?=[.\s;])((?:\.[A-Z0-9]+)*)")
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def global_access_census(sass: str) -> dict[str, int]:
+    """Global loads and stores in a kernel's SASS by width in bits ("LDG.128": 6, "STG.32": 4),
+    counted in the binary as `mma_census` is. For a memory-bound kernel it says whether its
+    streams move 16-byte vectors per thread (128) or single elements (32 or less)."""
+    counts: dict[str, int] = {}
+    for op, suffixes in _GLOBAL.findall(sass):
+        width = next((_WIDTH[x] for x in suffixes.split(".") if x in _WIDTH), 32)
+        key = f"{op}.{width}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _resources(cubin: bytes) -> dict:
     text = _cuobjdump(cubin, "-res-usage")
     regs = re.search(r"REG:(\d+)", text)
@@ -256,7 +275,11 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(regs.group(1)) if regs else None,
             "static_shared": int(shared.group(1)) if shared else None,
             "stack_bytes": int(spill.group(1)) if spill else None,
-            "mma": mma_census(_cuobjdump(cubin, "-sass"))}
+            **_sass_census(_cuobjdump(cubin, "-sass"))}
+
+
+def _sass_census(sass: str) -> dict:
+    return {"mma": mma_census(sass), "global": global_access_census(sass)}
 
 
 def compile_all(recorder: Recorder, targets: list[str]) -> list[dict]:
@@ -284,7 +307,7 @@ def compile_all(recorder: Recorder, targets: list[str]) -> list[dict]:
     return results
 
 
-def _format_mma(census: dict[str, int]) -> str:
+def _format_census(census: dict[str, int]) -> str:
     """"HGMMA 64x16x16 x64, 64x32x16 x8" from {"HGMMA.64x16x16": 64, "HGMMA.64x32x16": 8}."""
     by_op: dict[str, list[str]] = {}
     for key, n in census.items():
@@ -302,18 +325,21 @@ def write_doc(results: list[dict], path: Path) -> None:
              "the binary (a pipelined loop body appears more than once), not as executed; a narrow n comes from a",
              "narrow tile or from a tile's columns split between warpgroups (docs/architecture.md, \"The backward's",
              "schedules\").", "",
+             "`global loads / stores`: the SASS's LDG / STG instructions (and LDGSTS, the asynchronous",
+             "global-to-shared copy of pipelined loops) by width in bits (128: a 16-byte vector per thread),",
+             "counted the same way.", "",
              "| kernel | target | input dtype | constexprs | warps | regs | stack B | shared B | dot | wgmma "
-             "| tensor-core instructions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tensor-core instructions | global loads / stores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["module"], r["kernel"], r["target"], json.dumps(r["constexprs"], default=str))):
         if "error" in r:
-            lines.append(f"| `{r['kernel']}` | {r['target']} | | | | compile error | | | | | |")
+            lines.append(f"| `{r['kernel']}` | {r['target']} | | | | compile error | | | | | | |")
             continue
         dtypes = sorted({v[1:] for v in r["signature"].values() if v.startswith("*") and v != "*fp32"}) or ["fp32"]
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
         lines.append(f"| `{r['kernel']}` | {r['target']} | {'/'.join(dtypes)} | {consts} | {r['num_warps']} | "
                      f"{r['registers']} | {r['stack_bytes']} | {r['shared']} | {'y' if r['has_dot'] else ''} | "
-                     f"{'y' if r['wgmma'] else ''} | {_format_mma(r['mma'])} |")
+                     f"{'y' if r['wgmma'] else ''} | {_format_census(r['mma'])} | {_format_census(r['global'])} |")
     path.write_text("\n".join(lines) + "\n")
 
 
