@@ -15,8 +15,9 @@
 # time is left), and is skipped with under 90 s. The call ran in 473 s at GPU_SESSION_BUDGET_S=510.
 # device_check.sh's attention schedule sweep (<= 60 s, after the op benches, ViT-L's N=261 and 54
 # first) takes its time from DEVICE_CHECK_BUDGET_S, ahead of the compiled baselines and the block
-# benches, so train_check's share is unchanged; for the whole sweep, run it alone (its docstring). If the full-AC probe was skipped and the machine is still
-# warm with >= 2 min of device time, a second call measures it alone (~80 s, estimated):
+# benches, so train_check's share is unchanged; for the whole sweep, run it alone (its docstring).
+# If the full-AC probe was skipped and the machine is still warm with >= 2 min of device time, a
+# second call measures it alone (~80 s, estimated):
 #   mkdir -p $OUT/t && for ops in fused reference; do python3 tools/train_probe.py --ops $ops \
 #     --batches 256 --json $OUT/t/probe_ac_full.json train.ac=full; done
 # and its file goes into the unpacked train_check folder before tools/train_results.py runs.

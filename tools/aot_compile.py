@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -242,11 +243,7 @@ def mma_census(sass: str) -> dict[str, int]:
     A wgmma's n (the second figure) is what the disassembly tells about tile shapes: each
     instruction multiplies a 64-row slice by n columns, so a warpgroup's share of a tile whose
     columns are split between warpgroups runs as narrow, less efficient instructions."""
-    counts: dict[str, int] = {}
-    for op, shape in _MMA.findall(sass):
-        key = f"{op}.{shape}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(f"{op}.{shape}" for op, shape in _MMA.findall(sass)).items()))
 
 
 # A global load or store and its width: LDG.E.128 (a 16-byte vector), LDG.E.64, LDG.E.U16, plain LDG.E (32
@@ -259,12 +256,10 @@ def global_access_census(sass: str) -> dict[str, int]:
     """Global loads and stores in a kernel's SASS by width in bits ("LDG.128": 6, "STG.32": 4),
     counted in the binary as `mma_census` is. For a memory-bound kernel it says whether its
     streams move 16-byte vectors per thread (128) or single elements (32 or less)."""
-    counts: dict[str, int] = {}
-    for op, suffixes in _GLOBAL.findall(sass):
-        width = next((_WIDTH[x] for x in suffixes.split(".") if x in _WIDTH), 32)
-        key = f"{op}.{width}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    def bits(suffixes: str) -> int:
+        return next((_WIDTH[x] for x in suffixes.split(".") if x in _WIDTH), 32)
+
+    return dict(sorted(Counter(f"{op}.{bits(suffixes)}" for op, suffixes in _GLOBAL.findall(sass)).items()))
 
 
 def _resources(cubin: bytes) -> dict:
@@ -275,11 +270,7 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(regs.group(1)) if regs else None,
             "static_shared": int(shared.group(1)) if shared else None,
             "stack_bytes": int(spill.group(1)) if spill else None,
-            **_sass_census(_cuobjdump(cubin, "-sass"))}
-
-
-def _sass_census(sass: str) -> dict:
-    return {"mma": mma_census(sass), "global": global_access_census(sass)}
+            "mma": mma_census(sass := _cuobjdump(cubin, "-sass")), "global": global_access_census(sass)}
 
 
 def compile_all(recorder: Recorder, targets: list[str]) -> list[dict]:
