@@ -23,10 +23,11 @@ Identity formulation (no clamping, normalised rows, wins when D < P), with Sig =
   so nothing large cancels when the student is close to the teacher (see cpu.py).
   _gram_sigdel_kernel        one of A = Sig^T Sig, B = Del^T Del, C = Sig^T Del (D x D per group);
                              Sig / Del are formed from both inputs' tiles on chip.
-  _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C), then the
-                             normalisation backward over the same rows in a second sweep; launched
-                             right after the products, in the same forward. In groups with a row
-                             under F.normalize's norm clamp, U and V are direct products instead
+  _gram_identity_bwd_kernel  g = (Sig U + Del_a V) / M per row block (U, V from A, B, C, stored
+                             transposed: K-contiguous for TF32 wgmma), then the normalisation
+                             backward over the same rows in a second sweep; launched right after
+                             the products, in the same forward. In groups with a row under
+                             F.normalize's norm clamp, U and V are direct products instead
                              (`_gradient_factors`: the same kernel, gated per group on the device).
 Offsets: the group index and the row indices are int64 in every kernel (`.to(tl.int64)` where
 they are formed), so g * sxg, row * sxp and (g * P + row) * D cannot wrap at 2^31 elements (G * P * D
@@ -236,7 +237,7 @@ def _gram_sigdel_block(xs_ptr, xt_ptr, rs_ptr, rt_ptr, c_ptr, g, P, D, sxg, sxp,
 def _gram_identity_bwd_kernel(
     xa_ptr, xb_ptr,  # (G, P, D) features of the differentiated side (a) and the other (b)
     ra_ptr, rb_ptr,  # (G * P,) fp32 inverse row norms
-    u_ptr, v_ptr,    # (G, D, D) fp32: dL/dYa = (Sig U + (Ya - Yb) V) / M; strides (scg, scr, scc)
+    ut_ptr, vt_ptr,  # (G, D, D) fp32 U^T and V^T, where dL/dYa = (Sig U + (Ya - Yb) V) / M; strides (scg, scr, scc)
     dx_ptr,          # (G, P, D) fp32 out, contiguous: first dL/dYa, then (in place, per row block) dL/dXa
     P, D, sxg, sxp, sxd, scg, scr, scc, inv_m,
     DOT_PRECISION: tl.constexpr,
@@ -260,9 +261,11 @@ def _gram_identity_bwd_kernel(
                          other=0.0).to(tl.float32) * r_a[:, None]
             yb = tl.load(xb_ptr + g * sxg + rows[:, None] * sxp + ks[None, :] * sxd, mask=xmask,
                          other=0.0).to(tl.float32) * r_b[:, None]
-            u = tl.load(u_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            # U[k, n] = U^T[n, k]: the tiles are read K-contiguous (scc == 1), the layout a TF32
+            # wgmma needs for its shared-memory operand (PTX transposes only 16-bit operands).
+            u = tl.load(ut_ptr + g * scg + cols[None, :] * scr + ks[:, None] * scc, mask=cmask, other=0.0)
             acc = tl.dot(ya + yb, u, acc, input_precision=DOT_PRECISION)
-            v = tl.load(v_ptr + g * scg + ks[:, None] * scr + cols[None, :] * scc, mask=cmask, other=0.0)
+            v = tl.load(vt_ptr + g * scg + cols[None, :] * scr + ks[:, None] * scc, mask=cmask, other=0.0)
             acc = tl.dot(ya - yb, v, acc, input_precision=DOT_PRECISION)
         grad_y = scale * acc
         omask = (rows[:, None] < P) & (cols[None, :] < D)
@@ -328,30 +331,31 @@ def _products(xs, xt, rs, rt, signs, gate, prec):
     return products.unbind(0)
 
 
-def _gradient_factors(xa, xb, ra, rb, u, v, prec):
-    """The D x D factors of side a's gradient, M dL/dYa = Sig u + (Ya - Yb) v, where
-    u = 2 (Ya - Yb)^T Ya and v = 2 Sig^T Ya: given as sums of the loss's products (the student's
-    B + C^T and A + C, the teacher's B - C^T and A - C), which cancel up to their rounding where
-    side a's rows are small. That only matters where F.normalize clamps a row's norm (the gradient
-    reaching x is then dL/dy / eps, 1e12 times it; in an all-zero image the exact gradient is 0),
-    so the groups with a row of norm at or near eps (r >= 1 / (2 eps)) take u and v as direct
-    products instead, which vanish with Ya; the kernel skips every other group."""
+def _gradient_factors(xa, xb, ra, rb, ut, vt, prec):
+    """The transposes of the D x D factors of side a's gradient, M dL/dYa = Sig u + (Ya - Yb) v, where
+    u = 2 (Ya - Yb)^T Ya and v = 2 Sig^T Ya: ut and vt given as sums of the loss's products (the
+    student's B + C and A + C^T, the teacher's B - C and A - C^T, A and B being symmetric), which
+    cancel up to their rounding where side a's rows are small. That only matters where F.normalize
+    clamps a row's norm (the gradient reaching x is then dL/dy / eps, 1e12 times it; in an all-zero
+    image the exact gradient is 0), so the groups with a row of norm at or near eps
+    (r >= 1 / (2 eps)) take ut = 2 Ya^T (Ya - Yb) and vt = 2 Ya^T Sig as direct products instead,
+    which vanish with Ya; the kernel skips every other group."""
     G, P, _ = xa.shape
     gate = (ra.view(G, P) >= 0.5 / NORM_EPS).any(1)
-    direct_u, direct_v = _products(xa, xb, ra, rb, ((-1.0, 0.0), (1.0, 0.0)), gate, prec)
+    direct_ut, direct_vt = _products(xa, xb, ra, rb, ((0.0, -1.0), (0.0, 1.0)), gate, prec)
     gate = gate.view(G, 1, 1)
-    return torch.where(gate, 2.0 * direct_u, u), torch.where(gate, 2.0 * direct_v, v)
+    return torch.where(gate, 2.0 * direct_ut, ut), torch.where(gate, 2.0 * direct_vt, vt)
 
 
-def _identity_gradient(xa, xb, ra, rb, u, v, prec):
+def _identity_gradient(xa, xb, ra, rb, ut, vt, prec):
     """dL/dXa (G, P, D) fp32 at upstream gradient 1 for the identity form (normalised rows), from
-    the D x D factors u (of Sig) and v (of Ya - Yb)."""
+    the transposes ut, vt of the D x D factors u (of Sig) and v (of Ya - Yb)."""
     G, P, D = xa.shape
-    u, v = u.contiguous(), v.contiguous()  # the kernel reads both with u's strides
+    ut, vt = ut.contiguous(), vt.contiguous()  # the kernel reads both with ut's strides, K-contiguous
     dx = torch.empty((G, P, D), device=xa.device, dtype=torch.float32)
     bm = _block(P, 64)
     _gram_identity_bwd_kernel[(triton.cdiv(P, bm), G)](
-        xa, xb, ra, rb, u, v, dx, P, D, *xa.stride(), *u.stride(), 1.0 / (G * P * P),
+        xa, xb, ra, rb, ut, vt, dx, P, D, *xa.stride(), *ut.stride(), 1.0 / (G * P * P),
         DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_D=_block(D, 64), BLOCK_K=_block(D, 32), num_warps=8)
     return dx
 
@@ -406,10 +410,11 @@ def gram_loss_triton(xs: torch.Tensor, xt: torch.Tensor, normalize: bool, clamp:
     if identity:
         A, B, C = _identity_products(xs, xt, rs, rt, prec)
         total = 0.5 * (torch.linalg.vecdot(A, B).double().sum() + torch.linalg.vecdot(C, C.mT).double().sum())
-        d_s = _identity_gradient(xs, xt, rs, rt, *_gradient_factors(xs, xt, rs, rt, B + C.mT, A + C, prec),
+        # Factors as transposes (A, B symmetric): the student's u = B + C^T and v = A + C; Del for the
+        # teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
+        d_s = _identity_gradient(xs, xt, rs, rt, *_gradient_factors(xs, xt, rs, rt, B + C, A + C.mT, prec),
                                  prec) if need_student else empty()
-        # Del for the teacher side is Yt - Ys = -Del: dL/dYt = Sig (B - C^T) + (-Del)(A - C).
-        d_t = _identity_gradient(xt, xs, rt, rs, *_gradient_factors(xt, xs, rt, rs, B - C.mT, A - C, prec),
+        d_t = _identity_gradient(xt, xs, rt, rs, *_gradient_factors(xt, xs, rt, rs, B - C, A - C.mT, prec),
                                  prec) if need_teacher else empty()
         return (total / n_entries).float(), d_s, d_t
     if (need_student or need_teacher) and torch.are_deterministic_algorithms_enabled():
