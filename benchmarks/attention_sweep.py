@@ -7,7 +7,10 @@ What it measures, per shape, bf16:
 - backward: the launcher alone (`rope_attention_bwd_triton`: the delta kernel, the optional q/k
   pre-rotation, the dk/dv and dq kernels), with the forward's outputs precomputed, for each
   backward candidate, and as the bar SDPA's backward on the pre-rotated q, k and v as the SDPA
-  route holds them (the route's rotation and its transpose are not in that time).
+  route holds them (the route's rotation and its transpose are not in that time);
+- the route itself, each pass (`fwd:route`, `bwd:route`): `_rope_then_sdpa` as training calls it,
+  the fused rotation, SDPA by torch's own backend choice and the layout copies, backward through
+  autograd: what a step pays at a length routed to SDPA.
 Shapes: ViT-L N=261 and N=54 (Dh=64: DINOv3's 256 / 112 px global and local crops, near the
 vitl16_h100 trainer's 224 / 96 px, N = 201 / 41, whose local crops carry 45% of its attention
 tokens), ViT-7B N=4101 (Dh=128) and ViT-L N=1029 (Dh=64). Each time is a median of >= 20 calls after a
@@ -25,10 +28,14 @@ timed ones (see ShapeRun: an unwritten output element cannot read back as right)
 candidates must also give exactly out = 1 and lse = ln N on a probe with q = 0, v = 1
 (`probe_ok`), which catches an unmasked padded key at any N. Schedules differ in summation order
 only, so anything above TOL or a failed probe (`ok` false) is a wrong kernel, whatever its speed.
-A schedule's ms against its pass's `default` is its speed-up; against `sdpa:cudnn` whether it
-could replace the SDPA route (ops/attention SDPA_ROUTE_MIN_TOKENS).
+A schedule's ms against its pass's `default` is its speed-up. The report's `decision` (printed
+last) applies the rule docs/architecture.md fixed before any sweep ran ("The img/s goal and the
+attention at the trainer's crops"): per shape, the fastest correct forward plus backward
+schedules against the route's two passes; where the route is faster, training calls at that
+length belong on it (ops/attention SDPA_ROUTE_MIN_TOKENS), elsewhere the fastest schedules
+become the defaults.
 Candidates run in priority order; past --budget-s the rest are listed under `skipped`, and the
-JSON is rewritten after every row, so a kill keeps what was measured.
+JSON (with its `decision`) is rewritten after every row, so a kill keeps what was measured.
 
     python benchmarks/attention_sweep.py --json $OUT/attn_sweep.json
     python benchmarks/attention_sweep.py --dry-run --json /tmp/sweep.json   # CPU, interpreter
@@ -323,6 +330,31 @@ class ShapeRun:
         dq, dk = self.ops.apply_rope_triton(dq, dk, x.sin, x.cos, transpose=True)
         return step, (torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(s.B * s.N, -1),)  # [B, N, 3, H, Dh]
 
+    def route(self, direction: str, x: Inputs):
+        """(callable timing the long-sequence route of training calls, `_rope_then_sdpa`, on x: the
+        fused rotation of q and k, torch's SDPA by its own backend choice and the layout copies,
+        forward with qkv requiring grad, or backward through autograd; its results on x as the
+        candidates give them: (out [T, C],) forward, (dqkv [T, 3C],) backward). What a training
+        step pays at a length routed to SDPA, the number the fused schedules must beat there."""
+        import torch
+
+        from dinov3_fast.ops.attention import _rope_then_sdpa
+
+        s = self.s
+        qkv = x.qkv.view(s.B, s.N, -1).detach().requires_grad_()
+        if direction == "fwd":
+            def step():
+                return _rope_then_sdpa(qkv, x.sin, x.cos, s.H)
+
+            return step, (step().detach().view(s.B * s.N, -1),)
+        out = _rope_then_sdpa(qkv, x.sin, x.cos, s.H)
+        dout = x.dout.view(s.B, s.N, -1)
+
+        def step():
+            return torch.autograd.grad(out, qkv, dout, retain_graph=True)
+
+        return step, (step()[0].view(s.B * s.N, -1),)
+
 
 # ----------------------------------------------------------------------------- driver
 
@@ -336,11 +368,12 @@ def environment(dry_run: bool) -> dict:
 
 
 def entries(head_dim: int) -> list[tuple[str, object]]:
-    """A shape's rows in order: each pass's candidates, then its SDPA bars."""
+    """A shape's rows in order: each pass's candidates, then its SDPA bars and the SDPA route."""
     rows = []
     for direction in ("fwd", "bwd"):
         rows += [(c.label, c) for c in candidates_for(head_dim) if c.direction == direction]
         rows += [(f"{direction}:sdpa:{b}", (direction, b)) for b in SDPA_BACKENDS]
+        rows.append((f"{direction}:route", (direction, "route")))
     return rows
 
 
@@ -353,6 +386,7 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
 
     def save():
         report["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        report["decision"] = route_decision(report["rows"])
         if json_path is not None:  # whole files only: a kill mid-write leaves the .tmp
             tmp = json_path.with_name(json_path.name + ".tmp")
             tmp.write_text(json.dumps(report, indent=1))
@@ -376,6 +410,9 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
                     step = functools.partial(run.call, what, run.timed)
                     if direction == "fwd":
                         probe = run.probe_ok(what)
+                elif what[1] == "route":
+                    results = run.route(direction, run.checked)[1]
+                    step = run.route(direction, run.timed)[0]
                 elif device.type == "cuda" or what[1] == "flash":  # the CPU has no cuDNN
                     results = run.sdpa(what[1], direction, run.checked)[1]
                     step = run.sdpa(what[1], direction, run.timed)[0]
@@ -403,6 +440,33 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
     return report
 
 
+def route_decision(rows: list[dict]) -> dict:
+    """Per shape, the rule fixed before the sweep ran (docs/architecture.md, "The img/s goal and
+    the attention at the trainer's crops"): the fastest forward plus the fastest backward among
+    our schedules (rows within TOL of the default only) against the SDPA route's forward plus
+    backward, in device ms. `faster` is "route" or "fused", or None when a pass is missing on
+    either side (a failed row, or the budget ran out); `route_over_fused` is the time ratio."""
+    decision = {}
+    for row in rows:
+        entry = decision.setdefault(row["shape"], {"N": row["N"], "fused": {}, "route": {}})
+        direction, _, kind = row["candidate"].partition(":")
+        if "ms" not in row or kind.startswith("sdpa:"):
+            continue
+        if kind == "route":
+            entry["route"][direction] = row["ms"]
+        elif row["ok"] and row["ms"] < entry["fused"].get(direction, (None, math.inf))[1]:
+            entry["fused"][direction] = (kind, row["ms"])
+    for entry in decision.values():
+        fused, route = entry.pop("fused"), entry.pop("route")
+        entry["faster"] = None
+        if len(fused) == 2 and len(route) == 2:
+            fused_ms, route_ms = fused["fwd"][1] + fused["bwd"][1], route["fwd"] + route["bwd"]
+            entry.update(fused_fwd=fused["fwd"][0], fused_bwd=fused["bwd"][0], fused_ms=round(fused_ms, 4),
+                         route_ms=round(route_ms, 4), route_over_fused=round(route_ms / fused_ms, 3),
+                         faster="route" if route_ms < fused_ms else "fused")
+    return decision
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the report here (rewritten after every row)")
@@ -428,6 +492,10 @@ def main(argv=None) -> int:
     total = sum(len(entries(s.Dh)) for s in shapes)
     with tqdm(total=total, desc="attention sweep", file=sys.stderr, disable=None) as progress:
         report = sweep(shapes, device, dtype, reps, args.budget_s, args.json, progress)
+    for shape, d in report["decision"].items():
+        print(f"{shape:<15}N={d['N']:<5} " + ("no verdict: a pass is missing" if d["faster"] is None else
+              f"fused {d['fused_ms']:.3f} ms (fwd:{d['fused_fwd']} + bwd:{d['fused_bwd']}), SDPA route "
+              f"{d['route_ms']:.3f} ms: {d['faster']} is faster"))
     wrong = [r for r in report["rows"] if r.get("ok") is False]
     measured = [r for r in report["rows"] if "ms" in r]
     print(f"{len(report['rows'])} rows in {report['elapsed_s']} s, {len(measured)} measured, {len(wrong)} flagged "

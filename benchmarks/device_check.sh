@@ -158,6 +158,9 @@ if sweep.exists():
         got = (f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s" + {None: "  no reference", True: "", False: "  WRONG"}[r["ok"]]
                if "ms" in r else r["error"][:60])
         print(f"  {r['shape']:<16}{r['candidate']:<36}{got}")
+    for shape, d in report.get("decision", {}).items():
+        print(f"  decision {shape}: " + ("no verdict, a pass is missing" if d["faster"] is None else
+              f"fused {d['fused_ms']:.3f} ms, SDPA route {d['route_ms']:.3f} ms: {d['faster']}"))
 PYEOF
 [ ${#skipped[@]} -eq 0 ] || step "skipped for time: ${skipped[*]}"
 step "done (status $status)"

@@ -284,20 +284,47 @@ def test_prerotated_bwd_is_bitwise_the_default_bf16(interpreter_bf16_dots):
                        attn_triton.rope_attention_bwd_triton(*args, prerotate=True))
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the dry run needs the interpreter (TRITON_INTERPRET set before triton loads)")
-def test_sweep_dry_run(tmp_path, capsys, monkeypatch):
-    """benchmarks/attention_sweep.py: without a GPU one line and exit 0; --dry-run times every
-    forward and backward candidate on a tiny shape under the interpreter, each within TOL of its
-    pass's default, with SDPA's flash kernel as the bar (the CPU has no cuDNN: an error row)."""
+@pytest.fixture
+def sweep(monkeypatch):
+    """benchmarks/attention_sweep.py as a module (it is a script, not part of the package)."""
     import importlib.util
     import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_sweep.py"
     spec = importlib.util.spec_from_file_location("attention_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, sweep)  # dataclasses resolve their module by name
-    spec.loader.exec_module(sweep)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_route_decision(sweep):
+    """The rule between our schedules and the SDPA route: the fastest forward plus the fastest
+    backward schedule within TOL (a faster wrong one, an SDPA bar or a failed row never counts)
+    against the route's two passes; no verdict where a pass is missing on either side."""
+    def row(shape, candidate, ms=None, ok=True):
+        return {"shape": shape, "N": 261 if shape == "a" else 54, "candidate": candidate,
+                **({"ms": ms, "ok": ok} if ms is not None else {"error": "RuntimeError: x"})}
+
+    rows = [row("a", "fwd:default", 1.0), row("a", "fwd:fast", 0.7), row("a", "fwd:wrong", 0.1, ok=False),
+            row("a", "fwd:sdpa:flash", 0.05, ok=True), row("a", "fwd:route", 0.6),
+            row("a", "bwd:default", 2.0), row("a", "bwd:broken"), row("a", "bwd:route", 1.2),
+            row("b", "fwd:default", 1.0), row("b", "bwd:default", 1.0), row("b", "fwd:route", 0.1)]
+    decision = sweep.route_decision(rows)
+    assert decision["a"] == {"N": 261, "faster": "route", "fused_fwd": "fast", "fused_bwd": "default",
+                             "fused_ms": 2.7, "route_ms": 1.8, "route_over_fused": 0.667}
+    assert decision["b"] == {"N": 54, "faster": None}
+    rows[4]["ms"], rows[7]["ms"] = 0.8, 2.2  # the route at 3.0 ms against the schedules' 2.7
+    assert sweep.route_decision(rows)["a"]["faster"] == "fused"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run needs the interpreter (TRITON_INTERPRET set before triton loads)")
+def test_sweep_dry_run(sweep, tmp_path, capsys):
+    """benchmarks/attention_sweep.py: without a GPU one line and exit 0; --dry-run times every
+    forward and backward candidate on a tiny shape under the interpreter, each within TOL of its
+    pass's default, with SDPA's flash kernel as the bar (the CPU has no cuDNN: an error row) and
+    the SDPA route's two passes, and decides between the fastest schedules and the route."""
     assert sweep.main([]) == 0
     assert capsys.readouterr().out.count("\n") == 1
     out = tmp_path / "sweep.json"
@@ -307,12 +334,21 @@ def test_sweep_dry_run(tmp_path, capsys, monkeypatch):
     expected = []
     for direction in ("fwd", "bwd"):
         expected += [c.label for c in sweep.candidates_for(32) if c.direction == direction]
-        expected += [f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash"]
+        expected += [f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash", f"{direction}:route"]
     assert list(rows) == expected and expected[0] == "fwd:default" and "bwd:default" in expected
     assert "error" in rows.pop("fwd:sdpa:cudnn") and "error" in rows.pop("bwd:sdpa:cudnn") and not report["skipped"]
     assert all(r["ok"] and r["ms"] > 0 and r["wall_ms"] > 0 for r in rows.values()), rows
     for name, r in rows.items():  # the probe runs on our forward kernels only
-        assert r["probe_ok"] is (True if name.startswith("fwd:") and ":sdpa:" not in name else None), name
+        fused = name.startswith("fwd:") and ":sdpa:" not in name and name != "fwd:route"
+        assert r["probe_ok"] is (True if fused else None), name
+    (shape,) = sweep.DRY_RUN_SHAPES
+    verdict = report["decision"][shape.name]
+    fastest = {d: min((r["ms"], n) for n, r in rows.items() if n.startswith(d + ":") and ":sdpa:" not in n
+                      and n != f"{d}:route") for d in ("fwd", "bwd")}
+    assert verdict["fused_fwd"] == fastest["fwd"][1].split(":", 1)[1]
+    assert verdict["fused_bwd"] == fastest["bwd"][1].split(":", 1)[1]
+    route_ms = rows["fwd:route"]["ms"] + rows["bwd:route"]["ms"]
+    assert verdict["faster"] == ("route" if route_ms < fastest["fwd"][0] + fastest["bwd"][0] else "fused")
 
 
 @pytest.fixture
