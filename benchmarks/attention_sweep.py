@@ -34,8 +34,10 @@ attention at the trainer's crops"): per shape, the fastest correct forward plus 
 schedules against the route's two passes; where the route is faster, training calls at that
 length belong on it (ops/attention SDPA_ROUTE_MIN_TOKENS), elsewhere the fastest schedules
 become the defaults.
-Candidates run in priority order; past --budget-s the rest are listed under `skipped`, and the
-JSON (with its `decision`) is rewritten after every row, so a kill keeps what was measured.
+Per shape, both passes' default and route run first (the decision's minimum), then each pass's
+other candidates in priority order and its SDPA bars; past --budget-s the rest are listed under
+`skipped` (the decision is then marked `partial`), and the JSON (with its `decision`) is
+rewritten after every row, so a kill keeps what was measured.
 
     python benchmarks/attention_sweep.py --json $OUT/attn_sweep.json
     python benchmarks/attention_sweep.py --dry-run --json /tmp/sweep.json   # CPU, interpreter
@@ -368,13 +370,15 @@ def environment(dry_run: bool) -> dict:
 
 
 def entries(head_dim: int) -> list[tuple[str, object]]:
-    """A shape's rows in order: each pass's candidates, then its SDPA bars and the SDPA route."""
-    rows = []
+    """A shape's rows in order: both passes' default schedule and SDPA route first (what the route
+    decision needs, should the budget run out), then per pass the other candidates and the SDPA
+    bars."""
+    first, rest = [], []
     for direction in ("fwd", "bwd"):
-        rows += [(c.label, c) for c in candidates_for(head_dim) if c.direction == direction]
-        rows += [(f"{direction}:sdpa:{b}", (direction, b)) for b in SDPA_BACKENDS]
-        rows.append((f"{direction}:route", (direction, "route")))
-    return rows
+        default, *others = [(c.label, c) for c in candidates_for(head_dim) if c.direction == direction]
+        first += [default, (f"{direction}:route", (direction, "route"))]
+        rest += others + [(f"{direction}:sdpa:{b}", (direction, b)) for b in SDPA_BACKENDS]
+    return first + rest
 
 
 def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | None, progress=None) -> dict:
@@ -386,7 +390,7 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
 
     def save():
         report["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        report["decision"] = route_decision(report["rows"])
+        report["decision"] = route_decision(report["rows"], report["skipped"])
         if json_path is not None:  # whole files only: a kill mid-write leaves the .tmp
             tmp = json_path.with_name(json_path.name + ".tmp")
             tmp.write_text(json.dumps(report, indent=1))
@@ -440,25 +444,28 @@ def sweep(shapes, device, dtype, reps: int, budget_s: float, json_path: Path | N
     return report
 
 
-def route_decision(rows: list[dict]) -> dict:
+def route_decision(rows: list[dict], skipped: list[str]) -> dict:
     """Per shape, the rule fixed before the sweep ran (docs/architecture.md, "The img/s goal and
     the attention at the trainer's crops"): the fastest forward plus the fastest backward among
-    our schedules (rows within TOL of the default only) against the SDPA route's forward plus
-    backward, in device ms. `faster` is "route" or "fused", or None when a pass is missing on
-    either side (a failed row, or the budget ran out); `route_over_fused` is the time ratio."""
+    our schedules against the SDPA route's forward plus backward, in device ms, rows within TOL
+    of the default only (a wrong route does not count either). `faster` is "route" or "fused", or
+    None when a pass is missing on either side (a failed row, or the budget ran out);
+    `route_over_fused` is the time ratio; `partial` says some of the shape's candidates were
+    skipped for time, so a faster schedule may not have been measured."""
     decision = {}
     for row in rows:
         entry = decision.setdefault(row["shape"], {"N": row["N"], "fused": {}, "route": {}})
         direction, _, kind = row["candidate"].partition(":")
-        if "ms" not in row or kind.startswith("sdpa:"):
+        if "ms" not in row or kind.startswith("sdpa:") or not row["ok"]:
             continue
         if kind == "route":
             entry["route"][direction] = row["ms"]
-        elif row["ok"] and row["ms"] < entry["fused"].get(direction, (None, math.inf))[1]:
+        elif row["ms"] < entry["fused"].get(direction, (None, math.inf))[1]:
             entry["fused"][direction] = (kind, row["ms"])
-    for entry in decision.values():
+    for shape, entry in decision.items():
         fused, route = entry.pop("fused"), entry.pop("route")
         entry["faster"] = None
+        entry["partial"] = any(item.split(" ", 1)[0] == shape for item in skipped)
         if len(fused) == 2 and len(route) == 2:
             fused_ms, route_ms = fused["fwd"][1] + fused["bwd"][1], route["fwd"] + route["bwd"]
             entry.update(fused_fwd=fused["fwd"][0], fused_bwd=fused["bwd"][0], fused_ms=round(fused_ms, 4),
@@ -495,7 +502,7 @@ def main(argv=None) -> int:
     for shape, d in report["decision"].items():
         print(f"{shape:<15}N={d['N']:<5} " + ("no verdict: a pass is missing" if d["faster"] is None else
               f"fused {d['fused_ms']:.3f} ms (fwd:{d['fused_fwd']} + bwd:{d['fused_bwd']}), SDPA route "
-              f"{d['route_ms']:.3f} ms: {d['faster']} is faster"))
+              f"{d['route_ms']:.3f} ms: {d['faster']} is faster") + (" (partial: candidates skipped)" if d["partial"] else ""))
     wrong = [r for r in report["rows"] if r.get("ok") is False]
     measured = [r for r in report["rows"] if "ms" in r]
     print(f"{len(report['rows'])} rows in {report['elapsed_s']} s, {len(measured)} measured, {len(wrong)} flagged "

@@ -160,7 +160,8 @@ if sweep.exists():
         print(f"  {r['shape']:<16}{r['candidate']:<36}{got}")
     for shape, d in report.get("decision", {}).items():
         print(f"  decision {shape}: " + ("no verdict, a pass is missing" if d["faster"] is None else
-              f"fused {d['fused_ms']:.3f} ms, SDPA route {d['route_ms']:.3f} ms: {d['faster']}"))
+              f"fused {d['fused_ms']:.3f} ms, SDPA route {d['route_ms']:.3f} ms: {d['faster']}")
+              + (" (partial: candidates skipped)" if d.get("partial") else ""))
 PYEOF
 [ ${#skipped[@]} -eq 0 ] || step "skipped for time: ${skipped[*]}"
 step "done (status $status)"

@@ -302,7 +302,8 @@ def sweep(monkeypatch):
 def test_sweep_route_decision(sweep):
     """The rule between our schedules and the SDPA route: the fastest forward plus the fastest
     backward schedule within TOL (a faster wrong one, an SDPA bar or a failed row never counts)
-    against the route's two passes; no verdict where a pass is missing on either side."""
+    against the route's two passes (a wrong route neither); no verdict where a pass is missing on
+    either side, and `partial` where some of the shape's rows were skipped for time."""
     def row(shape, candidate, ms=None, ok=True):
         return {"shape": shape, "N": 261 if shape == "a" else 54, "candidate": candidate,
                 **({"ms": ms, "ok": ok} if ms is not None else {"error": "RuntimeError: x"})}
@@ -310,13 +311,14 @@ def test_sweep_route_decision(sweep):
     rows = [row("a", "fwd:default", 1.0), row("a", "fwd:fast", 0.7), row("a", "fwd:wrong", 0.1, ok=False),
             row("a", "fwd:sdpa:flash", 0.05, ok=True), row("a", "fwd:route", 0.6),
             row("a", "bwd:default", 2.0), row("a", "bwd:broken"), row("a", "bwd:route", 1.2),
-            row("b", "fwd:default", 1.0), row("b", "bwd:default", 1.0), row("b", "fwd:route", 0.1)]
-    decision = sweep.route_decision(rows)
-    assert decision["a"] == {"N": 261, "faster": "route", "fused_fwd": "fast", "fused_bwd": "default",
-                             "fused_ms": 2.7, "route_ms": 1.8, "route_over_fused": 0.667}
-    assert decision["b"] == {"N": 54, "faster": None}
+            row("b", "fwd:default", 1.0), row("b", "bwd:default", 1.0), row("b", "fwd:route", 0.1),
+            row("b", "bwd:route", 0.1, ok=False)]
+    decision = sweep.route_decision(rows, skipped=["b bwd:sdpa:flash"])
+    assert decision["a"] == {"N": 261, "faster": "route", "partial": False, "fused_fwd": "fast",
+                             "fused_bwd": "default", "fused_ms": 2.7, "route_ms": 1.8, "route_over_fused": 0.667}
+    assert decision["b"] == {"N": 54, "faster": None, "partial": True}  # its route's backward is wrong
     rows[4]["ms"], rows[7]["ms"] = 0.8, 2.2  # the route at 3.0 ms against the schedules' 2.7
-    assert sweep.route_decision(rows)["a"]["faster"] == "fused"
+    assert sweep.route_decision(rows, skipped=[])["a"]["faster"] == "fused"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the dry run needs the interpreter (TRITON_INTERPRET set before triton loads)")
@@ -331,11 +333,13 @@ def test_sweep_dry_run(sweep, tmp_path, capsys):
     assert sweep.main(["--dry-run", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["candidate"]: r for r in report["rows"]}
-    expected = []
-    for direction in ("fwd", "bwd"):
-        expected += [c.label for c in sweep.candidates_for(32) if c.direction == direction]
-        expected += [f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash", f"{direction}:route"]
-    assert list(rows) == expected and expected[0] == "fwd:default" and "bwd:default" in expected
+    first, rest = [], []
+    for direction in ("fwd", "bwd"):  # both defaults and routes first: the decision needs them
+        default, *others = [c.label for c in sweep.candidates_for(32) if c.direction == direction]
+        first += [default, f"{direction}:route"]
+        rest += [*others, f"{direction}:sdpa:cudnn", f"{direction}:sdpa:flash"]
+    expected = first + rest
+    assert list(rows) == expected and first == ["fwd:default", "fwd:route", "bwd:default", "bwd:route"]
     assert "error" in rows.pop("fwd:sdpa:cudnn") and "error" in rows.pop("bwd:sdpa:cudnn") and not report["skipped"]
     assert all(r["ok"] and r["ms"] > 0 and r["wall_ms"] > 0 for r in rows.values()), rows
     for name, r in rows.items():  # the probe runs on our forward kernels only
@@ -349,6 +353,7 @@ def test_sweep_dry_run(sweep, tmp_path, capsys):
     assert verdict["fused_bwd"] == fastest["bwd"][1].split(":", 1)[1]
     route_ms = rows["fwd:route"]["ms"] + rows["bwd:route"]["ms"]
     assert verdict["faster"] == ("route" if route_ms < fastest["fwd"][0] + fastest["bwd"][0] else "fused")
+    assert verdict["partial"] is False
 
 
 @pytest.fixture

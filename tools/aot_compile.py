@@ -284,10 +284,10 @@ def compile_one(launch: dict, target_name: str) -> dict:
         src = triton.compiler.ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"],
                                         attrs=launch["attrs"])
         kernel = triton.compile(src, target=TARGETS[target_name], options=dict(launch["options"]))
+        row.update(_resources(kernel.asm["cubin"]))
     except Exception as exc:  # reported, and fails the test
         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return row
-    row.update(_resources(kernel.asm["cubin"]))
     row.update({"shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps,
                 "has_dot": "tt.dot" in kernel.asm["ttir"], "wgmma": "wgmma" in kernel.asm["ptx"],
                 "half_inputs": any(v in ("*bf16", "*fp16") for v in launch["signature"].values())})
@@ -300,7 +300,8 @@ def compile_all(recorder: Recorder, targets: list[str]) -> list[dict]:
     and ptxas and cuobjdump are subprocesses. On the 2-core CI machine, with an empty Triton
     cache, the 218 compiles of the bench presets took 255 s against 451 s one after another."""
     jobs = [(launch, target) for launch in recorder.launches.values() for target in targets]
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: compile_one(*job), jobs))
 
 

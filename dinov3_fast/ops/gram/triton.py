@@ -189,7 +189,7 @@ def _gram_sigdel_kernel(
     c_ptr,           # (G, D, D) fp32 out: (Ys + LEFT Yt)^T (Ys + RIGHT Yt), strides (scg, scr, scc)
     gate_ptr,        # (G,) int8: with GATED, only the groups where it is nonzero are computed
     P, D, sxg, sxp, sxd, scg, scr, scc,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr,  # +1.0 (Sig), -1.0 (Del), 0.0 (Ys alone: RIGHT only)
+    LEFT: tl.constexpr, RIGHT: tl.constexpr,  # +1.0 (Sig), -1.0 (Del), 0.0 (Ys alone: LEFT only)
     GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
