@@ -4,7 +4,8 @@
 # revision) to $OUT, in ONE device call:
 #   device run (timeout_s 420): GIT_REV=<this checkout's HEAD> bash benchmarks/device_check.sh
 # then here: copy $OUT's bench*.json to benchmarks/results/<card>_<torch>_<triton>_<date>[_phase].json
-# and run `python tools/benchmarks_md.py`.
+# and attn_sweep.json to benchmarks/results/attention_sweep/<card>_<date>.json (BENCHMARKS.md shows
+# its rows and its SDPA-route decision), and run `python tools/benchmarks_md.py`.
 #
 # One wall-clock budget (DEVICE_CHECK_BUDGET_S, default 390 s: the call's limit minus 30 s) is cut
 # into phases, each under `timeout` with what is left of it, most important first, so a slow phase

@@ -521,6 +521,32 @@ def test_run_info_reads_the_device_calls_logs(tmp_path):
     assert "GPU tests of the same device call: 2 failed, 78 passed" in text
 
 
+def test_attention_sweep_section():
+    """A committed attention sweep shows its provenance, each shape's route decision (partial where
+    candidates were skipped, no verdict where a pass is missing) and every row, wrong and failed
+    ones marked."""
+    md = load_tool("benchmarks_md")
+    row = {"shape": "vitl_261tok", "N": 261, "wall_ms": 0.9, "tflops": 100.0}
+    record = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "git": "abc1234", "elapsed_s": 41.0,
+              "skipped": ["vitl_54tok bwd:sdpa:flash"],
+              "rows": [{**row, "candidate": "fwd:default", "ms": 0.3, "rel_diff": 0.0, "ok": True, "probe_ok": True},
+                       {**row, "candidate": "fwd:prerot", "ms": 0.1, "rel_diff": 0.5, "ok": False, "probe_ok": True},
+                       {"shape": "vitl_261tok", "N": 261, "candidate": "bwd:sdpa:cudnn", "error": "RuntimeError: no"}],
+              "decision": {"vitl_261tok": {"N": 261, "faster": "route", "partial": False, "fused_fwd": "default",
+                                           "fused_bwd": "prerot_128x64", "fused_ms": 0.82, "route_ms": 0.5,
+                                           "route_over_fused": 0.61},
+                           "vitl_54tok": {"N": 54, "faster": None, "partial": True}}}
+    text = md.render([], sweeps=[("h100_2026-11-28", record)])
+    assert "Card: NVIDIA H100 80GB HBM3; torch 2.11.0; triton 3.6.0; code abc1234; 3 rows in 41.0 s; " \
+           "skipped for time: vitl_54tok bwd:sdpa:flash." in text
+    assert "| vitl_261tok | 261 | default + prerot_128x64 | 0.820 | 0.500 | 0.61 | route |" in text
+    assert "| vitl_54tok | 54 | - | - | - | - | no verdict (a pass is missing) (partial: candidates skipped) |" in text
+    assert "| vitl_261tok | fwd:default | 0.300 | 0.900 | 100.0 | 0.0e+00 | ok, probe exact |" in text
+    assert "| vitl_261tok | fwd:prerot | 0.100 | 0.900 | 100.0 | 5.0e-01 | WRONG, probe exact |" in text
+    assert "| vitl_261tok | bwd:sdpa:cudnn | - | - | - | - | error: RuntimeError: no |" in text
+    assert "No device sweep committed yet." in md.render([])
+
+
 def test_committed_benchmarks_md_is_current():
     """BENCHMARKS.md is what tools/benchmarks_md.py makes of the committed runs (rerun it after
     adding a run or changing a case's counts)."""

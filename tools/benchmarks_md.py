@@ -9,7 +9,9 @@ measured it (earlier runs' figures beside it), or shown as not measured when no 
 covers its preset. Issue #7's training goals come from the records in benchmarks/results/train/
 (benchmarks/train_check.sh, then `tools/train_results.py OUT --save`); tools/train_results.py
 defines and judges them. The memory planner's sweeps over one card (tools/plan_sweep.py, records
-in benchmarks/results/plan/) follow the training records, marked as plans.
+in benchmarks/results/plan/) follow the training records, marked as plans, then the attention
+schedule sweeps (benchmarks/attention_sweep.py, records in benchmarks/results/attention_sweep/)
+with their SDPA-route decisions.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from dinov3_fast.bench.runner import HARNESS, BenchRow, has_half_inputs, rates  
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_RESULTS = RESULTS / "train"
 PLAN_RESULTS = RESULTS / "plan"
+SWEEP_RESULTS = RESULTS / "attention_sweep"
 DEVICE_LOGS = RESULTS / "device_logs"
 # runs without meta["harness"] started before this commit's harness 2 landed (runner.HARNESS)
 HARNESS_2_SINCE = "2026-11-27T03:28:15"
@@ -298,9 +301,10 @@ INTRO = [
 
 
 def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
-           plans: list[tuple[str, dict]] = (), logs: Path = DEVICE_LOGS) -> str:
-    """BENCHMARKS.md from the op-benchmark runs, issue #7's training records and the planner's
-    one-card sweeps (each a (name, record)); `logs`: the device calls' env and pytest logs."""
+           plans: list[tuple[str, dict]] = (), sweeps: list[tuple[str, dict]] = (), logs: Path = DEVICE_LOGS) -> str:
+    """BENCHMARKS.md from the op-benchmark runs, issue #7's training records, the planner's
+    one-card sweeps and the attention schedule sweeps (each a (name, record)); `logs`: the device
+    calls' env and pytest logs."""
     runs = [(path, {**run, "rows": rederive(run["rows"], run["meta"])}) for path, run in runs]
     infos = {path: run_info(path, run["meta"], logs) for path, run in runs}
     out = [*INTRO, "", "## Goals", "",
@@ -366,9 +370,45 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
                 f"checked yet (the tool's docstring). Batches are multiples of {record['step']}; the plan is "
                 "given at each batch.", "",
                 *plan_sweep.table_lines(record)]
+    out += ["", "## Attention schedules and the SDPA route (device sweeps)", "",
+            "benchmarks/attention_sweep.py in device_check.sh; records in `benchmarks/results/attention_sweep/`.",
+            "`ms`: device time (launches hidden), `wall ms`: as a caller waits. The decision applies the",
+            "rule docs/architecture.md fixed before any sweep ran: per crop length, the fastest correct forward",
+            "plus backward schedule against the SDPA route as training calls it."]
+    if not sweeps:
+        out += ["", "No device sweep committed yet."]
+    for name, record in sweeps:
+        out += sweep_lines(name, record)
     for path, run in runs:
         out += _run_section(path, run, infos[path])
     return "\n".join(out) + "\n"
+
+
+def sweep_lines(name: str, record: dict) -> list[str]:
+    """One attention sweep (benchmarks/attention_sweep.py's JSON): its provenance, the route
+    decision per shape, then every row."""
+    out = ["", f"### {name}", "",
+           f"Card: {record['card']}; torch {record['torch']}; triton {record['triton']}; code {record.get('git')}; "
+           f"{len(record['rows'])} rows in {record.get('elapsed_s')} s"
+           + (f"; skipped for time: {', '.join(record['skipped'])}" if record["skipped"] else "") + ".", "",
+           "| shape | N | fastest schedules (fwd + bwd) | fused ms | route ms | route / fused | faster |",
+           "|---|---|---|---|---|---|---|"]
+    for shape, d in record.get("decision", {}).items():
+        faster = "no verdict (a pass is missing)" if d["faster"] is None else d["faster"]
+        faster += " (partial: candidates skipped)" if d.get("partial") else ""
+        schedules = f"{d['fused_fwd']} + {d['fused_bwd']}" if d["faster"] else "-"
+        out.append(f"| {shape} | {d['N']} | {schedules} | {_fmt(d.get('fused_ms'), '.3f')} | "
+                   f"{_fmt(d.get('route_ms'), '.3f')} | {_fmt(d.get('route_over_fused'), '.2f')} | {faster} |")
+    out += ["", "| shape | candidate | ms | wall ms | TFLOP/s | rel_diff | check |", "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "ms" not in r:
+            out.append(f"| {r['shape']} | {r['candidate']} | - | - | - | - | error: {r['error'][:80]} |")
+            continue
+        check = {None: "no reference", True: "ok", False: "WRONG"}[r["ok"]]
+        check += {None: "", True: ", probe exact", False: ", probe FAILED"}[r.get("probe_ok")]
+        out.append(f"| {r['shape']} | {r['candidate']} | {r['ms']:.3f} | {r['wall_ms']:.3f} | {r['tflops']:.1f} | "
+                   f"{_fmt(r['rel_diff'], '.1e')} | {check} |")
+    return out
 
 
 def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
@@ -423,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))]
     train = train_results.load_records(TRAIN_RESULTS) if TRAIN_RESULTS.is_dir() else []
     plans = [(p.stem, json.loads(p.read_text())) for p in sorted(PLAN_RESULTS.glob("*.json"))]
-    text = render(runs, train, plans)
+    sweeps = [(p.stem, json.loads(p.read_text())) for p in sorted(SWEEP_RESULTS.glob("*.json"))]
+    text = render(runs, train, plans, sweeps)
     target = ROOT / "BENCHMARKS.md"
     if args.check:
         current = target.is_file() and target.read_text() == text
