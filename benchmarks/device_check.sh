@@ -3,9 +3,10 @@
 # with the baselines re-measured in the same run, and write JSON (card, driver, versions, git
 # revision) to $OUT, in ONE device call:
 #   device run (timeout_s 420): GIT_REV=<this checkout's HEAD> bash benchmarks/device_check.sh
-# then here: copy $OUT's bench*.json to benchmarks/results/<card>_<torch>_<triton>_<date>[_phase].json
-# and attn_sweep.json to benchmarks/results/attention_sweep/<card>_<date>.json (BENCHMARKS.md shows
-# its rows and its SDPA-route decision), and run `python tools/benchmarks_md.py`.
+# then here: `python tools/ingest_device_run.py <files_at>` files $OUT's bench*.json as
+# benchmarks/results/<card>_torch<X.Y>_triton<X.Y>_<date>_run<N>[_compiled|_model].json, env.json and
+# pytest.log under device_logs/, attn_sweep.json under attention_sweep/ (BENCHMARKS.md shows its
+# rows and its SDPA-route decision), and regenerates BENCHMARKS.md.
 #
 # One wall-clock budget (DEVICE_CHECK_BUDGET_S, default 390 s: the call's limit minus 30 s) is cut
 # into phases, each under `timeout` with what is left of it, most important first, so a slow phase

@@ -5,7 +5,8 @@
 #   device run (timeout_s = GPU_SESSION_BUDGET_S + 20): GIT_REV=<HEAD> bash benchmarks/gpu_session.sh
 # The device tool returns at most 8 files, and the two checks write 15, so each check writes into
 # its own folder and leaves there as one tarball: $OUT/device_check.tgz, $OUT/train_check.tgz.
-# Unpack them here and follow each script's own header (results into benchmarks/results/).
+# Then here: `python tools/ingest_device_run.py <files_at>` unpacks both, files each result under
+# benchmarks/results/ by the names BENCHMARKS.md reads, and regenerates BENCHMARKS.md.
 #
 # Knobs: GPU_SESSION_BUDGET_S (default 580: the whole run; the device tool allows 600 s a call),
 # DEVICE_CHECK_BUDGET_S (default 330; device_check.sh ran in 242 and 272 s on H100s on 2026-11-26,

@@ -6,8 +6,8 @@
 # largest batch each setting trains. JSON (with card, driver, versions, git revision) goes to $OUT and
 # the summary (tools/train_results.py) is printed last:
 #   device run (timeout_s 330): GIT_REV=<this checkout's HEAD> bash benchmarks/train_check.sh
-#   then here:  python tools/train_results.py <files_at> --save benchmarks/results/train/h100_<date>.json
-#               python tools/benchmarks_md.py      # BENCHMARKS.md marks issue #7's goals
+#   then here:  python tools/ingest_device_run.py <files_at>   # runs tools/train_results.py <files_at>
+#               --save benchmarks/results/train/<card>_<date>.json, then tools/benchmarks_md.py (issue #7's goals)
 # No build step: on CUDA every op the trainer uses prefers its Triton backend (dinov3_fast._C is
 # optional), so the run needs only the image's torch, triton, tqdm and pyyaml.
 #

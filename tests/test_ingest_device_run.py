@@ -1,0 +1,88 @@
+"""tools/ingest_device_run.py: a GPU session's tarballs (or a script's $OUT) filed under the
+names tools/benchmarks_md.py reads, with the next free run number."""
+import json
+import tarfile
+
+import pytest
+from tools_loader import load_tool
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "git": "abc1234"}
+
+
+def device_check_out(folder):
+    """What device_check.sh leaves in $OUT (contents reduced to what the tool reads)."""
+    folder.mkdir()
+    (folder / "env.json").write_text(json.dumps(ENV))
+    (folder / "bench.json").write_text(json.dumps({"meta": {"date": "2026-11-28"}, "rows": []}))
+    (folder / "pytest.log").write_text("== 1 passed in 1.0s ==\n")
+    (folder / "attn_sweep.json").write_text("{}")
+    (folder / "build.log").write_text("built\n")
+    return folder
+
+
+def train_check_out(folder):
+    folder.mkdir()
+    (folder / "env.json").write_text(json.dumps(ENV))
+    (folder / "train_fused.json").write_text("{}")
+    return folder
+
+
+def tarball(folder, path):
+    with tarfile.open(path, "w:gz") as tar:
+        for f in folder.iterdir():
+            tar.add(f, arcname=f.name)
+
+
+@pytest.fixture
+def ingest(monkeypatch):
+    tool = load_tool("ingest_device_run")
+    saved = []
+    monkeypatch.setattr(tool.train_results, "main", lambda argv: saved.append(argv) or 0)
+    monkeypatch.setattr(tool, "today", lambda: "2026-11-28")
+    return tool, saved
+
+
+def test_tarballs_are_filed_with_the_next_run_number(ingest, tmp_path):
+    tool, saved = ingest
+    files_at, results = tmp_path / "files_at", tmp_path / "results"
+    files_at.mkdir()
+    tarball(device_check_out(tmp_path / "d"), files_at / "device_check.tgz")
+    tarball(train_check_out(tmp_path / "t"), files_at / "train_check.tgz")
+    (results / "train").mkdir(parents=True)
+    (results / "h100_torch2.11_triton3.6_2026-11-28_run1.json").write_text("{}")
+    (results / "h100_torch2.11_triton3.6_2026-11-28_run1_compiled.json").write_text("{}")
+    (results / "train" / "h100_2026-11-28.json").write_text("{}")
+
+    planned = tool.ingest(files_at, results, dry_run=True)
+    assert not (results / "h100_torch2.11_triton3.6_2026-11-28_run2.json").exists() and not saved
+    assert tool.main([str(files_at), "--results", str(results)]) == 0
+    stem = "h100_torch2.11_triton3.6_2026-11-28_run2"
+    expected = [results / f"{stem}.json", results / "device_logs" / f"{stem}_env.json",
+                results / "device_logs" / f"{stem}_pytest.log", results / "attention_sweep" / f"{stem}.json",
+                results / "train" / "h100_2026-11-28_run2.json"]
+    assert planned == expected
+    assert all(p.is_file() for p in expected[:4]) and not list(results.glob("*build*"))
+    assert json.loads(expected[1].read_text()) == ENV
+    (argv,) = saved  # tools/train_results.py on the unpacked train_check folder
+    assert argv[0].endswith("train_check") and argv[1:] == ["--save", str(expected[4])]
+
+
+def test_a_scripts_own_out_folder(ingest, tmp_path):
+    tool, saved = ingest
+    results = tmp_path / "results"
+    written = tool.ingest(device_check_out(tmp_path / "out"), results)
+    assert written[0] == results / "h100_torch2.11_triton3.6_2026-11-28_run1.json" and written[0].is_file()
+    assert tool.ingest(train_check_out(tmp_path / "t"), results) == [results / "train" / "h100_2026-11-28.json"]
+    assert saved == [[str(tmp_path / "t"), "--save", str(results / "train" / "h100_2026-11-28.json")]]
+
+
+def test_nothing_to_file_is_a_clear_error(ingest, tmp_path):
+    tool, _ = ingest
+    with pytest.raises(SystemExit, match="no device_check.tgz / train_check.tgz"):
+        tool.ingest(tmp_path, tmp_path / "results")
+
+
+@pytest.mark.parametrize("gpu, name", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"), ("Some GPU 9", "some_gpu_9")])
+def test_card_name(gpu, name):
+    assert load_tool("ingest_device_run").card_name(gpu) == name
