@@ -21,7 +21,9 @@
 # second call measures it alone (~80 s, estimated):
 #   mkdir -p $OUT/t && for ops in fused reference; do python3 tools/train_probe.py --ops $ops \
 #     --batches 256 --json $OUT/t/probe_ac_full.json train.ac=full; done
-# and its file goes into the unpacked train_check folder before tools/train_results.py runs.
+# and its file goes into the train_check folder before filing: `mkdir t && tar xzf
+# <files_at>/train_check.tgz -C t`, copy probe_ac_full.json into t, then ingest t itself
+# (`python tools/ingest_device_run.py t`) and the device_check tarball from a folder of its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench_out}"

@@ -56,7 +56,8 @@
 # (eager, models built once, 2 steps per batch); the full-AC probe ~30-40 s per setting (estimate).
 # Files: 9 (env, log, 2 plans, 2 runs, 2 probes, summary), so the trainer's output dir (config.yaml)
 # lives outside $OUT; gpu_session.sh returns them as one tarball (the device tool returns at most 8
-# files: alone, tar them the same way; summary.json is rebuilt from the others by train_results.py).
+# files: alone, tar them the same way, into train_check.tgz, the name tools/ingest_device_run.py
+# looks for; summary.json is rebuilt from the others by train_results.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench_out/train}"

@@ -531,20 +531,24 @@ def test_attention_sweep_section():
               "skipped": ["vitl_54tok bwd:sdpa:flash"],
               "rows": [{**row, "candidate": "fwd:default", "ms": 0.3, "rel_diff": 0.0, "ok": True, "probe_ok": True},
                        {**row, "candidate": "fwd:prerot", "ms": 0.1, "rel_diff": 0.5, "ok": False, "probe_ok": True},
-                       {"shape": "vitl_261tok", "N": 261, "candidate": "bwd:sdpa:cudnn", "error": "RuntimeError: no"}],
+                       {"shape": "vitl_261tok", "N": 261, "candidate": "bwd:sdpa:cudnn", "error": "RuntimeError: no"},
+                       {"shape": "vitl_261tok", "N": 261, "candidate": "bwd:x", "error": "CompilationError: at 3:4:\na | b"}],
               "decision": {"vitl_261tok": {"N": 261, "faster": "route", "partial": False, "fused_fwd": "default",
                                            "fused_bwd": "prerot_128x64", "fused_ms": 0.82, "route_ms": 0.5,
                                            "route_over_fused": 0.61},
                            "vitl_54tok": {"N": 54, "faster": None, "partial": True}}}
     text = md.render([], sweeps=[("h100_2026-11-28", record)])
-    assert "Card: NVIDIA H100 80GB HBM3; torch 2.11.0; triton 3.6.0; code abc1234; 3 rows in 41.0 s; " \
+    assert "Card: NVIDIA H100 80GB HBM3; torch 2.11.0; triton 3.6.0; code abc1234; 4 rows in 41.0 s; " \
            "skipped for time: vitl_54tok bwd:sdpa:flash." in text
     assert "| vitl_261tok | 261 | default + prerot_128x64 | 0.820 | 0.500 | 0.61 | route |" in text
     assert "| vitl_54tok | 54 | - | - | - | - | no verdict (a pass is missing) (partial: candidates skipped) |" in text
     assert "| vitl_261tok | fwd:default | 0.300 | 0.900 | 100.0 | 0.0e+00 | ok, probe exact |" in text
     assert "| vitl_261tok | fwd:prerot | 0.100 | 0.900 | 100.0 | 5.0e-01 | WRONG, probe exact |" in text
     assert "| vitl_261tok | bwd:sdpa:cudnn | - | - | - | - | error: RuntimeError: no |" in text
-    assert "No device sweep committed yet." in md.render([])
+    assert "| vitl_261tok | bwd:x | - | - | - | - | error: CompilationError: at 3:4: |" in text  # first line only
+    assert "dry run" not in text and "No device sweep committed yet." in md.render([])
+    text = md.render([], sweeps=[("cpu", {**record, "dry_run": True, "git": None})])
+    assert "A dry run (CPU, Triton interpreter)" in text and "code git unknown;" in text
 
 
 def test_committed_benchmarks_md_is_current():

@@ -2,6 +2,7 @@
 names tools/benchmarks_md.py reads, with the next free run number."""
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from tools_loader import load_tool
@@ -13,7 +14,7 @@ def device_check_out(folder):
     """What device_check.sh leaves in $OUT (contents reduced to what the tool reads)."""
     folder.mkdir()
     (folder / "env.json").write_text(json.dumps(ENV))
-    (folder / "bench.json").write_text(json.dumps({"meta": {"date": "2026-11-28"}, "rows": []}))
+    (folder / "bench.json").write_text(json.dumps({"meta": {"date": "2026-11-28", "time": str(folder)}, "rows": []}))
     (folder / "pytest.log").write_text("== 1 passed in 1.0s ==\n")
     (folder / "attn_sweep.json").write_text("{}")
     (folder / "build.log").write_text("built\n")
@@ -38,7 +39,7 @@ def ingest(monkeypatch):
     tool = load_tool("ingest_device_run")
     saved = []
     monkeypatch.setattr(tool.train_results, "main", lambda argv: saved.append(argv) or 0)
-    monkeypatch.setattr(tool, "today", lambda: "2026-11-28")
+    monkeypatch.setattr(tool, "file_date", lambda path: "2026-11-28")
     return tool, saved
 
 
@@ -57,14 +58,16 @@ def test_tarballs_are_filed_with_the_next_run_number(ingest, tmp_path):
     assert not (results / "h100_torch2.11_triton3.6_2026-11-28_run2.json").exists() and not saved
     assert tool.main([str(files_at), "--results", str(results)]) == 0
     stem = "h100_torch2.11_triton3.6_2026-11-28_run2"
-    expected = [results / f"{stem}.json", results / "device_logs" / f"{stem}_env.json",
-                results / "device_logs" / f"{stem}_pytest.log", results / "attention_sweep" / f"{stem}.json",
-                results / "train" / "h100_2026-11-28_run2.json"]
+    expected = [results / "train" / "h100_2026-11-28_run2.json", results / f"{stem}.json",
+                results / "device_logs" / f"{stem}_env.json", results / "device_logs" / f"{stem}_pytest.log",
+                results / "attention_sweep" / f"{stem}.json"]
     assert planned == expected
-    assert all(p.is_file() for p in expected[:4]) and not list(results.glob("*build*"))
-    assert json.loads(expected[1].read_text()) == ENV
+    assert all(p.is_file() for p in expected[1:]) and not list(results.glob("*build*"))
+    assert json.loads(expected[2].read_text()) == ENV
     (argv,) = saved  # tools/train_results.py on the unpacked train_check folder
-    assert argv[0].endswith("train_check") and argv[1:] == ["--save", str(expected[4])]
+    assert argv[0].endswith("train_check") and argv[1:] == ["--save", str(expected[0])]
+    with pytest.raises(SystemExit, match=f"already filed as .*{stem}.json"):
+        tool.ingest(files_at, results)
 
 
 def test_a_scripts_own_out_folder(ingest, tmp_path):
@@ -74,6 +77,43 @@ def test_a_scripts_own_out_folder(ingest, tmp_path):
     assert written[0] == results / "h100_torch2.11_triton3.6_2026-11-28_run1.json" and written[0].is_file()
     assert tool.ingest(train_check_out(tmp_path / "t"), results) == [results / "train" / "h100_2026-11-28.json"]
     assert saved == [[str(tmp_path / "t"), "--save", str(results / "train" / "h100_2026-11-28.json")]]
+
+
+def test_a_run_without_bench_json_keeps_its_number(ingest, tmp_path):
+    """A device call killed before its bench wrote files its logs under run1 (dated by env.json);
+    the next call with the same card and versions gets run2, not run1 again."""
+    tool, _ = ingest
+    results = tmp_path / "results"
+    out = device_check_out(tmp_path / "killed")
+    (out / "bench.json").unlink()
+    (out / "attn_sweep.json").unlink()
+    assert tool.ingest(out, results) == [results / "device_logs" / "h100_torch2.11_triton3.6_2026-11-28_run1_env.json",
+                                         results / "device_logs" / "h100_torch2.11_triton3.6_2026-11-28_run1_pytest.log"]
+    written = tool.ingest(device_check_out(tmp_path / "next"), results)
+    assert written[0] == results / "h100_torch2.11_triton3.6_2026-11-28_run2.json"
+
+
+def test_broken_input_files_nothing(ingest, tmp_path, monkeypatch):
+    """A truncated tarball, or a train_check output that cannot be summarised, is a clear error and
+    leaves results/ untouched."""
+    tool, _ = ingest
+    files_at, results = tmp_path / "files_at", tmp_path / "results"
+    files_at.mkdir()
+    tarball(device_check_out(tmp_path / "d"), files_at / "device_check.tgz")
+    whole = (files_at / "device_check.tgz").read_bytes()
+    (files_at / "device_check.tgz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SystemExit, match="not a whole tarball"):
+        tool.ingest(files_at, results)
+    (files_at / "device_check.tgz").write_bytes(whole)
+    tarball(train_check_out(tmp_path / "t"), files_at / "train_check.tgz")
+
+    def unreadable(argv):
+        raise ValueError("no logged step")
+
+    monkeypatch.setattr(tool.train_results, "main", unreadable)
+    with pytest.raises(SystemExit, match="cannot be summarised .*no logged step"):
+        tool.ingest(files_at, results)
+    assert not results.exists()
 
 
 def test_nothing_to_file_is_a_clear_error(ingest, tmp_path):
@@ -86,3 +126,16 @@ def test_nothing_to_file_is_a_clear_error(ingest, tmp_path):
                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("Some GPU 9", "some_gpu_9")])
 def test_card_name(gpu, name):
     assert load_tool("ingest_device_run").card_name(gpu) == name
+
+
+def test_a_train_run_filed_twice_is_refused(ingest, tmp_path, monkeypatch):
+    tool, _ = ingest
+    record = {"kind": "dinov3_fast.train_check", "env": ENV, "runs": {"fused": {"img_per_s": 1.0}}}
+    monkeypatch.setattr(tool.train_results, "build_record", lambda folder: record)
+    monkeypatch.setattr(tool.train_results, "main", lambda argv: Path(argv[2]).write_text(json.dumps(record)) and 0)
+    results = tmp_path / "results"
+    (results / "train").mkdir(parents=True)
+    out = train_check_out(tmp_path / "t")
+    assert tool.ingest(out, results) == [results / "train" / "h100_2026-11-28.json"]
+    with pytest.raises(SystemExit, match="already filed as .*h100_2026-11-28.json"):
+        tool.ingest(out, results)

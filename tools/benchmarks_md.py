@@ -387,12 +387,15 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
 def sweep_lines(name: str, record: dict) -> list[str]:
     """One attention sweep (benchmarks/attention_sweep.py's JSON): its provenance, the route
     decision per shape, then every row."""
-    out = ["", f"### {name}", "",
-           f"Card: {record['card']}; torch {record['torch']}; triton {record['triton']}; code {record.get('git')}; "
-           f"{len(record['rows'])} rows in {record.get('elapsed_s')} s"
-           + (f"; skipped for time: {', '.join(record['skipped'])}" if record["skipped"] else "") + ".", "",
-           "| shape | N | fastest schedules (fwd + bwd) | fused ms | route ms | route / fused | faster |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["", f"### {name}", ""]
+    if record.get("dry_run"):
+        out += ["A dry run (CPU, Triton interpreter): its times say nothing about a GPU.", ""]
+    out += [f"Card: {record['card']}; torch {record['torch']}; triton {record['triton']}; "
+            f"code {record['git'][:7] if record.get('git') else 'git unknown'}; "
+            f"{len(record['rows'])} rows in {record.get('elapsed_s')} s"
+            + (f"; skipped for time: {', '.join(record['skipped'])}" if record["skipped"] else "") + ".", "",
+            "| shape | N | fastest schedules (fwd + bwd) | fused ms | route ms | route / fused | faster |",
+            "|---|---|---|---|---|---|---|"]
     for shape, d in record.get("decision", {}).items():
         faster = "no verdict (a pass is missing)" if d["faster"] is None else d["faster"]
         faster += " (partial: candidates skipped)" if d.get("partial") else ""
@@ -402,7 +405,8 @@ def sweep_lines(name: str, record: dict) -> list[str]:
     out += ["", "| shape | candidate | ms | wall ms | TFLOP/s | rel_diff | check |", "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if "ms" not in r:
-            out.append(f"| {r['shape']} | {r['candidate']} | - | - | - | - | error: {r['error'][:80]} |")
+            error = r["error"].splitlines()[0][:80].replace("|", "\\|")  # compile errors span lines
+            out.append(f"| {r['shape']} | {r['candidate']} | - | - | - | - | error: {error} |")
             continue
         check = {None: "no reference", True: "ok", False: "WRONG"}[r["ok"]]
         check += {None: "", True: ", probe exact", False: ", probe FAILED"}[r.get("probe_ok")]

@@ -7,7 +7,7 @@ regenerate BENCHMARKS.md. Nothing is committed: read `git status`, then commit.
 FILES_AT holds benchmarks/gpu_session.sh's tarballs (device_check.tgz, train_check.tgz), or is
 itself the $OUT folder of benchmarks/device_check.sh or benchmarks/train_check.sh. With
 stem = <card>_torch<X.Y>_triton<X.Y>_<date>_run<N> (card and versions from the call's env.json,
-the date from its bench.json, N one above the stems already filed for that card, versions and date):
+the date the run started, N one above the runs already filed for that card, versions and date):
   bench.json, bench_compiled.json, bench_model.json -> <stem>.json, <stem>_compiled.json, <stem>_model.json
   env.json, pytest.log                              -> device_logs/<stem>_env.json, device_logs/<stem>_pytest.log
   attn_sweep.json                                   -> attention_sweep/<stem>.json
@@ -53,27 +53,52 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def today() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+def file_date(path: Path) -> str:
+    """A file's modification date, UTC (tar keeps the device's times)."""
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+
+
+def run_date(folder: Path) -> str:
+    """The date a device_check.sh run started: its bench.json's, else its env.json's (the first file
+    the script writes), not the day the run is filed."""
+    return _read_json(folder / "bench.json").get("meta", {}).get("date") or file_date(folder / "env.json")
 
 
 def device_check_stem(folder: Path, results: Path) -> str:
-    """The stem for a device_check.sh folder: its env.json's card and versions, its bench.json's
-    date (today, UTC, if the bench never wrote), and the next run number."""
+    """The stem for a device_check.sh folder: its env.json's card and versions, its run_date, and
+    one above every run number already filed under that prefix (in any file: a run killed before
+    its bench.json still filed its logs)."""
     env, meta = _read_json(folder / "env.json"), _read_json(folder / "bench.json").get("meta", {})
     if not env.get("gpu") and not meta.get("device"):
         raise SystemExit(f"{folder}: neither env.json nor bench.json names the card; file it by hand")
     card = card_name(env.get("gpu") or meta["device"])
     torch_v, triton_v = major_minor(env.get("torch") or meta["torch"]), major_minor(env.get("triton") or meta["triton"])
-    prefix = f"{card}_torch{torch_v}_triton{triton_v}_{meta.get('date') or today()}_run"
-    numbers = (re.fullmatch(re.escape(prefix) + r"(\d+)", p.stem) for p in results.glob(f"{prefix}*.json"))
+    prefix = f"{card}_torch{torch_v}_triton{triton_v}_{run_date(folder)}_run"
+    numbers = (re.match(re.escape(prefix) + r"(\d+)(?![\d])", p.name) for p in results.rglob(f"{prefix}*"))
     return f"{prefix}{max((int(m.group(1)) for m in numbers if m), default=0) + 1}"
 
 
-def train_record_path(folder: Path, results: Path) -> Path:
-    """train/<card>_<date>.json for a train_check.sh folder (today, UTC), with _run<N> if that name
-    is taken."""
-    base = f"{card_name(_read_json(folder / 'env.json').get('gpu') or 'cpu')}_{today()}"  # a CPU dry run: cpu
+def already_filed(folder: Path, results: Path) -> Path | None:
+    """The filed bench file of the same device call (same start time), if there is one."""
+    started = _read_json(folder / "bench.json").get("meta", {}).get("time")
+    for path in results.glob("*.json") if started else ():
+        if _read_json(path).get("meta", {}).get("time") == started:
+            return path
+    return None
+
+
+def already_filed_train(folder: Path, results: Path) -> Path | None:
+    """The filed train record with the same content as this train_check folder's, if there is one."""
+    try:
+        record = json.loads(json.dumps(train_results.build_record(folder)))  # as it reads back from a file
+    except Exception:  # noqa: BLE001 - unreadable output: ingest() reports it when it builds the record
+        return None
+    return next((path for path in sorted((results / "train").glob("*.json")) if _read_json(path) == record), None)
+
+
+def train_record_path(folder: Path, results: Path, date: str) -> Path:
+    """train/<card>_<date>.json for a train_check.sh folder, with _run<N> if that name is taken."""
+    base = f"{card_name(_read_json(folder / 'env.json').get('gpu') or 'cpu')}_{date}"  # a CPU dry run: cpu
     path, n = results / "train" / f"{base}.json", 1
     while path.exists():
         n += 1
@@ -88,8 +113,13 @@ def folders(files_at: Path, scratch: Path) -> tuple[Path | None, Path | None]:
     for name in TARBALLS:
         if (files_at / name).is_file():
             target = scratch / name.removesuffix(".tgz")
-            with tarfile.open(files_at / name) as tar:
-                tar.extractall(target, filter="data")
+            # Pythons before 3.10.12 / 3.11.4 have no extraction filter: the tarball is our own device call's
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            try:
+                with tarfile.open(files_at / name) as tar:
+                    tar.extractall(target, **safe)
+            except (tarfile.TarError, EOFError) as exc:
+                raise SystemExit(f"{files_at / name}: not a whole tarball ({exc}); nothing filed") from exc
             found[name.removesuffix(".tgz")] = target
     if not found:
         if any((files_at / f"train_{ops}.json").is_file() for ops in train_results.OPS):
@@ -100,27 +130,42 @@ def folders(files_at: Path, scratch: Path) -> tuple[Path | None, Path | None]:
 
 
 def ingest(files_at: Path, results: Path, dry_run: bool = False) -> list[Path]:
-    """File what files_at holds under results; the written (or, dry, planned) paths."""
+    """File what files_at holds under results; the written (or, dry, planned) paths. The train
+    record is built first, so a train_check folder that cannot be summarised files nothing; a
+    device call or train_check run already filed, or a target that exists, is refused."""
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as scratch:
         device, train = folders(files_at, Path(scratch))
         if device is None and train is None:
             raise SystemExit(f"{files_at}: no device_check.tgz / train_check.tgz, and no device_check.sh or "
                              "train_check.sh output in it")
+        if device is not None and (filed := already_filed(device, results)):
+            raise SystemExit(f"{files_at}: this device call is already filed as {filed}")
+        if train is not None and (filed := already_filed_train(train, results)):
+            raise SystemExit(f"{files_at}: this train_check run is already filed as {filed}")
+        copies = []
         if device is not None:
             stem = device_check_stem(device, results)
-            for name, pattern in DEVICE_FILES.items():
-                if (device / name).is_file():
-                    target = results / pattern.format(stem=stem)
-                    written.append(target)
-                    if not dry_run:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(device / name, target)
+            copies = [(device / name, results / pattern.format(stem=stem)) for name, pattern in DEVICE_FILES.items()
+                      if (device / name).is_file()]
+        if existing := [str(target) for _, target in copies if target.exists()]:
+            raise SystemExit(f"refusing to overwrite {', '.join(existing)}")
         if train is not None:
-            target = train_record_path(train, results)
+            target = train_record_path(train, results, run_date(device) if device else file_date(train / "env.json"))
+            if not dry_run:
+                try:
+                    complete = train_results.main([str(train), "--save", str(target)]) == 0
+                except Exception as exc:  # noqa: BLE001 - a file killed mid-run: say which, file nothing
+                    raise SystemExit(f"{files_at}: train_check's output cannot be summarised "
+                                     f"({type(exc).__name__}: {exc}); nothing filed") from exc
+                if not complete:
+                    print(f"{target}: the record misses files (listed above under `missing`)", file=sys.stderr)
             written.append(target)
-            if not dry_run and train_results.main([str(train), "--save", str(target)]) != 0:
-                print(f"{target}: the record misses files (listed above under `missing`)", file=sys.stderr)
+        for source, target in copies:
+            if not dry_run:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            written.append(target)
     return written
 
 
