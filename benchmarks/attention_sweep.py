@@ -68,10 +68,14 @@ TOL = 2e-2  # rel_diff above this flags a wrong schedule (bf16 reorderings stay 
 PREFIX = 5  # cls + 4 storage tokens
 
 
+PROBE_TEXT = {None: "", True: ", probe exact", False: ", probe FAILED"}  # by row["probe_ok"]
+PARTIAL_TEXT = " (partial: candidates skipped)"  # after a decision whose shape lost rows to the budget
+
+
 def verdict(row: dict) -> str:
     """rel_diff against the default's result, the forward's probe, and WRONG if either fails;
     "no reference" when the default failed."""
-    probe = {None: "", True: ", probe exact", False: ", probe FAILED"}[row.get("probe_ok")]
+    probe = PROBE_TEXT[row.get("probe_ok")]
     if row["ok"] is None:
         return f"rel_diff -: no reference (the default did not run){probe}"
     return f"rel_diff {row['rel_diff']:.1e}{probe}" + ("" if row["ok"] else "  WRONG")
@@ -474,6 +478,35 @@ def route_decision(rows: list[dict], skipped: list[str]) -> dict:
     return decision
 
 
+def table_lines(name: str, record: dict) -> list[str]:
+    """Markdown of one saved sweep (tools/benchmarks_md.py puts it in BENCHMARKS.md): its
+    provenance, the route decision per shape, then every row."""
+    out = ["", f"### {name}", ""]
+    if record.get("dry_run"):
+        out += ["A dry run (CPU, Triton interpreter): its times say nothing about a GPU.", ""]
+    out += [f"Card: {record['card']}; torch {record['torch']}; triton {record['triton']}; "
+            f"code {record['git'][:7] if record.get('git') else 'git unknown'}; "
+            f"{len(record['rows'])} rows in {record.get('elapsed_s')} s"
+            + (f"; skipped for time: {', '.join(record['skipped'])}" if record["skipped"] else "") + ".", "",
+            "| shape | N | fastest schedules (fwd + bwd) | fused ms | route ms | route / fused | faster |",
+            "|---|---|---|---|---|---|---|"]
+    for shape, d in record.get("decision", {}).items():
+        partial = PARTIAL_TEXT if d.get("partial") else ""
+        out.append(f"| {shape} | {d['N']} | " + ("- | - | - | - | no verdict (a pass is missing)" if d["faster"] is None
+                   else f"{d['fused_fwd']} + {d['fused_bwd']} | {d['fused_ms']:.3f} | {d['route_ms']:.3f} | "
+                   f"{d['route_over_fused']:.2f} | {d['faster']}") + f"{partial} |")
+    out += ["", "| shape | candidate | ms | wall ms | TFLOP/s | rel_diff | check |", "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "ms" not in r:
+            error = r["error"].splitlines()[0][:80].replace("|", "\\|")  # compile errors span lines
+            out.append(f"| {r['shape']} | {r['candidate']} | - | - | - | - | error: {error} |")
+            continue
+        check = {None: "no reference", True: "ok", False: "WRONG"}[r["ok"]] + PROBE_TEXT[r.get("probe_ok")]
+        out.append(f"| {r['shape']} | {r['candidate']} | {r['ms']:.3f} | {r['wall_ms']:.3f} | {r['tflops']:.1f} | "
+                   + ("- |" if r["rel_diff"] is None else f"{r['rel_diff']:.1e} |") + f" {check} |")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the report here (rewritten after every row)")
@@ -502,7 +535,7 @@ def main(argv=None) -> int:
     for shape, d in report["decision"].items():
         print(f"{shape:<15}N={d['N']:<5} " + ("no verdict: a pass is missing" if d["faster"] is None else
               f"fused {d['fused_ms']:.3f} ms (fwd:{d['fused_fwd']} + bwd:{d['fused_bwd']}), SDPA route "
-              f"{d['route_ms']:.3f} ms: {d['faster']} is faster") + (" (partial: candidates skipped)" if d["partial"] else ""))
+              f"{d['route_ms']:.3f} ms: {d['faster']} is faster") + (PARTIAL_TEXT if d["partial"] else ""))
     wrong = [r for r in report["rows"] if r.get("ok") is False]
     measured = [r for r in report["rows"] if "ms" in r]
     print(f"{len(report['rows'])} rows in {report['elapsed_s']} s, {len(measured)} measured, {len(wrong)} flagged "

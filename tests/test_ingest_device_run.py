@@ -2,7 +2,6 @@
 names tools/benchmarks_md.py reads, with the next free run number."""
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 from tools_loader import load_tool
@@ -34,11 +33,19 @@ def tarball(folder, path):
             tar.add(f, arcname=f.name)
 
 
+def fake_record(folder):
+    """A record as tools/train_results.py builds it, naming the folder it was built from."""
+    return {"kind": "dinov3_fast.train_check", "version": 1, "env": ENV, "runs": {}, "plans": {}, "probe": None,
+            "ac_full": None, "missing": [], "folder": str(folder)}
+
+
 @pytest.fixture
 def ingest(monkeypatch):
+    """The tool, and the folders it built train records from (train_results.build_record replaced:
+    the fake train_check output has no real run in it)."""
     tool = load_tool("ingest_device_run")
     saved = []
-    monkeypatch.setattr(tool.train_results, "main", lambda argv: saved.append(argv) or 0)
+    monkeypatch.setattr(tool.train_results, "build_record", lambda folder: saved.append(str(folder)) or fake_record(folder))
     monkeypatch.setattr(tool, "file_date", lambda path: "2026-11-28")
     return tool, saved
 
@@ -55,7 +62,8 @@ def test_tarballs_are_filed_with_the_next_run_number(ingest, tmp_path):
     (results / "train" / "h100_2026-11-28.json").write_text("{}")
 
     planned = tool.ingest(files_at, results, dry_run=True)
-    assert not (results / "h100_torch2.11_triton3.6_2026-11-28_run2.json").exists() and not saved
+    assert not (results / "h100_torch2.11_triton3.6_2026-11-28_run2.json").exists()
+    assert not (results / "train" / "h100_2026-11-28_run2.json").exists()
     assert tool.main([str(files_at), "--results", str(results)]) == 0
     stem = "h100_torch2.11_triton3.6_2026-11-28_run2"
     expected = [results / "train" / "h100_2026-11-28_run2.json", results / f"{stem}.json",
@@ -64,8 +72,8 @@ def test_tarballs_are_filed_with_the_next_run_number(ingest, tmp_path):
     assert planned == expected
     assert all(p.is_file() for p in expected[1:]) and not list(results.glob("*build*"))
     assert json.loads(expected[2].read_text()) == ENV
-    (argv,) = saved  # tools/train_results.py on the unpacked train_check folder
-    assert argv[0].endswith("train_check") and argv[1:] == ["--save", str(expected[0])]
+    folder = saved[-1]  # tools/train_results.py's record of the unpacked train_check folder
+    assert folder.endswith("train_check") and json.loads(expected[0].read_text()) == fake_record(folder)
     with pytest.raises(SystemExit, match=f"already filed as .*{stem}.json"):
         tool.ingest(files_at, results)
 
@@ -76,7 +84,8 @@ def test_a_scripts_own_out_folder(ingest, tmp_path):
     written = tool.ingest(device_check_out(tmp_path / "out"), results)
     assert written[0] == results / "h100_torch2.11_triton3.6_2026-11-28_run1.json" and written[0].is_file()
     assert tool.ingest(train_check_out(tmp_path / "t"), results) == [results / "train" / "h100_2026-11-28.json"]
-    assert saved == [[str(tmp_path / "t"), "--save", str(results / "train" / "h100_2026-11-28.json")]]
+    assert saved == [str(tmp_path / "t")]
+    assert json.loads((results / "train" / "h100_2026-11-28.json").read_text()) == fake_record(tmp_path / "t")
 
 
 def test_a_run_without_bench_json_keeps_its_number(ingest, tmp_path):
@@ -107,10 +116,10 @@ def test_broken_input_files_nothing(ingest, tmp_path, monkeypatch):
     (files_at / "device_check.tgz").write_bytes(whole)
     tarball(train_check_out(tmp_path / "t"), files_at / "train_check.tgz")
 
-    def unreadable(argv):
+    def unreadable(folder):
         raise ValueError("no logged step")
 
-    monkeypatch.setattr(tool.train_results, "main", unreadable)
+    monkeypatch.setattr(tool.train_results, "build_record", unreadable)
     with pytest.raises(SystemExit, match="cannot be summarised .*no logged step"):
         tool.ingest(files_at, results)
     assert not results.exists()
@@ -130,9 +139,8 @@ def test_card_name(gpu, name):
 
 def test_a_train_run_filed_twice_is_refused(ingest, tmp_path, monkeypatch):
     tool, _ = ingest
-    record = {"kind": "dinov3_fast.train_check", "env": ENV, "runs": {"fused": {"img_per_s": 1.0}}}
+    record = fake_record(tmp_path / "t")
     monkeypatch.setattr(tool.train_results, "build_record", lambda folder: record)
-    monkeypatch.setattr(tool.train_results, "main", lambda argv: Path(argv[2]).write_text(json.dumps(record)) and 0)
     results = tmp_path / "results"
     (results / "train").mkdir(parents=True)
     out = train_check_out(tmp_path / "t")

@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import attention_sweep  # noqa: E402
 import plan_sweep  # noqa: E402
 import train_results  # noqa: E402
 import torch  # noqa: E402
@@ -378,41 +380,10 @@ def render(runs: list[tuple[Path, dict]], train: list[tuple[str, dict]] = (),
     if not sweeps:
         out += ["", "No device sweep committed yet."]
     for name, record in sweeps:
-        out += sweep_lines(name, record)
+        out += attention_sweep.table_lines(name, record)
     for path, run in runs:
         out += _run_section(path, run, infos[path])
     return "\n".join(out) + "\n"
-
-
-def sweep_lines(name: str, record: dict) -> list[str]:
-    """One attention sweep (benchmarks/attention_sweep.py's JSON): its provenance, the route
-    decision per shape, then every row."""
-    out = ["", f"### {name}", ""]
-    if record.get("dry_run"):
-        out += ["A dry run (CPU, Triton interpreter): its times say nothing about a GPU.", ""]
-    out += [f"Card: {record['card']}; torch {record['torch']}; triton {record['triton']}; "
-            f"code {record['git'][:7] if record.get('git') else 'git unknown'}; "
-            f"{len(record['rows'])} rows in {record.get('elapsed_s')} s"
-            + (f"; skipped for time: {', '.join(record['skipped'])}" if record["skipped"] else "") + ".", "",
-            "| shape | N | fastest schedules (fwd + bwd) | fused ms | route ms | route / fused | faster |",
-            "|---|---|---|---|---|---|---|"]
-    for shape, d in record.get("decision", {}).items():
-        faster = "no verdict (a pass is missing)" if d["faster"] is None else d["faster"]
-        faster += " (partial: candidates skipped)" if d.get("partial") else ""
-        schedules = f"{d['fused_fwd']} + {d['fused_bwd']}" if d["faster"] else "-"
-        out.append(f"| {shape} | {d['N']} | {schedules} | {_fmt(d.get('fused_ms'), '.3f')} | "
-                   f"{_fmt(d.get('route_ms'), '.3f')} | {_fmt(d.get('route_over_fused'), '.2f')} | {faster} |")
-    out += ["", "| shape | candidate | ms | wall ms | TFLOP/s | rel_diff | check |", "|---|---|---|---|---|---|---|"]
-    for r in record["rows"]:
-        if "ms" not in r:
-            error = r["error"].splitlines()[0][:80].replace("|", "\\|")  # compile errors span lines
-            out.append(f"| {r['shape']} | {r['candidate']} | - | - | - | - | error: {error} |")
-            continue
-        check = {None: "no reference", True: "ok", False: "WRONG"}[r["ok"]]
-        check += {None: "", True: ", probe exact", False: ", probe FAILED"}[r.get("probe_ok")]
-        out.append(f"| {r['shape']} | {r['candidate']} | {r['ms']:.3f} | {r['wall_ms']:.3f} | {r['tflops']:.1f} | "
-                   f"{_fmt(r['rel_diff'], '.1e')} | {check} |")
-    return out
 
 
 def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:

@@ -11,7 +11,7 @@ the date the run started, N one above the runs already filed for that card, vers
   bench.json, bench_compiled.json, bench_model.json -> <stem>.json, <stem>_compiled.json, <stem>_model.json
   env.json, pytest.log                              -> device_logs/<stem>_env.json, device_logs/<stem>_pytest.log
   attn_sweep.json                                   -> attention_sweep/<stem>.json
-  train_check's folder                              -> train/<card>_<date>[_run<N>].json (tools/train_results.py)
+  train_check's folder                              -> train/<card>_<date>[_run<N>].json (train_results's record)
 build.log and log.txt stay behind (the console of the call has their tails).
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import train_results  # noqa: E402
+
+from dinov3_fast._json import write_json_atomically  # noqa: E402
 
 DEVICE_FILES = {"bench.json": "{stem}.json", "bench_compiled.json": "{stem}_compiled.json",
                 "bench_model.json": "{stem}_model.json", "env.json": "device_logs/{stem}_env.json",
@@ -87,13 +89,19 @@ def already_filed(folder: Path, results: Path) -> Path | None:
     return None
 
 
-def already_filed_train(folder: Path, results: Path) -> Path | None:
-    """The filed train record with the same content as this train_check folder's, if there is one."""
+def train_record(folder: Path, files_at: Path, results: Path) -> dict:
+    """tools/train_results.py's record of a train_check.sh folder; refused when it cannot be built
+    (a file killed mid-run) or when a filed record has the same content."""
     try:
-        record = json.loads(json.dumps(train_results.build_record(folder)))  # as it reads back from a file
-    except Exception:  # noqa: BLE001 - unreadable output: ingest() reports it when it builds the record
-        return None
-    return next((path for path in sorted((results / "train").glob("*.json")) if _read_json(path) == record), None)
+        record = train_results.build_record(folder)
+    except Exception as exc:  # noqa: BLE001 - say which output is broken, file nothing
+        raise SystemExit(f"{files_at}: train_check's output cannot be summarised "
+                         f"({type(exc).__name__}: {exc}); nothing filed") from exc
+    as_filed = json.loads(json.dumps(record))  # as it reads back from its file
+    for path in sorted((results / "train").glob("*.json")):
+        if _read_json(path) == as_filed:
+            raise SystemExit(f"{files_at}: this train_check run is already filed as {path}")
+    return record
 
 
 def train_record_path(folder: Path, results: Path, date: str) -> Path:
@@ -131,8 +139,9 @@ def folders(files_at: Path, scratch: Path) -> tuple[Path | None, Path | None]:
 
 def ingest(files_at: Path, results: Path, dry_run: bool = False) -> list[Path]:
     """File what files_at holds under results; the written (or, dry, planned) paths. The train
-    record is built first, so a train_check folder that cannot be summarised files nothing; a
-    device call or train_check run already filed, or a target that exists, is refused."""
+    record is built before anything is written, so a train_check folder that cannot be summarised
+    files nothing; a device call or train_check run already filed, or a target that exists, is
+    refused."""
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as scratch:
         device, train = folders(files_at, Path(scratch))
@@ -141,8 +150,7 @@ def ingest(files_at: Path, results: Path, dry_run: bool = False) -> list[Path]:
                              "train_check.sh output in it")
         if device is not None and (filed := already_filed(device, results)):
             raise SystemExit(f"{files_at}: this device call is already filed as {filed}")
-        if train is not None and (filed := already_filed_train(train, results)):
-            raise SystemExit(f"{files_at}: this train_check run is already filed as {filed}")
+        record = train_record(train, files_at, results) if train is not None else None
         copies = []
         if device is not None:
             stem = device_check_stem(device, results)
@@ -150,16 +158,14 @@ def ingest(files_at: Path, results: Path, dry_run: bool = False) -> list[Path]:
                       if (device / name).is_file()]
         if existing := [str(target) for _, target in copies if target.exists()]:
             raise SystemExit(f"refusing to overwrite {', '.join(existing)}")
-        if train is not None:
+        if record is not None:
             target = train_record_path(train, results, run_date(device) if device else file_date(train / "env.json"))
+            print("\n".join(train_results.record_lines(target.name, record)) + "\n")
+            if record["missing"]:
+                print(f"{target}: the record misses files (listed above)", file=sys.stderr)
             if not dry_run:
-                try:
-                    complete = train_results.main([str(train), "--save", str(target)]) == 0
-                except Exception as exc:  # noqa: BLE001 - a file killed mid-run: say which, file nothing
-                    raise SystemExit(f"{files_at}: train_check's output cannot be summarised "
-                                     f"({type(exc).__name__}: {exc}); nothing filed") from exc
-                if not complete:
-                    print(f"{target}: the record misses files (listed above under `missing`)", file=sys.stderr)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomically(target, record)
             written.append(target)
         for source, target in copies:
             if not dry_run:

@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the device runs it from a bare checkout
 
+from dinov3_fast._json import write_json_atomically  # noqa: E402
 from dinov3_fast.train.profiling import format_summary  # noqa: E402
 
 GIB = 2**30
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(goal_rows([(name, record)])))
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(json.dumps(record, indent=1) + "\n")
+        write_json_atomically(args.save, record)
         print(f"wrote {args.save}")
     return 0 if not record["missing"] else 1
 
