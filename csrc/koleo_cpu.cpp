@@ -6,13 +6,17 @@
 // diagonal with -1), NaN compares above everything (as torch.max / torch.topk), and among equal
 // dots the lowest index wins (torch.max's rule).
 //
-// A 4 x 4 register-blocked dot kernel fills kBlock x kBlock tiles of dots (fp32 accumulation for
-// fp32, fp64 for fp64), which then update each query's running top-k; only one tile per thread is
-// ever in memory. The fp32 dot kernel is compiled for AVX-512, AVX2 and baseline x86-64
-// (target_clones), since the build passes no -march.
+// The dots come from a register-blocked outer-product kernel (BLIS-style): one side of a tile is
+// packed into panels [D][W] (W = 64 bytes of T: 16 floats, 8 doubles), the other side's rows are
+// broadcast from y as they are, and a block of rows x W dots accumulates in 12 vector registers
+// over D. Only the packed block and one tile of dots per thread are ever in memory. The build
+// passes no -march, so the kernel is compiled twice and picked at run time: AVX2 + FMA (32-byte
+// vectors, 6 rows), and baseline x86-64 / other CPUs (16-byte vectors, 3 rows).
+// ATEN_CPU_CAPABILITY=default (torch's own switch) forces the baseline kernel.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -26,46 +30,89 @@ namespace {
 constexpr int64_t kBlock = 64;  // query and candidate tile edge
 constexpr double kPdistEps = 1e-8;  // nn.PairwiseDistance(2, eps=1e-8)
 
-// dots[r * ldd + c] = <q_r, c_c> for r < nr, c < nc; q and c are row-major with row stride D.
-// Every dot goes through the same 4 x 4 block (ragged edges re-read the last row or column and
-// drop the copies), so equal rows give bitwise-equal dots wherever they sit: ties are real ties.
 template <typename T>
-__attribute__((always_inline)) inline void dot_tile(const T* __restrict q, int64_t nr, const T* __restrict c,
-                                                    int64_t nc, int64_t D, T* __restrict dots, int64_t ldd) {
-  for (int64_t r = 0; r < nr; r += 4) {
-    const T* q0 = q + r * D;
-    const T* q1 = q + std::min(r + 1, nr - 1) * D;
-    const T* q2 = q + std::min(r + 2, nr - 1) * D;
-    const T* q3 = q + std::min(r + 3, nr - 1) * D;
-    for (int64_t j = 0; j < nc; j += 4) {
-      const T* c0 = c + j * D;
-      const T* c1 = c + std::min(j + 1, nc - 1) * D;
-      const T* c2 = c + std::min(j + 2, nc - 1) * D;
-      const T* c3 = c + std::min(j + 3, nc - 1) * D;
-      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-      T s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
-      for (int64_t d = 0; d < D; ++d) {
-        const T v0 = c0[d], v1 = c1[d], v2 = c2[d], v3 = c3[d];
-        s00 += q0[d] * v0; s01 += q0[d] * v1; s02 += q0[d] * v2; s03 += q0[d] * v3;
-        s10 += q1[d] * v0; s11 += q1[d] * v1; s12 += q1[d] * v2; s13 += q1[d] * v3;
-        s20 += q2[d] * v0; s21 += q2[d] * v1; s22 += q2[d] * v2; s23 += q2[d] * v3;
-        s30 += q3[d] * v0; s31 += q3[d] * v1; s32 += q3[d] * v2; s33 += q3[d] * v3;
+constexpr int64_t kPanel = 64 / sizeof(T);  // panel width W: columns of packed dots per register block
+
+// Packs rows [0, n) of the row-major (n, D) block `rows` into panels: panel p holds rows
+// p W .. p W + W - 1 as [D][W], zero past n. `packed` has ceil(n / W) * D * W elements.
+template <typename T>
+void pack_panels(const T* __restrict rows, int64_t n, int64_t D, T* __restrict packed) {
+  constexpr int64_t W = kPanel<T>;
+  for (int64_t p0 = 0; p0 < n; p0 += W) {
+    T* panel = packed + p0 * D;
+    for (int64_t c = 0; c < W; ++c) {
+      if (p0 + c < n) {
+        const T* row = rows + (p0 + c) * D;
+        for (int64_t d = 0; d < D; ++d) panel[d * W + c] = row[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) panel[d * W + c] = T(0);
       }
-      const T acc[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
-      for (int64_t rr = 0; rr < std::min<int64_t>(4, nr - r); ++rr)
-        for (int64_t cc = 0; cc < std::min<int64_t>(4, nc - j); ++cc) dots[(r + rr) * ldd + j + cc] = acc[rr][cc];
     }
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void dot_tile_fast(const float* q, int64_t nr, const float* c, int64_t nc, int64_t D, float* dots, int64_t ldd) {
-  dot_tile<float>(q, nr, c, nc, D, dots, ldd);
+// tile[j * ldt + i] = <a_i, b_j> for i < na, j < nb: the a rows packed by `pack_panels`, b row-major
+// with row stride D. Each b row's dots are stored whole panels wide (lanes i >= na hold garbage;
+// ldt is a multiple of W). Every dot is the same chain of multiply-adds over d = 0 .. D - 1 in one
+// register lane (ragged edges re-read the last b row or read zero panel columns, and drop the
+// copies), and the products commute, so equal rows give bitwise-equal dots wherever they sit,
+// either side of the tile: ties are real ties.
+template <typename T, int kVecBytes, int64_t kRows>
+__attribute__((always_inline)) inline void dot_tile(const T* __restrict a_packed, int64_t na, const T* __restrict b,
+                                                    int64_t nb, int64_t D, T* __restrict tile, int64_t ldt) {
+  constexpr int64_t W = kPanel<T>, L = kVecBytes / sizeof(T), NV = W / L;  // NV vectors per panel row
+  typedef T Vec __attribute__((vector_size(kVecBytes)));
+  for (int64_t j = 0; j < nb; j += kRows) {
+    const T* br[kRows];
+    for (int64_t r = 0; r < kRows; ++r) br[r] = b + std::min(j + r, nb - 1) * D;
+    for (int64_t p0 = 0; p0 < na; p0 += W) {
+      const T* panel = a_packed + p0 * D;
+      Vec acc[kRows][NV] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        Vec a[NV];
+#pragma GCC unroll 4
+        for (int64_t q = 0; q < NV; ++q) __builtin_memcpy(&a[q], panel + d * W + q * L, sizeof(Vec));
+#pragma GCC unroll 8
+        for (int64_t r = 0; r < kRows; ++r) {
+          const T v = br[r][d];
+#pragma GCC unroll 4
+          for (int64_t q = 0; q < NV; ++q) acc[r][q] += v * a[q];
+        }
+      }
+      for (int64_t r = 0; r < std::min(kRows, nb - j); ++r)
+        for (int64_t q = 0; q < NV; ++q) __builtin_memcpy(tile + (j + r) * ldt + p0 + q * L, &acc[r][q], sizeof(Vec));
+    }
+  }
 }
 
-void dot_tile_fast(const double* q, int64_t nr, const double* c, int64_t nc, int64_t D, double* dots, int64_t ldd) {
-  dot_tile<double>(q, nr, c, nc, D, dots, ldd);
+#if defined(__x86_64__) || defined(__i386__)
+template <typename T>
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const T* a_packed, int64_t na, const T* b, int64_t nb, int64_t D,
+                                                       T* tile, int64_t ldt) {
+  dot_tile<T, 32, 6>(a_packed, na, b, nb, D, tile, ldt);
+}
+#endif
+
+// Whether the AVX2 + FMA tile kernel runs: the CPU has both and ATEN_CPU_CAPABILITY is not "default".
+bool use_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool yes = [] {
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(cap && std::string(cap) == "default");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The (na, nb) tile of dots described above, on the best kernel this CPU runs.
+template <typename T>
+void dot_tile_fast(const T* a_packed, int64_t na, const T* b, int64_t nb, int64_t D, T* tile, int64_t ldt) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (use_avx2()) return dot_tile_avx2<T>(a_packed, na, b, nb, D, tile, ldt);
+#endif
+  dot_tile<T, 16, 3>(a_packed, na, b, nb, D, tile, ldt);
 }
 
 // Running top-k of one query, kept sorted best first under (value desc, index asc).
@@ -91,35 +138,72 @@ struct TopK {
   }
 };
 
+// Offers a kBlock x kBlock tile (tile[j * kBlock + i] = <a_i, b_j>, as `dot_tile` writes it) to the
+// lists of the a rows i < na, over candidates b0 + j, j < nb. The entry j = i + self_shift, if in
+// the tile, is row i's own and competes as -1. A row with no own entry whose list cannot take any of
+// the tile's values (all below its k-th value; NaN ranks above everything) is skipped after one
+// vectorisable max over the tile's b rows; the rest are offered one by one.
+template <typename T, typename Lists>
+void offer_to_a_rows(const T* tile, int64_t na, int64_t nb, int64_t b0, int64_t self_shift, Lists list) {
+  T col_max[kBlock];
+  std::fill(col_max, col_max + kBlock, -std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const T v = tile[j * kBlock + i];
+      col_max[i] = (v > col_max[i] || v != v) ? v : col_max[i];
+    }
+  for (int64_t i = 0; i < na; ++i) {
+    TopK<T> best = list(i);
+    const int64_t self = i + self_shift;
+    const bool has_self = self >= 0 && self < nb;
+    if (!has_self && col_max[i] < best.val[best.k - 1]) continue;
+    for (int64_t j = 0; j < nb; ++j) best.offer(j == self ? T(-1) : tile[j * kBlock + i], b0 + j);
+  }
+}
+
+// The same tile offered the other way, to the lists of the b rows j < nb over candidates a0 + i,
+// i < na (no own entries: the two blocks are disjoint). Each b row's dots are contiguous, so the
+// test for a row that cannot take any of them is one vectorisable pass.
+template <typename T, typename Lists>
+void offer_to_b_rows(const T* tile, int64_t na, int64_t nb, int64_t a0, Lists list) {
+  for (int64_t j = 0; j < nb; ++j) {
+    TopK<T> best = list(j);
+    const T worst = best.val[best.k - 1];
+    const T* row = tile + j * kBlock;
+    int takes = 0;
+    for (int64_t i = 0; i < na; ++i) takes |= !(row[i] < worst);
+    if (!takes) continue;
+    for (int64_t i = 0; i < na; ++i) best.offer(row[i], a0 + i);
+  }
+}
+
 // Queries are a sub-range of the candidates (the distributed form): each thread owns whole query
-// blocks and sweeps every candidate tile.
+// blocks (packed once) and sweeps every candidate tile.
 template <typename T>
 void search_rows(const T* y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, int64_t* out) {
   const int64_t n_blocks = (nq + kBlock - 1) / kBlock;
 #pragma omp parallel
   {
-    std::vector<T> dots(kBlock * kBlock);
+    std::vector<T> tile(kBlock * kBlock), packed(kBlock * D);
     std::vector<T> best_val(kBlock * topk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t r0 = b * kBlock, nr = std::min(kBlock, nq - r0);
       std::fill(best_val.begin(), best_val.end(), -std::numeric_limits<T>::infinity());
       std::fill(out + r0 * topk, out + (r0 + nr) * topk, M);  // sentinel index M: worse than any candidate
+      pack_panels(y + (q0 + r0) * D, nr, D, packed.data());
+      auto list = [&](int64_t r) { return TopK<T>{best_val.data() + r * topk, out + (r0 + r) * topk, topk}; };
       for (int64_t c0 = 0; c0 < M; c0 += kBlock) {
         const int64_t nc = std::min(kBlock, M - c0);
-        dot_tile_fast(y + (q0 + r0) * D, nr, y + c0 * D, nc, D, dots.data(), kBlock);
-        for (int64_t r = 0; r < nr; ++r) {
-          TopK<T> best{best_val.data() + r * topk, out + (r0 + r) * topk, topk};
-          const int64_t self = q0 + r0 + r;
-          for (int64_t j = 0; j < nc; ++j) best.offer(c0 + j == self ? T(-1) : dots[r * kBlock + j], c0 + j);
-        }
+        dot_tile_fast(packed.data(), nr, y + c0 * D, nc, D, tile.data(), kBlock);
+        offer_to_a_rows(tile.data(), nr, nc, c0, q0 + r0 - c0, list);
       }
     }
   }
 }
 
 // Every row queries every row: y y^T is symmetric, so only tiles (I, J >= I) are formed and each
-// updates the rows of I (over J's columns) and the rows of J (over I's rows): half the FLOPs.
+// updates the rows of I (over J's rows) and the rows of J (over I's rows): half the FLOPs.
 // Each thread keeps a top-k list for all M rows; the lists are merged at the end. The merge rule
 // is a total order, so the result does not depend on the thread count or schedule.
 template <typename T>
@@ -129,25 +213,20 @@ void search_all(const T* y, int64_t M, int64_t D, int64_t topk, int64_t* out) {
   std::fill(out, out + M * topk, M);
 #pragma omp parallel
   {
-    std::vector<T> dots(kBlock * kBlock);
+    std::vector<T> tile(kBlock * kBlock), packed(kBlock * D);
     std::vector<T> val(M * topk, -std::numeric_limits<T>::infinity());
     std::vector<int64_t> idx(M * topk, M);
-    auto row = [&](int64_t i) { return TopK<T>{val.data() + i * topk, idx.data() + i * topk, topk}; };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bi = 0; bi < n_blocks; ++bi) {
       const int64_t i0 = bi * kBlock, ni = std::min(kBlock, M - i0);
+      pack_panels(y + i0 * D, ni, D, packed.data());
+      auto i_rows = [&](int64_t r) { return TopK<T>{val.data() + (i0 + r) * topk, idx.data() + (i0 + r) * topk, topk}; };
       for (int64_t bj = bi; bj < n_blocks; ++bj) {
         const int64_t j0 = bj * kBlock, nj = std::min(kBlock, M - j0);
-        dot_tile_fast(y + i0 * D, ni, y + j0 * D, nj, D, dots.data(), kBlock);
-        for (int64_t r = 0; r < ni; ++r) {
-          TopK<T> best = row(i0 + r);
-          for (int64_t c = 0; c < nj; ++c) best.offer(bi == bj && r == c ? T(-1) : dots[r * kBlock + c], j0 + c);
-        }
-        if (bi == bj) continue;
-        for (int64_t c = 0; c < nj; ++c) {
-          TopK<T> best = row(j0 + c);
-          for (int64_t r = 0; r < ni; ++r) best.offer(dots[r * kBlock + c], i0 + r);
-        }
+        auto j_rows = [&](int64_t c) { return TopK<T>{val.data() + (j0 + c) * topk, idx.data() + (j0 + c) * topk, topk}; };
+        dot_tile_fast(packed.data(), ni, y + j0 * D, nj, D, tile.data(), kBlock);
+        offer_to_a_rows(tile.data(), ni, nj, j0, i0 - j0, i_rows);
+        if (bi != bj) offer_to_b_rows(tile.data(), ni, nj, i0, j_rows);
       }
     }
 #pragma omp critical
@@ -242,6 +321,8 @@ void check_sizes(const char* fn, int64_t M, int64_t D, int64_t q0, int64_t nq, i
 }  // namespace
 
 void bind_koleo(pybind11::module_& m) {
+  m.def("koleo_search_kernel", []() { return std::string(use_avx2() ? "avx2+fma" : "baseline"); },
+        "Which tile kernel koleo_search runs on this CPU: 'avx2+fma' or 'baseline'.");
   m.def(
       "koleo_search",
       [](uintptr_t y, int64_t M, int64_t D, int64_t q0, int64_t nq, int64_t topk, uintptr_t out, bool fp64) {

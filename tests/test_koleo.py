@@ -1,4 +1,9 @@
 """KoLeo loss: every backend against the float64 oracle (value, neighbours, gradients)."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,22 +311,42 @@ def _search_oracle(y: torch.Tensor, q0: int, nq: int, topk: int) -> torch.Tensor
 
 
 def test_cpu_native_search_at_tile_edges():
-    """The C++ search (64 x 64 tiles of 4 x 4 register blocks, ragged edges re-read a row) at sizes
-    on and off both multiples, D = 1 (every dot is +-1: nothing but exact ties, so the lowest-index
-    rule decides every neighbour), topk up to M, symmetric and row-range searches, in float64
+    """The C++ search (64 x 64 tiles; register blocks of 6 or 3 rows by one 64-byte panel of packed
+    columns; ragged edges re-read a row or read zero panel columns; rows that no value of a tile can
+    enter skipped after a max) at sizes on and off every multiple, D = 1 (every dot is +-1: nothing
+    but exact ties, so the lowest-index rule decides every neighbour), topk up to M, symmetric and
+    row-range searches, with and without a NaN row (its dots rank above every number), in float64
     (exact against the oracle, whose dots are the same products summed in another order)."""
     from dinov3_fast.ops.koleo.cpu import search_native
 
-    for M in (1, 2, 3, 5, 63, 64, 65, 129):
+    for M in (1, 2, 3, 5, 7, 63, 64, 65, 129):
         for D in (1, 3, 17):
-            y = F.normalize(torch.randn(M, D, dtype=torch.float64), dim=-1)
-            if M > 5:
-                y[M - 1] = y[1]
-                y[M // 2] = y[1]
-            for topk in sorted({1, 2, M - 1, M} & set(range(1, M + 1))):
-                for q0, nq in sorted({(0, M), (M // 2, M - M // 2), (M - 1, 1), (0, 0)}):
-                    assert torch.equal(search_native(y, q0, nq, topk), _search_oracle(y, q0, nq, topk)), \
-                        (M, D, topk, q0, nq)
+            for nan_row in (False, True):
+                y = F.normalize(torch.randn(M, D, dtype=torch.float64), dim=-1)
+                if M > 5:
+                    y[M - 1] = y[1]
+                    y[M // 2] = y[1]
+                if nan_row:
+                    y[(2 * M) // 3, 0] = float("nan")
+                for topk in sorted({1, 2, M - 1, M} & set(range(1, M + 1))):
+                    for q0, nq in sorted({(0, M), (M // 2, M - M // 2), (M - 1, 1), (0, 0)}):
+                        assert torch.equal(search_native(y, q0, nq, topk), _search_oracle(y, q0, nq, topk)), \
+                            (M, D, nan_row, topk, q0, nq)
+
+
+def test_cpu_native_baseline_kernel():
+    """The C++ search compiles its tile kernel twice and picks one at run time: AVX2 + FMA where
+    the CPU has both, else baseline x86-64 (or whatever the compiler targets). torch's own switch,
+    ATEN_CPU_CAPABILITY=default, forces the baseline one: the search tests run again in a process
+    that takes it (checked), so both kernels are tested on an AVX2 machine."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    which = "from dinov3_fast._ext import native; print(native().koleo_search_kernel())"
+    out = subprocess.run([sys.executable, "-c", which], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "baseline"
+    tests = "native_search_at_tile_edges or native_equals_pytorch or independent_of_thread_count"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and re.search(r"^3 passed", run.stdout, re.M), run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_cpu_native_results_independent_of_thread_count():
