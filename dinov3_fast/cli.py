@@ -58,12 +58,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"error: no benchmark case matches (device={device.type}, op={args.op}, preset={args.preset})",
               file=sys.stderr)
         return 2
-    roofline = measure_roofline(device) if device.type == "cuda" else None
-    meta = {"device_type": device.type, "device": roofline.device_name if roofline else _cpu_name(),
+    roofline = measure_roofline(device)
+    meta = {"device_type": device.type, "device": roofline.device_name if device.type == "cuda" else _cpu_name(),
             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(),
-            "roofline": roofline.as_dict() if roofline else None, "python": platform.python_version(),
+            "roofline": roofline.as_dict(), "python": platform.python_version(),
             "triton": triton_version(), "harness": HARNESS, **git_revision()}
 
     def write_json(rows, failures) -> None:  # after every case: a run stopped early keeps its rows

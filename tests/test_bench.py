@@ -1,5 +1,6 @@
 """The benchmark machinery: memory accounting, the runner, the CLI and the BENCHMARKS.md generator."""
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,11 @@ def test_cli_table_shows_a_cpus_rates_in_units_that_do_not_round_to_zero():
     gpu = BenchRow("toy", "big", "fused", 1.0, 2.0, 1.0, 1.0, 1.0, 250.0, 0.35, 1500.0, 0.5)
     table = format_table([gpu])
     assert "TFLOP/s" in table and "250.00" in table and "1500" in table
+    # BENCHMARKS.md's run tables follow the same rule (they printed a CPU's GB/s as 0 and 1)
+    md = load_tool("benchmarks_md")
+    run = {"meta": {"device_type": "cpu", "device": "toy CPU"}, "rows": [asdict(cpu)]}
+    section = "\n".join(md._run_section(Path("cpu_toy.json"), run, md.RunInfo(None, None, 2)))
+    assert "fwd GFLOP/s" in section and "| 34.5 |" in section and "| 0.19 |" in section
 
 
 def test_graph_times_on_cpu_are_absent_and_not_shown():
@@ -267,6 +273,10 @@ def test_cli_bench_writes_json_and_plot(tmp_path, monkeypatch):
     data = json.loads(out_json.read_text())
     assert data["meta"]["device_type"] == "cpu" and {r["impl"] for r in data["rows"]} == {"reference", "fused"}
     assert out_png.stat().st_size > 0
+    # the CPU's own roofline is measured too, and every rate gets its fraction of it
+    roof = data["meta"]["roofline"]
+    assert roof["copy_bytes_per_s"] > 0 and roof["fp32_flops_per_s"] > 0
+    assert all(r["flops_frac"] > 0 and r["bw_frac"] > 0 for r in data["rows"])
 
 
 def test_cli_bench_goes_on_past_a_failing_case(tmp_path, monkeypatch, capsys):

@@ -198,6 +198,14 @@ def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofli
     return rows, failures
 
 
+def rate_formats(tflops: Iterable[float | None], gbps: Iterable[float | None]) -> tuple[str, float, str]:
+    """How a table prints its rates so that none rounds to zero: (FLOP-rate unit, its multiplier
+    from TFLOP/s, format spec of GB/s). A CPU's (or a tiny case's) rates sit well below 1 TFLOP/s
+    and 10 GB/s, where TFLOP/s to two decimals and whole GB/s would print them all as 0."""
+    unit, scale = ("GFLOP/s", 1e3) if all(v is None or v < 1 for v in tflops) else ("TFLOP/s", 1.0)
+    return unit, scale, ".2f" if all(v is None or v < 10 for v in gbps) else ".0f"
+
+
 def format_table(rows: list[BenchRow]) -> str:
     """Fixed-width text table, one line per (op, preset, impl); the CUDA-graph columns (device time
     of the compared pass and its ratio to the baseline) only when some row has them."""
@@ -205,11 +213,7 @@ def format_table(rows: list[BenchRow]) -> str:
         return "-" if v is None else format(v, spec)
 
     graphs = any(r.graph_ms is not None for r in rows)
-    # a CPU's (or a tiny case's) rates are well below 1 TFLOP/s and 10 GB/s: TFLOP/s to two decimals
-    # and whole GB/s would print them all as 0
-    small_flops = all(r.tflops is None or r.tflops < 1 for r in rows)
-    rate, scale = ("GFLOP/s", 1e3) if small_flops else ("TFLOP/s", 1.0)
-    gb_spec = ".2f" if all(r.gbps is None or r.gbps < 10 for r in rows) else ".0f"
+    rate, scale, gb_spec = rate_formats((r.tflops for r in rows), (r.gbps for r in rows))
     header = f"{'op':<20}{'preset':<24}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
              f"{'speedup':>9}{'mem x':>8}{rate:>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}" \
              + (f"{'graph ms':>10}{'graph x':>9}" if graphs else "")
