@@ -154,6 +154,8 @@ def test_bad_input():
         apply_rope(q[0], k[0], rope)
     with pytest.raises(TypeError, match="rope must be a"):
         apply_rope(q, k, None)
+    with pytest.raises(ValueError, match="rope sin and q must be on the same device, got meta and cpu"):
+        apply_rope(q, k, tuple(t.to("meta") for t in rope), backend="cpu")
 
 
 @pytest.mark.gpu

@@ -164,9 +164,9 @@ def _check_qkv(name: str, qkv: torch.Tensor, num_heads: int) -> int:
 
 
 def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int, num_prefix_tokens: int | None,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Validate rope = (sin, cos), each [HW, head_dim], against n tokens for `backend`; returns
-    (sin, cos)."""
+                backend: str, like_name: str = "qkv") -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Validate rope = (sin, cos), each [HW, head_dim], against n tokens for `backend` and the
+    device of the caller's argument `like_name` (`like`); returns (sin, cos)."""
     if rope is None:
         return None, None
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
@@ -177,8 +177,8 @@ def _check_rope(name: str, rope, like: torch.Tensor, n: int, head_dim: int, num_
     check_rank(f"{name} sin", sin, 2, f"[HW, head_dim={head_dim}]")
     if cos.shape != sin.shape:
         raise ValueError(f"{name} sin and cos must have the same shape, got {tuple(sin.shape)} and {tuple(cos.shape)}")
-    check_same_device(f"{name} sin", sin, "qkv", like)
-    check_same_device(f"{name} cos", cos, "qkv", like)
+    check_same_device(f"{name} sin", sin, like_name, like)
+    check_same_device(f"{name} cos", cos, like_name, like)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotate-half RoPE, got {head_dim}")
     hw, dh = sin.shape
@@ -417,7 +417,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope, *,
     if rope is None:
         raise TypeError("rope must be a (sin, cos) pair of [HW, head_dim] tensors, got None")
     chosen = _select("apply_rope", q, q.shape[3], backend, ROPE_HEAD_DIMS)
-    sin, cos = _check_rope("rope", rope, q, q.shape[2], q.shape[3], None, chosen)
+    sin, cos = _check_rope("rope", rope, q, q.shape[2], q.shape[3], None, chosen, like_name="q")
     if chosen == "reference":
         return apply_rope_ref(q, k, rope)
     return _apply_rope_fwd(q, k, sin, cos, chosen)
