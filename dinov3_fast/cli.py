@@ -91,20 +91,26 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of a count that must be >= 1 (an error naming the value, not a traceback)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train_config(args: argparse.Namespace):
-    """The run's Config: the preset or YAML file, then the flags, then `section.key=value` overrides."""
-    from dinov3_fast.train.config import apply_overrides, arch_overrides, get_preset, load_config
+    """The run's Config: the preset or YAML file, then the flags, then `section.key=value` overrides.
+    Flags are applied as the values argparse gave, not re-read as YAML: a path such as `runs/exp #2`,
+    `0123` or `yes` stays that path."""
+    from dinov3_fast.train.config import apply_overrides, arch_overrides, get_preset, load_config, update_config
 
     cfg = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
-    flags = {"train.dataset_path": args.data, "train.steps": args.steps,
-             "train.batch_size_per_gpu": args.batch, "train.ops": args.ops, "train.ac": args.ac,
-             "train.output_dir": args.output_dir, "train.log_every": args.log_every, "train.device": args.device,
-             "train.profile_steps": args.profile_steps}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.arch is not None:
-        overrides += arch_overrides(args.arch)
-    if args.compile is not None:
-        overrides.append(f"train.compile={args.compile}")
+    flags = {"dataset_path": args.data, "steps": args.steps, "batch_size_per_gpu": args.batch, "ops": args.ops,
+             "ac": args.ac, "output_dir": args.output_dir, "log_every": args.log_every, "device": args.device,
+             "profile_steps": args.profile_steps, "compile": args.compile}
+    cfg = update_config(cfg, {"train": {k: v for k, v in flags.items() if v is not None}})
+    overrides = arch_overrides(args.arch) if args.arch is not None else []
     return apply_overrides(cfg, overrides + list(args.opts or []))
 
 
@@ -270,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--ops", choices=("fused", "reference"), help="fused ops, or every op's plain-PyTorch reference")
     train.add_argument("--ac", choices=("none", "full", "selective"), help="activation checkpointing per block")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile each block")
-    train.add_argument("--device", choices=("cpu", "cuda"))
+    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu; under torchrun "
+                       "each rank takes cuda:LOCAL_RANK)")
     train.add_argument("--output-dir", help="train.output_dir (config, checkpoints)")
     train.add_argument("--resume", help="a checkpoint folder, a checkpoint root or a run's --output-dir "
                        "(the newest complete checkpoint there)")
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--preset", default="vit7b16")
     plan.add_argument("--config")
     plan.add_argument("--arch")
-    plan.add_argument("--gpus", type=int, default=8, help="world size")
+    plan.add_argument("--gpus", type=_at_least_one, default=8, help="world size")
     plan.add_argument("--batch", type=int, help="train.batch_size_per_gpu")
     plan.add_argument("--ac", choices=("none", "full", "selective"))
     plan.add_argument("--ops", choices=("fused", "reference"))

@@ -316,6 +316,15 @@ def test_training_flops_count_what_stochastic_depth_runs():
     assert 0.74 < train_flops_per_image(arch, cfg) / full < 0.75
 
 
+def test_mfu_peak_is_the_cards_own():
+    """MFU's denominator by device name: the PCIe and NVL H100s were divided by the SXM card's 989."""
+    from dinov3_fast.train.loop import peak_flops_of
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA GH200 480GB") == peak_flops_of("NVIDIA H200") == 989e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops_of("Tesla T4") is None
+
+
 # ----------------------------------------------------------------------------- checkpoint
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_7B_LIKE, dict(TINY, n_storage_tokens=0, layerscale_init=None,

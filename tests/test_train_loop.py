@@ -71,8 +71,30 @@ def test_resume_gives_identical_next_step_loss(tmp_path):
     for k in s_full:
         assert torch.equal(s_full[k], s_res[k]), k
     # a resumed run that saves nothing names the checkpoint it resumed from (it named None)
-    no_saves = apply_overrides(cfg, [f"train.output_dir={tmp_path / 'c'}", "checkpointing.period=-1", "train.steps=3"])
+    no_saves = apply_overrides(cfg, [f"train.output_dir={tmp_path / 'c'}", "checkpointing.period=-1"])
     assert train(no_saves, resume=ckpts[0], progress=False, log_fn=None)["checkpoint"] == str(ckpts[0])
+
+
+def test_resumes_that_would_lose_work_or_change_the_run_are_refused_before_building(tmp_path, monkeypatch):
+    """Each refused before the models are built: resuming into an output_dir that holds another
+    run's checkpoints (its saves would replace and prune them; the default output_dir made this
+    easy), a checkpoint at the run's last step, and another run length (every schedule spans the
+    run: the lr jumped ~2600x resuming a 100-step run's end with --steps 200)."""
+    cfg = _cfg(tmp_path / "a", "train.steps=2", "checkpointing.period=1", "evaluation.knn_val_samples=0")
+    train(cfg, progress=False, log_fn=None)
+    first, last = complete_checkpoints(tmp_path / "a" / "ckpt")
+    other = _cfg(tmp_path / "b", "train.steps=2", "checkpointing.period=1", "evaluation.knn_val_samples=0")
+    train(other, progress=False, log_fn=None)
+    monkeypatch.setattr("dinov3_fast.train.loop.build_state", lambda *a, **k: pytest.fail("built the models"))
+    with pytest.raises(ConfigError, match=r"holds another run's checkpoints .* would replace and prune them"):
+        train(other, resume=first, progress=False, log_fn=None)
+    with pytest.raises(ConfigError, match="is at step 2, and this run stops at step 2 .*nothing to train"):
+        train(cfg, resume=last, progress=False, log_fn=None)
+    longer = apply_overrides(cfg, ["train.steps=3"])
+    with pytest.raises(ConfigError, match="comes from a run of 2 steps, and this run has 3 .* Resume with --steps 2"):
+        train(longer, resume=first, progress=False, log_fn=None)
+    saved = complete_checkpoints(tmp_path / "a" / "ckpt") + complete_checkpoints(tmp_path / "b" / "ckpt")
+    assert [p.name for p in saved] == ["step_00000001", "step_00000002"] * 2  # nothing was touched
 
 
 def test_corrupted_and_partial_checkpoints(tmp_path):
@@ -246,7 +268,7 @@ def test_gram_stage_continues_a_pretraining_checkpoint(tmp_path):
     ema = pre["state"].arch.teacher.backbone.state_dict()  # the checkpoint's EMA teacher, copied at step 2
     copied = hist["state"].arch.gram_teacher.backbone.state_dict()
     assert set(copied) == set(ema) and all(torch.equal(copied[k], ema[k]) for k in ema)
-    deeper = _cfg(tmp_path / "deeper", "student.depth=3", "train.steps=3", "evaluation.knn_val_samples=0")
+    deeper = _cfg(tmp_path / "deeper", "student.depth=3", "evaluation.knn_val_samples=0", *gram)
     with pytest.raises(ConfigError, match=r"does not match this run's configuration: it has no "
                                           r"model\.student\.backbone\.blocks\.2\."):
         train(deeper, resume=pre["checkpoint"], progress=False, log_fn=None)
@@ -275,10 +297,19 @@ def test_checkpoints_order_by_save_and_a_fresh_run_keeps_off_them(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000002", "step_00000004"]
     with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume"):
         train(cfg, progress=False, log_fn=None)
-    hist = train(apply_overrides(cfg, ["train.steps=3"]), resume=root / "step_00000002", progress=False, log_fn=None)
-    assert [p.name for p in complete_checkpoints(root)] == ["step_00000004", "step_00000003"]
-    assert resolve_checkpoint(root) == root / "step_00000003" == Path(hist["checkpoint"])
-    assert (root / "latest").read_text() == "step_00000003"
+    seen = {}
+
+    def after_step_3s_save(history):  # called when step 4's interval closes, before step 4 saves
+        if history["steps"][-1]["step"] == 4:
+            seen.update(names=[p.name for p in complete_checkpoints(root)], newest=resolve_checkpoint(root),
+                        latest=(root / "latest").read_text())
+
+    every_step = apply_overrides(cfg, ["checkpointing.period=1", "train.log_every=1"])
+    hist = train(every_step, resume=root / "step_00000002", progress=False, log_fn=None, on_log=after_step_3s_save)
+    assert seen == {"names": ["step_00000004", "step_00000003"], "newest": root / "step_00000003",
+                    "latest": "step_00000003"}
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    assert resolve_checkpoint(root) == root / "step_00000004" == Path(hist["checkpoint"])
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -297,6 +328,12 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
     with pytest.raises(RuntimeError, match=r"not finite for 3 steps in a row \(to step 5\).*step_00000002"):
         train(cfg, progress=False, log_fn=None)
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000002"]
+    # a non-finite last step ends the run without the final checkpoint, and says so
+    cfg = _cfg(tmp_path / "last", "train.steps=3", "checkpointing.period=2", "evaluation.knn_val_samples=0")
+    logs = []
+    train(cfg, progress=False, log_fn=logs.append)
+    assert [p.name for p in complete_checkpoints(tmp_path / "last" / "ckpt")] == ["step_00000002"]
+    assert "step 3: no final checkpoint, the loss was not finite for the last 1 step(s)" in logs, logs
 
 
 @pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:512"])

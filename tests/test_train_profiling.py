@@ -13,10 +13,10 @@ from dinov3_fast.train.loop import train
 from dinov3_fast.train.profiling import SyncCounter, _busy_seconds, category, format_summary
 
 
-def _run(tmp_path, steps, log_every, profile_steps):
+def _run(tmp_path, steps, log_every, profile_steps, period=-1):
     cfg = apply_overrides(get_preset("debug"), [
         f"train.output_dir={tmp_path}", "train.batch_size_per_gpu=4", f"train.steps={steps}",
-        f"train.log_every={log_every}", f"train.profile_steps={profile_steps}", "checkpointing.period=-1",
+        f"train.log_every={log_every}", f"train.profile_steps={profile_steps}", f"checkpointing.period={period}",
         "evaluation.knn_val_samples=0"])
     hist = train(cfg, progress=False, log_fn=None)
     return cfg, hist, [s for s in hist["steps"] if "step_time" in s]
@@ -42,12 +42,16 @@ def test_the_last_steps_are_profiled_as_their_own_interval_and_left_out_of_the_r
     assert run["profile"] is prof and run["intervals"][3]["profiled"] is True
 
 
-def test_no_log_inside_the_profiled_steps(tmp_path):
+def test_no_log_or_periodic_save_inside_the_profiled_steps(tmp_path):
     """A log synchronises and would time profiled steps as normal ones: with a log period shorter
-    than the profiled span, the span is still one interval."""
-    _, hist, logged = _run(tmp_path, steps=5, log_every=1, profile_steps=3)
+    than the profiled span, the span is still one interval. A periodic checkpoint there would save
+    unchecked losses (they are read at the span's end) and time DCP as training: the end-of-run
+    save follows instead."""
+    from dinov3_fast.train.checkpoint import complete_checkpoints
+    _, hist, logged = _run(tmp_path, steps=5, log_every=1, profile_steps=3, period=2)
     assert [(s["step"], s.get("profiled", False)) for s in logged] == [(1, False), (2, False), (5, True)]
     assert (hist["profile"]["steps"], hist["profile"]["first_step"]) == (3, 3)
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step_00000002", "step_00000005"]
 
 
 def test_profile_steps_must_not_be_negative():

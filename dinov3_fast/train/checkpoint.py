@@ -264,6 +264,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}" + ("" if path.exists() else " (it does not exist)"))
 
 
+def check_resume(source: str | Path, cfg, ckpt_root: str | Path) -> Path:
+    """The checkpoint a run of `cfg` saving under `ckpt_root` would resume from `source`, checked
+    before any model is built (a ViT-7B takes minutes to build); ConfigError where the resume would
+    lose work or train on other numbers than the run it continues:
+    - `ckpt_root` holds another run's checkpoints: this run's saves would replace and prune them;
+    - the checkpoint is at or past this run's last step: nothing to train;
+    - the checkpoint's run spans another number of steps (train.steps, or optim.epochs x
+      OFFICIAL_EPOCH_LENGTH): every schedule (lr, weight decay, teacher momentum and temperature,
+      loss weights) spans the run, so each would jump to another point. A Gram-anchoring stage (its
+      checkpoint's run had no Gram loss, this one has) is a new stage on its own schedules, as in
+      DINOv3, and may differ. A checkpoint saved without its config.yaml skips this check."""
+    from dinov3_fast.train.config import load_config
+    found = resolve_checkpoint(source)
+    root = Path(ckpt_root)
+    if complete_checkpoints(root) and found.parent.resolve() != root.resolve():
+        raise ConfigError(f"train.output_dir {root.parent} holds another run's checkpoints ({root}), and this run "
+                          f"resumes from {found}: its saves would replace and prune them. Resume from them "
+                          f"(--resume {root}) or choose another output_dir")
+    step, total = verify_checkpoint(found)["step"], cfg.total_steps
+    if step >= total:
+        raise ConfigError(f"checkpoint {found} is at step {step}, and this run stops at step {total} (train.steps, "
+                          f"--steps): nothing to train")
+    saved_cfg = found / "config.yaml"
+    if saved_cfg.is_file():
+        saved = load_config(saved_cfg, base="debug")
+        gram_stage = cfg.gram.use_loss and not saved.gram.use_loss
+        if saved.total_steps != total and not gram_stage:
+            raise ConfigError(f"checkpoint {found} comes from a run of {saved.total_steps} steps, and this run has "
+                              f"{total} (train.steps, --steps): every schedule spans the run, so the lr, weight "
+                              f"decay, teacher momentum and temperature would jump to other values at step {step}. "
+                              f"Resume with --steps {saved.total_steps}, or start a new run")
+    return found
+
+
 def _expected_tensors(state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint entries (DCP's flattened names -> this run's tensors) that `state` = {"model":
     model state dict[, "optim": optimizer state dict]} reads: every model tensor and every

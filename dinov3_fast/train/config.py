@@ -275,6 +275,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return out
     if hint is str:
+        if isinstance(value, (dict, list)):  # e.g. an unquoted `a: b` in an override, read as a mapping
+            raise ConfigError(f"{where} must be a string, got {value!r} (quote it)")
         return str(value)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):

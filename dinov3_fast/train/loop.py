@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from dinov3_fast.models import block_keep_fraction, flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
-from dinov3_fast.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from dinov3_fast.train.checkpoint import check_resume, complete_checkpoints, load_checkpoint, save_checkpoint
 from dinov3_fast.train.config import Config, ConfigError, CropsConfig, save_config, validate
 from dinov3_fast.train.data import build_source, make_batch, source_image_size, step_indices
 from dinov3_fast.train.knn import knn_probe
@@ -43,8 +43,10 @@ from dinov3_fast.train.schedules import Schedules
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_NAN_STEPS = 2  # consecutive non-finite losses tolerated (DINOv3's do_train)
-# Dense bf16 peak FLOP/s per card, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+# Dense bf16 peak FLOP/s per card, for MFU; the first name found in the device's name counts, so a
+# variant comes before its family (an H100 PCIe has 756, not the SXM card's 989).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12,
+              "A100": 312e12, "L40S": 362e12}
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the user's allocator settings
 
 
@@ -79,10 +81,13 @@ def allocator_record(device: torch.device) -> dict[str, Any]:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    """The card's dense bf16 peak FLOP/s (PEAK_FLOPS), None off CUDA or for a card not listed."""
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(card: str) -> float | None:
+    """PEAK_FLOPS for a device name such as "NVIDIA H100 80GB HBM3"."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in card), None)
 
 
 def train_flops_per_image(arch: SSLMetaArch, cfg: Config) -> float:
@@ -340,15 +345,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         # a fresh run would save and prune among another run's checkpoints
         raise ConfigError(f"train.output_dir {out_dir} already holds checkpoints ({ckpt_root}): resume from them "
                          f"(--resume {ckpt_root}) or choose another output_dir")
+    if resume is not None:
+        check_resume(resume, cfg, ckpt_root)
     state = build_state(cfg, device)
     resumed_from = None  # the checkpoint folder, until this run saves its own
     if resume is not None:
         loaded = load_checkpoint(resume, state.arch, state.optimizer)
         state.restore(loaded)
         resumed_from = loaded["checkpoint"]
-        if state.step >= cfg.total_steps:  # it would train nothing and save the same step again
-            raise ConfigError(f"checkpoint {resume} is at step {state.step}, and this run stops at step "
-                              f"{cfg.total_steps} (train.steps, --steps): nothing to train; give more steps")
     g = cfg.gram
     if state.arch.has_gram_teacher and not state.arch.gram_teacher_initialized:
         # the Gram loss runs from the first step, and its teacher can only start as the EMA teacher
@@ -416,7 +420,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
                 if state.rank == 0 and log_fn is not None:
                     log_fn(format_summary(history["profile"], it - profile_from))
             in_profile = profiler is not None and profiler.active  # no logging (it syncs) inside the window
-            saves = period > 0 and it % period == 0 and it < total
+            # none inside the profiled window: its losses are not read there (that would sync), and the
+            # end-of-run save comes within profile_steps steps
+            saves = period > 0 and it % period == 0 and it < total and not in_profile
             # a signal's number once every rank has seen it, else 0 (with several ranks a collective, at
             # the same steps on all); none inside the profiled window, nor at the last step, which saves anyway
             stop = 0 if in_profile or it == total else preemption.agreed()
@@ -435,7 +441,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if knn and evals > 0 and it % evals == 0 and it < total:
                 history["knn"].append((it, _knn(state)))
         bar.close()
-        if period >= 0 and cfg.train.output_dir and not intervals.nan_run:
+        if period >= 0 and cfg.train.output_dir and intervals.nan_run:
+            if state.rank == 0 and log_fn is not None:
+                log_fn(f"step {state.step}: no final checkpoint, the loss was not finite for the last "
+                       f"{intervals.nan_run} step(s)")
+        elif period >= 0 and cfg.train.output_dir:
             save(state.step)
     if knn:
         history["knn"].append((state.step, _knn(state)))
