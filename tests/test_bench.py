@@ -185,9 +185,11 @@ def test_cli_table_shows_a_cpus_rates_in_units_that_do_not_round_to_zero():
     assert "TFLOP/s" in table and "250.00" in table and "1500" in table
     # BENCHMARKS.md's run tables follow the same rule (they printed a CPU's GB/s as 0 and 1)
     md = load_tool("benchmarks_md")
-    run = {"meta": {"device_type": "cpu", "device": "toy CPU"}, "rows": [asdict(cpu)]}
+    fast_copy = BenchRow("toy", "cpu_copy", "fused", 1.0, 2.0, 1.0, 1.0, 1.0, None, None, 12.5, None)
+    run = {"meta": {"device_type": "cpu", "device": "toy CPU"}, "rows": [asdict(cpu), asdict(fast_copy)]}
     section = "\n".join(md._run_section(Path("cpu_toy.json"), run, md.RunInfo(None, None, 2)))
-    assert "fwd GFLOP/s" in section and "| 34.5 |" in section and "| 0.19 |" in section
+    assert "fwd GFLOP/s" in section and "| 34.5 |" in section and "| 0.19 |" in section and "| 12 |" in section
+    assert "0.19" in format_table([cpu, fast_copy])  # per figure: a faster row beside it does not round it to 0
 
 
 def test_graph_times_on_cpu_are_absent_and_not_shown():

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from dinov3_fast.bench.cases import all_cases  # noqa: E402
 from dinov3_fast.bench.plot import plot_rows  # noqa: E402
 from dinov3_fast.bench.roofline import Roofline  # noqa: E402
-from dinov3_fast.bench.runner import HARNESS, BenchRow, has_half_inputs, rate_formats, rates  # noqa: E402
+from dinov3_fast.bench.runner import HARNESS, BenchRow, flop_rate_unit, gbps_text, has_half_inputs, rates  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_RESULTS = RESULTS / "train"
@@ -406,7 +406,7 @@ def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
         out += [f"Measured roofline: copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
                 f"{roof['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp32 {roof['fp32_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
     out.append(f"![speed-ups]({path.stem}.png)")
-    rate, scale, gb_spec = rate_formats((r["tflops"] for r in run["rows"]), (r["gbps"] for r in run["rows"]))
+    rate, scale = flop_rate_unit(r["tflops"] for r in run["rows"])
     graphs = any(r.get("graph_ms") is not None for r in run["rows"])
     for op in dict.fromkeys(r["op"] for r in run["rows"]):
         rows = [r for r in run["rows"] if r["op"] == op]
@@ -420,7 +420,7 @@ def _run_section(path: Path, run: dict, info: RunInfo) -> list[str]:
                 f"| {r['preset']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwd_bwd_ms'], '.3f')} | "
                 f"{_fmt(r['peak_mb'], '.1f')} | {_fmt(r['speedup'], '.2f')} | {_fmt(r['mem_ratio'], '.1f')} | "
                 f"{_fmt(r['tflops'] and scale * r['tflops'], '.1f')} | {_fmt(r['flops_frac'] and 100 * r['flops_frac'], '.0f')} | "
-                f"{_fmt(r['gbps'], gb_spec)} | {_fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} |"
+                f"{gbps_text(r['gbps'])} | {_fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} |"
                 + (f" {_fmt(r.get('bwd_tflops') and scale * r['bwd_tflops'], '.1f')} |" if bwd else "")
                 + (f" {_fmt(_graph_time(r), '.3f')} | {_fmt(r.get('graph_speedup'), '.2f')} |" if graphs else ""))
         notes = dict.fromkeys(r["note"] for r in rows if r["note"])

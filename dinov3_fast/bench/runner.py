@@ -198,12 +198,16 @@ def run_cases(cases: Iterable[BenchCase], device: torch.device, roofline: Roofli
     return rows, failures
 
 
-def rate_formats(tflops: Iterable[float | None], gbps: Iterable[float | None]) -> tuple[str, float, str]:
-    """How a table prints its rates so that none rounds to zero: (FLOP-rate unit, its multiplier
-    from TFLOP/s, format spec of GB/s). A CPU's (or a tiny case's) rates sit well below 1 TFLOP/s
-    and 10 GB/s, where TFLOP/s to two decimals and whole GB/s would print them all as 0."""
-    unit, scale = ("GFLOP/s", 1e3) if all(v is None or v < 1 for v in tflops) else ("TFLOP/s", 1.0)
-    return unit, scale, ".2f" if all(v is None or v < 10 for v in gbps) else ".0f"
+def flop_rate_unit(tflops: Iterable[float | None]) -> tuple[str, float]:
+    """The FLOP-rate unit a table prints its rates in, and its multiplier from TFLOP/s: GFLOP/s
+    when every rate is below 1 TFLOP/s (a CPU's, or a tiny case's), where TFLOP/s to two decimals
+    would print them as 0."""
+    return ("GFLOP/s", 1e3) if all(v is None or v < 1 for v in tflops) else ("TFLOP/s", 1.0)
+
+
+def gbps_text(gbps: float | None) -> str:
+    """A GB/s figure: two decimals below 10 GB/s (a CPU's 0.3 GB/s is not 0), whole numbers above."""
+    return "-" if gbps is None else format(gbps, ".2f" if gbps < 10 else ".0f")
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -213,7 +217,7 @@ def format_table(rows: list[BenchRow]) -> str:
         return "-" if v is None else format(v, spec)
 
     graphs = any(r.graph_ms is not None for r in rows)
-    rate, scale, gb_spec = rate_formats((r.tflops for r in rows), (r.gbps for r in rows))
+    rate, scale = flop_rate_unit(r.tflops for r in rows)
     header = f"{'op':<20}{'preset':<24}{'impl':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}" \
              f"{'speedup':>9}{'mem x':>8}{rate:>9}{'%peak':>7}{'GB/s':>8}{'%bw':>6}" \
              + (f"{'graph ms':>10}{'graph x':>9}" if graphs else "")
@@ -223,6 +227,6 @@ def format_table(rows: list[BenchRow]) -> str:
             f"{r.op:<20}{r.preset:<24}{r.impl:<22}{f(r.fwd_ms, '.3f'):>10}{f(r.fwd_bwd_ms, '.3f'):>12}"
             f"{f(r.peak_mb, '.1f'):>10}{f(r.speedup, '.2f'):>9}{f(r.mem_ratio, '.1f'):>8}"
             f"{f(r.tflops and scale * r.tflops, '.2f'):>9}{f(r.flops_frac and 100 * r.flops_frac, '.0f'):>7}"
-            f"{f(r.gbps, gb_spec):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}"
+            f"{gbps_text(r.gbps):>8}{f(r.bw_frac and 100 * r.bw_frac, '.0f'):>6}"
             + (f"{f(r.graph_ms, '.3f'):>10}{f(r.graph_speedup, '.2f'):>9}" if graphs else ""))
     return "\n".join(lines)
