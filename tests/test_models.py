@@ -322,6 +322,7 @@ def test_mfu_peak_is_the_cards_own():
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
     assert peak_flops_of("NVIDIA GH200 480GB") == peak_flops_of("NVIDIA H200") == 989e12
+    assert peak_flops_of("NVIDIA H200 NVL") == 835e12
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops_of("Tesla T4") is None
 
 

@@ -266,36 +266,57 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_resume(source: str | Path, cfg, ckpt_root: str | Path) -> Path:
     """The checkpoint a run of `cfg` saving under `ckpt_root` would resume from `source`, checked
-    before any model is built (a ViT-7B takes minutes to build); ConfigError where the resume would
-    lose work or train on other numbers than the run it continues:
-    - `ckpt_root` holds another run's checkpoints: this run's saves would replace and prune them;
+    before any model is built (a ViT-7B takes minutes to build); rank 0 decides for every rank
+    once a process group exists, and `train` loads the folder returned. ConfigError where the
+    resume would lose work or train on other numbers than the run it continues:
+    - the run saves (checkpointing.period >= 0) and `ckpt_root` holds checkpoints other than the one
+      resumed from (another run's, or this run's own after a preemption when the command still
+      names its first source): its saves would replace and prune them;
     - the checkpoint is at or past this run's last step: nothing to train;
     - the checkpoint's run spans another number of steps (train.steps, or optim.epochs x
-      OFFICIAL_EPOCH_LENGTH): every schedule (lr, weight decay, teacher momentum and temperature,
-      loss weights) spans the run, so each would jump to another point. A Gram-anchoring stage (its
-      checkpoint's run had no Gram loss, this one has) is a new stage on its own schedules, as in
-      DINOv3, and may differ. A checkpoint saved without its config.yaml skips this check."""
-    from dinov3_fast.train.config import load_config
-    found = resolve_checkpoint(source)
-    root = Path(ckpt_root)
-    if complete_checkpoints(root) and found.parent.resolve() != root.resolve():
-        raise ConfigError(f"train.output_dir {root.parent} holds another run's checkpoints ({root}), and this run "
-                          f"resumes from {found}: its saves would replace and prune them. Resume from them "
-                          f"(--resume {root}) or choose another output_dir")
-    step, total = verify_checkpoint(found)["step"], cfg.total_steps
-    if step >= total:
-        raise ConfigError(f"checkpoint {found} is at step {step}, and this run stops at step {total} (train.steps, "
-                          f"--steps): nothing to train")
-    saved_cfg = found / "config.yaml"
-    if saved_cfg.is_file():
-        saved = load_config(saved_cfg, base="debug")
-        gram_stage = cfg.gram.use_loss and not saved.gram.use_loss
-        if saved.total_steps != total and not gram_stage:
-            raise ConfigError(f"checkpoint {found} comes from a run of {saved.total_steps} steps, and this run has "
+      OFFICIAL_EPOCH_LENGTH, read from its config.yaml): every schedule (lr, weight decay, teacher
+      momentum and temperature, loss weights) spans the run, so each would jump to another point.
+      A Gram-anchoring stage (its checkpoint's run had no Gram loss, this one has) is a new stage on
+      its own schedules, as in DINOv3, and may differ; so may a checkpoint whose config.yaml
+      lacks those keys."""
+    def check() -> str:
+        found = resolve_checkpoint(source)
+        root = Path(ckpt_root)
+        saves = cfg.checkpointing.period >= 0 and cfg.train.output_dir
+        if saves and complete_checkpoints(root) and found.resolve().parent != root.resolve():
+            raise ConfigError(f"train.output_dir {root.parent} holds checkpoints ({root}) and this run resumes from "
+                              f"{found}: its saves would replace and prune them. If they are this run's own (a "
+                              f"preempted run), resume from them: --resume {root}; else choose another output_dir")
+        step, total = verify_checkpoint(found)["step"], cfg.total_steps
+        if step >= total:
+            raise ConfigError(f"checkpoint {found} is at step {step}, and this run stops at step {total} "
+                              f"(train.steps, --steps): nothing to train")
+        saved_total, saved_gram = _saved_run_length(found)
+        gram_stage = cfg.gram.use_loss and not saved_gram
+        if saved_total is not None and saved_total != total and not gram_stage:
+            raise ConfigError(f"checkpoint {found} comes from a run of {saved_total} steps, and this run has "
                               f"{total} (train.steps, --steps): every schedule spans the run, so the lr, weight "
                               f"decay, teacher momentum and temperature would jump to other values at step {step}. "
-                              f"Resume with --steps {saved.total_steps}, or start a new run")
-    return found
+                              f"Resume with --steps {saved_total}, or start a new run")
+        return str(found)
+
+    return Path(_from_rank0(check, f"checking the resume from {source}"))
+
+
+def _saved_run_length(checkpoint: Path) -> tuple[int | None, bool]:
+    """(run length, Gram loss on) of the run that saved `checkpoint`, read from the raw keys of its
+    config.yaml (train.steps, else optim.epochs x train.OFFICIAL_EPOCH_LENGTH; gram.use_loss), not
+    through load_config, so a key retired since does not stop a resume; None where they are missing."""
+    import yaml
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+        train, optim, gram = saved.get("train") or {}, saved.get("optim") or {}, saved.get("gram") or {}
+        total = train.get("steps")
+        if total is None:
+            total = int(optim["epochs"]) * int(train["OFFICIAL_EPOCH_LENGTH"])
+        return int(total), bool(gram.get("use_loss", False))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
+        return None, False
 
 
 def _expected_tensors(state: dict[str, Any]) -> dict[str, Any]:

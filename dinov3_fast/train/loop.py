@@ -45,8 +45,8 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_NAN_STEPS = 2  # consecutive non-finite losses tolerated (DINOv3's do_train)
 # Dense bf16 peak FLOP/s per card, for MFU; the first name found in the device's name counts, so a
 # variant comes before its family (an H100 PCIe has 756, not the SXM card's 989).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12,
-              "A100": 312e12, "L40S": 362e12}
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200 NVL": 835e12,
+              "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the user's allocator settings
 
 
@@ -345,8 +345,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         # a fresh run would save and prune among another run's checkpoints
         raise ConfigError(f"train.output_dir {out_dir} already holds checkpoints ({ckpt_root}): resume from them "
                          f"(--resume {ckpt_root}) or choose another output_dir")
-    if resume is not None:
-        check_resume(resume, cfg, ckpt_root)
+    if resume is not None:  # the folder checked is the folder loaded
+        resume = check_resume(resume, cfg, ckpt_root)
     state = build_state(cfg, device)
     resumed_from = None  # the checkpoint folder, until this run saves its own
     if resume is not None:
