@@ -13,7 +13,7 @@ import torch
 
 from dinov3_fast.cli import main as cli_main
 from dinov3_fast.train.checkpoint import (
-    CheckpointError, check_resume, complete_checkpoints, export_from_checkpoint, load_checkpoint, resolve_checkpoint,
+    CheckpointError, check_run_start, complete_checkpoints, export_from_checkpoint, load_checkpoint, resolve_checkpoint,
 )
 from dinov3_fast.train.config import ConfigError, apply_overrides, get_preset
 from dinov3_fast.train.data import source_image_size
@@ -89,9 +89,9 @@ def test_resumes_that_would_lose_work_or_change_the_run_are_refused_before_build
     with pytest.raises(ConfigError, match=r"holds checkpoints .* would replace and prune them"):
         train(other, resume=first, progress=False, log_fn=None)
     # allowed: a run that saves nothing, and a link to one of the run's own checkpoints
-    assert check_resume(first, apply_overrides(other, ["checkpointing.period=-1"]), tmp_path / "b" / "ckpt") == first
+    assert check_run_start(first, apply_overrides(other, ["checkpointing.period=-1"]), tmp_path / "b" / "ckpt") == first
     (tmp_path / "a" / "first").symlink_to(first)
-    assert check_resume(tmp_path / "a" / "first", cfg, tmp_path / "a" / "ckpt") == tmp_path / "a" / "first"
+    assert check_run_start(tmp_path / "a" / "first", cfg, tmp_path / "a" / "ckpt") == tmp_path / "a" / "first"
     with pytest.raises(ConfigError, match="is at step 2, and this run stops at step 2 .*nothing to train"):
         train(cfg, resume=last, progress=False, log_fn=None)
     longer = apply_overrides(cfg, ["train.steps=3"])

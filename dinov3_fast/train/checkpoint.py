@@ -264,14 +264,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}" + ("" if path.exists() else " (it does not exist)"))
 
 
-def check_resume(source: str | Path, cfg, ckpt_root: str | Path) -> Path:
-    """The checkpoint a run of `cfg` saving under `ckpt_root` would resume from `source`, checked
-    before any model is built (a ViT-7B takes minutes to build); rank 0 decides for every rank
-    once a process group exists, and `train` loads the folder returned. ConfigError where the
-    resume would lose work or train on other numbers than the run it continues:
-    - the run saves (checkpointing.period >= 0) and `ckpt_root` holds checkpoints other than the one
-      resumed from (another run's, or this run's own after a preemption when the command still
-      names its first source): its saves would replace and prune them;
+def check_run_start(source: str | Path | None, cfg, ckpt_root: str | Path) -> Path | None:
+    """What a run of `cfg` saving under `ckpt_root` starts from: None for a fresh run, else the
+    checkpoint it resumes from `source` (`train` loads the folder returned). Checked before any
+    model is built (a ViT-7B takes minutes to build); rank 0 decides for every rank once a process
+    group exists. ConfigError where the run would lose work or train on other numbers than the run
+    it continues:
+    - the run saves (checkpointing.period >= 0 and an output_dir) and `ckpt_root` holds checkpoints
+      other than the one resumed from (a fresh run: any; else another run's, or this run's own after
+      a preemption when the command still names its first source): its saves would replace and
+      prune them;
     - the checkpoint is at or past this run's last step: nothing to train;
     - the checkpoint's run spans another number of steps (train.steps, or optim.epochs x
       OFFICIAL_EPOCH_LENGTH, read from its config.yaml): every schedule (lr, weight decay, teacher
@@ -279,10 +281,16 @@ def check_resume(source: str | Path, cfg, ckpt_root: str | Path) -> Path:
       A Gram-anchoring stage (its checkpoint's run had no Gram loss, this one has) is a new stage on
       its own schedules, as in DINOv3, and may differ; so may a checkpoint whose config.yaml
       lacks those keys."""
+    root = Path(ckpt_root)
+    saves = cfg.checkpointing.period >= 0 and cfg.train.output_dir
+    if source is None:
+        if saves and complete_checkpoints(root):
+            raise ConfigError(f"train.output_dir {root.parent} already holds checkpoints ({root}): resume from them "
+                              f"(--resume {root}) or choose another output_dir")
+        return None
+
     def check() -> str:
         found = resolve_checkpoint(source)
-        root = Path(ckpt_root)
-        saves = cfg.checkpointing.period >= 0 and cfg.train.output_dir
         if saves and complete_checkpoints(root) and found.resolve().parent != root.resolve():
             raise ConfigError(f"train.output_dir {root.parent} holds checkpoints ({root}) and this run resumes from "
                               f"{found}: its saves would replace and prune them. If they are this run's own (a "

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from dinov3_fast.models import block_keep_fraction, flops_per_image
 from dinov3_fast.train.augment import MultiCropAugmentation
-from dinov3_fast.train.checkpoint import check_resume, complete_checkpoints, load_checkpoint, save_checkpoint
+from dinov3_fast.train.checkpoint import check_run_start, load_checkpoint, save_checkpoint
 from dinov3_fast.train.config import Config, ConfigError, CropsConfig, save_config, validate
 from dinov3_fast.train.data import build_source, make_batch, source_image_size, step_indices
 from dinov3_fast.train.knn import knn_probe
@@ -341,12 +341,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     from tqdm import tqdm
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "ckpt"
-    if resume is None and cfg.checkpointing.period >= 0 and complete_checkpoints(ckpt_root):
-        # a fresh run would save and prune among another run's checkpoints
-        raise ConfigError(f"train.output_dir {out_dir} already holds checkpoints ({ckpt_root}): resume from them "
-                         f"(--resume {ckpt_root}) or choose another output_dir")
-    if resume is not None:  # the folder checked is the folder loaded
-        resume = check_resume(resume, cfg, ckpt_root)
+    resume = check_run_start(resume, cfg, ckpt_root)  # the folder checked is the folder loaded
     state = build_state(cfg, device)
     resumed_from = None  # the checkpoint folder, until this run saves its own
     if resume is not None:
@@ -441,12 +436,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
             if knn and evals > 0 and it % evals == 0 and it < total:
                 history["knn"].append((it, _knn(state)))
         bar.close()
-        if period >= 0 and cfg.train.output_dir and intervals.nan_run:
-            if state.rank == 0 and log_fn is not None:
+        if period >= 0 and cfg.train.output_dir:
+            if not intervals.nan_run:
+                save(state.step)
+            elif state.rank == 0 and log_fn is not None:
                 log_fn(f"step {state.step}: no final checkpoint, the loss was not finite for the last "
                        f"{intervals.nan_run} step(s)")
-        elif period >= 0 and cfg.train.output_dir:
-            save(state.step)
     if knn:
         history["knn"].append((state.step, _knn(state)))
         if state.rank == 0 and log_fn is not None:
